@@ -1,0 +1,34 @@
+// Every fastmask op's schema, declared once. The CPU kernels register in csrc/<op>.cpp with
+// TORCH_LIBRARY_IMPL(fastmask, CPU, m); the CUDA kernels in csrc/cuda/<op>_cuda.cpp. Python reaches them as
+// torch.ops.fastmask.<name> after `import fastmask._C` (fastmask/ops.py does that and picks the backend).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty Python module: importing fastmask._C loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastmask, m) {
+  // I_b += g_b^2 and I_l += g_l^2 over every tensor pair, one pass (SWiFT Eq. 7-8, diagonal Fisher).
+  m.def("fisher_accumulate_(Tensor(a!)[] imp_bias, Tensor(b!)[] imp_loss, Tensor[] grad_bias, Tensor[] grad_loss) -> ()");
+  // Per tensor: R = norm(I_b) / (norm(I_l) + eps), norm = min-max with the max == min guard; M = tanh(R) when
+  // apply_tanh (SWiFT Eq. 9) else the raw ratio R (BMFT's score before the percentile). Returns float32 masks.
+  m.def("soft_mask(Tensor[] imp_bias, Tensor[] imp_loss, float eps=1e-10, bool apply_tanh=True) -> Tensor[]");
+  // Masked Adam / AdamW step over a group of same-device, same-dtype tensors. masks[i] may be None (no mask),
+  // float32 / bf16 (soft), uint8 (quantised, m/255) or bool (hard). state_steps are already incremented.
+  m.def(
+      "masked_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, Tensor?[] masks, *, float lr, float beta1, float beta2, "
+      "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, bool mask_update, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Masked SGD step (momentum, dampening, nesterov, weight decay). first_step: momentum buffers are
+  // uninitialised and become d_p, as in torch.optim.SGD.
+  m.def(
+      "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, *, "
+      "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
+      "bool first_step, bool mask_update, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}
