@@ -1,0 +1,264 @@
+"""Pure-PyTorch reference of every per-parameter op in fastmask.
+
+This module is two things at once: the fallback backend (it runs anywhere torch runs) and the oracle every fused
+kernel is tested against. It is written for clarity, one tensor at a time, in float32 "opmath" for half-precision
+inputs (as torch's fused optimizers do), and rounds results back to the storage dtype.
+
+Every function here has the same signature as the fused op of the same name (``torch.ops.fastmask.<name>`` and
+``fastmask.kernels.<name>``), so fastmask/ops.py can swap them freely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+NORM_EPS = 1e-10
+PERCENTILE_METHODS = ("linear", "lower", "higher", "nearest", "midpoint")
+HARD_MASK_LAYOUTS = ("bool", "uint8", "packed")
+
+
+def fisher_accumulate_(
+    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], grad_bias: Sequence[Tensor], grad_loss: Sequence[Tensor]
+) -> None:
+    """Diagonal Fisher accumulation, in place: I_b += g_b², I_l += g_l² (SWiFT Eqs. 7-8, spec §3).
+
+    The importances are float32 accumulators; gradients of any float dtype are squared in float32.
+    """
+    for ib, il, gb, gl in zip(imp_bias, imp_loss, grad_bias, grad_loss, strict=True):
+        ib.add_(gb.float().square())
+        il.add_(gl.float().square())
+
+
+def minmax_normalize(x: Tensor, eps: float = NORM_EPS) -> Tensor:
+    """Per-tensor min-max normalisation with SWiFT's guard (spec §4).
+
+    Norm(x) = (x − min x) / (max x − min x + eps); if max x == min x the raw x is returned, as the reference does.
+    """
+    if x.numel() == 0:
+        return x.float()
+    x = x.float()
+    lo, hi = x.min(), x.max()
+    if bool(hi == lo):
+        return x
+    return (x - lo) / ((hi - lo) + eps)
+
+
+def soft_mask(
+    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = NORM_EPS, apply_tanh: bool = True
+) -> list[Tensor]:
+    """SWiFT soft mask per tensor (SWiFT Eq. 9, spec §4): M = tanh(Norm(I_b) / (Norm(I_l) + eps)).
+
+    With ``apply_tanh=False`` it returns the raw ratio R = Norm(I_b) / (Norm(I_l) + eps), BMFT's score (BMFT Eq. 3)
+    that the global percentile thresholds. Masks are float32.
+    """
+    out = []
+    for ib, il in zip(imp_bias, imp_loss, strict=True):
+        if ib.shape != il.shape:
+            raise ValueError(f"soft_mask: importance shapes differ: {tuple(ib.shape)} vs {tuple(il.shape)}")
+        r = minmax_normalize(ib, eps) / (minmax_normalize(il, eps) + eps)
+        out.append(torch.tanh(r) if apply_tanh else r)
+    return out
+
+
+def _numpy_view(t: Tensor) -> np.ndarray:
+    """The array numpy would see for ``t``: bf16 has no numpy dtype and is widened (exactly) to float32."""
+    t = t.detach().cpu().reshape(-1)
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()
+
+
+def percentile(tensors: Sequence[Tensor], q: float, method: str = "linear") -> Tensor:
+    """The q-th percentile of all elements of ``tensors`` together, as ``np.percentile`` gives it (spec §4, BMFT).
+
+    This is the papers' way: concatenate every tensor into one host copy and call ``np.percentile``. Returns a 0-d
+    float64 tensor. NaN anywhere raises, naming the tensor.
+    """
+    if method not in PERCENTILE_METHODS:
+        raise ValueError(f"percentile: method must be one of {PERCENTILE_METHODS}, got {method!r}")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile: q must be in [0, 100], got {q}")
+    arrays = [_numpy_view(t) for t in tensors]
+    for i, a in enumerate(arrays):
+        if np.isnan(a).any():
+            raise ValueError(f"percentile: tensor {i} (shape {tuple(tensors[i].shape)}) contains NaN")
+    flat = np.concatenate(arrays) if arrays else np.empty(0)
+    if flat.size == 0:
+        raise ValueError("percentile: no elements")
+    return torch.tensor(float(np.percentile(flat, q, method=method)), dtype=torch.float64)
+
+
+def hard_mask(
+    tensors: Sequence[Tensor], threshold: float, inclusive: bool = False, layout: str = "bool"
+) -> list[Tensor]:
+    """BMFT hard mask (BMFT Eq. 4, spec §4): M = 1[x > threshold] (``inclusive``: x >= threshold).
+
+    ``layout``: "bool"; "uint8" (0/1, same shape); "packed" (flat uint8, ceil(n/8) bytes, bit i of byte j is
+    element 8j + i, i.e. ``np.packbits(bitorder="little")``).
+    """
+    if layout not in HARD_MASK_LAYOUTS:
+        raise ValueError(f"hard_mask: layout must be one of {HARD_MASK_LAYOUTS}, got {layout!r}")
+    out = []
+    for t in tensors:
+        m = t >= threshold if inclusive else t > threshold
+        if layout == "uint8":
+            m = m.to(torch.uint8)
+        elif layout == "packed":
+            bits = np.packbits(m.cpu().reshape(-1).numpy(), bitorder="little")
+            m = torch.from_numpy(bits).to(t.device)
+        out.append(m)
+    return out
+
+
+def mask_as_float(mask: Tensor | None) -> Tensor | None:
+    """A mask of any supported storage as float32 values in [0, 1]: float32 / bf16 / fp16 as is, uint8 as m / 255
+    (quantised soft mask), bool as 0 / 1 (hard mask)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask.float()
+    if mask.dtype == torch.uint8:
+        return mask.float() / 255.0
+    if mask.is_floating_point():
+        return mask.float()
+    raise TypeError(f"mask dtype {mask.dtype} is not supported (float32, bfloat16, float16, uint8 or bool)")
+
+
+def _unscaled_grad(grad: Tensor, grad_scale: Tensor | None, maximize: bool) -> Tensor:
+    g = grad.float()
+    if grad_scale is not None:
+        g = g / grad_scale.float()
+    return -g if maximize else g
+
+
+def _skip_step(found_inf: Tensor | None) -> bool:
+    return found_inf is not None and bool(found_inf.item() != 0)
+
+
+def masked_adam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    mask_update: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Masked Adam / AdamW step, in place (torch.optim.Adam's algorithm; spec §5, §8.9).
+
+    With t the (already incremented) step, g the gradient (divided by ``grad_scale``, negated if ``maximize``):
+
+        mask_update=False ("grad" mode, the papers'): g ← M ⊙ g, then the plain Adam step:
+            θ ← θ(1 − lr·λ) if decoupled else g ← g + λθ
+            m ← β1 m + (1 − β1) g;  v ← β2 v + (1 − β2) g²;  v̂max ← max(v̂max, v) if amsgrad
+            θ ← θ − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + eps)
+        mask_update=True ("update" mode): the unmasked step is computed, then only entries with M ≠ 0 take it,
+            θ ← θ + M ⊙ Δθ (Δθ includes decoupled decay) and m, v, v̂max are written only where M ≠ 0,
+            so an entry with M = 0 keeps its parameter and state bit for bit.
+
+    A ``found_inf`` that is non-zero skips the whole step (the caller restores the step counters), as torch's fused
+    Adam does with GradScaler.
+    """
+    if _skip_step(found_inf):
+        return
+    for i, p in enumerate(params):
+        step = float(state_steps[i].item())
+        mask = mask_as_float(masks[i])
+        g = _unscaled_grad(grads[i], grad_scale, maximize)
+        if mask is not None and not mask_update:
+            g = g * mask
+        theta = p.float()
+        decayed = theta
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                decayed = theta * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * theta
+        m = exp_avgs[i].float().lerp(g, 1 - beta1)
+        v = exp_avg_sqs[i].float() * beta2 + (1 - beta2) * g * g
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        if amsgrad:
+            vmax = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            denom = vmax.sqrt() / bias_correction2_sqrt + eps
+        else:
+            denom = v.sqrt() / bias_correction2_sqrt + eps
+        new_theta = decayed - (lr / bias_correction1) * m / denom
+        if mask is not None and mask_update:
+            keep = mask == 0
+            new_theta = torch.where(keep, theta, theta + mask * (new_theta - theta))
+            m = torch.where(keep, exp_avgs[i].float(), m)
+            v = torch.where(keep, exp_avg_sqs[i].float(), v)
+            if amsgrad:
+                vmax = torch.where(keep, max_exp_avg_sqs[i].float(), vmax)
+        p.copy_(new_theta)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        if amsgrad:
+            max_exp_avg_sqs[i].copy_(vmax)
+
+
+def masked_sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    mask_update: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Masked SGD step, in place (torch.optim.SGD's algorithm; spec §5, §8.10).
+
+        mask_update=False ("grad" mode, the papers'): g ← M ⊙ g, then
+            d = g + λθ;  b ← d on the first step, else b ← μ b + (1 − τ) d;  d ← d + μ b if nesterov else b
+            θ ← θ − lr · d
+        mask_update=True ("update" mode): θ ← θ − lr · M ⊙ d and b is written only where M ≠ 0 (0 on a first step),
+            so weight decay and momentum no longer move masked-out entries.
+
+    ``momentum_buffers`` is empty when momentum == 0. ``first_step`` says the buffers are uninitialised.
+    """
+    if _skip_step(found_inf):
+        return
+    for i, p in enumerate(params):
+        mask = mask_as_float(masks[i])
+        g = _unscaled_grad(grads[i], grad_scale, maximize)
+        if mask is not None and not mask_update:
+            g = g * mask
+        theta = p.float()
+        d = g + weight_decay * theta if weight_decay != 0 else g
+        if momentum != 0:
+            old = momentum_buffers[i].float()
+            buf = d.clone() if first_step else old * momentum + (1 - dampening) * d
+            if mask is not None and mask_update:
+                buf = torch.where(mask == 0, torch.zeros_like(buf) if first_step else old, buf)
+            momentum_buffers[i].copy_(buf)
+            d = d + momentum * buf if nesterov else buf
+        if mask is not None and mask_update:
+            new_theta = torch.where(mask == 0, theta, theta - lr * (mask * d))
+        else:
+            new_theta = theta - lr * d
+        p.copy_(new_theta)
