@@ -1,0 +1,218 @@
+"""Tests of fastmask.metrics against sklearn, fairlearn and hand-computed cases (spec §6, §8.3, §8.17)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    equalized_odds_difference,
+    false_positive_rate,
+    selection_rate,
+    true_positive_rate,
+)
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+from fastmask import metrics as M
+
+
+def _random(seed: int, n: int = 200, groups: int = 2):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    a = rng.integers(0, groups, n)
+    # probabilities on a grid so that exact 0.5 values (which must predict 0) occur
+    p = np.round(rng.uniform(0, 1, n) * 8) / 8
+    return y, p, a
+
+
+def _fairlearn_rates(y, p, a):
+    yhat = (p > 0.5).astype(int)
+    mf = MetricFrame(
+        metrics={"tpr": true_positive_rate, "fpr": false_positive_rate, "sel": selection_rate},
+        y_true=y,
+        y_pred=yhat,
+        sensitive_features=a,
+    )
+    return yhat, mf.by_group
+
+
+cells = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 8), st.integers(0, 1)), min_size=8, max_size=80)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=cells)
+def test_gaps_match_fairlearn(rows):
+    y = np.array([r[0] for r in rows])
+    p = np.array([r[1] / 8 for r in rows])
+    a = np.array([r[2] for r in rows])
+    # fairlearn's rates are undefined (NaN / warnings) for empty cells; those are the hand cases below.
+    assume(all(((a == g) & (y == c)).any() for g in (0, 1) for c in (0, 1)))
+    yhat, by_group = _fairlearn_rates(y, p, a)
+    d_tpr = by_group.loc[0, "tpr"] - by_group.loc[1, "tpr"]
+    d_fpr = by_group.loc[0, "fpr"] - by_group.loc[1, "fpr"]
+    assert M.spd(y, p, a) == pytest.approx(demographic_parity_difference(y, yhat, sensitive_features=a), abs=1e-12)
+    assert M.eopp(y, p, a) == pytest.approx(abs(d_tpr), abs=1e-12)
+    assert M.eodds(y, p, a, definition="code") == pytest.approx(0.5 * abs(d_tpr + d_fpr), abs=1e-12)
+    assert M.eodds(y, p, a, definition="max") == pytest.approx(
+        equalized_odds_difference(y, yhat, sensitive_features=a), abs=1e-12
+    )
+    assert M.eodds(y, p, a, definition="mean") == pytest.approx(
+        equalized_odds_difference(y, yhat, sensitive_features=a, agg="mean"), abs=1e-12
+    )
+    assert M.acc(y, p) == pytest.approx(accuracy_score(y, yhat), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auc_acc_match_sklearn(seed):
+    y, p, a = _random(seed)
+    assert M.auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert M.acc(y, p) == pytest.approx(accuracy_score(y, p > 0.5), abs=1e-12)
+
+
+def test_threshold_half_predicts_zero():
+    # np.round(0.5) == 0: p = 0.5 is a negative prediction.
+    assert M.predict(np.array([0.5, 0.5000001, 0.49, 1.0, 0.0])).tolist() == [0, 1, 0, 1, 0]
+    assert M.acc([0, 1], [0.5, 0.5]) == 0.5
+
+
+def test_accepts_torch_lists_series_and_columns():
+    y, p, a = _random(7, n=50)
+    ref = M.evaluate(y, p, a)
+    as_torch = M.evaluate(torch.tensor(y).view(-1, 1), torch.tensor(p, dtype=torch.float32), torch.tensor(a).bool())
+    assert as_torch == pytest.approx(ref, abs=1e-6)
+    assert M.evaluate(list(y), pd.Series(p), a.astype(float)) == pytest.approx(ref, abs=1e-12)
+    assert M.eodds(torch.tensor(y), torch.tensor(p, dtype=torch.bfloat16), torch.tensor(a)) >= 0.0
+
+
+def test_empty_cells_hand_case():
+    # group 0: y = [1, 0, 0], ŷ = [1, 1, 0]     -> TPR_0 = 1, FPR_0 = 1/2, rate_0 = 2/3
+    # group 1: y = [0, 0],    ŷ = [1, 0]        -> TPR_1 = 0 (no positives, zero-filled), FPR_1 = 1/2, rate_1 = 1/2
+    y = [1, 0, 0, 0, 0]
+    p = [0.9, 0.7, 0.2, 0.6, 0.1]
+    a = [0, 0, 0, 1, 1]
+    assert M.spd(y, p, a) == pytest.approx(2 / 3 - 1 / 2)
+    assert M.eopp(y, p, a) == pytest.approx(1.0)
+    assert M.eodds(y, p, a) == pytest.approx(0.5 * abs((0.5 - 0.5) + (1 - 0)))
+    assert M.eodds(y, p, a, definition="max") == pytest.approx(1.0)
+    assert M.eodds(y, p, a, definition="mean") == pytest.approx(0.5)
+
+
+def test_missing_group_hand_case():
+    # only group 1 present: group 0's rates are all 0 (reference zero-fill).
+    y, p, a = [1, 1, 0], [0.9, 0.2, 0.8], [1, 1, 1]
+    # TPR_1 = 1/2, FPR_1 = 1, rate_1 = 2/3
+    assert M.spd(y, p, a) == pytest.approx(2 / 3)
+    assert M.eopp(y, p, a) == pytest.approx(0.5)
+    assert M.eodds(y, p, a) == pytest.approx(0.5 * abs(-1 - 0.5))
+    assert M.eodds(y, p, a, definition="max") == pytest.approx(1.0)
+    assert M.eodds(y, p, a, definition="mean") == pytest.approx(0.75)
+
+
+def test_code_eodds_cancels_opposite_gaps():
+    # group 0: TPR 1, FPR 0 ; group 1: TPR 0, FPR 1 -> ΔTPR = +1, ΔFPR = -1.
+    y, p, a = [1, 0, 1, 0], [0.9, 0.1, 0.1, 0.9], [0, 0, 1, 1]
+    assert M.eodds(y, p, a) == 0.0
+    assert M.eodds(y, p, a, definition="max") == 1.0
+    assert M.eodds(y, p, a, definition="mean") == 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_group_table_multi_group(seed):
+    y, p, a = _random(seed, n=300, groups=4)
+    a = np.where(a == 3, 7, a)  # non-contiguous ids
+    # a group with a single class: AUC NaN, fpr NaN
+    y = np.where(a == 2, 1, y)
+    t = M.group_table(y, p, a)
+    assert list(t.index) == [0, 1, 2, 7]
+    yhat = (p > 0.5).astype(int)
+    _, by_group = _fairlearn_rates(y, p, a)
+    for g in t.index:
+        m = a == g
+        assert t.loc[g, "n"] == m.sum() and t.loc[g, "positives"] == y[m].sum()
+        assert t.loc[g, "acc"] == pytest.approx(accuracy_score(y[m], yhat[m]))
+        assert t.loc[g, "positive_rate"] == pytest.approx(by_group.loc[g, "sel"])
+        assert t.loc[g, "tpr"] == pytest.approx(by_group.loc[g, "tpr"])
+        if g == 2:
+            assert math.isnan(t.loc[g, "auc"]) and math.isnan(t.loc[g, "fpr"])
+        else:
+            assert t.loc[g, "auc"] == pytest.approx(roc_auc_score(y[m], p[m]))
+            assert t.loc[g, "fpr"] == pytest.approx(by_group.loc[g, "fpr"])
+    aucs = {g: roc_auc_score(y[a == g], p[a == g]) for g in (0, 1, 7)}
+    assert M.auc_by_group(y, p, a) == pytest.approx(aucs)
+    assert list(M.auc_by_group(y, p, a)) == [0, 1, 7]
+    assert M.worst_group_auc(y, p, a) == pytest.approx(min(aucs.values()))
+    assert M.auc_gap(y, p, a) == pytest.approx(max(aucs.values()) - min(aucs.values()))
+
+
+def test_group_table_string_groups():
+    y = [0, 1, 0, 1, 1]
+    p = [0.2, 0.8, 0.6, 0.4, 0.9]
+    a = ["V", "V", "II", "II", "II"]
+    t = M.group_table(y, p, a)
+    assert list(t.index) == ["II", "V"]
+    # group II: y = [0, 1, 1], p = [.6, .4, .9]: pairs (pos > neg): .4 > .6 no, .9 > .6 yes -> AUC 1/2
+    assert t.loc["II", "auc"] == pytest.approx(0.5)
+    assert t.loc["V", "auc"] == pytest.approx(1.0)
+    assert M.worst_group_auc(y, p, a) == pytest.approx(0.5)
+    assert M.auc_gap(y, p, a) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_evaluate_keys_and_values(seed):
+    y, p, a = _random(seed, n=400)
+    out = M.evaluate(y, p, a)
+    yhat, by_group = _fairlearn_rates(y, p, a)
+    d_tpr = by_group.loc[0, "tpr"] - by_group.loc[1, "tpr"]
+    d_fpr = by_group.loc[0, "fpr"] - by_group.loc[1, "fpr"]
+    aucs = [roc_auc_score(y[a == g], p[a == g]) for g in (0, 1)]
+    expect = {
+        "auc": roc_auc_score(y, p),
+        "acc": accuracy_score(y, yhat),
+        "spd": demographic_parity_difference(y, yhat, sensitive_features=a),
+        "eopp": abs(d_tpr),
+        "eodds": 0.5 * abs(d_tpr + d_fpr),
+        "eodds_max": equalized_odds_difference(y, yhat, sensitive_features=a),
+        "eodds_mean": equalized_odds_difference(y, yhat, sensitive_features=a, agg="mean"),
+        "worst_group_auc": min(aucs),
+        "auc_gap": max(aucs) - min(aucs),
+        "positive_rate": yhat.mean(),
+        "label_positive_rate": y.mean(),
+    }
+    assert set(out) == set(expect)
+    assert out == pytest.approx(expect, abs=1e-12)
+    assert all(type(v) is float for v in out.values())
+
+
+def test_errors():
+    y, p, a = [0, 1, 1], [0.1, 0.7, 0.9], [0, 1, 1]
+    with pytest.raises(ValueError, match="p must hold probabilities"):
+        M.acc(y, [0.1, 2.0, 0.3])
+    with pytest.raises(ValueError, match="p must hold probabilities"):
+        M.auc(y, [0.1, float("nan"), 0.3])
+    with pytest.raises(ValueError, match="y must contain only the values 0 and 1"):
+        M.auc([0, 2, 1], p)
+    with pytest.raises(ValueError, match="AUC needs both classes"):
+        M.auc([1, 1, 1], p)
+    with pytest.raises(ValueError, match=r"a \(the binary gaps need"):
+        M.spd(y, p, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"a \(the binary gaps need"):
+        M.evaluate(y, p, ["x", "y", "x"])
+    with pytest.raises(ValueError, match="a has 2 entries but y has 3"):
+        M.eodds(y, p, [0, 1])
+    with pytest.raises(ValueError, match="p has 2 entries but y has 3"):
+        M.acc(y, [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"p must have shape \(N,\) or \(N, 1\)"):
+        M.acc(y, np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="definition must be one of"):
+        M.eodds(y, p, a, definition="avg")
+    with pytest.raises(ValueError, match="no group of a contains both classes"):
+        M.worst_group_auc([0, 1, 1], p, [0, 1, 2])
+    with pytest.raises(ValueError, match="missing values"):
+        M.group_table(y, p, [0.0, float("nan"), 1.0])
