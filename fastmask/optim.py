@@ -1,0 +1,449 @@
+"""Drop-in masked optimizers: ``MaskedAdam``, ``MaskedAdamW`` and ``MaskedSGD``.
+
+Each is a subclass of its torch.optim counterpart with the same constructor arguments, defaults, validation and error
+messages, param groups, state keys and ``state_dict()``, plus a mask per parameter. The class only gathers tensors
+(with torch's own ``_init_group``, so state is created exactly as torch creates it); the step is computed by the
+functional ops ``fastmask.ops.masked_adam_`` / ``masked_sgd_``, one call per param group, which run one fused launch
+per (device, dtype) on the backend fastmask/backend.py chooses. Without a mask they take torch's step.
+
+How the mask M enters the step (spec §5, §8.9-8.10), chosen by ``mask_mode``:
+
+- ``"grad"`` (default, the papers'): g ← M ⊙ g before the optimizer sees the gradient. SGD's weight decay and
+  momentum still move masked-out entries. Adam divides by √v̂, so a constant M cancels out of m̂/√v̂ and the mask acts
+  only through eps, i.e. only where M is close to 0.
+- ``"update"``: the unmasked step Δθ is computed and θ ← θ + M ⊙ Δθ; entries with M = 0 keep their parameter and
+  every state buffer bit for bit.
+
+Masks are not part of ``state_dict()`` (which stays loadable by torch.optim and vice versa); save them with
+``mask_state_dict()`` and restore them with ``load_mask_state_dict()``.
+
+This module imports only fastmask.ops and fastmask.backend, so it can be used without the rest of fastmask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from fastmask import backend as _backend
+from fastmask import ops
+
+MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.bool)
+
+# Masks given as {parameter or parameter name: mask} (missing or None: no mask) or as a list aligned with the
+# parameters of all param groups in order.
+Masks = Mapping[Any, Tensor | None] | Sequence[Tensor | None]
+
+
+class _MaskedOptimizer(torch.optim.Optimizer):
+    """Mask bookkeeping shared by the three optimizers: validation, accessors, (mask) state dicts."""
+
+    # torch.amp.GradScaler.step() then sets ``self.grad_scale`` / ``self.found_inf`` and calls step() without
+    # unscaling the gradients first, as it does for torch's fused optimizers; the ops unscale and skip in the kernel.
+    _step_supports_amp_scaling = True
+    _masks: dict[Tensor, Tensor]
+
+    def _setup_masking(self, mask_mode: str, backend: str | None) -> None:
+        if mask_mode not in ops.MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {ops.MASK_MODES}, got {mask_mode!r}")
+        if backend is not None and backend not in _backend.BACKENDS:
+            raise ValueError(f"backend must be None or one of {_backend.BACKENDS}, got {backend!r}")
+        self.mask_mode = mask_mode
+        self.backend = backend
+        self._masks = {}
+
+    def _finish_init(self, masks: Masks | None) -> None:
+        for gi in range(len(self.param_groups)):
+            self._check_group(gi, params=True)
+        self._constructed = True
+        self.set_masks(masks)
+
+    # ---- validation -------------------------------------------------------------------------------------------
+
+    def _describe(self, gi: int, j: int) -> str:
+        group = self.param_groups[gi]
+        where = f"param_groups[{gi}]['params'][{j}]"
+        if "param_names" in group:
+            return f"parameter {group['param_names'][j]!r} ({where})"
+        return f"parameter {where}"
+
+    def _check_group(self, gi: int, params: bool = False) -> None:
+        """Reject the torch options these optimizers do not implement (also after ``load_state_dict``)."""
+        group = self.param_groups[gi]
+        name = type(self).__name__
+        for option in ("capturable", "differentiable"):
+            if group.get(option, False):
+                raise ValueError(f"{name} does not support {option}=True (param_groups[{gi}])")
+        if params:
+            for j, p in enumerate(group["params"]):
+                if torch.is_complex(p):
+                    raise ValueError(
+                        f"{name} does not support complex parameters: {self._describe(gi, j)} is {p.dtype}"
+                    )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        # During construction torch's own checks run first; the constructor checks every group afterwards.
+        if getattr(self, "_constructed", False):
+            try:
+                self._check_group(len(self.param_groups) - 1, params=True)
+            except ValueError:
+                self.param_groups.pop()
+                raise
+
+    def _validated_mask(self, mask: Any, gi: int, j: int) -> Tensor:
+        p = self.param_groups[gi]["params"][j]
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask for {self._describe(gi, j)} must be a Tensor, got {type(mask).__name__}")
+        if mask.shape != p.shape:
+            raise ValueError(
+                f"mask for {self._describe(gi, j)} has shape {tuple(mask.shape)}, the parameter has {tuple(p.shape)}"
+            )
+        if mask.dtype not in MASK_DTYPES:
+            raise ValueError(
+                f"mask for {self._describe(gi, j)} has dtype {mask.dtype}; supported: float32, bfloat16, float16, "
+                "uint8 (a soft mask quantised as round(255 M)) or bool (a hard mask)"
+            )
+        mask = mask.detach()
+        # The fused kernels walk a parameter and its mask in one flat order, so the mask takes the parameter's
+        # device and memory layout; a mask that already has them is used as is, without a copy.
+        if mask.device != p.device or mask.stride() != p.stride():
+            mask = torch.empty_like(p, dtype=mask.dtype).copy_(mask)
+        return mask
+
+    def _positions(self) -> list[tuple[int, int]]:
+        return [(gi, j) for gi, group in enumerate(self.param_groups) for j in range(len(group["params"]))]
+
+    # ---- public mask API --------------------------------------------------------------------------------------
+
+    def set_masks(self, masks: Masks | None) -> None:
+        """Replace every mask.
+
+        Args:
+            masks: None (no masks: plain torch steps); a Mapping from parameter tensor (or parameter name, when the
+                optimizer was built from ``model.named_parameters()``) to mask, where parameters left out or mapped
+                to None get no mask; or a list with one mask or None per parameter, over all param groups in order.
+                A mask has the parameter's shape and dtype float32 / bfloat16 / float16 (values in [0, 1]), uint8
+                (M = value / 255) or bool; it is moved to the parameter's device. Errors name the parameter.
+        """
+        new: dict[Tensor, Tensor] = {}
+        positions = self._positions()
+        if masks is None:
+            pass
+        elif isinstance(masks, Mapping):
+            by_tensor = {id(self.param_groups[gi]["params"][j]): (gi, j) for gi, j in positions}
+            by_name = {
+                self.param_groups[gi]["param_names"][j]: (gi, j)
+                for gi, j in positions
+                if "param_names" in self.param_groups[gi]
+            }
+            seen: set[tuple[int, int]] = set()
+            for key, mask in masks.items():
+                if isinstance(key, str):
+                    if key not in by_name:
+                        hint = "" if by_name else " (the optimizer was built without parameter names)"
+                        raise KeyError(f"masks: no parameter named {key!r} in this optimizer{hint}")
+                    gi, j = by_name[key]
+                elif isinstance(key, Tensor):
+                    if id(key) not in by_tensor:
+                        raise KeyError(
+                            f"masks: a key (tensor of shape {tuple(key.shape)}) is not a parameter of this optimizer"
+                        )
+                    gi, j = by_tensor[id(key)]
+                else:
+                    raise TypeError(f"masks: keys must be parameters or parameter names, got {type(key).__name__}")
+                if (gi, j) in seen:
+                    raise ValueError(f"masks: {self._describe(gi, j)} is given twice (by tensor and by name)")
+                seen.add((gi, j))
+                if mask is not None:
+                    new[self.param_groups[gi]["params"][j]] = self._validated_mask(mask, gi, j)
+        else:
+            if isinstance(masks, Tensor):
+                raise TypeError("masks must be a Mapping or a list of masks, got a single Tensor")
+            masks = list(masks)
+            if len(masks) != len(positions):
+                raise ValueError(f"masks: got {len(masks)} masks for {len(positions)} parameters")
+            for (gi, j), mask in zip(positions, masks, strict=True):
+                if mask is not None:
+                    new[self.param_groups[gi]["params"][j]] = self._validated_mask(mask, gi, j)
+        self._masks = new
+
+    def masks(self) -> dict[Tensor, Tensor]:
+        """The current masks, {parameter: mask}; parameters without a mask are absent."""
+        return dict(self._masks)
+
+    def mask_state_dict(self) -> dict[str, Any]:
+        """The masks and mask mode, keyed like ``state_dict()['state']``: by the parameter's index over all param
+        groups. ``{"mask_mode": str, "masks": {index: mask}}``; the mask tensors are not copied."""
+        masks = {
+            index: self._masks[self.param_groups[gi]["params"][j]]
+            for index, (gi, j) in enumerate(self._positions())
+            if self.param_groups[gi]["params"][j] in self._masks
+        }
+        return {"mask_mode": self.mask_mode, "masks": masks}
+
+    def load_mask_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what ``mask_state_dict()`` saved (replacing every mask); masks are validated as in ``set_masks``."""
+        missing = {"mask_mode", "masks"} - set(state_dict)
+        if missing:
+            raise KeyError(f"mask state dict lacks {sorted(missing)}")
+        mode = state_dict["mask_mode"]
+        if mode not in ops.MASK_MODES:
+            raise ValueError(f"mask state dict: mask_mode must be one of {ops.MASK_MODES}, got {mode!r}")
+        aligned: list[Tensor | None] = [None] * len(self._positions())
+        for index, mask in state_dict["masks"].items():
+            if not isinstance(index, int) or not 0 <= index < len(aligned):
+                raise KeyError(f"mask state dict: index {index!r} is not a parameter index (0..{len(aligned) - 1})")
+            aligned[index] = mask
+        self.set_masks(aligned)
+        self.mask_mode = mode
+
+    def _masks_of(self, params: Sequence[Tensor]) -> list[Tensor | None]:
+        return [self._masks.get(p) for p in params]
+
+    def _amp(self) -> dict[str, Tensor | None]:
+        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults, state and param_groups; masks travel with the optimizer through
+        # copy.deepcopy and pickle (keyed by the same parameter objects).
+        state = super().__getstate__()
+        state.update(mask_mode=self.mask_mode, backend=self.backend, _masks=self._masks, _constructed=True)
+        return state
+
+
+_MASK_ARGS_DOC = """
+        masks (Mapping or list, optional): a mask per parameter, see ``set_masks`` (default: None, no masks).
+        mask_mode (str, optional): ``"grad"`` (g ← M ⊙ g, the papers') or ``"update"`` (θ ← θ + M ⊙ Δθ; entries with
+            M = 0 keep parameter and state bit for bit) (default: "grad").
+        backend (str, optional): ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"``; None chooses as
+            fastmask.backend does (``FASTMASK_BACKEND``, then automatic) (default: None)."""
+
+
+class MaskedAdam(_MaskedOptimizer, torch.optim.Adam):
+    __doc__ = f"""Adam with a mask per parameter; torch.optim.Adam when no mask is set.
+
+    With t the step, g the gradient (negated if ``maximize``, divided by GradScaler's scale) and M the mask:
+
+        "grad" mode:   g ← M ⊙ g
+        g ← g + λθ                                   (weight_decay λ; AdamW instead: θ ← θ(1 − γλ))
+        m ← β1 m + (1 − β1) g;   v ← β2 v + (1 − β2) g²;   v_max ← max(v_max, v) if amsgrad
+        Δθ = −γ/(1 − β1^t) · m / (√(v or v_max) / √(1 − β2^t) + eps)
+        "grad" mode:   θ ← θ + Δθ
+        "update" mode: θ ← θ + M ⊙ Δθ, and m, v, v_max change only where M ≠ 0
+
+    In "grad" mode a constant mask cancels out of m/√v (only eps keeps it), so a soft mask acts only where it is
+    near 0 (spec §8.9); "update" mode scales the step itself.
+
+    Args:
+        params (iterable): parameters or named parameters (``model.named_parameters()``) or param group dicts.
+        lr (float, Tensor, optional): learning rate γ (default: 1e-3).
+        betas (tuple[float, float], optional): β1, β2 (default: (0.9, 0.999)).
+        eps (float, optional): term added to the denominator (default: 1e-8).
+        weight_decay (float, optional): λ, L2 penalty added to the gradient (default: 0).
+        amsgrad (bool, optional): use the running maximum of v (default: False).
+        foreach (bool, optional): accepted for compatibility; the step is always one fused launch per
+            (device, dtype) group.
+        maximize (bool, optional): maximise the objective (default: False).
+        capturable (bool, optional): must be False (CUDA-graph capture is not supported).
+        differentiable (bool, optional): must be False.
+        fused (bool, optional): accepted; as in torch, it keeps ``step`` as a float32 tensor on the parameter's
+            device and requires a device torch's fused Adam supports.
+        decoupled_weight_decay (bool, optional): AdamW's decay θ ← θ(1 − γλ) (default: False).
+{_MASK_ARGS_DOC}
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        masks: Masks | None = None,
+        mask_mode: str = "grad",
+        backend: str | None = None,
+    ) -> None:
+        self._setup_masking(mask_mode, backend)
+        # Named explicitly: for MaskedAdamW, super() would resolve to AdamW, which takes no decoupled_weight_decay.
+        torch.optim.Adam.__init__(
+            self, params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        self._finish_init(masks)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi)
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            max_exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            # torch's own gathering: lazy state creation exactly as torch.optim.Adam, its sparse-gradient error and
+            # its fused device check.
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            ops.masked_adam_(
+                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, self._masks_of(params),
+                lr=group["lr"], beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+                eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"], mask_mode=self.mask_mode,
+                backend=self.backend, **self._amp(),
+            )
+        return loss
+
+
+class MaskedAdamW(MaskedAdam, torch.optim.AdamW):
+    __doc__ = f"""AdamW (decoupled weight decay θ ← θ(1 − γλ)) with a mask per parameter; torch.optim.AdamW when no
+    mask is set. The step and the mask modes are MaskedAdam's with ``decoupled_weight_decay=True``; in "update" mode
+    the decay is part of Δθ, so masked-out entries do not decay.
+
+    Args:
+        params (iterable): parameters or named parameters (``model.named_parameters()``) or param group dicts.
+        lr (float, Tensor, optional): learning rate γ (default: 1e-3).
+        betas (tuple[float, float], optional): β1, β2 (default: (0.9, 0.999)).
+        eps (float, optional): term added to the denominator (default: 1e-8).
+        weight_decay (float, optional): decoupled decay coefficient λ (default: 1e-2).
+        amsgrad (bool, optional): use the running maximum of v (default: False).
+        maximize, foreach, capturable, differentiable, fused: as in MaskedAdam.
+{_MASK_ARGS_DOC}
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        masks: Masks | None = None,
+        mask_mode: str = "grad",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            masks=masks, mask_mode=mask_mode, backend=backend,
+        )
+
+
+class MaskedSGD(_MaskedOptimizer, torch.optim.SGD):
+    __doc__ = f"""SGD (momentum, dampening, Nesterov, weight decay) with a mask per parameter; torch.optim.SGD when
+    no mask is set.
+
+    With g the gradient (negated if ``maximize``, divided by GradScaler's scale) and M the mask:
+
+        "grad" mode:   g ← M ⊙ g
+        d = g + λθ;   b ← d on the first step, else b ← μ b + (1 − τ) d;   d ← d + μ b if nesterov else b
+        "grad" mode:   θ ← θ − γ d
+        "update" mode: θ ← θ − γ M ⊙ d, and b changes only where M ≠ 0
+
+    In "grad" mode weight decay and momentum still move masked-out entries (the papers' behaviour, spec §8.10);
+    "update" mode freezes them.
+
+    Args:
+        params (iterable): parameters or named parameters (``model.named_parameters()``) or param group dicts.
+        lr (float, Tensor, optional): learning rate γ (default: 1e-3).
+        momentum (float, optional): μ (default: 0).
+        dampening (float, optional): τ (default: 0).
+        weight_decay (float, optional): λ, L2 penalty (default: 0).
+        nesterov (bool, optional): Nesterov momentum (default: False).
+        maximize (bool, optional): maximise the objective (default: False).
+        foreach (bool, optional): accepted for compatibility; the step is always one fused launch per
+            (device, dtype) group.
+        differentiable (bool, optional): must be False.
+        fused (bool, optional): accepted; requires a device torch's fused SGD supports, as in torch.
+{_MASK_ARGS_DOC}
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        masks: Masks | None = None,
+        mask_mode: str = "grad",
+        backend: str | None = None,
+    ) -> None:
+        self._setup_masking(mask_mode, backend)
+        super().__init__(
+            params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach,
+            differentiable=differentiable, fused=fused,
+        )
+        self._finish_init(masks)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi)
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            momentum_buffers: list[Tensor | None] = []
+            if self._init_group(group, params, grads, momentum_buffers):
+                sparse = next(j for j, p in enumerate(group["params"]) if p.grad is not None and p.grad.is_sparse)
+                raise RuntimeError(f"MaskedSGD does not support sparse gradients ({self._describe(gi, sparse)})")
+            if not params:
+                continue
+            momentum_buffers = ops.masked_sgd_(
+                params, grads, momentum_buffers, self._masks_of(params), lr=group["lr"],
+                weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
+                dampening=float(group["dampening"]), nesterov=group["nesterov"], maximize=group["maximize"],
+                mask_mode=self.mask_mode, backend=self.backend, **self._amp(),
+            )
+            if group["momentum"] != 0:
+                for p, buf in zip(params, momentum_buffers, strict=True):
+                    # None only after a first step that GradScaler skipped: no buffer yet, as in torch.
+                    if buf is not None:
+                        self.state[p]["momentum_buffer"] = buf
+        return loss
