@@ -247,6 +247,9 @@ def evaluate(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> dict[str, float]:
     Keys: ``auc``, ``acc``, ``spd``, ``eopp``, ``eodds`` (the code definition), ``eodds_max``, ``eodds_mean``,
     ``worst_group_auc``, ``auc_gap``, ``positive_rate`` (mean ŷ, for the collapse guard) and
     ``label_positive_rate`` (mean y).
+
+    Raises:
+        ValueError: y holds one class only, no group holds both classes, a is not 0/1, or p is not in [0, 1].
     """
     yv, yhat, av = _binary_inputs(y, p, a)
     pv = _vector(p, "p").astype(np.float64)
