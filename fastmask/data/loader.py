@@ -14,9 +14,10 @@ How an epoch is planned (all from the shard index, identically on every rank, wi
    ``DistributedSampler``, at most W - 1 samples are repeated). The ranks' samples are disjoint apart from that
    padding, whatever the number of shards; each rank reads the tar bytes of every shard it has samples in but
    decodes only its own.
-4. Per-worker split inside a rank: whole shards round-robin when the rank has at least as many shards as workers
-   (each shard is read once); otherwise occurrences round-robin (each worker reads the shards and decodes every
-   n-th sample) -- so fewer shards than workers never leaves a worker without samples ("No samples found").
+4. Per-worker split inside a rank (DataLoader worker processes): whole shards round-robin when the rank has at
+   least as many shards as workers (each shard is read once); otherwise occurrences round-robin (each worker reads
+   the shards and decodes every n-th sample), so fewer shards than workers never leaves a worker without samples
+   (webdataset's "No samples found").
 5. Batches per epoch, the same on every rank: ``epoch_length`` if given; else with ``drop_last`` (the default when
    training) floor(M / B) (at least 1); else ceil(M / B) with a short last batch. When a rank's stream runs short --
    ``epoch_length`` asks for more than M samples, or corrupted samples were skipped under torchrun -- it starts
@@ -503,12 +504,15 @@ class ShardLoader:
         if nworkers == 0:
             yield from dataset
             return
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=nworkers, collate_fn=_identity)
+        # A plain DataLoader (webdataset's WebLoader wraps one in a generator, which hides the worker shutdown).
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=nworkers, collate_fn=_identity)
         it = iter(loader)
         try:
             yield from it
         finally:
-            del it  # shuts the workers down when the epoch stops early
+            # Stop the workers now, also when a worker raised: the exception's traceback keeps the iterator (and
+            # the worker processes) alive until it is collected, and interpreter exit then waits 5 s per worker.
+            it._shutdown_workers()
 
     def __iter__(self) -> Iterator[tuple]:
         epoch = self.epoch
@@ -653,7 +657,7 @@ def make_loader(
         batch_size: samples per batch.
         train: training mode: random flips / transpose (spec §1) and, by default, shuffling and ``drop_last``.
         image_size: output height and width.
-        workers: DataLoader worker processes (``webdataset.WebLoader``); 0 reads in this process.
+        workers: DataLoader worker processes; 0 reads in this process.
         seed: base seed of shard order, shuffle buffer and augmentation (use the same on every rank).
         shuffle: shuffle shards and samples (default: ``train``); the importance pass uses test transforms
             with shuffling (``train=False, shuffle=True``).
