@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -218,6 +219,15 @@ def test_two_workers(tmp_path, maxcount):
     assert collect(train)[4] == [5] * 4
 
 
+def test_stopping_early_stops_the_workers(shards):
+    _, _, out = shards
+    loader = make_loader(out, batch_size=5, train=True, image_size=SIZE, attr="sex", workers=2)
+    for _ in loader:
+        break
+    assert multiprocessing.active_children() == []
+    assert len(list(loader)) == len(loader) == 4
+
+
 def rewrite_member(shard: Path, member: str, data: bytes) -> None:
     """Replace one member's bytes in a tar (the other members and their order unchanged)."""
     with tarfile.open(shard) as tar:
@@ -391,6 +401,8 @@ def test_transforms_against_numpy():
     ref = (img.astype(np.float64) / 255.0 - MEAN) / STD
     np.testing.assert_allclose(x[0].numpy(), ref.transpose(2, 0, 1), atol=1e-6)
     np.testing.assert_allclose(x[1].numpy(), ref[::-1].transpose(2, 0, 1), atol=1e-6)
+    shared = normalize_batch([img, img[::-1]], shared=True)
+    assert shared.is_shared() and not x.is_shared() and torch.equal(shared, x)
     # Centre crop of the original image, then resize.
     big = Image.fromarray(rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8))
     buf = io.BytesIO()

@@ -345,7 +345,7 @@ class _PassStream(torch.utils.data.IterableDataset):
         events.clear()
         if not imgs:
             return None, None, None, [], handed
-        x = self.transform.batch(imgs)
+        x = self.transform.batch(imgs, shared=torch.utils.data.get_worker_info() is not None)
         return x, torch.tensor(ys, dtype=torch.float32), torch.tensor(As, dtype=torch.int64), keys, handed
 
 
@@ -527,23 +527,25 @@ class ShardLoader:
         while taken < self._take:
             delivered = 0
             chunks = self._pass(epoch, pass_)
-            for x, y, a, keys, events in chunks:
-                for record in events:
-                    stats.add(record)
-                if not keys:
-                    continue
-                delivered += len(keys)
-                part = (x, y, a, keys)
-                room = self._take - taken
-                if len(keys) > room:
-                    part = tuple(t[:room] for t in part)
-                batches.push(part)
-                taken += len(part[3])
-                while batches.pending >= self.batch_size:
-                    yield self._emit(batches.pop(), stats)
-                if taken >= self._take:
-                    break
-            chunks.close()  # stops this pass's workers now, not when the generator is collected
+            try:
+                for x, y, a, keys, events in chunks:
+                    for record in events:
+                        stats.add(record)
+                    if not keys:
+                        continue
+                    delivered += len(keys)
+                    part = (x, y, a, keys)
+                    room = self._take - taken
+                    if len(keys) > room:
+                        part = tuple(t[:room] for t in part)
+                    batches.push(part)
+                    taken += len(part[3])
+                    while batches.pending >= self.batch_size:
+                        yield self._emit(batches.pop(), stats)
+                    if taken >= self._take:
+                        break
+            finally:
+                chunks.close()  # stops this pass's workers now (also when the caller stops early)
             stats.passes += 1
             if taken >= self._take or not self._cycle:
                 break
