@@ -136,6 +136,25 @@ def test_same_seed_same_batches_other_seed_or_epoch_differs(shards):
     assert w1[3] == w2[3] and torch.equal(w1[0], w2[0]) and sorted(w1[3]) == sorted(a[3])
 
 
+def test_shuffled_test_transform_pass_for_the_importance(shards):
+    # Spec §1: the importance pass reads D_e once, shuffled, with test transforms.
+    table, root, out = shards
+    loader = make_loader(out, batch_size=5, train=False, shuffle=True, image_size=SIZE, attr="sex",
+                         shuffle_buffer=8, return_keys=True)
+    x, _, _, keys, sizes = collect(loader)
+    assert sizes == [5, 5, 5, 5, 4] and sorted(keys) == [key_of(i) for i in range(24)] and keys != sorted(keys)
+    for xi, key in zip(x, keys, strict=True):
+        np.testing.assert_allclose(xi.numpy(), oracle(root / table.iloc[int(key)]["filepath"]), atol=2e-5)
+
+
+def test_fewer_samples_than_a_batch_fill_one_batch_when_training(shards):
+    _, _, out = shards
+    keys = [key_of(3), key_of(9), key_of(20)]
+    loader = make_loader(out, batch_size=5, train=True, image_size=SIZE, attr="sex", keys=keys, return_keys=True)
+    _, _, _, got, sizes = collect(loader)
+    assert sizes == [5] and set(got) == set(keys) and loader.stats.passes == 2
+
+
 def test_keys_mapping_counts(shards):
     table, _, out = shards
     counts = {key_of(0): 3, key_of(1): 0, key_of(5): 1, key_of(17): 2, key_of(23): 1}
@@ -375,7 +394,7 @@ def test_image_table_dataset_same_triple(shards):
     x, y, a, key = ds[3]
     assert x.shape == (3, SIZE, SIZE) and y.dtype == torch.float32 and a.dtype == torch.int64 and key == key_of(3)
     np.testing.assert_allclose(x.numpy(), oracle(root / table.iloc[3]["filepath"]), atol=2e-5)
-    batches = list(torch.utils.data.DataLoader(ds, batch_size=24))
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=24, num_workers=2))
     stream = list(make_loader(out, batch_size=24, train=False, image_size=SIZE, attr="sex", return_keys=True))
     for got, want in zip(batches[0], stream[0], strict=True):
         assert list(got) == want if isinstance(want, list) else torch.equal(got, want)
