@@ -169,15 +169,32 @@ def test_keys_mapping_counts(shards):
     listed = [key_of(0)] * 3 + [key_of(5), key_of(17), key_of(17), key_of(23)]
     again = make_loader(out, batch_size=3, train=False, image_size=SIZE, attr="sex", keys=listed, return_keys=True)
     assert Counter(collect(again)[3]) == Counter(listed)
-    series = pd.Series(counts)
-    third = make_loader(out, batch_size=3, train=False, image_size=SIZE, attr="sex", keys=series, return_keys=True)
-    assert Counter(collect(third)[3]) == Counter(listed)
+    for series in (pd.Series(counts), pd.Series(listed).value_counts(), pd.Series(listed, name="source_index")):
+        third = make_loader(out, batch_size=3, train=False, image_size=SIZE, attr="sex", keys=series,
+                            return_keys=True)
+        assert Counter(collect(third)[3]) == Counter(listed)
     with pytest.raises(KeyError, match="not in the shard index.*'nope'"):
         make_loader(out, batch_size=3, train=False, image_size=SIZE, attr="sex", keys={"nope": 1})
     with pytest.raises(ValueError, match=r"keys\['00000000'\]: count -1"):
         make_loader(out, batch_size=3, train=False, image_size=SIZE, attr="sex", keys={key_of(0): -1})
     with pytest.raises(ValueError, match="no samples selected"):
         make_loader(out, batch_size=3, train=False, image_size=SIZE, attr="sex", keys={key_of(0): 0})
+
+
+def test_group_balanced_set_from_the_index(shards):
+    # The wiring the pipeline uses: balance the index's table, stream the balanced rows by key.
+    from fastmask.balance import group_balance
+
+    table, _, out = shards
+    index = ShardIndex.load(out)
+    balanced = group_balance(index.table(), "site", "target", replace=True, seed=0)
+    loader = make_loader(index, batch_size=4, train=True, image_size=SIZE, attr="site",
+                         keys=balanced["source_index"], return_keys=True, drop_last=False)
+    _, y, a, keys, _ = collect(loader)
+    assert Counter(keys) == Counter(balanced["source_index"].tolist())
+    assert sorted(zip(keys, y.tolist(), a.tolist(), strict=True)) == sorted(
+        (k, float(table.iloc[int(k)]["target"]), int(table.iloc[int(k)]["site"])) for k in keys
+    )
 
 
 @pytest.mark.parametrize("train", [False, True])

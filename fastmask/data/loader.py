@@ -589,6 +589,9 @@ def _resolve_counts(index: ShardIndex, keys: Mapping[str, int] | Iterable[str] |
         return {k: 1 for k in index.samples}
     if isinstance(keys, str):
         raise TypeError("keys must be a mapping key -> count or an iterable of keys, not a single string")
+    if isinstance(keys, pd.Series) and not pd.api.types.is_integer_dtype(keys.dtype):
+        # A Series of keys (e.g. group_balance(index.table(), ...)["source_index"]), not key -> count.
+        keys = keys.tolist()
     if hasattr(keys, "items"):
         counts: dict[str, int] = {}
         for k, c in keys.items():
@@ -668,8 +671,10 @@ def make_loader(
         epoch_length: batches per epoch on every rank (fixed; passes repeat to fill it).
         drop_last: full batches only, floor(M / B) of them (default: ``train``).
         rank, world_size: this process's place in the job (default: from ``torch.distributed`` if initialised).
-        keys: the samples to stream and how often: key -> count (count k yields the key k times, 0 drops it), or
-            an iterable of keys with repeats (e.g. the index of a group-balanced DataFrame); default every key once.
+        keys: the samples to stream and how often: key -> count (a mapping, or an integer Series such as
+            ``value_counts()``; count k yields the key k times, 0 drops it), or an iterable of keys with repeats (a
+            list, or a Series of keys such as the ``source_index`` column of
+            ``fastmask.balance.group_balance(index.table(), attr)``); default every key once.
         attr: the attribute that becomes ``a`` (default: the only one).
         attr_map: value -> int group, for attributes that are not integers.
         center_crop: centre crop of the original image before resizing.
