@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fastmask.importance import fisher_importance, unpack_batch
+from fastmask.importance import Objective, fisher_importance, unpack_batch
 from fastmask.losses import BMFT_BIAS, SWIFT_BIAS, BiasSpec, combined_loss
 from fastmask.masks import hard_mask, soft_mask
 from fastmask.models import split_head
@@ -152,7 +152,7 @@ class SwiftConfig:
 
     task: Task = "skin"
     beta: float = 0.1
-    bias: BiasSpec | Any = SWIFT_BIAS
+    bias: BiasSpec | Objective = SWIFT_BIAS
     step1: StepConfig | None = None
     step2: StepConfig | None = None
     mask_mode: Literal["grad", "update"] = "grad"
@@ -202,7 +202,7 @@ class BmftConfig:
     """
 
     beta: float = 0.1
-    bias: BiasSpec | Any = BMFT_BIAS
+    bias: BiasSpec | Objective = BMFT_BIAS
     rate: float = 50.0
     inclusive: bool = False
     impair: StepConfig | None = None
@@ -245,7 +245,9 @@ def _check_faithful_steps(config: Any, names: tuple[str, str], task: Task | None
     ref = reference_step(task or config.task, 0.0, 0)
     for name in names:
         step: StepConfig = getattr(config, name)
-        for attr in ("optimizer", "momentum", "weight_decay", "betas", "eps"):
+        # momentum matters to SGD only, betas and eps to Adam only
+        relevant = ("momentum",) if ref.optimizer == "sgd" else ("betas", "eps")
+        for attr in ("optimizer", "weight_decay", *relevant):
             if getattr(step, attr) != getattr(ref, attr):
                 raise ValueError(
                     f"{type(config).__name__}(faithful=True): the reference's {name} optimiser has "
@@ -368,7 +370,7 @@ def _train_step(
     epochs: int,
     wbce_weight: float,
     bias_weight: float,
-    bias: Any,
+    bias: BiasSpec | Objective,
     feature_eval: bool,
     device: torch.device,
     history: list[dict[str, Any]],

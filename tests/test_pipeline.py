@@ -2,6 +2,7 @@
 head re-initialisation, faithful flags, the collapse guard and the profiler phases."""
 
 import copy
+import json
 import logging
 
 import pytest
@@ -216,6 +217,9 @@ def test_faithful_flags():
     assert SwiftConfig(faithful=True).step1 == StepConfig(10, 1e-4, "sgd", 0.9, 5e-4)
     cxr = SwiftConfig(task="cxr", faithful=True)
     assert cxr.step1.optimizer == "adam" and cxr.step1.weight_decay == 0 and cxr.step2.lr == 1e-3
+    SwiftConfig(task="cxr", faithful=True, step1=StepConfig(5, 1e-6, "adam", weight_decay=0.0))  # README's CXR lr
+    with pytest.raises(ValueError, match="weight_decay"):
+        SwiftConfig(task="cxr", faithful=True, step1=StepConfig(5, 1e-6, "adam"))
     quirks = ((dict(mask_mode="update"), "mask_mode"), (dict(reinit_cmp="ge"), "reinit_cmp"),
               (dict(reinit_scope="head"), "reinit_scope"), (dict(step2_feature_eval=True), "step2_feature_eval"),
               (dict(step2=StepConfig(10, 1e-3, "adam")), "optimizer"))
@@ -295,5 +299,7 @@ def test_seeded_runs_are_reproducible_and_state_restored():
         out.append(snapshot(model))
         assert not model.training and not model[0].bias.requires_grad and model[6].weight.requires_grad
         assert len(res.history) == 4 and all(0 <= h["positive_share"] <= 1 for h in res.history)
+        cfg = json.loads(json.dumps(res.config_dict()))
+        assert cfg["step1"]["epochs"] == 2 and cfg["bias"] == {"space": "log", "form": "eodds_abs", "empty": "zero"}
     for n in out[0]:
         assert torch.equal(out[0][n], out[1][n])
