@@ -16,6 +16,11 @@ BMFT (:func:`bmft`, [PB] §2): M = 1[R > percentile_rate(R over E)] from the bia
 step over all parameters with L = B only on the **unbalanced** external data (the reference's choice); the head set
 to 0; repair step on the head with L = WBCE + β·B ([PB] Eq. 5).
 
+Resumable runs: ``on_epoch`` receives a :class:`RunState` once the masks are ready and after every finished epoch
+(model weights aside, everything needed to continue: masks, history, the step's optimizer state, the global RNG
+states); passing a saved one back as ``resume=`` (with the model's weights at that point) skips what was done and
+continues the run so that it ends exactly as an uninterrupted one would.
+
 Collapse guard: SWiFT's log-probability bias is minimised by predicting one class for everyone (EOdds 0, a useless
 model). After each step the pipeline predicts on that step's data in eval mode and, when one class takes
 ``collapse_threshold`` (95 %) or more of the predictions while its share of the labels is below that, logs a warning
@@ -26,8 +31,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -42,7 +47,8 @@ from fastmask.models import split_head
 from fastmask.optim import MaskedAdam, MaskedAdamW, MaskedSGD
 from fastmask.profiling import phase
 
-__all__ = ["StepConfig", "SwiftConfig", "BmftConfig", "CollapseWarning", "Result", "swift", "bmft", "reinit_head"]
+__all__ = ["StepConfig", "SwiftConfig", "BmftConfig", "CollapseWarning", "Result", "RunState", "swift", "bmft",
+           "reinit_head"]
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +307,90 @@ class Result:
         return out
 
 
+@dataclass
+class RunState:
+    """Where a run stands: given to ``on_epoch`` once the masks are ready (``epoch=0``) and after every finished
+    epoch; given back as ``resume=`` it continues the run from there. The caller saves the model's ``state_dict()``
+    beside it (and, if its loaders depend on how often they were iterated, their positions).
+
+    The tensors are the live ones (``optimizer`` is ``optimizer.state_dict()``): serialise them in the callback.
+
+    Attributes:
+        step: the step in progress (SWiFT ``"step1"`` / ``"step2"``, BMFT ``"impair"`` / ``"repair"``).
+        epoch: epochs of ``step`` finished.
+        result: the result so far (masks, history, checks, collapse warnings, head_reset_fraction).
+        optimizer: the step's optimizer state (None when no epoch of the step has run).
+        rng: the global RNG states (``random``, ``numpy``, ``torch``, and ``cuda`` when CUDA is initialised).
+    """
+
+    step: str
+    epoch: int
+    result: Result
+    optimizer: dict[str, Any] | None
+    rng: dict[str, Any]
+
+
+OnEpoch = Callable[[RunState], None]
+
+
+def _rng_state() -> dict[str, Any]:
+    """The global RNG states that a run draws from (dropout, DataLoader seeds, user code)."""
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore states from :func:`_rng_state`."""
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Progress:
+    """Which steps and epochs a (possibly resumed) run still has to do, and the ``on_epoch`` reports."""
+
+    def __init__(self, method: str, steps: tuple[str, str], on_epoch: OnEpoch | None, resume: RunState | None):
+        if resume is not None:
+            if resume.result.method != method:
+                raise ValueError(f"resume: the saved run is {resume.result.method!r}, not {method!r}")
+            if resume.step not in steps:
+                raise ValueError(f"resume: unknown step {resume.step!r} (the {method} steps are {list(steps)})")
+        self.steps = steps
+        self.on_epoch = on_epoch
+        self.resume = resume
+
+    def skip(self, step: str) -> bool:
+        """True for a step that the resumed run had finished."""
+        return self.resume is not None and self.steps.index(step) < self.steps.index(self.resume.step)
+
+    def start(self, step: str) -> tuple[int, dict[str, Any] | None]:
+        """(epochs of ``step`` already done, its optimizer state)."""
+        if self.resume is not None and self.resume.step == step:
+            return self.resume.epoch, self.resume.optimizer
+        return 0, None
+
+    def report(self, step: str, epoch: int, result: Result, optimizer: torch.optim.Optimizer | None) -> None:
+        if self.on_epoch is not None:
+            state = None if optimizer is None else optimizer.state_dict()
+            self.on_epoch(RunState(step, epoch, result, state, _rng_state()))
+
+
+def _resumed(resume: RunState | None, masks: Mapping[str, Tensor] | None, config: SwiftConfig | BmftConfig,
+             model: nn.Module) -> Result | None:
+    """The resumed result (masks checked against ``model``, RNG restored), or None for a fresh run."""
+    if resume is None:
+        return None
+    if masks is not None:
+        raise ValueError("pass either masks= or resume= (a resumed run keeps its saved masks)")
+    _checked_masks(resume.result.masks, model)
+    _set_rng_state(resume.rng)
+    return replace(resume.result, config=config)
+
+
 # ---- building blocks ---------------------------------------------------------------------------------------------
 
 
@@ -375,9 +465,13 @@ def _train_step(
     device: torch.device,
     history: list[dict[str, Any]],
     progress: bool,
+    start: int = 0,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> None:
-    """``epochs`` passes of zero-grad → forward → loss → backward → (masked) optimizer step."""
-    for epoch in tqdm(range(epochs), desc=name, disable=not progress, leave=False):
+    """Epochs ``start + 1 .. epochs`` of zero-grad → forward → loss → backward → (masked) optimizer step;
+    ``after_epoch(e)`` after each."""
+    for epoch in tqdm(range(start, epochs), desc=name, disable=not progress, leave=False, initial=start,
+                      total=epochs):
         _set_modes(model, head, feature_eval)
         total, n_batches, positives, seen = 0.0, 0, 0, 0
         for batch in tqdm(loader, desc=f"{name} epoch {epoch + 1}", disable=not progress, leave=False):
@@ -395,6 +489,8 @@ def _train_step(
             raise ValueError(f"{name}: the loader yielded no batches")
         history.append({"step": name, "epoch": epoch + 1, "loss": total / n_batches,
                         "positive_share": positives / seen})
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
 
 
 @torch.no_grad()
@@ -454,6 +550,8 @@ def swift(
     config: SwiftConfig | None = None,
     masks: Mapping[str, Tensor] | None = None,
     progress: bool = False,
+    on_epoch: OnEpoch | None = None,
+    resume: RunState | None = None,
 ) -> Result:
     """Debias ``model`` in place with SWiFT ([PS]; spec §3-5).
 
@@ -467,33 +565,53 @@ def swift(
         masks: use these masks instead of computing them (e.g. :func:`fastmask.masks.random_mask`); keyed by
             parameter name, every parameter present.
         progress: show tqdm progress bars.
+        on_epoch: called with a :class:`RunState` once the masks are ready and after every finished epoch (to
+            checkpoint the run, or to evaluate it per epoch; it must not draw from the global RNGs).
+        resume: a saved :class:`RunState`; ``model`` must hold the weights saved with it. The run continues after
+            its last finished epoch and ends as the uninterrupted run would (same data order given loaders in
+            the same position, same RNG draws).
     """
     config = config or SwiftConfig()
     _seed_everything(config.seed)
     device = _device(model)
     head, head_params, feat_params = split_head(model, config.head)
-    n_imp = 0
-    if masks is None:
-        ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
-        with phase("fastmask.mask"):
-            masks = soft_mask(ib, il)
-    masks = _checked_masks(masks, model)
-    result = Result("swift", config, dict(masks), n_importance_batches=n_imp)
+    run = _Progress("swift", ("step1", "step2"), on_epoch, resume)
+    result = _resumed(resume, masks, config, model)
+    if result is None:
+        n_imp = 0
+        if masks is None:
+            ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
+            with phase("fastmask.mask"):
+                masks = soft_mask(ib, il)
+        masks = _checked_masks(masks, model)
+        result = Result("swift", config, dict(masks), n_importance_batches=n_imp)
+        run.report("step1", 0, result, None)
+    masks = result.masks
     was_training = model.training
 
-    with phase("fastmask.step1"), _Frozen(model, feat_params.values()):
-        opt = config.step1.build(list(feat_params.items()), {n: masks[n] for n in feat_params}, config.mask_mode)
-        _train_step("step1", model, head, train_loader, opt, config.step1.epochs, config.beta, 1 - config.beta,
-                    config.bias, False, device, result.history, progress)
-    _collapse_check(result, "step1", model, train_loader, device, config.collapse_threshold)
+    if not run.skip("step1"):
+        start, state = run.start("step1")
+        with phase("fastmask.step1"), _Frozen(model, feat_params.values()):
+            opt = config.step1.build(list(feat_params.items()), {n: masks[n] for n in feat_params}, config.mask_mode)
+            if state is not None:
+                opt.load_state_dict(state)
+            _train_step("step1", model, head, train_loader, opt, config.step1.epochs, config.beta, 1 - config.beta,
+                        config.bias, False, device, result.history, progress, start,
+                        lambda e: run.report("step1", e, result, opt))
+        _collapse_check(result, "step1", model, train_loader, device, config.collapse_threshold)
 
-    with phase("fastmask.head_reinit"):
-        result.head_reset_fraction = reinit_head(head_params, masks, config.reinit_cmp, config.reinit_scope)
+    start, state = run.start("step2")
+    if start == 0:  # a resumed step 2 already has its re-initialised head in the model's weights
+        with phase("fastmask.head_reinit"):
+            result.head_reset_fraction = reinit_head(head_params, masks, config.reinit_cmp, config.reinit_scope)
 
     with phase("fastmask.step2"), _Frozen(model, head_params.values()):
-        opt = config.step2.build(list(head_params.items()), None, config.mask_mode)
-        _train_step("step2", model, head, train_loader, opt, config.step2.epochs, 1 - config.beta, config.beta,
-                    config.bias, config.step2_feature_eval, device, result.history, progress)
+        opt2 = config.step2.build(list(head_params.items()), None, config.mask_mode)
+        if state is not None:
+            opt2.load_state_dict(state)
+        _train_step("step2", model, head, train_loader, opt2, config.step2.epochs, 1 - config.beta, config.beta,
+                    config.bias, config.step2_feature_eval, device, result.history, progress, start,
+                    lambda e: run.report("step2", e, result, opt2))
     _collapse_check(result, "step2", model, train_loader, device, config.collapse_threshold)
     model.train(was_training)
     return result
@@ -507,6 +625,8 @@ def bmft(
     config: BmftConfig | None = None,
     masks: Mapping[str, Tensor] | None = None,
     progress: bool = False,
+    on_epoch: OnEpoch | None = None,
+    resume: RunState | None = None,
 ) -> Result:
     """Debias ``model`` in place with BMFT ([PB]; spec §3-5).
 
@@ -519,39 +639,58 @@ def bmft(
         config: :class:`BmftConfig`.
         masks: use these masks instead of the hard mask (e.g. :func:`fastmask.masks.manual_mask`).
         progress: show tqdm progress bars.
+        on_epoch: called with a :class:`RunState` once the masks are ready and after every finished epoch (to
+            checkpoint the run, or to evaluate it per epoch; it must not draw from the global RNGs).
+        resume: a saved :class:`RunState`; ``model`` must hold the weights saved with it. The run continues after
+            its last finished epoch and ends as the uninterrupted run would (same data order given loaders in
+            the same position, same RNG draws).
     """
     config = config or BmftConfig()
     _seed_everything(config.seed)
     device = _device(model)
     head, head_params, feat_params = split_head(model, config.head)
-    n_imp = 0
-    if masks is None:
-        ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
-        with phase("fastmask.mask"):
-            masks = hard_mask(ib, il, list(feat_params), rate=config.rate, inclusive=config.inclusive)
-    masks = _checked_masks(masks, model)
-    result = Result("bmft", config, dict(masks), n_importance_batches=n_imp)
+    run = _Progress("bmft", ("impair", "repair"), on_epoch, resume)
+    result = _resumed(resume, masks, config, model)
+    if result is None:
+        n_imp = 0
+        if masks is None:
+            ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
+            with phase("fastmask.mask"):
+                masks = hard_mask(ib, il, list(feat_params), rate=config.rate, inclusive=config.inclusive)
+        masks = _checked_masks(masks, model)
+        result = Result("bmft", config, dict(masks), n_importance_batches=n_imp)
+        run.report("impair", 0, result, None)
+    masks = result.masks
     was_training = model.training
     impair_loader = mask_loader if config.impair_data == "external" else train_loader
 
     # Impair: every parameter in the optimiser, the head's mask 0 (weight decay and momentum still reach it in
     # "grad" mode, as in the reference); loss B only.
-    all_params = [*feat_params.items(), *head_params.items()]
-    with phase("fastmask.step1"), _Frozen(model, (p for _, p in all_params)):
-        opt = config.impair.build(all_params, {n: masks[n] for n, _ in all_params}, config.mask_mode)
-        _train_step("impair", model, head, impair_loader, opt, config.impair.epochs, 0.0, 1.0, config.bias,
-                    False, device, result.history, progress)
-    _collapse_check(result, "impair", model, impair_loader, device, config.collapse_threshold)
+    if not run.skip("impair"):
+        start, state = run.start("impair")
+        all_params = [*feat_params.items(), *head_params.items()]
+        with phase("fastmask.step1"), _Frozen(model, (p for _, p in all_params)):
+            opt = config.impair.build(all_params, {n: masks[n] for n, _ in all_params}, config.mask_mode)
+            if state is not None:
+                opt.load_state_dict(state)
+            _train_step("impair", model, head, impair_loader, opt, config.impair.epochs, 0.0, 1.0, config.bias,
+                        False, device, result.history, progress, start, lambda e: run.report("impair", e, result, opt))
+        _collapse_check(result, "impair", model, impair_loader, device, config.collapse_threshold)
 
-    with phase("fastmask.head_reinit"), torch.no_grad():
-        for p in head_params.values():
-            p.zero_()
-        result.head_reset_fraction = 1.0
+    start, state = run.start("repair")
+    if start == 0:  # a resumed repair step already has the zeroed head in the model's weights
+        with phase("fastmask.head_reinit"), torch.no_grad():
+            for p in head_params.values():
+                p.zero_()
+            result.head_reset_fraction = 1.0
 
     with phase("fastmask.step2"), _Frozen(model, head_params.values()):
-        opt = config.repair.build(list(head_params.items()), None, config.mask_mode)
-        _train_step("repair", model, head, train_loader, opt, config.repair.epochs, 1.0, config.beta, config.bias,
-                    config.step2_feature_eval, device, result.history, progress)
+        opt2 = config.repair.build(list(head_params.items()), None, config.mask_mode)
+        if state is not None:
+            opt2.load_state_dict(state)
+        _train_step("repair", model, head, train_loader, opt2, config.repair.epochs, 1.0, config.beta, config.bias,
+                    config.step2_feature_eval, device, result.history, progress, start,
+                    lambda e: run.report("repair", e, result, opt2))
     _collapse_check(result, "repair", model, train_loader, device, config.collapse_threshold)
     model.train(was_training)
     return result
