@@ -33,8 +33,8 @@ from fastmask.losses import wbce
 from fastmask.metrics import evaluate
 from fastmask.pipeline import BmftConfig, Result, StepConfig, SwiftConfig, bmft, swift
 
-__all__ = ["DigitsSplits", "digits_benchmark", "DemoCNN", "train_erm", "predict", "run", "format_table", "main",
-           "SWIFT_DEMO", "BMFT_DEMO", "METRICS"]
+__all__ = ["DigitsSplits", "digits_benchmark", "DemoCNN", "train_erm", "predict", "prepare", "loaders", "run",
+           "format_table", "main", "SWIFT_DEMO", "BMFT_DEMO", "METRICS"]
 
 METRICS = ("auc", "acc", "spd", "eodds", "worst_group_auc")
 
@@ -130,6 +130,26 @@ def _metrics(model: nn.Module, data: TensorDataset) -> dict[str, float]:
     return evaluate(y.numpy(), predict(model, data), a.numpy())
 
 
+def prepare(seed: int, *, progress: bool = False) -> tuple[DigitsSplits, DemoCNN]:
+    """The seeded splits and the biased ERM model that every method starts from."""
+    torch.manual_seed(seed)
+    splits = digits_benchmark(seed)
+    return splits, train_erm(DemoCNN(), splits.train, progress=progress)
+
+
+def loaders(external: TensorDataset, seed: int, batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
+    """(mask_loader over the unbalanced external set D_e, train_loader over the group-balanced D_r), both shuffled
+    by one generator seeded with ``seed``; D_r is built from a metadata table with :func:`group_balance`, as a user
+    would."""
+    _, y_ext, a_ext = external.tensors
+    table = pd.DataFrame({"target": y_ext.long().numpy(), "tint": a_ext.numpy()})
+    rows = torch.as_tensor(group_balance(table, "tint", "target", seed=seed)["source_index"].to_numpy().copy())
+    d_r = TensorDataset(*(t[rows] for t in external.tensors))
+    gen = torch.Generator().manual_seed(seed)
+    return (DataLoader(external, batch_size=batch_size, shuffle=True, generator=gen),
+            DataLoader(d_r, batch_size=batch_size, shuffle=True, generator=gen))
+
+
 # The demo's settings: step 1 is the reference's (SGD, lr 1e-4, momentum 0.9, weight decay 5e-4, 10 epochs), a gentle
 # update of E; step 2 trains the head well (Adam, lr 1e-2, 30 epochs) with E in eval mode, so the frozen E's
 # BatchNorm statistics do not drift. Every choice is a public pipeline option.
@@ -147,18 +167,8 @@ def run(seed: int = 0, *, progress: bool = True, swift_config: SwiftConfig = SWI
     "results": {method: pipeline Result}}``.
     """
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    splits = digits_benchmark(seed)
-    baseline = train_erm(DemoCNN(), splits.train, progress=progress)
-
-    # D_r: the group-balanced external set, built from a metadata table as a user would.
-    _, y_ext, a_ext = splits.external.tensors
-    table = pd.DataFrame({"target": y_ext.long().numpy(), "tint": a_ext.numpy()})
-    rows = torch.as_tensor(group_balance(table, "tint", "target", seed=seed)["source_index"].to_numpy().copy())
-    d_r = TensorDataset(*(t[rows] for t in splits.external.tensors))
-    gen = torch.Generator().manual_seed(seed)
-    mask_loader = DataLoader(splits.external, batch_size=batch_size, shuffle=True, generator=gen)
-    train_loader = DataLoader(d_r, batch_size=batch_size, shuffle=True, generator=gen)
+    splits, baseline = prepare(seed, progress=progress)
+    mask_loader, train_loader = loaders(splits.external, seed, batch_size)
 
     methods = {"Baseline": _metrics(baseline, splits.test)}
     results: dict[str, Result] = {}
