@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from fastmask.cli_debias import add_debias, add_evaluate, add_shards
+
 __all__ = ["build_parser", "main"]
 
 
@@ -34,7 +36,42 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_demo)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, add_shards, add_debias, add_evaluate]
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from fastmask import compare  # imported here so that `fastmask --help` stays fast
+
+    try:
+        methods = compare.check_arguments(args.methods, args.seeds, args.data)
+    except ValueError as exc:  # an unknown method or data source, repeated seeds
+        raise SystemExit(f"fastmask compare: error: {exc}") from exc
+    compare.main(methods=methods, seeds=args.seeds, out=args.out, data=args.data, json_path=args.json,
+                 progress=not args.no_progress, threads=args.threads)
+    return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="SWiFT, BMFT and the baselines over several seeds: a mean ± std table (markdown, CSV) and a plot",
+        description="Run the chosen methods (baselines of spec §9, SWiFT, BMFT) on a benchmark over several seeds and "
+        "write table.md, table.csv, runs.csv and scatter.png (fairness against AUC) into --out.",
+    )
+    p.add_argument("--methods", nargs="+", metavar="M",
+                   help="method names (default: baseline swift bmft fullft-fdr llft diffgda random-mask hard-0.5), or "
+                   "'all': baseline swift bmft fullft-rw fullft-reg fullft-fdr llft diffgda diffprune fairprune "
+                   "random-mask hard-0.1 hard-0.3 hard-0.5 hard-0.7 hard-0.9 manual-bn manual-top")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N", help="seeds (default 0 1 2)")
+    p.add_argument("--out", metavar="DIR", default="fastmask-compare", help="output folder (default fastmask-compare)")
+    p.add_argument("--data", default="demo", help="data source (default and, for now, only: demo)")
+    p.add_argument("--json", metavar="PATH", help="also write every run's metrics and the summary as JSON to PATH")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as fastmask demo)")
+    p.set_defaults(func=_run_compare)
+
+
+COMMANDS.append(_add_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
