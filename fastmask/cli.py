@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from fastmask.cli_debias import add_debias, add_evaluate, add_shards
+
 __all__ = ["build_parser", "main"]
 
 
@@ -34,7 +36,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_demo)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, add_shards, add_debias, add_evaluate]
 
 
 def _run_compare(args: argparse.Namespace) -> int:
