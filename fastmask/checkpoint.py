@@ -77,11 +77,11 @@ def _from_callable(spec: str) -> nn.Module:
     obj = _import_module(module_name)
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise AttributeError(f"model {spec!r}: {module_name} has no attribute {attr!r} (missing {part!r})")
+            raise ValueError(f"model {spec!r}: {module_name} has no attribute {attr!r} (missing {part!r})")
         obj = getattr(obj, part)
     model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else obj
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model {spec!r}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ValueError(f"model {spec!r}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
