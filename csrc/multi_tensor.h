@@ -1,0 +1,93 @@
+// Helpers for CPU kernels that make one element-wise pass over a list of tensors.
+//
+// The tensors are laid end to end as one virtual array of `offsets.back()` elements; each OpenMP thread takes an
+// equal share of that array, so 161 small tensors and one huge tensor keep every core equally busy, and a thread's
+// share touches only a few tensors, in order (good for the prefetchers).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fastmask {
+
+// Below this many elements per thread the fork/join costs more than it saves.
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+// Shares are cut on 64-byte boundaries of float32 data, so two threads never write one cache line.
+constexpr int64_t kShareAlign = 16;
+
+// offsets[i] is where tensor i starts in the virtual array; offsets.back() is the total.
+inline std::vector<int64_t> prefix_offsets(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> offsets(sizes.size() + 1, 0);
+  for (size_t i = 0; i < sizes.size(); ++i) offsets[i + 1] = offsets[i] + sizes[i];
+  return offsets;
+}
+
+// How many threads a pass over `total` elements should use.
+inline int threads_for(int64_t total) {
+  const int64_t wanted = std::max<int64_t>(1, total / kMinElementsPerThread);
+  return static_cast<int>(std::min<int64_t>(wanted, at::get_num_threads()));
+}
+
+// Thread t's share [lo, hi) of [begin, end) when `nt` threads split it.
+inline std::pair<int64_t, int64_t> share(int64_t begin, int64_t end, int t, int nt) {
+  const int64_t n = end - begin;
+  auto cut = [&](int k) {
+    if (k <= 0) return begin;
+    if (k >= nt) return end;
+    const int64_t at = begin + (n / nt) * k + std::min<int64_t>(k, n % nt);
+    return std::min(end, (at + kShareAlign - 1) / kShareAlign * kShareAlign);
+  };
+  return {cut(t), cut(t + 1)};
+}
+
+// Calls f(i, b, e) for every tensor i that overlaps [lo, hi) of the virtual array, with [b, e) the overlap in
+// tensor i's own element indices. Empty tensors are never visited.
+template <class F>
+void for_each_piece(const std::vector<int64_t>& offsets, int64_t lo, int64_t hi, F&& f) {
+  if (lo >= hi) return;
+  size_t i = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
+  for (; i + 1 < offsets.size() && offsets[i] < hi; ++i) {
+    const int64_t b = std::max(lo, offsets[i]) - offsets[i];
+    const int64_t e = std::min(hi, offsets[i + 1]) - offsets[i];
+    if (e > b) f(i, b, e);
+  }
+}
+
+// True when a and b (same shape) are both dense and lay their elements out in the same order, so one flat index
+// walks both; strides of size-1 dimensions do not matter.
+inline bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.is_non_overlapping_and_dense() || !b.is_non_overlapping_and_dense()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// "shape [2, 3], strides [3, 1], dtype Float, device cpu" — for error messages that name the tensor at fault.
+inline std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  s << "shape " << t.sizes() << ", strides " << t.strides() << ", dtype " << t.scalar_type() << ", device "
+    << t.device();
+  return s.str();
+}
+
+}  // namespace fastmask
+
+// Element loops are compiled twice: for the x86-64 baseline and for AVX2 + F16C (fp16 loads become vcvtph2ps,
+// tanh's polynomial runs 8 lanes wide). FMA is deliberately not enabled: without it the compiler cannot contract
+// a * b + c, so every clone rounds exactly as the reference's separate torch ops do.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTMASK_AVX2 __attribute__((target("avx2,f16c")))
+#define FASTMASK_HAS_AVX2() (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+#else
+#define FASTMASK_AVX2
+#define FASTMASK_HAS_AVX2() false
+#endif
