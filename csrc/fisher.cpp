@@ -15,6 +15,10 @@
 
 #include "multi_tensor.h"
 
+// I += g * g must round the product and the sum separately, as the reference does: no contraction into an FMA on
+// the clones whose target has one.
+#pragma GCC optimize("fp-contract=off")
+
 namespace fastmask {
 namespace {
 

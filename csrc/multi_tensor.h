@@ -81,13 +81,20 @@ inline std::string describe(const at::Tensor& t) {
 
 }  // namespace fastmask
 
-// Element loops are compiled twice: for the x86-64 baseline and for AVX2 + F16C (fp16 loads become vcvtph2ps,
-// tanh's polynomial runs 8 lanes wide). FMA is deliberately not enabled: without it the compiler cannot contract
-// a * b + c, so every clone rounds exactly as the reference's separate torch ops do.
+// Element loops are compiled for the x86-64 baseline, for AVX2 + FMA + F16C and (compute-heavy ones) for AVX-512, and
+// picked at run time. C++ lets GCC contract a * b + c into an FMA where the target has one: a kernel whose results
+// must round like the reference's separate torch ops turns that off with #pragma GCC optimize("fp-contract=off").
 #if defined(__x86_64__) && defined(__GNUC__)
-#define FASTMASK_AVX2 __attribute__((target("avx2,f16c")))
-#define FASTMASK_HAS_AVX2() (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+#define FASTMASK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FASTMASK_HAS_AVX2() \
+  (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+#define FASTMASK_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,f16c")))
+#define FASTMASK_HAS_AVX512()                                                                  \
+  (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&                 \
+   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && FASTMASK_HAS_AVX2())
 #else
 #define FASTMASK_AVX2
 #define FASTMASK_HAS_AVX2() false
+#define FASTMASK_AVX512
+#define FASTMASK_HAS_AVX512() false
 #endif

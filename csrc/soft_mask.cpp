@@ -36,44 +36,44 @@ constexpr int64_t kBlock = 4096;
 constexpr int64_t kHugePageBytes = 2 << 20;
 constexpr int64_t kHugeOutputBytes = 2 * kHugePageBytes;
 
-// Eight float32 lanes as a GCC vector: the element transform is written on these so it is vectorised whatever the
+// Sixteen float32 lanes as a GCC vector: the element transform is written on these so it is vectorised whatever the
 // compiler's if-conversion decides (plain loops with tanh's selects were left scalar). The baseline clone lowers
-// them to pairs of SSE operations, the AVX2 clone to single ymm operations.
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
+// them to SSE operations, the AVX2 clone to pairs of ymm operations, the AVX-512 clone to single zmm operations.
+typedef float f32v __attribute__((vector_size(64)));
+typedef int32_t i32v __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
 
 // exp(y) for y in [0, 20] (the large branch of tanh): y = n ln2 + r with ln2 split in two so n ln2 is exact,
 // |r| <= ln2 / 2, Cephes' degree-6 minimax polynomial, 2^n built in the exponent field.
-__attribute__((always_inline)) inline f32x8 exp_small_positive(f32x8 y) {
-  const i32x8 ni = __builtin_convertvector(y * 1.44269504088896341f + 0.5f, i32x8);  // floor(y / ln2 + 1/2)
-  const f32x8 n = __builtin_convertvector(ni, f32x8);
-  f32x8 r = y - n * 0.693359375f;
+__attribute__((always_inline)) inline f32v exp_small_positive(f32v y) {
+  const i32v ni = __builtin_convertvector(y * 1.44269504088896341f + 0.5f, i32v);  // floor(y / ln2 + 1/2)
+  const f32v n = __builtin_convertvector(ni, f32v);
+  f32v r = y - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  f32x8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  f32v p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  return p * reinterpret_cast<f32x8>((ni + 127) << 23);
+  return p * reinterpret_cast<f32v>((ni + 127) << 23);
 }
 
 // tanh(x) in float32: an odd polynomial below |x| = 0.625 (Cephes), 1 - 2 / (e^{2|x|} + 1) above, 1 from
 // |x| = 10 on (tanh(10) rounds to 1 in float32); sign restored, NaN passed through.
-__attribute__((always_inline)) inline f32x8 tanh_f32(f32x8 x) {
-  const i32x8 bits = reinterpret_cast<i32x8>(x);
-  const f32x8 a = reinterpret_cast<f32x8>(bits & 0x7fffffff);
-  const f32x8 z = a * a;
-  f32x8 p = z * -5.70498872745e-3f + 2.06390887954e-2f;
+__attribute__((always_inline)) inline f32v tanh_f32(f32v x) {
+  const i32v bits = reinterpret_cast<i32v>(x);
+  const f32v a = reinterpret_cast<f32v>(bits & 0x7fffffff);
+  const f32v z = a * a;
+  f32v p = z * -5.70498872745e-3f + 2.06390887954e-2f;
   p = p * z - 5.37397155531e-2f;
   p = p * z + 1.33314422036e-1f;
   p = p * z - 3.33332819422e-1f;
-  const f32x8 small = p * z * a + a;
-  const f32x8 s = exp_small_positive(2.0f * (a < 10.0f ? a : 10.0f));  // NaN compares false: clamped to 10
-  const f32x8 large = 1.0f - 2.0f / (s + 1.0f);
-  const f32x8 t = a < 0.625f ? small : large;
-  const f32x8 signed_t = reinterpret_cast<f32x8>(reinterpret_cast<i32x8>(t) | (bits & INT32_MIN));
+  const f32v small = p * z * a + a;
+  const f32v s = exp_small_positive(2.0f * (a < 10.0f ? a : 10.0f));  // NaN compares false: clamped to 10
+  const f32v large = 1.0f - 2.0f / (s + 1.0f);
+  const f32v t = a < 0.625f ? small : large;
+  const f32v signed_t = reinterpret_cast<f32v>(reinterpret_cast<i32v>(t) | (bits & INT32_MIN));
   return x != x ? x : signed_t;
 }
 
@@ -108,8 +108,8 @@ struct Norm {
 };
 
 template <bool kTanh>
-__attribute__((always_inline)) inline f32x8 mask_of(f32x8 b, f32x8 l, Norm nb, Norm nl, float eps) {
-  const f32x8 r = ((b - nb.lo) / nb.d) / ((l - nl.lo) / nl.d + eps);
+__attribute__((always_inline)) inline f32v mask_of(f32v b, f32v l, Norm nb, Norm nl, float eps) {
+  const f32v r = ((b - nb.lo) / nb.d) / ((l - nl.lo) / nl.d + eps);
   return kTanh ? tanh_f32(r) : r;
 }
 
@@ -117,7 +117,7 @@ template <bool kTanh>
 __attribute__((always_inline)) inline void write_mask(const float* __restrict b, const float* __restrict l,
                                                       float* __restrict out, int64_t n, Norm nb, Norm nl,
                                                       float eps) {
-  f32x8 vb, vl, m;
+  f32v vb, vl, m;
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     std::memcpy(&vb, b + j, sizeof vb);
@@ -126,8 +126,8 @@ __attribute__((always_inline)) inline void write_mask(const float* __restrict b,
     std::memcpy(out + j, &m, sizeof m);
   }
   if (j < n) {  // the tail, through zero-padded lanes whose results are dropped
-    vb = f32x8{};
-    vl = f32x8{};
+    vb = f32v{};
+    vl = f32v{};
     std::memcpy(&vb, b + j, (n - j) * sizeof(float));
     std::memcpy(&vl, l + j, (n - j) * sizeof(float));
     m = mask_of<kTanh>(vb, vl, nb, nl, eps);
@@ -144,6 +144,11 @@ void write_base(const float* b, const float* l, float* out, int64_t n, Norm nb, 
 }
 template <bool kTanh>
 FASTMASK_AVX2 void write_avx2(const float* b, const float* l, float* out, int64_t n, Norm nb, Norm nl, float eps) {
+  write_mask<kTanh>(b, l, out, n, nb, nl, eps);
+}
+template <bool kTanh>
+FASTMASK_AVX512 void write_avx512(const float* b, const float* l, float* out, int64_t n, Norm nb, Norm nl,
+                                  float eps) {
   write_mask<kTanh>(b, l, out, n, nb, nl, eps);
 }
 
@@ -200,8 +205,9 @@ std::vector<at::Tensor> soft_mask_cpu(at::TensorList imp_bias, at::TensorList im
 
   const bool avx2 = FASTMASK_HAS_AVX2();
   const auto minmax_fn = avx2 ? minmax2_avx2 : minmax2_base;
-  const auto write_fn = apply_tanh ? (avx2 ? write_avx2<true> : write_base<true>)
-                                   : (avx2 ? write_avx2<false> : write_base<false>);
+  const bool avx512 = FASTMASK_HAS_AVX512();
+  const auto write_fn = apply_tanh ? (avx512 ? write_avx512<true> : avx2 ? write_avx2<true> : write_base<true>)
+                                   : (avx512 ? write_avx512<false> : avx2 ? write_avx2<false> : write_base<false>);
   std::vector<const float*> pb(n), pl(n);
   std::vector<float*> po(n);
   for (size_t i = 0; i < n; ++i) {
