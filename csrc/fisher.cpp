@@ -128,10 +128,11 @@ void fisher_accumulate_cpu(at::TensorList imp_bias, at::TensorList imp_loss, at:
     loss[i] = pair(imp_loss[i], grad_loss[i]);
   }
   const std::vector<int64_t> offsets = prefix_offsets(sizes);
-  const int nt = threads_for(offsets.back());
-#pragma omp parallel num_threads(nt)
-  {
-    const auto [lo, hi] = share(0, offsets.back(), omp_get_thread_num(), omp_get_num_threads());
+  const int64_t total = offsets.back();
+  const int64_t chunks = chunk_count(0, total);
+#pragma omp parallel for num_threads(threads_for(total)) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const auto [lo, hi] = chunk(0, total, c);
     for_each_piece(offsets, lo, hi, [&](size_t i, int64_t b, int64_t e) {
       const Pair& pb = bias[i];
       const Pair& pl = loss[i];

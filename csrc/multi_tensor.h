@@ -1,8 +1,8 @@
 // Helpers for CPU kernels that make one element-wise pass over a list of tensors.
 //
-// The tensors are laid end to end as one virtual array of `offsets.back()` elements; each OpenMP thread takes an
-// equal share of that array, so 161 small tensors and one huge tensor keep every core equally busy, and a thread's
-// share touches only a few tensors, in order (good for the prefetchers).
+// The tensors are laid end to end as one virtual array of `offsets.back()` elements, cut into equal chunks that the
+// OpenMP threads share out, so 161 small tensors and one huge tensor keep every core equally busy, and a chunk
+// touches only a few tensors, in order (good for the prefetchers).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -20,8 +20,10 @@ namespace fastmask {
 
 // Below this many elements per thread the fork/join costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 1 << 15;
-// Shares are cut on 64-byte boundaries of float32 data, so two threads never write one cache line.
-constexpr int64_t kShareAlign = 16;
+// Threads take chunks of the virtual array dynamically: a thread that the OS preempts (a busy machine, CI) holds up
+// one chunk, not half of the work. 64K elements (256 KB per float32 stream) keep the per-chunk cost negligible and
+// the hardware prefetchers streaming. A multiple of 16, so chunks of float32 data start on 64-byte boundaries.
+constexpr int64_t kChunk = 1 << 16;
 
 // offsets[i] is where tensor i starts in the virtual array; offsets.back() is the total.
 inline std::vector<int64_t> prefix_offsets(const std::vector<int64_t>& sizes) {
@@ -36,16 +38,10 @@ inline int threads_for(int64_t total) {
   return static_cast<int>(std::min<int64_t>(wanted, at::get_num_threads()));
 }
 
-// Thread t's share [lo, hi) of [begin, end) when `nt` threads split it.
-inline std::pair<int64_t, int64_t> share(int64_t begin, int64_t end, int t, int nt) {
-  const int64_t n = end - begin;
-  auto cut = [&](int k) {
-    if (k <= 0) return begin;
-    if (k >= nt) return end;
-    const int64_t at = begin + (n / nt) * k + std::min<int64_t>(k, n % nt);
-    return std::min(end, (at + kShareAlign - 1) / kShareAlign * kShareAlign);
-  };
-  return {cut(t), cut(t + 1)};
+// Number of chunks of [begin, end), and chunk c of it.
+inline int64_t chunk_count(int64_t begin, int64_t end) { return (end - begin + kChunk - 1) / kChunk; }
+inline std::pair<int64_t, int64_t> chunk(int64_t begin, int64_t end, int64_t c) {
+  return {begin + c * kChunk, std::min(end, begin + (c + 1) * kChunk)};
 }
 
 // Calls f(i, b, e) for every tensor i that overlaps [lo, hi) of the virtual array, with [b, e) the overlap in

@@ -2,18 +2,19 @@
 //     Norm(x) = (x - min_t x) / ((max_t x - min_t x) + eps), or x itself when max_t x == min_t x,
 //     R = Norm(I_b) / (Norm(I_l) + eps),   M = tanh(R) (apply_tanh) or R (BMFT's score).
 // The arithmetic is the reference's, in float32 and in its order (subtract, add eps, divide — never a reciprocal),
-// so R is bit-identical to fastmask.reference.soft_mask; tanh is a vectorisable float32 tanh within 2 ulp (the
+// so R is bit-identical to fastmask.reference.soft_mask; tanh is a vectorisable float32 tanh within 1.5 ulp (the
 // reference's torch.tanh is within 1 ulp).
 //
 // Passes: per tensor, one reduction reading both importances (min and max of each), then one pass writing M.
-// Tensors are processed in batches that fit in the last-level cache, and the writing pass walks each thread's
-// share backwards, so the second read of the importances mostly hits the cache: the DRAM traffic approaches the
-// compulsory 12 bytes per element (read I_b, read I_l, write M).
+// Tensors are processed in batches that fit in the last-level cache, and the writing pass walks each batch
+// backwards, so the second read of the importances mostly hits the cache: the DRAM traffic approaches the
+// compulsory 12 bytes per element (read I_b, read I_l, write M) instead of a two-pass kernel's 20.
 #include <omp.h>
 #include <sys/mman.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -60,21 +61,22 @@ __attribute__((always_inline)) inline f32v exp_small_positive(f32v y) {
 }
 
 // tanh(x) in float32: an odd polynomial below |x| = 0.625 (Cephes), 1 - 2 / (e^{2|x|} + 1) above, 1 from
-// |x| = 10 on (tanh(10) rounds to 1 in float32); sign restored, NaN passed through.
+// |x| = 10 on (tanh(10) rounds to 1 in float32); sign restored. The clamps keep NaN (a comparison with NaN is false),
+// so NaN flows through the arithmetic to the result.
 __attribute__((always_inline)) inline f32v tanh_f32(f32v x) {
   const i32v bits = reinterpret_cast<i32v>(x);
   const f32v a = reinterpret_cast<f32v>(bits & 0x7fffffff);
-  const f32v z = a * a;
+  const f32v s = a > 0.625f ? 0.625f : a;  // the polynomial's own range
+  const f32v z = s * s;
   f32v p = z * -5.70498872745e-3f + 2.06390887954e-2f;
   p = p * z - 5.37397155531e-2f;
   p = p * z + 1.33314422036e-1f;
   p = p * z - 3.33332819422e-1f;
-  const f32v small = p * z * a + a;
-  const f32v s = exp_small_positive(2.0f * (a < 10.0f ? a : 10.0f));  // NaN compares false: clamped to 10
-  const f32v large = 1.0f - 2.0f / (s + 1.0f);
+  const f32v small = p * z * s + s;
+  const f32v e = exp_small_positive(2.0f * (a > 10.0f ? 10.0f : a));
+  const f32v large = 1.0f - 2.0f / (e + 1.0f);
   const f32v t = a < 0.625f ? small : large;
-  const f32v signed_t = reinterpret_cast<f32v>(reinterpret_cast<i32v>(t) | (bits & INT32_MIN));
-  return x != x ? x : signed_t;
+  return reinterpret_cast<f32v>(reinterpret_cast<i32v>(t) | (bits & INT32_MIN));
 }
 
 // Per-thread partial min / max of both importances of one tensor.
@@ -222,32 +224,40 @@ std::vector<at::Tensor> soft_mask_cpu(at::TensorList imp_bias, at::TensorList im
   {
     const int t = omp_get_thread_num(), threads = omp_get_num_threads();
     for (size_t k = 0; k + 1 < batch_starts.size(); ++k) {
-      const auto [lo, hi] = share(offsets[batch_starts[k]], offsets[batch_starts[k + 1]], t, threads);
-      for_each_piece(offsets, lo, hi, [&](size_t i, int64_t b, int64_t e) {
-        minmax_fn(pb[i] + b, pl[i] + b, e - b, partial[t * n + i]);
-      });
-      // Every thread's partials of this batch are complete; the next batch's partials are other tensors', so one
-      // barrier per batch is enough.
-#pragma omp barrier
-      std::vector<std::pair<size_t, std::pair<int64_t, int64_t>>> pieces;
-      for_each_piece(offsets, lo, hi, [&](size_t i, int64_t b, int64_t e) { pieces.push_back({i, {b, e}}); });
-      for (auto it = pieces.rbegin(); it != pieces.rend(); ++it) {
-        const size_t i = it->first;
-        Bounds all;
-        for (int u = 0; u < threads; ++u) {
-          const Bounds& p = partial[u * n + i];
-          all.lo_b = std::min(all.lo_b, p.lo_b);
-          all.hi_b = std::max(all.hi_b, p.hi_b);
-          all.lo_l = std::min(all.lo_l, p.lo_l);
-          all.hi_l = std::max(all.hi_l, p.hi_l);
-          all.nan |= p.nan;
-        }
-        const Norm nb = norm_of(all.lo_b, all.hi_b, all.nan, eps);
-        const Norm nl = norm_of(all.lo_l, all.hi_l, all.nan, eps);
-        const auto [b, e] = it->second;
-        for (int64_t end = e; end > b; end -= kBlock) {
-          const int64_t start = std::max(b, end - kBlock);
-          write_fn(pb[i] + start, pl[i] + start, po[i] + start, end - start, nb, nl, eps);
+      const int64_t begin = offsets[batch_starts[k]], end = offsets[batch_starts[k + 1]];
+      const int64_t chunks = chunk_count(begin, end);
+      // Pass 1: min / max of both importances. The loop's closing barrier leaves every partial of the batch
+      // complete; the next batch's partials belong to other tensors, so pass 2 needs no barrier of its own.
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const auto [lo, hi] = chunk(begin, end, c);
+        for_each_piece(offsets, lo, hi, [&](size_t i, int64_t b, int64_t e) {
+          minmax_fn(pb[i] + b, pl[i] + b, e - b, partial[t * n + i]);
+        });
+      }
+      // Pass 2, backwards: what pass 1 read last is still in the cache.
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t c = chunks - 1; c >= 0; --c) {
+        const auto [lo, hi] = chunk(begin, end, c);
+        std::vector<std::array<int64_t, 3>> pieces;
+        for_each_piece(offsets, lo, hi, [&](size_t i, int64_t b, int64_t e) { pieces.push_back({int64_t(i), b, e}); });
+        for (auto it = pieces.rbegin(); it != pieces.rend(); ++it) {
+          const auto [i, b, e] = *it;
+          Bounds all;
+          for (int u = 0; u < threads; ++u) {
+            const Bounds& p = partial[u * n + i];
+            all.lo_b = std::min(all.lo_b, p.lo_b);
+            all.hi_b = std::max(all.hi_b, p.hi_b);
+            all.lo_l = std::min(all.lo_l, p.lo_l);
+            all.hi_l = std::max(all.hi_l, p.hi_l);
+            all.nan |= p.nan;
+          }
+          const Norm nb = norm_of(all.lo_b, all.hi_b, all.nan, eps);
+          const Norm nl = norm_of(all.lo_l, all.hi_l, all.nan, eps);
+          for (int64_t stop = e; stop > b; stop -= kBlock) {
+            const int64_t start = std::max(b, stop - kBlock);
+            write_fn(pb[i] + start, pl[i] + start, po[i] + start, stop - start, nb, nl, eps);
+          }
         }
       }
     }
