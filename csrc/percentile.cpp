@@ -315,26 +315,40 @@ void for_each_piece(const Segments& s, int64_t g0, int64_t g1, Fn&& fn) {
   }
 }
 
-enum class Rows { kAll, kOne, kTwo };
-
-// Adds the block's keys into the per-thread histogram `h` (rows of nbins uint32 counts).
-template <typename U, Rows R>
+// Adds a block of n <= kBlock elements into the per-thread histogram `h` (rows of nbins uint32 counts). First pass
+// (kAll): every key's top digit. Later passes: only keys whose top prefix bits equal pre0 (row 0) or pre1 (row 1);
+// those are rare, so a vectorised match test picks out the 8-key groups that hold any, and only those are counted.
+template <typename U, bool kAll>
 inline void count_block(const U* __restrict p, int n, uint32_t* __restrict h, int pshift, int dshift, U dmask, U pre0,
                         U pre1, int64_t nbins) {
   U k[kBlock];
   for (int j = 0; j < n; ++j) k[j] = keys::to_key(p[j]);
-  if constexpr (R == Rows::kAll) {
+  if constexpr (kAll) {
     for (int j = 0; j < n; ++j) ++h[k[j] >> dshift];
-  } else if constexpr (R == Rows::kOne) {
-    for (int j = 0; j < n; ++j)
-      if (static_cast<U>(k[j] >> pshift) == pre0) ++h[(k[j] >> dshift) & dmask];
-  } else {
+  } else if constexpr (sizeof(U) == 8) {  // baseline x86-64 (SSE2) has no 64-bit lane compare: plain branches
     for (int j = 0; j < n; ++j) {
       const U top = static_cast<U>(k[j] >> pshift);
       if (top == pre0)
         ++h[(k[j] >> dshift) & dmask];
       else if (top == pre1)
         ++h[nbins + ((k[j] >> dshift) & dmask)];
+    }
+  } else {
+    uint8_t match[kBlock];
+    for (int j = 0; j < n; ++j) {
+      const U top = static_cast<U>(k[j] >> pshift);
+      match[j] = static_cast<uint8_t>((top == pre0) | (top == pre1));
+    }
+    std::fill(match + n, match + ((n + 7) & ~7), uint8_t{0});
+    for (int g = 0; g < n; g += 8) {
+      uint64_t any;
+      std::memcpy(&any, match + g, sizeof any);
+      if (any == 0) continue;
+      for (int j = g; j < std::min(n, g + 8); ++j) {
+        if (!match[j]) continue;
+        const int64_t row = static_cast<U>(k[j] >> pshift) == pre0 ? 0 : nbins;
+        ++h[row + ((k[j] >> dshift) & dmask)];
+      }
     }
   }
 }
@@ -360,7 +374,6 @@ std::vector<int64_t> histogram_pass(const Segments& s, keys::Format fmt, const s
   const U pre0 = static_cast<U>(prefixes[0]);
   const U pre1 = static_cast<U>(nrows > 1 ? prefixes[1] : prefixes[0]);
   const U inf = static_cast<U>(keys::inf_bits(fmt));
-  const Rows rows = prefix_bits == 0 ? Rows::kAll : (nrows == 1 ? Rows::kOne : Rows::kTwo);
   const int64_t total = s.total();
   const int64_t nchunks = (total + kChunk - 1) / kChunk;
 
@@ -388,17 +401,10 @@ std::vector<int64_t> histogram_pass(const Segments& s, keys::Format fmt, const s
         if (check_nan && t < my_nan && any_nan(p, m, inf)) my_nan = t;
         for (int64_t i = 0; i < m; i += kBlock) {
           const int b = static_cast<int>(std::min<int64_t>(kBlock, m - i));
-          switch (rows) {
-            case Rows::kAll:
-              count_block<U, Rows::kAll>(p + i, b, local.data(), pshift, dshift, dmask, pre0, pre1, nbins);
-              break;
-            case Rows::kOne:
-              count_block<U, Rows::kOne>(p + i, b, local.data(), pshift, dshift, dmask, pre0, pre1, nbins);
-              break;
-            case Rows::kTwo:
-              count_block<U, Rows::kTwo>(p + i, b, local.data(), pshift, dshift, dmask, pre0, pre1, nbins);
-              break;
-          }
+          if (prefix_bits == 0)
+            count_block<U, true>(p + i, b, local.data(), pshift, dshift, dmask, pre0, pre1, nbins);
+          else
+            count_block<U, false>(p + i, b, local.data(), pshift, dshift, dmask, pre0, pre1, nbins);
         }
       });
       since_flush += static_cast<uint64_t>(g1 - g0);

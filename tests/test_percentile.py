@@ -376,3 +376,18 @@ def test_reference_and_cpp_masks_agree_for_float32():
         for got, want in zip(ops.hard_mask(tensors, alpha, layout=layout, backend="cpp"),
                              reference.hard_mask(tensors, alpha, False, layout), strict=True):
             assert torch.equal(got, want)
+
+
+def test_more_than_2_pow_31_elements():
+    """2^31 + 2^20 + 2 bf16 elements (4.3 GB): ranks and counts beyond int32. The data are constant blocks, so the
+    sorted order, and numpy's answer for each rank, is known without sorting: [-1, 1 x 2^31, 2 x 2^20, 3]."""
+    block = 1 << 25
+    tensors = [torch.full((block,), 1.0, dtype=torch.bfloat16) for _ in range(64)]
+    tensors += [torch.full((1 << 10, 1 << 10), 2.0, dtype=torch.bfloat16), torch.tensor([3.0, -1.0]).bfloat16()]
+    n = (1 << 31) + (1 << 20) + 2
+    q_edge = 100 * ((1 << 31) + 0.5) / (n - 1)  # virtual index between the last 1.0 (rank 2^31) and the first 2.0
+    v = (n - 1) * (q_edge / 100)
+    assert math.floor(v) == 1 << 31 and v % 1 > 0
+    expected = {(q_edge, "lower"): 1.0, (q_edge, "higher"): 2.0, (99.99, "midpoint"): 2.0}
+    for (q, method), want in expected.items():
+        assert ops.percentile(tensors, q, method, backend="cpp") == want, (q, method)
