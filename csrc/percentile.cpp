@@ -235,6 +235,25 @@ std::vector<at::Tensor> checked_contiguous(at::TensorList tensors, const char* o
   return out;
 }
 
+std::vector<uint64_t> checked_prefixes(int bits, at::IntArrayRef prefixes, int64_t prefix_bits, int64_t digit_bits,
+                                       const char* op) {
+  TORCH_CHECK_VALUE(digit_bits >= 1 && digit_bits <= 16, op, ": digit_bits must be in [1, 16], got ", digit_bits);
+  TORCH_CHECK_VALUE(prefix_bits >= 0 && prefix_bits + digit_bits <= bits, op,
+                    ": prefix_bits + digit_bits must be <= ", bits, " (the key width of this dtype), got ",
+                    prefix_bits, " + ", digit_bits);
+  TORCH_CHECK_VALUE(prefixes.size() == 1 || prefixes.size() == 2, op, ": expected 1 or 2 prefixes, got ",
+                    prefixes.size());
+  TORCH_CHECK_VALUE(prefix_bits > 0 || prefixes.size() == 1, op,
+                    ": with prefix_bits=0 there is one histogram; pass prefixes=[0]");
+  std::vector<uint64_t> out;
+  for (const int64_t p : prefixes) {
+    TORCH_CHECK_VALUE(p >= 0 && static_cast<uint64_t>(p) >> prefix_bits == 0, op, ": prefix ", p,
+                      " does not fit in prefix_bits=", prefix_bits);
+    out.push_back(static_cast<uint64_t>(p));
+  }
+  return out;
+}
+
 Layout parse_layout(std::string_view layout) {
   if (layout == "bool") return Layout::kBool;
   if (layout == "uint8") return Layout::kUInt8;
@@ -460,21 +479,11 @@ at::Tensor radix_histogram_cpu(at::TensorList tensors, at::IntArrayRef prefixes,
                                int64_t digit_bits) {
   const char* op = "fastmask.radix_histogram";
   const auto ts = checked_contiguous(tensors, op);
-  const int bits = key_bits(ts[0].scalar_type());
-  TORCH_CHECK_VALUE(digit_bits >= 1 && digit_bits <= 16, op, ": digit_bits must be in [1, 16], got ", digit_bits);
-  TORCH_CHECK_VALUE(prefix_bits >= 0 && prefix_bits + digit_bits <= bits, op, ": prefix_bits + digit_bits must be <= ",
-              bits, " (the key width of this dtype), got ", prefix_bits, " + ", digit_bits);
-  TORCH_CHECK_VALUE(prefixes.size() == 1 || prefixes.size() == 2, op, ": expected 1 or 2 prefixes, got ", prefixes.size());
-  std::vector<uint64_t> pre;
-  for (const int64_t p : prefixes) {
-    TORCH_CHECK_VALUE(p >= 0 && (prefix_bits == 64 || static_cast<uint64_t>(p) >> prefix_bits == 0), op, ": prefix ", p,
-                " does not fit in prefix_bits=", prefix_bits);
-    pre.push_back(static_cast<uint64_t>(p));
-  }
-  TORCH_CHECK_VALUE(prefix_bits > 0 || pre.size() == 1, op, ": with prefix_bits=0 there is one histogram; pass prefixes=[0]");
+  const auto pre = checked_prefixes(key_bits(ts[0].scalar_type()), prefixes, prefix_bits, digit_bits, op);
   const Segments s = segments_of(ts);
   const auto h = histogram_cpu(ts, s, pre, static_cast<int>(prefix_bits), static_cast<int>(digit_bits), op);
-  auto out = at::empty({static_cast<int64_t>(pre.size()), int64_t{1} << digit_bits}, at::TensorOptions().dtype(at::kLong));
+  auto out = at::empty({static_cast<int64_t>(pre.size()), int64_t{1} << digit_bits},
+                       at::TensorOptions().dtype(at::kLong));
   std::memcpy(out.data_ptr<int64_t>(), h.data(), h.size() * sizeof(int64_t));
   return out;
 }

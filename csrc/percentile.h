@@ -46,6 +46,9 @@ double decode_key(at::ScalarType dtype, uint64_t key);
 
 // Validates a tensor list (non-empty, one floating dtype, one device) and returns the tensors made contiguous.
 std::vector<at::Tensor> checked_contiguous(at::TensorList tensors, const char* op);
+// radix_histogram's arguments checked against the key width (digit_bits in [1, 16], prefixes that fit).
+std::vector<uint64_t> checked_prefixes(int key_bits, at::IntArrayRef prefixes, int64_t prefix_bits,
+                                       int64_t digit_bits, const char* op);
 // "tensors[3] (shape [64, 3, 7, 7], float32)"
 std::string describe(int64_t index, const at::Tensor& t);
 [[noreturn]] void raise_nan(int64_t index, const at::Tensor& t, const char* op);

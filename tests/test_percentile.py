@@ -343,6 +343,57 @@ def test_hard_mask_odd_sizes_packed():
         check_masks(tensors, 0.1, False, layout)
 
 
+# --- radix_histogram (the pass behind both, and behind fastmask.distributed) -----------------------------------------
+
+
+def numpy_keys(tensors: list[torch.Tensor]) -> tuple[np.ndarray, int]:
+    """Order keys of the storage bits, per the contract in csrc/percentile_keys.h: bits | sign for non-negative
+    values, ~bits for negative ones."""
+    width = torch.finfo(tensors[0].dtype).bits
+    as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
+    bits = np.concatenate([t.reshape(-1).view(as_int).numpy().view(f"u{width // 8}") for t in tensors])
+    bits = bits.astype(np.uint64)
+    sign = np.uint64(1 << (width - 1))
+    full = np.uint64((1 << width) - 1) if width < 64 else np.uint64(2**64 - 1)
+    return np.where(bits & sign, ~bits & full, bits | sign), width
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("digit", [16, 11, 5])
+def test_radix_histogram_counts(dtype, digit):
+    rng = np.random.default_rng(5)
+    tensors = split(make_values(rng, 30_000, dtype, "mixed"), [10_000, 0, 7, 19_993])
+    keys, width = numpy_keys(tensors)
+    first = torch.ops.fastmask.radix_histogram(tensors, [0], 0, digit)
+    want = np.bincount((keys >> np.uint64(width - digit)).astype(np.int64), minlength=1 << digit)
+    np.testing.assert_array_equal(first.numpy(), want[None, :])
+    if digit == width:
+        return  # fp16 / bf16 keys are one 16-bit digit: nothing left to refine
+    # second pass, two rows: the two fullest bins, refined by the next digit
+    top = [int(b) for b in np.argsort(-want, kind="stable")[:2]]
+    digit2 = min(digit, width - digit)
+    second = torch.ops.fastmask.radix_histogram(tensors, top, digit, digit2)
+    for row, prefix in enumerate(top):
+        inside = keys[(keys >> np.uint64(width - digit)) == np.uint64(prefix)]
+        sub = (inside >> np.uint64(width - digit - digit2)) & np.uint64((1 << digit2) - 1)
+        np.testing.assert_array_equal(second[row].numpy(), np.bincount(sub.astype(np.int64), minlength=1 << digit2))
+
+
+@pytest.mark.parametrize(
+    ("prefixes", "prefix_bits", "digit_bits", "match"),
+    [
+        ([0], 0, 17, r"digit_bits must be in \[1, 16\]"),
+        ([0], 30, 16, "must be <= 32"),
+        ([0, 1, 2], 4, 4, "expected 1 or 2 prefixes"),
+        ([0, 1], 0, 8, "one histogram"),
+        ([16], 4, 4, "does not fit"),
+    ],
+)
+def test_radix_histogram_errors(prefixes, prefix_bits, digit_bits, match):
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastmask.radix_histogram([torch.ones(3)], prefixes, prefix_bits, digit_bits)
+
+
 # --- torch.library.opcheck -------------------------------------------------------------------------------------------
 
 
