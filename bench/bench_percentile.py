@@ -99,8 +99,13 @@ def timed(fn: Callable[[], object], reps: int, warmup: bool = True) -> tuple[obj
 
 
 def numpy_percentile(tensors: list[torch.Tensor]) -> float:
-    views = [(t.float() if t.dtype == torch.bfloat16 else t).reshape(-1).numpy() for t in tensors]
-    flat = np.concatenate(views)
+    """np.percentile over one concatenated host copy, filled tensor by tensor (bf16 widened to float32 on the way,
+    so the copy is the only large allocation), partitioned in place."""
+    flat = np.empty(sum(t.numel() for t in tensors), np.float32)  # the cases are float32 and bf16
+    at = 0
+    for t in tensors:
+        flat[at: at + t.numel()] = (t.float() if t.dtype == torch.bfloat16 else t).reshape(-1).numpy()
+        at += t.numel()
     return float(np.percentile(flat, Q, overwrite_input=True))
 
 

@@ -30,8 +30,8 @@ Method parse_method(std::string_view method) {
   if (method == "higher") return Method::kHigher;
   if (method == "nearest") return Method::kNearest;
   if (method == "midpoint") return Method::kMidpoint;
-  TORCH_CHECK_VALUE(false, "fastmask.percentile: method must be one of 'linear', 'lower', 'higher', 'nearest', 'midpoint', got '",
-              std::string(method), "'");
+  TORCH_CHECK_VALUE(false, "fastmask.percentile: method must be one of 'linear', 'lower', 'higher', 'nearest', ",
+                    "'midpoint', got '", std::string(method), "'");
 }
 
 Plan make_plan(int64_t n, double q, Method method) {
@@ -210,8 +210,8 @@ std::string describe(int64_t index, const at::Tensor& t) {
 
 void raise_nan(int64_t index, const at::Tensor& t, const char* op) {
   TORCH_CHECK_VALUE(false, op, ": ", describe(index, t),
-              " contains NaN; np.percentile would return nan and every hard mask would be empty. "
-              "Replace the NaNs (e.g. torch.nan_to_num) or find where they come from.");
+                    " contains NaN; np.percentile would return nan and every hard mask would be empty. "
+                    "Replace the NaNs (e.g. torch.nan_to_num) or find where they come from.");
 }
 
 std::vector<at::Tensor> checked_contiguous(at::TensorList tensors, const char* op) {
@@ -223,12 +223,13 @@ std::vector<at::Tensor> checked_contiguous(at::TensorList tensors, const char* o
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is undefined");
     const auto dt = t.scalar_type();
+    const auto index = static_cast<int64_t>(i);
     TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, op, ": ",
-                describe(static_cast<int64_t>(i), t), " is not float16, bfloat16, float32 or float64");
-    TORCH_CHECK_TYPE(dt == first.scalar_type(), op, ": ", describe(static_cast<int64_t>(i), t), " differs in dtype from ",
-                describe(0, first), "; pass tensors of one dtype");
-    TORCH_CHECK_VALUE(t.device() == first.device(), op, ": tensors[", i, "] is on ", t.device(), " but tensors[0] is on ",
-                first.device());
+                     describe(index, t), " is not float16, bfloat16, float32 or float64");
+    TORCH_CHECK_TYPE(dt == first.scalar_type(), op, ": ", describe(index, t), " differs in dtype from ",
+                     describe(0, first), "; pass tensors of one dtype");
+    TORCH_CHECK_VALUE(t.device() == first.device(), op, ": tensors[", i, "] is on ", t.device(),
+                      " but tensors[0] is on ", first.device());
     // Parameters and importances are contiguous, so this copies nothing in practice.
     out.push_back(t.contiguous());
   }
@@ -258,7 +259,8 @@ Layout parse_layout(std::string_view layout) {
   if (layout == "bool") return Layout::kBool;
   if (layout == "uint8") return Layout::kUInt8;
   if (layout == "packed") return Layout::kPacked;
-  TORCH_CHECK_VALUE(false, "fastmask.hard_mask: layout must be 'bool', 'uint8' or 'packed', got '", std::string(layout), "'");
+  TORCH_CHECK_VALUE(false, "fastmask.hard_mask: layout must be 'bool', 'uint8' or 'packed', got '",
+                    std::string(layout), "'");
 }
 
 at::Tensor empty_mask(const at::Tensor& t, Layout layout) {
