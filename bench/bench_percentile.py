@@ -16,14 +16,16 @@ Providers, all computing the 50th percentile (linear, BMFT's rate) of the same t
   so less than the exact linear percentile needs). ``torch.quantile`` refuses inputs above 2^24 elements. Skipped
   at 2g: it clones its input and allocates an int64 index per element (~26 GB there, measured 16 B/element extra at
   25m/100m), more than this machine's 24 GiB.
-- ``roofline``: the fastmask passes' bytes over the read bandwidth measured in the same run
-  (``torch.Tensor.sum`` over the same tensors, one pass), i.e. the time if each pass only streamed the input.
+- ``roofline``: the fastmask passes' bytes over the read bandwidth measured in the same run (``torch.sum`` over a
+  256 MB float32 buffer, beyond the caches, interleaved with the providers), i.e. the time if each pass only
+  streamed the input: 2 passes x 4 B per element for float32, 1 x 2 B for bf16.
 
 ``peak_extra_bytes``: the process's peak resident set during the call minus the resident set just before it
 (Linux: the peak is reset through /proc/self/clear_refs, read from VmHWM in /proc/self/status). The script re-runs
 itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so every large block is its own mapping, returned to the system when
 freed; the deltas then count each provider's own allocations, the concatenated copies included. Times: median of
-the repetitions, after one warm-up call. fastmask's result is checked to equal numpy's bit for bit in every case.
+the repetitions, providers interleaved, after one warm-up call each (none for the peer at 2g). fastmask's result is
+checked to equal numpy's bit for bit in every case.
 
     python bench/bench_percentile.py [--quick] [--json PATH] [--cases 25m,100m,2g]
 """
@@ -47,6 +49,7 @@ from fastmask import ops
 Q = 50.0
 CASES = {"25m": (1, torch.float32), "100m": (4, torch.float32), "2g": (85, torch.bfloat16)}
 PASSES = {torch.float32: 2, torch.bfloat16: 1}  # 16-bit digits over the key width
+PROBE_BYTES = 256 * 2**20
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -87,17 +90,6 @@ def measured(fn: Callable[[], object]) -> tuple[object, float, int]:
     return out, seconds, _status_bytes("VmHWM") - before
 
 
-def timed(fn: Callable[[], object], reps: int, warmup: bool = True) -> tuple[object, float, int]:
-    """(result, median ms over reps calls, peak extra bytes of the first of them), after a warm-up call."""
-    if warmup:
-        fn()
-    out, seconds, extra = measured(fn)
-    times = [seconds]
-    for _ in range(reps - 1):
-        times.append(measured(fn)[1])
-    return out, 1e3 * statistics.median(times), extra
-
-
 def numpy_percentile(tensors: list[torch.Tensor]) -> float:
     """np.percentile over one concatenated host copy, filled tensor by tensor (bf16 widened to float32 on the way,
     so the copy is the only large allocation), partitioned in place."""
@@ -116,27 +108,41 @@ def kthvalue(tensors: list[torch.Tensor]) -> float:
     return float(torch.kthvalue(flat, k).values)
 
 
-def run_case(case: str, reps: int) -> list[dict]:
+def run_case(case: str, reps: int, probe: torch.Tensor) -> list[dict]:
     copies, dtype = CASES[case]
     tensors = make_tensors(copies, dtype)
     n = sum(t.numel() for t in tensors)
     nbytes = n * tensors[0].element_size()
     print(f"{case}: {len(tensors)} tensors, {n:,} elements ({'> 2^31, ' if n > 2**31 else ''}{dtype}), "
           f"{nbytes / 1e9:.2f} GB", flush=True)
-    rows = []
-    value, ms, extra = timed(lambda: ops.percentile(tensors, Q, backend="cpp"), reps)
-    rows.append({"provider": "fastmask", "ms": ms, "peak_extra_bytes": extra, "value": value})
-    huge = n > 2**31  # one call of each slow provider: the peer alone takes about a minute there
-    want, ms, extra = timed(lambda: numpy_percentile(tensors), 1 if huge else max(1, reps // 2), warmup=not huge)
-    rows.append({"provider": "peer", "ms": ms, "peak_extra_bytes": extra, "value": want})
-    if value != want:
-        raise AssertionError(f"{case}: fastmask gives {value!r}, np.percentile {want!r}")
+    huge = n > 2**31  # one call of the peer there (about a minute), no warm-up; kthvalue does not fit
+    slow_reps = 1 if huge else max(1, reps // 2)
+    providers: dict[str, tuple[Callable[[], object], int]] = {
+        "fastmask": (lambda: ops.percentile(tensors, Q, backend="cpp"), reps),
+        "peer": (lambda: numpy_percentile(tensors), slow_reps),
+        "read": (lambda: probe.sum(), reps),  # one streaming pass over PROBE_BYTES, for the roofline
+    }
     if not huge:
-        kth, ms, extra = timed(lambda: kthvalue(tensors), max(1, reps // 2))
-        rows.append({"provider": "kthvalue", "ms": ms, "peak_extra_bytes": extra, "value": kth})
-    _, read_ms, _ = timed(lambda: [t.sum() for t in tensors], reps)
-    rows.append({"provider": "roofline", "ms": PASSES[dtype] * read_ms, "peak_extra_bytes": 0,
-                 "read_gb_per_s": nbytes / read_ms / 1e6})
+        providers["kthvalue"] = (lambda: kthvalue(tensors), slow_reps)
+    for name, (fn, _) in providers.items():
+        if not (huge and name == "peer"):
+            fn()  # warm-up
+    values, extras, times = {}, {}, {name: [] for name in providers}
+    for rep in range(max(r for _, r in providers.values())):
+        for name, (fn, count) in providers.items():  # interleaved, so load from other processes hits all alike
+            if rep < count:
+                value, seconds, extra = measured(fn)
+                times[name].append(seconds)
+                if rep == 0:
+                    values[name], extras[name] = value, extra
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    if values["fastmask"] != values["peer"]:
+        raise AssertionError(f"{case}: fastmask gives {values['fastmask']!r}, np.percentile {values['peer']!r}")
+    rows = [{"provider": p, "ms": ms[p], "peak_extra_bytes": extras[p], "value": values[p]}
+            for p in ("fastmask", "peer", "kthvalue") if p in providers]
+    bandwidth = PROBE_BYTES / (ms["read"] / 1e3)
+    rows.append({"provider": "roofline", "ms": 1e3 * PASSES[dtype] * nbytes / bandwidth, "peak_extra_bytes": 0,
+                 "read_gb_per_s": bandwidth / 1e9})
     for r in rows:
         r.update(case=case, elements=n, input_bytes=nbytes, dtype=str(dtype).replace("torch.", ""))
     return rows
@@ -172,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} threads; q = {Q}, linear")
+    probe = torch.ones(PROBE_BYTES // 4)
     rows = []
     for case in cases:
         reps = 3 if args.quick else {"25m": 7, "100m": 5, "2g": 3}[case]
-        rows += run_case(case, reps)
+        rows += run_case(case, reps, probe)
     report(rows)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "q": Q, "threads": torch.get_num_threads()}, indent=2))

@@ -305,6 +305,9 @@ namespace {
 
 constexpr int64_t kChunk = int64_t{1} << 16;  // elements per scheduling unit
 constexpr int kBlock = 256;                   // keys computed (vectorised) before they are counted
+// The first pass counts every element. Runs of equal keys (duplicates, constant tensors) would serialise on one
+// counter's load-increment-store, so even and odd elements go to two copies of the histogram, summed at the flush.
+constexpr int64_t kFirstPassCopies = 2;
 
 // The tensors seen as one virtual concatenation: chunk c covers global elements [c * kChunk, (c + 1) * kChunk),
 // possibly across several tensors. O(number of tensors) memory.
@@ -337,7 +340,7 @@ void for_each_piece(const Segments& s, int64_t g0, int64_t g1, Fn&& fn) {
 }
 
 // Adds a block of n <= kBlock elements into the per-thread histogram `h` (rows of nbins uint32 counts). First pass
-// (kAll): every key's top digit. Later passes: only keys whose top prefix bits equal pre0 (row 0) or pre1 (row 1);
+// (kAll): every key's top digit, into kFirstPassCopies copies of the one row. Later passes: only keys whose top prefix bits equal pre0 (row 0) or pre1 (row 1);
 // those are rare, so a vectorised match test picks out the 8-key groups that hold any, and only those are counted.
 template <typename U, bool kAll>
 inline void count_block(const U* __restrict p, int n, uint32_t* __restrict h, int pshift, int dshift, U dmask, U pre0,
@@ -345,7 +348,13 @@ inline void count_block(const U* __restrict p, int n, uint32_t* __restrict h, in
   U k[kBlock];
   for (int j = 0; j < n; ++j) k[j] = keys::to_key(p[j]);
   if constexpr (kAll) {
-    for (int j = 0; j < n; ++j) ++h[k[j] >> dshift];
+    static_assert(kFirstPassCopies == 2, "the loop below interleaves two copies");
+    int j = 0;
+    for (; j + 2 <= n; j += 2) {
+      ++h[k[j] >> dshift];
+      ++h[nbins + (k[j + 1] >> dshift)];
+    }
+    if (j < n) ++h[k[j] >> dshift];
   } else if constexpr (sizeof(U) == 8) {  // baseline x86-64 (SSE2) has no 64-bit lane compare: plain branches
     for (int j = 0; j < n; ++j) {
       const U top = static_cast<U>(k[j] >> pshift);
@@ -405,12 +414,13 @@ std::vector<int64_t> histogram_pass(const Segments& s, keys::Format fmt, const s
   {
     // uint32 per-thread counts stay in L2; they are flushed into the int64 totals before they could overflow, so any
     // n (> 2^31 included) is counted exactly.
-    std::vector<uint32_t> local(static_cast<size_t>(nrows * nbins), 0);
+    const int64_t copies = prefix_bits == 0 ? kFirstPassCopies : 1;
+    std::vector<uint32_t> local(static_cast<size_t>(copies * nrows * nbins), 0);
     uint64_t since_flush = 0;
     int64_t my_nan = std::numeric_limits<int64_t>::max();
     const auto flush = [&] {
 #pragma omp critical(fastmask_percentile_flush)
-      for (size_t i = 0; i < local.size(); ++i) out[i] += local[i];
+      for (size_t i = 0; i < local.size(); ++i) out[i % out.size()] += local[i];  // copies are row-major blocks
       std::fill(local.begin(), local.end(), 0u);
       since_flush = 0;
     };
