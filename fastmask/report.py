@@ -175,7 +175,8 @@ def plot_mask_layers(stats: Sequence[Mapping[str, Any]], path: str | os.PathLike
         boxes = [{"label": s["layer"], "med": s["median"], "q1": s["q25"], "q3": s["q75"], "whislo": s["q05"],
                   "whishi": s["q95"], "mean": s["mean"]} for s in stats]
         art = ax.bxp(boxes, positions=x, showfliers=False, showmeans=True, patch_artist=True, widths=0.6,
-                     meanprops={"marker": ".", "markerfacecolor": "black", "markeredgecolor": "black"})
+                     meanprops={"marker": ".", "markerfacecolor": "black", "markeredgecolor": "black"},
+                     medianprops={"color": "black"})
         for patch, colour in zip(art["boxes"], colours, strict=True):
             patch.set_facecolor(colour)
             patch.set_alpha(0.6)
