@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import sys
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -130,6 +131,23 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
 
 
+def _first_line(err: Exception) -> str:
+    found = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
+    return found.group(1).strip() if found else f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def _is_pickle(path: Path, err: Exception) -> bool:
+    """A torch.save file (a zip archive holding data.pkl, or a legacy pickle stream starting with the PROTO
+    opcode) whose pickle is well formed but refers to objects that weights_only refuses."""
+    if "Unsupported operand" in str(err):  # a byte that is no pickle opcode: damaged data
+        return False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("data.pkl") for name in z.namelist())
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def _refused_global(err: Exception) -> str:
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
     return f" (it holds {found.group(1)}, which weights_only refuses)" if found else ""
@@ -181,10 +199,10 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises UnpicklingError, RuntimeError, KeyError, EOFError, ... on bad files
-        if "Weights only load failed" not in str(err):
-            detail = f"{type(err).__name__}: {err}".splitlines()[0]
+        # weights_only also fails on bytes that are no pickle at all; only a well-formed pickle is "pickled".
+        if "Weights only load failed" not in str(err) or not _is_pickle(path, err):
             raise ValueError(f"weights file {path} cannot be read (not a safetensors or torch.save file, or "
-                             f"damaged): {detail}") from None
+                             f"damaged): {_first_line(err)}") from None
         if not trust_pickle:
             raise ValueError(
                 f"weights file {path} is a pickled checkpoint that can only be loaded with "

@@ -193,7 +193,10 @@ def _groups(index: ShardIndex, keys: Sequence[str], attr: str, attr_map: Mapping
         rec = index.samples[key]
         where = f"{name}: key {key} (row {rec['row']}, shard {rec['shard']})"
         value = rec["attrs"].get(attr)
-        code = attr_code(value, attr, attr_map, where)
+        try:
+            code = attr_code(value, attr, attr_map, where)
+        except ValueError as err:
+            raise ValueError(f"{err} (on the command line: --attr-map VALUE=GROUP, once per value)") from None
         if code not in (0, 1):
             raise ValueError(f"{where}: attribute {attr!r} value {value!r} is group {code}, not 0 or 1; debiasing "
                              "needs a binary attribute: map its values with --attr-map VALUE=0 / VALUE=1")
