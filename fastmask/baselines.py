@@ -192,7 +192,8 @@ def signed_proxy(z: Tensor, y: Tensor, a: Tensor, metric: ProxyMetric = "eodds")
     """
     if metric not in _PROXIES:
         raise ValueError(f"metric must be one of {list(_PROXIES)}, got {metric!r}")
-    p = torch.sigmoid(z.reshape(-1).float())
+    z = z.reshape(-1)
+    p = torch.sigmoid(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z)
     y = y.reshape(-1).to(p.device).long()
     a = a.reshape(-1).to(p.device).long()
     if metric == "spd":
@@ -631,6 +632,7 @@ def diffprune(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *
     result = BaselineResult("diffprune", config, _keep_masks(model, layers, kept))
     result.details = select.details("step") | {
         "pruned_units": [(layers[li][0], ch) for li, ch in kept],
+        "pruning_order": [(layers[li][0], ch) for li, ch in pruned],
         "units": sum(len(d) for d in done),
     }
     return result
