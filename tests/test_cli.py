@@ -62,11 +62,18 @@ def data(tmp_path_factory) -> Data:
     return Data(root, table, root / "shards", root / "weights.pt")
 
 
-def debias_argv(data: Data, out: Path, method: str = "swift", *extra: str) -> list[str]:
+def debias_argv(data: Data, out: Path, method: str = "swift", *extra: str, attr: str = "tint",
+                test_fold: str | None = "test") -> list[str]:
+    fold = ["--test-fold", test_fold] if test_fold else []
     return ["debias", "--model", "cli_helpers:TinyCNN", "--weights", str(data.weights), "--shards", str(data.shards),
-            "--attr", "tint", "--test-fold", "test", "--method", method, "--epochs1", "2", "--epochs2", "2",
+            "--attr", attr, *fold, "--method", method, "--epochs1", "2", "--epochs2", "2",
             "--lr1", "1e-2", "--lr2", "1e-2", "--batch-size", "16", "--image-size", "12", "--seed", "3",
-            "--no-progress", "--out", str(out), *(("--rate", "60") if method == "bmft" else ()), *extra]
+            "--no-progress", "--out", str(out), *BY_METHOD[method], *extra]
+
+
+# BMFT runs with a loader worker process: each pass then draws a DataLoader seed from torch's RNG, which the resumed
+# run must replay (and the per-epoch evaluation must not disturb).
+BY_METHOD = {"swift": (), "bmft": ("--rate", "60", "--workers", "1")}
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +237,51 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, runs, tmp_
     for key in ("history", "checks", "epochs", "before", "after", "head_reset_fraction"):
         assert rep_a[key] == rep_b[key], key
     assert not (out / "checkpoint").exists()
+
+
+def test_a_crash_inside_the_first_epoch_resumes_from_the_saved_mask(data, runs, tmp_path, monkeypatch):
+    from fastmask import workflow
+
+    real_iter = workflow._Tracked.__iter__
+
+    def crash_in_training(self):
+        if self.name == "train":
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of step 1, epoch 1
+        return real_iter(self)
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(workflow._Tracked, "__iter__", crash_in_training)
+    with pytest.raises(KeyboardInterrupt):
+        main(debias_argv(data, out, "swift"))
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert (state["run"]["step"], state["run"]["epoch"], state["run"]["optimizer"]) == ("step1", 0, None)
+    monkeypatch.setattr(workflow._Tracked, "__iter__", real_iter)
+    assert main(debias_argv(data, out, "swift", "--resume")) == 0
+    a, b = load_file(runs["swift"] / "weights.safetensors"), load_file(out / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_importance_batches"] > 0  # the importance pass of the first invocation, kept
+
+
+def test_eval_shards_external_folds_and_attribute_map(data, tmp_path):
+    test_rows = data.table[data.table["fold"] == "test"]
+    test_rows.to_csv(tmp_path / "test.csv", index=False)
+    assert main(["shards", str(tmp_path / "test.csv"), "--image-root", str(data.root / "images"), "--out",
+                 str(tmp_path / "test-shards"), "--attr", "sex"]) == 0
+    out = tmp_path / "out"
+    argv = debias_argv(data, out, "swift", "--epochs1", "1", "--epochs2", "1", "--no-epoch-eval", "--eval-shards",
+                       str(tmp_path / "test-shards"), "--external-fold", "ext", "--attr-map", "F=1",
+                       "--attr-map", "M=0", attr="sex", test_fold=None)
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    ext = data.table[data.table["fold"] == "ext"]
+    sets = report["data"]["sets"]
+    assert sets["external"]["samples"] == len(ext)
+    assert sets["external"]["groups"]["1"]["n"] == int((ext["sex"] == "F").sum())
+    assert sets["test"]["samples"] == len(test_rows)
+    groups = {r["group"]: (r["label"], r["n"]) for r in report["after"]["groups"]}
+    assert groups == {0: ("M", int((test_rows["sex"] == "M").sum())), 1: ("F", int((test_rows["sex"] == "F").sum()))}
+    assert "| 1 (F) |" in (out / "report.md").read_text()
 
 
 # ---- damaged data -------------------------------------------------------------------------------------------------
