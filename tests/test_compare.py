@@ -1,0 +1,213 @@
+"""`fastmask compare`: the per-seed figures against an independent evaluation (sklearn AUC, hand-computed SPD), the
+mean ± std computed from the per-seed rows, every output written, fresh data and a fresh model copy per method, the
+run's seed reaching each method, argument errors, and the command line on the demo benchmark."""
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastmask import baselines, cli, compare
+from fastmask.baselines import FullFTConfig
+from fastmask.pipeline import Result, StepConfig
+
+METRICS = ("auc", "spd", "eodds")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def data(n, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.arange(n) % 2).float()
+    a = ((torch.arange(n) // 2) % 2).long()
+    x = torch.randn(n, 6, generator=g) + y.view(-1, 1) + (1.0 + shift) * a.view(-1, 1)
+    return TensorDataset(x, y, a)
+
+
+def tiny_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+class TinySource:
+    """A synthetic data source: per seed a small untrained model, D_e, D_r and two test sets."""
+
+    name = "tiny"
+    description = "tiny synthetic data"
+
+    def __init__(self):
+        self.loader_calls = 0
+        self.models = {}
+
+    def fold(self, seed, *, progress=False):
+        model = tiny_model(seed)
+        self.models[seed] = model
+
+        def loaders():
+            self.loader_calls += 1
+            return DataLoader(data(32, 10 + seed), batch_size=16), DataLoader(data(32, 20 + seed), batch_size=16)
+
+        tests = {"in": DataLoader(data(40, 30 + seed), batch_size=16),
+                 "shift": DataLoader(data(40, 40 + seed, shift=1.0), batch_size=16)}
+        return compare.Fold(model, loaders, tests)
+
+    def config(self, method):
+        return {"fullft-rw": FullFTConfig(step=StepConfig(2, 0.05, "sgd", 0.0, 0.0))}.get(method)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    sources = []
+
+    def make():
+        sources.append(TinySource())
+        return sources[-1]
+
+    monkeypatch.setitem(compare.SOURCES, "tiny", make)
+    return sources
+
+
+def independent_metrics(model, ds):
+    x, y, a = (t.numpy() for t in ds.tensors)
+    with torch.no_grad():
+        p = torch.sigmoid(model(torch.as_tensor(x)).reshape(-1)).double().numpy()
+    yhat = (p > 0.5).astype(float)
+
+    def rate(sel):
+        return yhat[sel].mean() if sel.any() else 0.0
+
+    d_tpr = rate((a == 0) & (y == 1)) - rate((a == 1) & (y == 1))
+    d_fpr = rate((a == 0) & (y == 0)) - rate((a == 1) & (y == 0))
+    return {"auc": roc_auc_score(y, p), "spd": abs(rate(a == 0) - rate(a == 1)), "eodds": 0.5 * abs(d_tpr + d_fpr)}
+
+
+def test_table_csv_plot_and_json_from_the_per_seed_rows(tmp_path, tiny, capsys):
+    out = tmp_path / "cmp"
+    report = compare.main(methods=["baseline", "fullft-rw"], seeds=[0, 1], out=out, data="tiny",
+                          json_path=tmp_path / "r.json", progress=False)
+    files = {name: out / name for name in ("table.md", "table.csv", "runs.csv", "scatter.png")}
+    assert all(p.is_file() for p in files.values())
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary file behind
+
+    runs = pd.read_csv(files["runs.csv"])
+    assert len(runs) == 2 * 2 * 2  # methods x seeds x test sets
+    # the Baseline's per-seed figures are the unchanged model's, evaluated independently
+    for seed in (0, 1):
+        for test, ds in (("in", data(40, 30 + seed)), ("shift", data(40, 40 + seed, shift=1.0))):
+            row = runs[(runs.method == "baseline") & (runs.seed == seed) & (runs.test_set == test)].iloc[0]
+            expected = independent_metrics(tiny_model(seed), ds)
+            for m in METRICS:
+                assert row[m] == pytest.approx(expected[m], abs=1e-12), (seed, test, m)
+    # FullFT-RW trained its own copy: its figures differ from the Baseline's
+    assert not np.allclose(runs[runs.method == "fullft-rw"].auc.to_numpy(), runs[runs.method == "baseline"].auc)
+
+    # table.csv: mean and sample std (ddof = 1) over the seeds, from runs.csv
+    table = pd.read_csv(files["table.csv"])
+    md = files["table.md"].read_text()
+    assert md == capsys.readouterr().out.split("\nwrote ")[0]  # the table printed is the table written
+    for (method, test), group in runs.groupby(["method", "test_set"]):
+        row = table[(table.method == method) & (table.test_set == test)].iloc[0]
+        assert row.n_seeds == 2
+        for m in METRICS:
+            values = group[m].to_numpy()
+            mean, std = values.mean(), np.sqrt(((values - values.mean()) ** 2).sum() / (len(values) - 1))
+            assert row[f"{m}_mean"] == pytest.approx(mean, abs=1e-12)
+            assert row[f"{m}_std"] == pytest.approx(std, abs=1e-12)
+    # the markdown row of each method: AUC, SPD, EOdds as "mean ± std" for "in" then "shift"
+    for method, label in (("baseline", "Baseline"), ("fullft-rw", "FullFT-RW")):
+        line = next(x for x in md.splitlines() if x.startswith(f"| {label} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        want = []
+        for test in ("in", "shift"):
+            g = runs[(runs.method == method) & (runs.test_set == test)]
+            want += [f"{g[m].mean():.4f} ± {g[m].std(ddof=1):.4f}" for m in METRICS]
+        assert cells[1:7] == want
+        assert cells[7] == "0/2"
+    assert "| Method | AUC (in) | SPD (in) | EOdds (in) | AUC (shift) | SPD (shift) | EOdds (shift) |" in md
+
+    png = files["scatter.png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = Image.open(io.BytesIO(png)).size
+    assert width > 500 and height > 500
+
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["methods"] == ["baseline", "fullft-rw"]
+    assert len(saved["rows"]) == 8 and len(saved["summary"]) == 4
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+
+
+@dataclass
+class SpyConfig:
+    seed: int | None = 42
+
+
+def test_each_method_gets_the_run_seed_fresh_loaders_and_its_own_model_copy(tmp_path, tiny, monkeypatch):
+    seen = []
+
+    def spy(model, mask_loader, train_loader, *, config=None, progress=False):
+        seen.append((config.seed, len(list(mask_loader)), len(list(train_loader))))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()  # a method that wrecks its copy must not affect the next method
+        return Result("spy", config, {})
+
+    monkeypatch.setitem(baselines.METHODS, "spy", spy)
+    monkeypatch.setitem(baselines.LABELS, "spy", "Spy")
+    monkeypatch.setitem(baselines.DEFAULT_CONFIGS, "spy", SpyConfig)
+    compare.main(methods=["spy", "baseline"], seeds=[3, 5], out=tmp_path, data="tiny", progress=False)
+    assert seen == [(3, 2, 2), (5, 2, 2)]  # the default config's seed 42 replaced by the run's seed
+    source = tiny[0]
+    assert source.loader_calls == 4  # once per method and seed
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    row = runs[(runs.method == "baseline") & (runs.seed == 3) & (runs.test_set == "in")].iloc[0]
+    assert row.auc == pytest.approx(independent_metrics(tiny_model(3), data(40, 33))["auc"], abs=1e-12)
+    spy_rows = runs[runs.method == "spy"]
+    assert (spy_rows.auc == 0.5).all()  # the zeroed copy predicts 0.5 everywhere
+
+
+def test_one_seed_prints_means_without_std(tmp_path, tiny):
+    compare.main(methods=["baseline"], seeds=[0], out=tmp_path, data="tiny", progress=False)
+    line = next(x for x in (tmp_path / "table.md").read_text().splitlines() if x.startswith("| Baseline |"))
+    assert "±" not in line
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert table.auc_std.isna().all() and (table.n_seeds == 1).all()
+
+
+def test_argument_errors_name_the_culprit(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        compare.check_arguments(["swift", "nope"], [0])
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        compare.check_arguments(None, [1, 1])
+    with pytest.raises(ValueError, match="at least one seed"):
+        compare.check_arguments(None, [])
+    with pytest.raises(ValueError, match="unknown data source 'mine'"):
+        compare.check_arguments(None, [0], "mine")
+    assert compare.check_arguments(["all"], [0]) == list(baselines.METHODS)
+    assert compare.check_arguments(None, [0]) == list(compare.DEFAULT_METHODS)
+    with pytest.raises(SystemExit, match="unknown method 'nope'"):
+        cli.main(["compare", "--methods", "nope", "--out", str(tmp_path)])
+
+
+def test_cli_on_the_demo_benchmark(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["compare", "--methods", "baseline", "llft", "--seeds", "0", "--out", str(out),
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Baseline |" in printed and "| LLFT |" in printed
+    runs = pd.read_csv(out / "runs.csv")
+    assert list(runs.method) == ["baseline", "llft"] and set(runs.test_set) == {"test"}
+    assert all((out / f).is_file() for f in ("table.md", "table.csv", "scatter.png"))
