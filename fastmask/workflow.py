@@ -434,8 +434,8 @@ def debias(
         library: where architecture names are looked up.
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
         resume: continue the run saved in ``out/checkpoint`` (a fresh start when there is none).
-        stop_after_epochs: stop (raising :class:`RunStopped`) once this many epochs ran in this call; the run state
-            is saved, so a later call with ``resume=True`` continues.
+        stop_after_epochs: stop (raising :class:`RunStopped`) once this many epochs ran in this call, unless none
+            is left; the run state is saved, so a later call with ``resume=True`` continues.
         epoch_eval: evaluate on the evaluation set after every epoch (the per-epoch plot).
         keep_checkpoint: keep ``out/checkpoint`` after the run finished (by default it is removed).
         progress: show progress bars.
@@ -460,7 +460,7 @@ def debias(
     saved = _load_state(state_path) if state_path.is_file() else None
     if saved is not None and not resume:
         raise FileExistsError(
-            f"{state_path} holds an unfinished run ({saved['run']['step']} epoch {saved['run']['epoch']}); pass "
+            f"{state_path} holds the state of a run (after {saved['run']['step']} epoch {saved['run']['epoch']}); pass "
             f"--resume to continue it, or delete {state_path.parent} to start over"
         )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -516,6 +516,12 @@ def debias(
         elapsed = 0.0
 
     epochs_run = 0
+    steps = ("step1", "step2") if method == "swift" else ("impair", "repair")
+    step_epochs = {name: getattr(config, name).epochs for name in steps}
+
+    def epochs_left(state: RunState) -> int:
+        later = steps[steps.index(state.step) + 1:]
+        return step_epochs[state.step] - state.epoch + sum(step_epochs[name] for name in later)
 
     def on_epoch(state: RunState) -> None:
         nonlocal epochs_run
@@ -544,7 +550,8 @@ def debias(
         torch.save(payload, buf)
         state_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(state_path, buf.getvalue())
-        if stop_after_epochs is not None and state.epoch > 0 and epochs_run >= stop_after_epochs:
+        if (stop_after_epochs is not None and state.epoch > 0 and epochs_run >= stop_after_epochs
+                and epochs_left(state) > 0):
             raise RunStopped(state.step, state.epoch, epochs_run, state_path)
 
     run_fn = swift if method == "swift" else bmft

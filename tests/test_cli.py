@@ -28,6 +28,8 @@ from fastmask.checkpoint import build_model, load_weights
 from fastmask.cli import main
 from fastmask.data import ShardIndex
 from fastmask.masks import load_masks
+from fastmask.pipeline import BmftConfig
+from fastmask.workflow import method_config
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -282,6 +284,27 @@ def test_eval_shards_external_folds_and_attribute_map(data, tmp_path):
     groups = {r["group"]: (r["label"], r["n"]) for r in report["after"]["groups"]}
     assert groups == {0: ("M", int((test_rows["sex"] == "M").sum())), 1: ("F", int((test_rows["sex"] == "F").sum()))}
     assert "| 1 (F) |" in (out / "report.md").read_text()
+
+
+def test_stop_after_the_last_epoch_finishes_the_run(data, tmp_path):
+    # 1 + 1 epochs with at most 2 per invocation: nothing is left after the second, so the run completes.
+    out = tmp_path / "out"
+    argv = debias_argv(data, out, "swift", "--epochs1", "1", "--epochs2", "1", "--no-epoch-eval")
+    assert main([*argv, "--stop-after-epochs", "2"]) == 0
+    assert (out / "weights.safetensors").is_file() and not (out / "checkpoint").exists()
+
+
+def test_method_config_changes_only_the_given_options():
+    cfg = method_config("bmft", epochs1=3, lr2=0.5, optimizer="adam", bias_form="eopp", rate=70.0, seed=None)
+    defaults = BmftConfig()
+    assert (cfg.impair.epochs, cfg.impair.lr, cfg.impair.optimizer) == (3, defaults.impair.lr, "adam")
+    assert (cfg.repair.epochs, cfg.repair.lr, cfg.repair.optimizer) == (defaults.repair.epochs, 0.5, "adam")
+    assert (cfg.bias.space, cfg.bias.form, cfg.rate) == (defaults.bias.space, "eopp", 70.0)
+    assert cfg.seed == defaults.seed and cfg.beta == defaults.beta
+    swift_cfg = method_config("swift", task="cxr", epochs2=4)
+    assert (swift_cfg.step1.optimizer, swift_cfg.step2.optimizer, swift_cfg.step2.epochs) == ("adam", "adam", 4)
+    with pytest.raises(ValueError, match="mask_mode"):
+        method_config("swift", faithful=True, mask_mode="update")
 
 
 # ---- damaged data -------------------------------------------------------------------------------------------------

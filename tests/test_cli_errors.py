@@ -173,7 +173,7 @@ def test_run_state_is_never_silently_overwritten_or_resumed_with_other_options(e
     capsys.readouterr()
     assert main(debias_argv(env, out="stopped")) == 1
     err = capsys.readouterr().err
-    assert str(state) in err and "--resume" in err and "step1 epoch 1" in err
+    assert str(state) in err and "--resume" in err and "after step1 epoch 1" in err
     assert main(debias_argv(env, "--resume", "--beta", "0.3", out="stopped")) == 1
     err = capsys.readouterr().err
     assert "config.beta: 0.1 in the checkpoint, 0.3 now" in err
