@@ -160,6 +160,8 @@ def method_config(method: str, *, epochs1: int | None = None, epochs2: int | Non
 
 @dataclass
 class _Sets:
+    """The shard indexes and the samples of the external set D_e and of the evaluation set, with descriptions."""
+
     index: ShardIndex
     eval_index: ShardIndex
     external: pd.DataFrame  # index: key; columns y, a (group 0 / 1)
@@ -241,13 +243,15 @@ def _select(data: DataSpec) -> _Sets:
     else:
         test_keys = set(eval_index.samples)
         test_desc = f"all of {eval_index.root}"
-    ext_keys = set(index.samples) if data.eval_shards else set(index.samples) - test_keys
-    ext_desc = f"{index.root}" + ("" if data.eval_shards else f" without fold {data.test_fold!r}")
+    # Evaluated samples of --shards itself never enter the external set.
+    shared = eval_index.root.resolve() == index.root.resolve()
+    ext_keys = set(index.samples) - test_keys if shared else set(index.samples)
+    without = "" if not shared else (f" without fold {data.test_fold!r}" if data.test_fold is not None
+                                     else " without the evaluation set")
+    ext_desc = f"{index.root}{without}"
     if data.external_folds:
-        chosen = set().union(*(_fold_keys(index, f, "--external-fold") for f in data.external_folds))
-        ext_keys &= chosen
-        ext_desc = f"folds {list(data.external_folds)} of {index.root}" + (
-            "" if data.eval_shards else f" without fold {data.test_fold!r}")
+        ext_keys &= set().union(*(_fold_keys(index, f, "--external-fold") for f in data.external_folds))
+        ext_desc = f"folds {list(data.external_folds)} of {index.root}{without}"
     # In index (write) order, so the data do not depend on set iteration order.
     external = _groups(index, [k for k in index.samples if k in ext_keys], data.attr, data.attr_map,
                        "external set")
