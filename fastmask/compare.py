@@ -223,34 +223,47 @@ def format_table(summary: pd.DataFrame, title: str) -> str:
     return "\n".join(lines)
 
 
+# Marker x colour pairs stay distinct for 60 methods (lcm of 12 markers and 10 colours).
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "p", "h", "d")
+# The zoomed panel shows the methods whose mean AUC is within this distance of the best one.
+ZOOM_AUC = 0.02
+
+
 def plot(summary: pd.DataFrame, path: str | os.PathLike, title: str) -> None:
     """Fairness against AUC: per test set, EOdds and SPD (y, lower is fairer) against AUC (x), one point per method
-    with ± std error bars; written as PNG (matplotlib's Agg renderer, no display needed), atomically."""
+    with ± std error bars, and EOdds zoomed on the methods within ``ZOOM_AUC`` of the best mean AUC (where the
+    competitive methods crowd). Each method has its own marker and colour, the Baseline a star. Written as PNG
+    (matplotlib's Agg renderer, no display needed), atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     tests = list(dict.fromkeys(summary["test_set"]))
-    fig = Figure(figsize=(12, 5.5 * len(tests)), layout="constrained")
+    methods = list(dict.fromkeys(summary["method"]))
+    style = {m: ("*", "C0", 13) if m == "baseline" else (_MARKERS[i % len(_MARKERS)], f"C{i % 10}", 7)
+             for i, m in enumerate(methods)}
+    fig = Figure(figsize=(18, 5.5 * len(tests)), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(tests), 2, squeeze=False)
-    colours = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(summary["method"]))}
+    axes = fig.subplots(len(tests), 3, squeeze=False)
     for row, test in zip(axes, tests, strict=True):
         part = summary[summary["test_set"] == test]
-        for ax, metric in zip(row, ("eodds", "spd"), strict=True):
-            for _, r in part.iterrows():
-                marker = "*" if r["method"] == "baseline" else "o"
+        best = part["auc_mean"].max()
+        near = part[part["auc_mean"] >= best - ZOOM_AUC]
+        panels = (("eodds", part, "all methods"), ("spd", part, "all methods"),
+                  ("eodds", near, f"zoom: AUC within {ZOOM_AUC} of the best"))
+        for ax, (metric, shown, what) in zip(row, panels, strict=True):
+            for _, r in shown.iterrows():
+                marker, colour, size = style[r["method"]]
                 ax.errorbar(r["auc_mean"], r[f"{metric}_mean"], xerr=_nan0(r["auc_std"]),
-                            yerr=_nan0(r[f"{metric}_std"]), fmt=marker, color=colours[r["method"]],
-                            markersize=12 if marker == "*" else 6, capsize=2, label=r["label"])
-                ax.annotate(r["label"], (r["auc_mean"], r[f"{metric}_mean"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
+                            yerr=_nan0(r[f"{metric}_std"]), fmt=marker, color=colour, markersize=size, capsize=2,
+                            elinewidth=0.8, alpha=0.9, label=r["label"])
             ax.set_xlabel("AUC (higher is better)")
             ax.set_ylabel(f"{TABLE_METRICS[metric]} (lower is fairer)")
-            ax.set_title(f"{TABLE_METRICS[metric]} vs AUC, {test}")
+            ax.set_title(f"{TABLE_METRICS[metric]} vs AUC, {test} ({what})")
             ax.grid(alpha=0.3)
-    axes[0][1].legend(fontsize=7, loc="best")
+        handles, labels = row[0].get_legend_handles_labels()
+        row[2].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title)
-    _atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    _atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def _nan0(x: float) -> float:
