@@ -134,3 +134,77 @@ def percentile(
 
     a = _value(prefix[0], dtype)
     return _lerp(a, _value(prefix[1], dtype), gamma) if interpolate else float(a)
+
+
+# ---- data-parallel fine-tuning and importance (DDP semantics with the global batch's loss) -------------------------
+#
+# SWiFT's and BMFT's losses are not sums over samples: the bias function compares group means and the WBCE weights
+# come from the batch's class balance, so the mean of per-rank losses is not the loss of the global batch, and
+# averaging per-rank gradients (plain DDP) would not reproduce the single-process run. Instead every rank gathers
+# the logits, labels and attributes of the global batch (detached, except its own slice, which stays in its graph),
+# computes the global batch's loss, and back-propagates through its own samples only: the sum over ranks of these
+# gradients is exactly ∂L_global/∂θ (the chain rule split over samples). One all-reduce of the gradients per
+# backward, the traffic DDP would have, plus B·W logits.
+
+
+def is_active(group: dist.ProcessGroup | None = None) -> bool:
+    """True inside an initialised process group of more than one rank (torchrun, or init_process_group by hand)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def global_batch(
+    z: Tensor, y: Tensor, a: Tensor, group: dist.ProcessGroup | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The global batch's (z, y, a): every rank's slices concatenated in rank order, equal on every rank.
+
+    Only this rank's slice of z keeps its autograd history, so ``loss(global_batch(...)).backward()`` gives this
+    rank's share of the global batch's gradient; :func:`all_reduce_grads` sums the shares. Ranks may hold slices of
+    different lengths (a short last batch). Without an active group the inputs are returned as they are.
+    """
+    if not is_active(group):
+        return z, y, a
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    size = torch.tensor([z.shape[0]], dtype=torch.int64, device=z.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s.item()) for s in sizes]
+    longest = max(lengths)
+
+    def gather(t: Tensor) -> list[Tensor]:
+        padded = t.detach().new_zeros((longest, *t.shape[1:]))
+        padded[: t.shape[0]] = t.detach()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        return [p[:n] for p, n in zip(parts, lengths, strict=True)]
+
+    zs = gather(z)
+    zs[rank] = z  # this rank's slice stays in the graph
+    return torch.cat(zs), torch.cat(gather(y)), torch.cat(gather(a))
+
+
+def all_reduce_grads(grads: Sequence[Tensor | None], group: dist.ProcessGroup | None = None) -> None:
+    """Sum ``grads`` over the ranks, in place, with one all-reduce per dtype (a flat buffer); None entries (frozen or
+    unused parameters, the same on every rank) are skipped. No-op without an active group."""
+    if not is_active(group):
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        if g is not None:
+            by_dtype.setdefault(g.dtype, []).append(g)
+    for tensors in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def all_reduce_counts(values: Sequence[float], device: torch.device | str = "cpu",
+                      group: dist.ProcessGroup | None = None) -> list[float]:
+    """The sums over the ranks of a few float64 counters (predictions, labels, samples); unchanged without a group."""
+    if not is_active(group):
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return t.tolist()

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from fastmask import distributed
 from fastmask.importance import Objective, fisher_importance, unpack_batch
 from fastmask.losses import BMFT_BIAS, SWIFT_BIAS, BiasSpec, combined_loss
 from fastmask.masks import hard_mask, soft_mask
@@ -477,9 +478,12 @@ def _train_step(
         for batch in tqdm(loader, desc=f"{name} epoch {epoch + 1}", disable=not progress, leave=False):
             x, y, a = unpack_batch(batch, device)
             optimizer.zero_grad(set_to_none=True)
-            z = model(x)
+            # Under torchrun: the global batch's loss, this rank's share of its gradient, summed over the ranks
+            # before the (masked) step, so every rank takes the same step (fastmask.distributed).
+            z, y, a = distributed.global_batch(model(x), y, a)
             loss = combined_loss(z, y, a, wbce_weight=wbce_weight, bias_weight=bias_weight, bias=bias)
             loss.backward()
+            distributed.all_reduce_grads([p.grad for group in optimizer.param_groups for p in group["params"]])
             optimizer.step()
             total += float(loss.detach())
             n_batches += 1
@@ -506,6 +510,7 @@ def _positive_share(model: nn.Module, loader: Iterable, device: torch.device) ->
         lab += float(y.reshape(-1).float().sum())
         n += z.shape[0]
     model.train(was_training)
+    pos, lab, n = distributed.all_reduce_counts([pos, lab, n], device)  # every rank's samples (torchrun)
     return pos / n, lab / n
 
 
