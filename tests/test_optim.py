@@ -288,6 +288,20 @@ def test_half_precision_adam_matches_torch_fused_adam(backend, config, dtype):
     assert_matches_torch(ours, theirs, HALF_TOL[dtype], config)
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_float64_matches_torch_in_float64(backend, config):
+    ours_cls, torch_cls, kw = CONFIGS[config]
+    params = make_params(MIXED, torch.float64)
+    ref_params = clone_params(params)
+    grads = make_grads(MIXED, steps_for(backend), torch.float64)
+    ours = ours_cls(params, **kw, masks=[ones_mask(s, "float32") for s in MIXED], backend=backend)
+    theirs = torch_cls(ref_params, **kw)
+    run(ours, params, grads)
+    run(theirs, ref_params, grads)
+    assert_matches_torch(ours, theirs, dict(rtol=1e-12, atol=1e-14), config)
+
+
 def test_torch_fused_sgd_half_is_broken_on_cpu():
     """Why the half-precision SGD oracle is not torch's fused SGD: in torch 2.13 on CPU it leaves the vectorised
     part of a bf16 tensor unchanged (plain SGD, lr 1, g = index: θ should be −index everywhere)."""
