@@ -139,6 +139,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _run_debias(args: argparse.Namespace) -> int:
+    from fastmask.profiling import trace
     from fastmask.workflow import DataSpec, RunStopped, debias
 
     replace = {"auto": "auto", "true": True, "false": False}[args.balance_replace]
@@ -148,11 +149,12 @@ def _run_debias(args: argparse.Namespace) -> int:
                     image_size=args.image_size, center_crop=args.center_crop, workers=args.workers, seed=args.seed,
                     balance_replace=replace, strict=args.strict)
     try:
-        report = debias(model=args.model, weights=args.weights, data=data, out=args.out, method=args.method,
-                        config=_config(args), trust_pickle=args.trust_pickle, library=args.arch_library,
-                        device=args.device, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
-                        epoch_eval=not args.no_epoch_eval, keep_checkpoint=args.keep_checkpoint,
-                        progress=not args.no_progress)
+        with trace(args.profile) as trace_path:
+            report = debias(model=args.model, weights=args.weights, data=data, out=args.out, method=args.method,
+                            config=_config(args), trust_pickle=args.trust_pickle, library=args.arch_library,
+                            device=args.device, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
+                            epoch_eval=not args.no_epoch_eval, keep_checkpoint=args.keep_checkpoint,
+                            progress=not args.no_progress)
     except RunStopped as stop:
         print(f"fastmask debias: {stop}")
         return EXIT_STOPPED
@@ -164,6 +166,8 @@ def _run_debias(args: argparse.Namespace) -> int:
     for w in report["collapse_warnings"]:
         print(f"WARNING: {w['message']}")
     print(f"wrote {args.out}/report.md, report.json, weights.safetensors, mask.safetensors and the plots")
+    if trace_path is not None:
+        print(f"wrote the profiler trace {trace_path} (open it in chrome://tracing or ui.perfetto.dev)")
     return 0
 
 
@@ -232,6 +236,10 @@ def add_debias(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-epoch-eval", action="store_true",
                    help="do not evaluate after every epoch (no per-epoch plot)")
     g.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after the run finished")
+    g.add_argument("--profile", metavar="DIR",
+                   help="write a torch.profiler Chrome trace of the run to DIR/trace.json; its fastmask.* ranges "
+                   "(data, importance, mask, step1, head_reinit, step2, evaluate and the fused ops) are the NVTX "
+                   "ranges Nsight Systems shows (nsys profile -t nvtx,cuda fastmask debias ...)")
     p.set_defaults(func=_report_errors("debias", _run_debias))
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from fastmask import distributed, ops
 from fastmask.losses import SWIFT_BIAS, BiasSpec, wbce
-from fastmask.profiling import phase
+from fastmask.profiling import phase, ranged
 
 __all__ = ["fisher_importance", "fisher_importance_two_pass", "Objective"]
 
@@ -103,7 +103,7 @@ def fisher_importance(
     imp_l = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     n_batches = 0
     with phase("fastmask.importance"), _eval_with_all_grads(model):
-        for batch in tqdm(loader, desc="importance", disable=not progress, leave=False):
+        for batch in ranged(tqdm(loader, desc="importance", disable=not progress, leave=False)):
             x, y, a = unpack_batch(batch, dev)
             # Under torchrun both objectives are the global batch's (fastmask.distributed.global_batch) and the
             # gradients are summed over the ranks before squaring: every rank accumulates the same importances.

@@ -46,7 +46,7 @@ from fastmask.losses import BMFT_BIAS, SWIFT_BIAS, BiasSpec, combined_loss
 from fastmask.masks import hard_mask, soft_mask
 from fastmask.models import split_head
 from fastmask.optim import MaskedAdam, MaskedAdamW, MaskedSGD
-from fastmask.profiling import phase
+from fastmask.profiling import phase, ranged
 
 __all__ = ["StepConfig", "SwiftConfig", "BmftConfig", "CollapseWarning", "Result", "RunState", "swift", "bmft",
            "reinit_head"]
@@ -475,7 +475,7 @@ def _train_step(
                       total=epochs):
         _set_modes(model, head, feature_eval)
         total, n_batches, positives, seen = 0.0, 0, 0, 0
-        for batch in tqdm(loader, desc=f"{name} epoch {epoch + 1}", disable=not progress, leave=False):
+        for batch in ranged(tqdm(loader, desc=f"{name} epoch {epoch + 1}", disable=not progress, leave=False)):
             x, y, a = unpack_batch(batch, device)
             optimizer.zero_grad(set_to_none=True)
             # Under torchrun: the global batch's loss, this rank's share of its gradient, summed over the ranks
@@ -503,7 +503,7 @@ def _positive_share(model: nn.Module, loader: Iterable, device: torch.device) ->
     was_training = model.training
     model.eval()
     pos, lab, n = 0, 0.0, 0
-    for batch in loader:
+    for batch in ranged(loader):
         x, y, _ = unpack_batch(batch, device)
         z = model(x).reshape(-1)
         pos += int((z > 0).sum())  # p = σ(z) > 0.5 ⇔ z > 0, as np.round(p) predicts (spec §6)
@@ -516,7 +516,8 @@ def _positive_share(model: nn.Module, loader: Iterable, device: torch.device) ->
 
 def _collapse_check(result: Result, step: str, model: nn.Module, loader: Iterable, device: torch.device,
                     threshold: float) -> None:
-    share, label_rate = _positive_share(model, loader, device)
+    with phase("fastmask.evaluate"):
+        share, label_rate = _positive_share(model, loader, device)
     result.checks.append({"step": step, "positive_share": share, "label_positive_rate": label_rate})
     for cls, pred, lab in (("positive", share, label_rate), ("negative", 1 - share, 1 - label_rate)):
         if pred >= threshold and lab < threshold:

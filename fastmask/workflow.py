@@ -58,6 +58,7 @@ from fastmask.pipeline import (
     bmft,
     swift,
 )
+from fastmask.profiling import phase, ranged
 from fastmask.report import (
     group_rows,
     jsonable,
@@ -308,6 +309,7 @@ def _loader_summary(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
+@phase("fastmask.evaluate")
 def predict(model: nn.Module, loader: Any, device: torch.device | str, *, progress: bool = False,
             desc: str = "evaluate") -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(y, p = σ(z), a, keys) over one pass of ``loader`` in eval mode (the model's mode is restored)."""
@@ -315,7 +317,7 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str, *, progre
     model.eval()
     ys, ps, groups, keys = [], [], [], []
     try:
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for batch in ranged(tqdm(loader, desc=desc, disable=not progress, leave=False)):
             x, y, a = unpack_batch(batch, torch.device(device))
             ps.append(torch.sigmoid(model(x).reshape(-1).float()).cpu())
             ys.append(y.reshape(-1).cpu())
