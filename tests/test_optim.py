@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import pickle
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -827,6 +829,16 @@ def test_environment_variable_chooses_the_backend_and_the_argument_overrides_it(
         MaskedSGD([p], lr=0.1).step()
     MaskedSGD([p], lr=0.1, backend="reference").step()
     assert torch.equal(p.detach(), torch.full((3,), -0.1))
+
+
+def test_optim_imports_only_the_op_layer():
+    """fastmask.optim must stay usable without the rest of fastmask (STYLE.md layering)."""
+    code = "import sys, fastmask.optim; print(' '.join(m for m in sys.modules if m.startswith('fastmask')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(out.split())
+    allowed = {"fastmask", "fastmask._C", "fastmask.backend", "fastmask.ops", "fastmask.optim", "fastmask.profiling",
+               "fastmask.reference"}
+    assert "fastmask.optim" in loaded and loaded <= allowed, loaded - allowed
 
 
 # ---- masks: setting, validation, accessors, persistence ----------------------------------------------------------
