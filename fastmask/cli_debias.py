@@ -166,6 +166,10 @@ def _run_debias(args: argparse.Namespace) -> int:
     for w in report["collapse_warnings"]:
         print(f"WARNING: {w['message']}")
     print(f"wrote {args.out}/report.md, report.json, weights.safetensors, mask.safetensors and the plots")
+    gen = report["memory"]["mask_generation"]
+    if gen is not None:
+        print(f"mask generation: peak {gen['peak_bytes'] / 2**20:.1f} MiB, {gen['extra_bytes'] / 2**20:.1f} MiB above "
+              f"its start ({gen['extra_over_parameter_bytes']:.2f}x the parameter bytes; report.json 'memory')")
     if trace_path is not None:
         print(f"wrote the profiler trace {trace_path} (open it in chrome://tracing or ui.perfetto.dev)")
     return 0

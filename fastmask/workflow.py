@@ -45,6 +45,7 @@ from fastmask.data import ShardIndex, ShardLoader, atomic_write_bytes, attr_code
 from fastmask.importance import unpack_batch
 from fastmask.losses import BiasSpec
 from fastmask.masks import mask_fraction, save_masks
+from fastmask.memory import PeakMemory
 from fastmask.metrics import acc, auc, auc_gap, eodds, eopp, group_table, spd, worst_group_auc
 from fastmask.metrics import evaluate as scalar_metrics
 from fastmask.models import find_head_name, split_head
@@ -529,8 +530,18 @@ def debias(
         later = steps[steps.index(state.step) + 1:]
         return step_epochs[state.step] - state.epoch + sum(step_epochs[name] for name in later)
 
+    # Memory account: one stretch for the mask generation (importance pass + mask), one per epoch of each step; the
+    # per-epoch evaluation and the checkpoint are left out (the watch restarts after them).
+    meter = PeakMemory(dev)
+    memory_laps: dict[str, Any] = {"mask_generation": None, "epochs": []}
+
     def on_epoch(state: RunState) -> None:
         nonlocal epochs_run
+        lap = meter.lap()
+        if state.epoch == 0:
+            memory_laps["mask_generation"] = lap
+        else:
+            memory_laps["epochs"].append((state.step, state.epoch, lap))
         if state.epoch > 0:
             epochs_run += 1
             if epoch_eval:
@@ -561,8 +572,12 @@ def debias(
             raise RunStopped(state.step, state.epoch, epochs_run, state_path)
 
     run_fn = swift if method == "swift" else bmft
-    result = run_fn(net, tracked_mask, tracked_train, config=config, progress=progress, on_epoch=on_epoch,
-                    resume=resume_state)
+    meter.start()
+    try:
+        result = run_fn(net, tracked_mask, tracked_train, config=config, progress=progress, on_epoch=on_epoch,
+                        resume=resume_state)
+    finally:
+        meter.stop()
     after = evaluate_now("evaluate after")
 
     save_weights(net, out / OUTPUTS["weights"], metadata={"format": "fastmask-weights", "method": method})
@@ -606,6 +621,7 @@ def debias(
         "head_reset_fraction": result.head_reset_fraction,
         "n_importance_batches": result.n_importance_batches,
         "mask": mask,
+        "memory": _memory_account(net, memory_laps),
         "outputs": {**OUTPUTS, "plots": plots},
     }
     write_debias_report(out, report)
@@ -614,6 +630,21 @@ def debias(
         if not any(state_path.parent.iterdir()):
             state_path.parent.rmdir()
     return jsonable(report)
+
+
+def _memory_account(net: nn.Module, laps: Mapping[str, Any]) -> dict[str, Any]:
+    """Peak memory of the mask generation and of each fine-tuning step (the largest of its epochs) against the
+    parameter bytes (see :mod:`fastmask.memory` for what is measured and what is not)."""
+    param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    steps: dict[str, Any] = {}
+    for step, epoch, lap in laps["epochs"]:
+        if step not in steps or lap.peak_bytes > steps[step]["peak_bytes"]:
+            steps[step] = {**lap.to_dict(param_bytes), "epoch": epoch}
+    gen = laps["mask_generation"]
+    return {"parameters": sum(p.numel() for p in net.parameters()), "parameter_bytes": param_bytes,
+            "mask_generation": gen.to_dict(param_bytes) if gen is not None else None,
+            "steps": steps,
+            "epochs": [{"step": s, "epoch": e, **lap.to_dict(param_bytes)} for s, e, lap in laps["epochs"]]}
 
 
 def _diff(a: float | None, b: float | None) -> float | None:

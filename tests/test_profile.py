@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import make_dataset, tiny_weights
+from cli_helpers import TinyCNN, make_dataset, tiny_weights
 
 from fastmask.cli import main
 
@@ -54,6 +54,13 @@ def test_trace_has_every_phase_and_op(data: Path, tmp_path: Path, method: str, c
             "--epochs2", "1", "--batch-size", "16", "--image-size", "12", "--no-progress", "--no-epoch-eval",
             "--out", str(tmp_path / "out"), "--profile", str(tmp_path / "prof"), *extra]
     assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    mem = report["memory"]
+    assert mem["parameter_bytes"] == 4 * sum(p.numel() for p in TinyCNN().parameters())
+    assert set(mem["steps"]) == ({"step1", "step2"} if method == "swift" else {"impair", "repair"})
+    for lap in (mem["mask_generation"], *mem["steps"].values()):
+        assert lap["peak_bytes"] >= lap["baseline_bytes"] > 0
+        assert lap["extra_over_parameter_bytes"] == lap["extra_bytes"] / mem["parameter_bytes"]
     trace = tmp_path / "prof" / "trace.json"
     assert str(trace) in capsys.readouterr().out
     found = spans(trace)
