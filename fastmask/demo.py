@@ -16,7 +16,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,47 +26,68 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from fastmask.balance import group_balance
+from fastmask.baselines import collect_predictions
+from fastmask.data import ImageTableDataset, ShardIndex, ShardLoader, make_loader, write_shards
 from fastmask.losses import wbce
 from fastmask.metrics import evaluate
 from fastmask.pipeline import BmftConfig, Result, StepConfig, SwiftConfig, bmft, swift
 
-__all__ = ["DigitsSplits", "digits_benchmark", "DemoCNN", "train_erm", "predict", "prepare", "loaders", "run",
-           "format_table", "main", "SWIFT_DEMO", "BMFT_DEMO", "METRICS"]
+__all__ = ["DigitsSplits", "tinted_images", "digits_benchmark", "stream", "DemoCNN", "train_erm", "score",
+           "prepare", "loaders", "run", "format_table", "main", "SWIFT_DEMO", "BMFT_DEMO", "METRICS"]
 
 METRICS = ("auc", "acc", "spd", "eodds", "worst_group_auc")
 
 # Share of training images whose tint agrees with the label.
 AGREEMENT = 0.9
 # Tints per attribute value, as RGB multipliers of the digit's ink.
-TINTS = torch.tensor([[1.0, 0.35, 0.25], [0.25, 0.45, 1.0]])
+TINTS = np.array([[1.0, 0.35, 0.25], [0.25, 0.45, 1.0]])
+# The digits are 8 x 8; the loader keeps that size (no resize).
+IMAGE_SIZE = 8
 
 
 @dataclass
 class DigitsSplits:
-    """Tensors (x, y, a) of the three splits: ``train`` (tint agrees with the label), ``external`` and ``test``
-    (tint independent of the label)."""
+    """The three splits written as WebDataset shards in a temporary directory: ``train`` (tint agrees with the
+    label), ``external`` and ``test_shards`` (tint independent of the label), each a
+    :class:`~fastmask.data.ShardIndex` with the label column ``target`` and the attribute ``tint``.
 
-    train: TensorDataset
-    external: TensorDataset
-    test: TensorDataset
+    ``test`` is the test split as a map-style dataset over the same PNG files, with the same transform (for code
+    that wants a ``torch.utils.data.DataLoader``, such as ``fastmask compare``); it yields the same values as the
+    shards. The directory lives as long as this object; :meth:`close` removes it at once.
+    """
+
+    train: ShardIndex
+    external: ShardIndex
+    test_shards: ShardIndex
+    test: ImageTableDataset
+    workdir: tempfile.TemporaryDirectory
+
+    def close(self) -> None:
+        """Remove the shards and images."""
+        self.workdir.cleanup()
 
 
-def _tint(images: np.ndarray, a: np.ndarray) -> torch.Tensor:
-    ink = torch.tensor(images / 16.0, dtype=torch.float32)  # [N, 8, 8] in [0, 1]
-    x = ink[:, None] * TINTS[torch.as_tensor(a)][:, :, None, None]  # [N, 3, 8, 8]
-    return (x - 0.25) / 0.35
+def tinted_images(images: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """uint8 RGB [N, 8, 8, 3]: the ink (0..16 in scikit-learn's digits) scaled to 0..255 and multiplied by the
+    tint of attribute ``a``, rounded to the nearest integer (the only loss: at most 0.5 / 255 per pixel)."""
+    ink = images.astype(np.float64) / 16.0
+    return np.rint(ink[..., None] * TINTS[a][:, None, None, :] * 255.0).astype(np.uint8)
 
 
 def digits_benchmark(
     seed: int, agreement: float = AGREEMENT, fractions: tuple[float, float] = (0.5, 0.25)
 ) -> DigitsSplits:
     """Split the 1,797 digits (seeded) into train / external / test (50 / 25 / 25 % by default) with y = 1[digit >= 5]
-    and a tint attribute a that equals y for ``agreement`` of the training images and is a fair coin elsewhere."""
+    and a tint attribute a that equals y for ``agreement`` of the training images and is a fair coin elsewhere.
+
+    Every split is written as lossless PNGs plus a metadata table (``filepath``, ``target``, ``tint``) and then as
+    shards (:func:`fastmask.data.write_shards`) in a fresh temporary directory.
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -73,21 +96,40 @@ def digits_benchmark(
     n_train = int(fractions[0] * len(order))
     n_ext = int(fractions[1] * len(order))
     parts = {"train": order[:n_train], "external": order[n_train:n_train + n_ext], "test": order[n_train + n_ext:]}
-    out = {}
+    workdir = tempfile.TemporaryDirectory(prefix="fastmask-demo-")
+    root = Path(workdir.name)
+    out: dict[str, Any] = {}
+    tables = {}
     for name, idx in parts.items():
         y = (digits.target[idx] >= 5).astype(np.int64)
         if name == "train":
             a = np.where(rng.random(len(idx)) < agreement, y, 1 - y)
         else:
             a = rng.integers(0, 2, len(idx))
-        out[name] = TensorDataset(_tint(digits.images[idx], a), torch.tensor(y, dtype=torch.float32),
-                                  torch.tensor(a, dtype=torch.long))
-    return DigitsSplits(**out)
+        (root / "images" / name).mkdir(parents=True)
+        paths = []
+        for i, img in enumerate(tinted_images(digits.images[idx], a)):
+            paths.append(f"{name}/{i:05d}.png")
+            Image.fromarray(img, "RGB").save(root / "images" / paths[-1])
+        tables[name] = pd.DataFrame({"filepath": paths, "target": y, "tint": a})
+        out["test_shards" if name == "test" else name] = write_shards(
+            tables[name], root / "images", root / "shards" / name, attr_cols="tint", maxcount=256)
+    test = ImageTableDataset(tables["test"], root / "images", image_size=IMAGE_SIZE, attr="tint")
+    return DigitsSplits(**out, test=test, workdir=workdir)
+
+
+def stream(shards: ShardIndex, seed: int, *, batch_size: int = 64, shuffle: bool = True,
+           keys: Iterable[str] | None = None) -> ShardLoader:
+    """A loader over demo shards with the test transform (no flips: a flipped digit may be another digit), every
+    sample once per epoch (``keys`` selects and repeats samples), shuffled from ``seed`` unless ``shuffle=False``."""
+    return make_loader(shards, batch_size=batch_size, train=False, image_size=IMAGE_SIZE, seed=seed,
+                       shuffle=shuffle, drop_last=False, keys=keys)
 
 
 class DemoCNN(nn.Module):
     """A small CNN f = C∘E: three conv-BN-ReLU blocks and global average pooling (E), then SWiFT's head
-    C = Dropout(0.5) + Linear(64, 1) returning the logit."""
+    C = Dropout(0.5) + Linear(64, 1) returning the logit. Inputs are ImageNet-normalised RGB, as the loader
+    yields them."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
@@ -103,10 +145,10 @@ class DemoCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def train_erm(model: nn.Module, data: TensorDataset, *, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64,
+def train_erm(model: nn.Module, loader: Iterable, *, epochs: int = 30, lr: float = 1e-3,
               progress: bool = False) -> nn.Module:
-    """Plain ERM with the reference WBCE and Adam: the biased model the methods start from."""
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True)
+    """Plain ERM with the reference WBCE and Adam over ``loader``'s ``(x, y, a)`` batches (one pass per epoch):
+    the biased model the methods start from."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in tqdm(range(epochs), desc="ERM", disable=not progress, leave=False):
@@ -117,37 +159,26 @@ def train_erm(model: nn.Module, data: TensorDataset, *, epochs: int = 30, lr: fl
     return model.eval()
 
 
-@torch.no_grad()
-def predict(model: nn.Module, data: TensorDataset, batch_size: int = 512) -> np.ndarray:
-    """p = σ(z) in eval mode."""
-    model.eval()
-    out = [torch.sigmoid(model(x).reshape(-1)) for x, *_ in DataLoader(data, batch_size=batch_size)]
-    return torch.cat(out).numpy()
+def score(model: nn.Module, loader: Iterable) -> dict[str, float]:
+    """:func:`fastmask.metrics.evaluate` of the model's predictions p = σ(z) (eval mode) over ``loader``."""
+    return evaluate(*collect_predictions(model, loader))
 
 
-def _metrics(model: nn.Module, data: TensorDataset) -> dict[str, float]:
-    _, y, a = data.tensors
-    return evaluate(y.numpy(), predict(model, data), a.numpy())
-
-
-def prepare(seed: int, *, progress: bool = False) -> tuple[DigitsSplits, DemoCNN]:
-    """The seeded splits and the biased ERM model that every method starts from."""
+def prepare(seed: int, *, progress: bool = False, batch_size: int = 64) -> tuple[DigitsSplits, DemoCNN]:
+    """The seeded splits (as shards) and the biased ERM model, trained on the streamed training shards, that every
+    method starts from."""
     torch.manual_seed(seed)
     splits = digits_benchmark(seed)
-    return splits, train_erm(DemoCNN(), splits.train, progress=progress)
+    return splits, train_erm(DemoCNN(), stream(splits.train, seed, batch_size=batch_size), progress=progress)
 
 
-def loaders(external: TensorDataset, seed: int, batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
-    """(mask_loader over the unbalanced external set D_e, train_loader over the group-balanced D_r), both shuffled
-    by one generator seeded with ``seed``; D_r is built from a metadata table with :func:`group_balance`, as a user
-    would."""
-    _, y_ext, a_ext = external.tensors
-    table = pd.DataFrame({"target": y_ext.long().numpy(), "tint": a_ext.numpy()})
-    rows = torch.as_tensor(group_balance(table, "tint", "target", seed=seed)["source_index"].to_numpy().copy())
-    d_r = TensorDataset(*(t[rows] for t in external.tensors))
-    gen = torch.Generator().manual_seed(seed)
-    return (DataLoader(external, batch_size=batch_size, shuffle=True, generator=gen),
-            DataLoader(d_r, batch_size=batch_size, shuffle=True, generator=gen))
+def loaders(external: ShardIndex, seed: int, batch_size: int = 64) -> tuple[ShardLoader, ShardLoader]:
+    """(mask_loader over the unbalanced external set D_e, train_loader over the group-balanced D_r), both streamed
+    from the external shards with test transforms and shuffled from ``seed``; D_r is selected by key with
+    :func:`group_balance` on the shard index's metadata table, as a user would."""
+    d_r = group_balance(external.table(), "tint", "target", seed=seed)["source_index"]
+    return (stream(external, seed, batch_size=batch_size),
+            stream(external, seed, batch_size=batch_size, keys=d_r))
 
 
 # The demo's settings: step 1 is the reference's (SGD, lr 1e-4, momentum 0.9, weight decay 5e-4, 10 epochs), a gentle
@@ -167,15 +198,18 @@ def run(seed: int = 0, *, progress: bool = True, swift_config: SwiftConfig = SWI
     "results": {method: pipeline Result}}``.
     """
     start = time.perf_counter()
-    splits, baseline = prepare(seed, progress=progress)
-    mask_loader, train_loader = loaders(splits.external, seed, batch_size)
-
-    methods = {"Baseline": _metrics(baseline, splits.test)}
-    results: dict[str, Result] = {}
-    for name, fn, cfg in (("BMFT", bmft, bmft_config), ("SWiFT", swift, swift_config)):
-        model = copy.deepcopy(baseline)
-        results[name] = fn(model, mask_loader, train_loader, config=replace(cfg, seed=seed), progress=progress)
-        methods[name] = _metrics(model, splits.test)
+    splits, baseline = prepare(seed, progress=progress, batch_size=batch_size)
+    try:
+        mask_loader, train_loader = loaders(splits.external, seed, batch_size)
+        test_loader = stream(splits.test_shards, seed, batch_size=512, shuffle=False)
+        methods = {"Baseline": score(baseline, test_loader)}
+        results: dict[str, Result] = {}
+        for name, fn, cfg in (("BMFT", bmft, bmft_config), ("SWiFT", swift, swift_config)):
+            model = copy.deepcopy(baseline)
+            results[name] = fn(model, mask_loader, train_loader, config=replace(cfg, seed=seed), progress=progress)
+            methods[name] = score(model, test_loader)
+    finally:
+        splits.close()
     return {
         "seed": seed,
         "seconds": time.perf_counter() - start,

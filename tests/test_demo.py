@@ -1,11 +1,87 @@
 """`fastmask demo` end to end: the JSON schema and the issue's targets (SWiFT cuts EOdds by >= 30 % without levelling
-down or collapsing)."""
+down or collapsing); and its streaming data path: the shards deliver the tinted digits, labels and tints, D_r is
+group-balanced, the loaders are seeded."""
 
 import json
+import os
 import subprocess
 import sys
+from collections import Counter
 
+import numpy as np
 import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from fastmask.demo import digits_benchmark, loaders, stream
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+TINT_RGB = np.array([[1.0, 0.35, 0.25], [0.25, 0.45, 1.0]])  # the demo's documented tints, per attribute value
+
+
+@pytest.fixture(scope="module")
+def splits():
+    s = digits_benchmark(3)
+    yield s
+    s.close()
+
+
+def collect(loader):
+    """One epoch's x, y, a, each concatenated over the batches."""
+    return (torch.cat(t) for t in zip(*loader, strict=True))
+
+
+def batches(loader):
+    return [tuple(t.clone() for t in b) for b in loader]
+
+
+def test_shards_deliver_the_tinted_digits(splits):
+    """Every test image reaching the model is (u8 / 255 - mean) / std of a scikit-learn digit whose ink (0..16)
+    is scaled to 0..255 and tinted by the sample's attribute, and its label is 1[digit >= 5]."""
+    digits = load_digits()
+    x, y, a = collect(stream(splits.test_shards, 0, shuffle=False))
+    assert x.shape == (len(splits.test_shards), 3, 8, 8) and x.dtype == torch.float32
+    u8 = (x.numpy().transpose(0, 2, 3, 1).astype(np.float64) * IMAGENET_STD + IMAGENET_MEAN) * 255
+    np.testing.assert_allclose(u8, np.rint(u8), atol=1e-3)  # whole numbers: a lossless uint8 image
+    for img, label, tint in zip(np.rint(u8), y.numpy(), a.numpy(), strict=True):
+        candidates = np.rint(digits.images[..., None] / 16 * TINT_RGB[tint] * 255)  # [1797, 8, 8, 3]
+        match = np.flatnonzero((candidates == img).all(axis=(1, 2, 3)))
+        assert match.size, "a test image matches no tinted digit"
+        assert {int(t >= 5) for t in digits.target[match]} == {int(label)}
+    # the tint is independent of the label outside training: both tints occur for both labels
+    assert set(zip(y.long().tolist(), a.tolist(), strict=True)) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+def test_loaders_mask_set_once_and_balanced_d_r(splits):
+    mask_loader, train_loader = loaders(splits.external, seed=5, batch_size=64)
+    keys = set(splits.external.samples)
+    x, y, a = collect(mask_loader)
+    assert len(x) == len(keys)  # D_e: every external sample once per epoch
+    groups = Counter(zip(a.tolist(), y.long().tolist(), strict=True))
+    _, y_r, a_r = collect(train_loader)
+    balanced = Counter(zip(a_r.tolist(), y_r.long().tolist(), strict=True))
+    # D_r (spec §1 steps 1-5): the smaller tint group S whole, as many rows per label drawn from the larger one
+    small = min((0, 1), key=lambda g: groups[(g, 0)] + groups[(g, 1)])
+    for label in (0, 1):
+        assert balanced[(0, label)] == balanced[(1, label)] == groups[(small, label)]
+
+
+def test_loaders_are_seeded(splits):
+    first = [batches(loader) for loader in loaders(splits.external, seed=7)]
+    again = [batches(loader) for loader in loaders(splits.external, seed=7)]
+    other = [batches(loader) for loader in loaders(splits.external, seed=8)]
+    for b1, b2, b3 in zip(first, again, other, strict=True):
+        assert all(torch.equal(t1, t2) for u, v in zip(b1, b2, strict=True) for t1, t2 in zip(u, v, strict=True))
+        assert not torch.equal(b1[0][0], b3[0][0])  # another seed, another order
+
+
+def test_close_removes_the_shards():
+    s = digits_benchmark(0)
+    root = s.workdir.name
+    assert os.path.isdir(root)
+    s.close()
+    assert not os.path.exists(root)
 
 METHODS = {"Baseline", "BMFT", "SWiFT"}
 METRICS = {"auc", "acc", "spd", "eodds", "worst_group_auc"}
