@@ -31,4 +31,15 @@ TORCH_LIBRARY(fastmask, m) {
       "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, *, "
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
       "bool first_step, bool mask_update, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // The q-th percentile (q in [0, 100]) of every element of `tensors` taken together, equal to np.percentile over
+  // their concatenation (methods linear, lower, higher, nearest, midpoint), as a 0-d float64 tensor; BMFT's global
+  // threshold (spec §4). Radix selection over the floats' bit patterns, no concatenated copy. NaN raises.
+  m.def("percentile(Tensor[] tensors, float q, str method=\"linear\") -> Tensor");
+  // One pass of that selection, exposed so it can run across ranks (fastmask.distributed): int64 counts of shape
+  // [len(prefixes), 2^digit_bits]; row p bins the elements whose top prefix_bits order-key bits equal prefixes[p]
+  // by their next digit_bits key bits.
+  m.def("radix_histogram(Tensor[] tensors, int[] prefixes, int prefix_bits, int digit_bits) -> Tensor");
+  // Hard masks x > threshold (x >= threshold when inclusive), per tensor, as numpy compares: layout "bool",
+  // "uint8" (0 / 1) or "packed" (ceil(numel / 8) bytes, np.packbits(bitorder="little") order).
+  m.def("hard_mask(Tensor[] tensors, float threshold, bool inclusive=False, str layout=\"bool\") -> Tensor[]");
 }

@@ -238,6 +238,28 @@ def hard_mask(
     return out  # type: ignore[return-value]
 
 
+def _register_percentile_fakes() -> None:
+    """Output metadata of the percentile ops for FakeTensor tracing (torch.compile, torch.library.opcheck)."""
+
+    @torch.library.register_fake("fastmask::percentile")
+    def _(tensors: list[Tensor], q: float, method: str = "linear") -> Tensor:
+        return tensors[0].new_empty((), dtype=torch.float64)
+
+    @torch.library.register_fake("fastmask::radix_histogram")
+    def _(tensors: list[Tensor], prefixes: list[int], prefix_bits: int, digit_bits: int) -> Tensor:
+        return tensors[0].new_empty((len(prefixes), 1 << digit_bits), dtype=torch.int64)
+
+    @torch.library.register_fake("fastmask::hard_mask")
+    def _(tensors: list[Tensor], threshold: float, inclusive: bool = False, layout: str = "bool") -> list[Tensor]:
+        if layout == "packed":
+            return [t.new_empty(((t.numel() + 7) // 8,), dtype=torch.uint8) for t in tensors]
+        return [t.new_empty(t.shape, dtype=torch.bool if layout == "bool" else torch.uint8) for t in tensors]
+
+
+if _backend._extension_error() is None:  # the ops exist once fastmask._C is loaded
+    _register_percentile_fakes()
+
+
 MASK_MODES = ("grad", "update")
 
 

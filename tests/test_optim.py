@@ -778,6 +778,16 @@ def test_an_unavailable_backend_raises_at_step():
         MaskedAdam([p], backend="cuda").step()
 
 
+def test_environment_variable_chooses_the_backend_and_the_argument_overrides_it(monkeypatch):
+    monkeypatch.setenv("FASTMASK_BACKEND", "cuda")
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"FASTMASK_BACKEND='cuda' cannot run masked_sgd_"):
+        MaskedSGD([p], lr=0.1).step()
+    MaskedSGD([p], lr=0.1, backend="reference").step()
+    assert torch.equal(p.detach(), torch.full((3,), -0.1))
+
+
 # ---- masks: setting, validation, accessors, persistence ----------------------------------------------------------
 
 

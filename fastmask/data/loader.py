@@ -14,9 +14,10 @@ How an epoch is planned (all from the shard index, identically on every rank, wi
    ``DistributedSampler``, at most W - 1 samples are repeated). The ranks' samples are disjoint apart from that
    padding, whatever the number of shards; each rank reads the tar bytes of every shard it has samples in but
    decodes only its own.
-4. Per-worker split inside a rank: whole shards round-robin when the rank has at least as many shards as workers
-   (each shard is read once); otherwise occurrences round-robin (each worker reads the shards and decodes every
-   n-th sample) -- so fewer shards than workers never leaves a worker without samples ("No samples found").
+4. Per-worker split inside a rank (DataLoader worker processes): whole shards round-robin when the rank has at
+   least as many shards as workers (each shard is read once); otherwise occurrences round-robin (each worker reads
+   the shards and decodes every n-th sample), so fewer shards than workers never leaves a worker without samples
+   (webdataset's "No samples found").
 5. Batches per epoch, the same on every rank: ``epoch_length`` if given; else with ``drop_last`` (the default when
    training) floor(M / B) (at least 1); else ceil(M / B) with a short last batch. When a rank's stream runs short --
    ``epoch_length`` asks for more than M samples, or corrupted samples were skipped under torchrun -- it starts
@@ -344,7 +345,7 @@ class _PassStream(torch.utils.data.IterableDataset):
         events.clear()
         if not imgs:
             return None, None, None, [], handed
-        x = self.transform.batch(imgs)
+        x = self.transform.batch(imgs, shared=torch.utils.data.get_worker_info() is not None)
         return x, torch.tensor(ys, dtype=torch.float32), torch.tensor(As, dtype=torch.int64), keys, handed
 
 
@@ -503,12 +504,15 @@ class ShardLoader:
         if nworkers == 0:
             yield from dataset
             return
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=nworkers, collate_fn=_identity)
+        # A plain DataLoader (webdataset's WebLoader wraps one in a generator, which hides the worker shutdown).
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=nworkers, collate_fn=_identity)
         it = iter(loader)
         try:
             yield from it
         finally:
-            del it  # shuts the workers down when the epoch stops early
+            # Stop the workers now, also when a worker raised: the exception's traceback keeps the iterator (and
+            # the worker processes) alive until it is collected, and interpreter exit then waits 5 s per worker.
+            it._shutdown_workers()
 
     def __iter__(self) -> Iterator[tuple]:
         epoch = self.epoch
@@ -523,23 +527,25 @@ class ShardLoader:
         while taken < self._take:
             delivered = 0
             chunks = self._pass(epoch, pass_)
-            for x, y, a, keys, events in chunks:
-                for record in events:
-                    stats.add(record)
-                if not keys:
-                    continue
-                delivered += len(keys)
-                part = (x, y, a, keys)
-                room = self._take - taken
-                if len(keys) > room:
-                    part = tuple(t[:room] for t in part)
-                batches.push(part)
-                taken += len(part[3])
-                while batches.pending >= self.batch_size:
-                    yield self._emit(batches.pop(), stats)
-                if taken >= self._take:
-                    break
-            chunks.close()  # stops this pass's workers now, not when the generator is collected
+            try:
+                for x, y, a, keys, events in chunks:
+                    for record in events:
+                        stats.add(record)
+                    if not keys:
+                        continue
+                    delivered += len(keys)
+                    part = (x, y, a, keys)
+                    room = self._take - taken
+                    if len(keys) > room:
+                        part = tuple(t[:room] for t in part)
+                    batches.push(part)
+                    taken += len(part[3])
+                    while batches.pending >= self.batch_size:
+                        yield self._emit(batches.pop(), stats)
+                    if taken >= self._take:
+                        break
+            finally:
+                chunks.close()  # stops this pass's workers now (also when the caller stops early)
             stats.passes += 1
             if taken >= self._take or not self._cycle:
                 break
@@ -583,6 +589,9 @@ def _resolve_counts(index: ShardIndex, keys: Mapping[str, int] | Iterable[str] |
         return {k: 1 for k in index.samples}
     if isinstance(keys, str):
         raise TypeError("keys must be a mapping key -> count or an iterable of keys, not a single string")
+    if isinstance(keys, pd.Series) and not pd.api.types.is_integer_dtype(keys.dtype):
+        # A Series of keys (e.g. group_balance(index.table(), ...)["source_index"]), not key -> count.
+        keys = keys.tolist()
     if hasattr(keys, "items"):
         counts: dict[str, int] = {}
         for k, c in keys.items():
@@ -653,7 +662,7 @@ def make_loader(
         batch_size: samples per batch.
         train: training mode: random flips / transpose (spec §1) and, by default, shuffling and ``drop_last``.
         image_size: output height and width.
-        workers: DataLoader worker processes (``webdataset.WebLoader``); 0 reads in this process.
+        workers: DataLoader worker processes; 0 reads in this process.
         seed: base seed of shard order, shuffle buffer and augmentation (use the same on every rank).
         shuffle: shuffle shards and samples (default: ``train``); the importance pass uses test transforms
             with shuffling (``train=False, shuffle=True``).
@@ -662,8 +671,10 @@ def make_loader(
         epoch_length: batches per epoch on every rank (fixed; passes repeat to fill it).
         drop_last: full batches only, floor(M / B) of them (default: ``train``).
         rank, world_size: this process's place in the job (default: from ``torch.distributed`` if initialised).
-        keys: the samples to stream and how often: key -> count (count k yields the key k times, 0 drops it), or
-            an iterable of keys with repeats (e.g. the index of a group-balanced DataFrame); default every key once.
+        keys: the samples to stream and how often: key -> count (a mapping, or an integer Series such as
+            ``value_counts()``; count k yields the key k times, 0 drops it), or an iterable of keys with repeats (a
+            list, or a Series of keys such as the ``source_index`` column of
+            ``fastmask.balance.group_balance(index.table(), attr)``); default every key once.
         attr: the attribute that becomes ``a`` (default: the only one).
         attr_map: value -> int group, for attributes that are not integers.
         center_crop: centre crop of the original image before resizing.

@@ -1,0 +1,590 @@
+// CPU kernels of fastmask::percentile, fastmask::radix_histogram and fastmask::hard_mask (schemas in csrc/ops.cpp).
+//
+// percentile(tensors, q, method) equals np.percentile(np.concatenate([t.ravel() for t in tensors]), q, method=method)
+// — BMFT's global threshold alpha over the importance ratios (spec §4, BMFT hard mask) — without the concatenated
+// copy: radix selection over order-preserving keys of the float bit patterns (csrc/percentile_keys.h). Each pass
+// streams every tensor once and builds a histogram of the next 16 key bits of the elements that share the prefix
+// found so far, so fp16 / bf16 take one pass, fp32 two and fp64 four; memory is one histogram per thread, whatever n.
+#include "percentile.h"
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <type_traits>
+
+namespace fastmask {
+namespace percentile {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared with the CUDA glue (declared in percentile.h).
+
+Method parse_method(std::string_view method) {
+  if (method == "linear") return Method::kLinear;
+  if (method == "lower") return Method::kLower;
+  if (method == "higher") return Method::kHigher;
+  if (method == "nearest") return Method::kNearest;
+  if (method == "midpoint") return Method::kMidpoint;
+  TORCH_CHECK_VALUE(false, "fastmask.percentile: method must be one of 'linear', 'lower', 'higher', 'nearest', ",
+                    "'midpoint', got '", std::string(method), "'");
+}
+
+Plan make_plan(int64_t n, double q, Method method) {
+  // Written to match numpy/lib/_function_base_impl.py (_quantile, _get_indexes, _get_gamma, _QuantileMethods) step
+  // by step, in float64 as numpy computes it: the ranks and gamma must come out bit for bit the same.
+  TORCH_CHECK_VALUE(q >= 0.0 && q <= 100.0, "fastmask.percentile: q must be in [0, 100], got ", q);
+  TORCH_CHECK_VALUE(n > 0, "fastmask.percentile: the tensors hold no elements");
+  const int64_t last = n - 1;
+  double v = static_cast<double>(last) * (q / 100.0);
+  const auto index = [last](double x) { return std::min(last, static_cast<int64_t>(x)); };
+  switch (method) {
+    case Method::kLower:
+      return {index(std::floor(v)), index(std::floor(v)), 0.0, false};
+    case Method::kHigher:
+      return {index(std::ceil(v)), index(std::ceil(v)), 0.0, false};
+    case Method::kNearest:  // np.around: round half to even
+      return {index(std::nearbyint(v)), index(std::nearbyint(v)), 0.0, false};
+    case Method::kMidpoint:
+      v = 0.5 * (std::floor(v) + std::ceil(v));
+      break;
+    case Method::kLinear:
+      break;
+  }
+  // numpy moves both neighbours to index -1 (the maximum) when v >= n - 1, and gamma is then v - (-1).
+  const bool above = v >= static_cast<double>(last);
+  const double previous = above ? -1.0 : std::floor(v);
+  double gamma = v - previous;
+  if (method == Method::kMidpoint) gamma = std::fmod(v, 1.0) == 0.0 ? 0.0 : 0.5;
+  const int64_t lo = above ? last : static_cast<int64_t>(previous);
+  return {lo, above ? last : lo + 1, gamma, true};
+}
+
+namespace {
+
+// x rounded to float with round-to-odd: converting that float to a narrower format (fp16) with round-to-nearest then
+// equals rounding x directly, as numpy's double -> half conversion does (no double rounding through float).
+float to_float_round_odd(double x) {
+  float f = static_cast<float>(x);
+  if (std::isfinite(x) && static_cast<double>(f) != x) {
+    if (std::fabs(static_cast<double>(f)) > std::fabs(x)) f = std::nextafter(f, 0.0f);
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    u |= 1u;
+    std::memcpy(&f, &u, sizeof u);
+  }
+  return f;
+}
+
+c10::Half half_from_double(double x) { return c10::Half(to_float_round_odd(x)); }
+
+// numpy's float16 ufuncs compute each operation in float32 and round the result to float16.
+c10::Half half_op(float r) { return c10::Half(r); }
+
+}  // namespace
+
+double lerp_like_numpy(at::ScalarType dtype, double a, double b, double gamma) {
+  // numpy's _lerp: diff = b - a; out = a + diff * t, replaced by b - diff * (1 - t) where t >= 0.5. t is a Python
+  // float, so (NEP 50) it is cast to the array's dtype; 1 - t is computed in float64 first. Each line below is one
+  // numpy operation, kept separate so no compiler contraction (FMA) can merge two roundings into one.
+  switch (dtype) {
+    case at::kDouble: {
+      const double diff = b - a;
+      if (gamma >= 0.5) {
+        const double scaled = diff * (1.0 - gamma);
+        return b - scaled;
+      }
+      const double scaled = diff * gamma;
+      return a + scaled;
+    }
+    case at::kFloat:
+    case at::kBFloat16: {
+      const float fa = static_cast<float>(a), fb = static_cast<float>(b);
+      const float diff = fb - fa;
+      if (gamma >= 0.5) {
+        const float scaled = diff * static_cast<float>(1.0 - gamma);
+        return static_cast<double>(fb - scaled);
+      }
+      const float scaled = diff * static_cast<float>(gamma);
+      return static_cast<double>(fa + scaled);
+    }
+    case at::kHalf: {
+      const float fa = static_cast<float>(a), fb = static_cast<float>(b);
+      const float diff = static_cast<float>(half_op(fb - fa));
+      if (gamma >= 0.5) {
+        const float scaled = static_cast<float>(half_op(diff * static_cast<float>(half_from_double(1.0 - gamma))));
+        return static_cast<double>(static_cast<float>(half_op(fb - scaled)));
+      }
+      const float scaled = static_cast<float>(half_op(diff * static_cast<float>(half_from_double(gamma))));
+      return static_cast<double>(static_cast<float>(half_op(fa + scaled)));
+    }
+    default:
+      TORCH_CHECK(false, "fastmask.percentile: unsupported dtype ", dtype);
+  }
+}
+
+double round_threshold(at::ScalarType dtype, double threshold) {
+  switch (dtype) {
+    case at::kHalf:
+      return static_cast<double>(static_cast<float>(half_from_double(threshold)));
+    case at::kFloat:
+    case at::kBFloat16:
+      return static_cast<double>(static_cast<float>(threshold));
+    default:
+      return threshold;
+  }
+}
+
+int key_bits(at::ScalarType dtype) { return static_cast<int>(c10::elementSize(dtype)) * 8; }
+
+std::vector<int> split_digits(int bits, int max_digit) {
+  std::vector<int> digits;
+  for (int left = bits; left > 0; left -= max_digit) digits.push_back(std::min(left, max_digit));
+  return digits;
+}
+
+keys::Format key_format(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf:
+      return keys::Format::kHalf;
+    case at::kBFloat16:
+      return keys::Format::kBFloat16;
+    case at::kFloat:
+      return keys::Format::kFloat;
+    default:
+      return keys::Format::kDouble;
+  }
+}
+
+double decode_key(at::ScalarType dtype, uint64_t key) {
+  switch (dtype) {
+    case at::kHalf: {
+      const uint16_t bits = keys::from_key(static_cast<uint16_t>(key));
+      return static_cast<double>(static_cast<float>(c10::Half(bits, c10::Half::from_bits())));
+    }
+    case at::kBFloat16: {
+      const uint16_t bits = keys::from_key(static_cast<uint16_t>(key));
+      return static_cast<double>(static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits())));
+    }
+    case at::kFloat: {
+      const uint32_t bits = keys::from_key(static_cast<uint32_t>(key));
+      float f;
+      std::memcpy(&f, &bits, sizeof f);
+      return static_cast<double>(f);
+    }
+    default: {
+      const uint64_t bits = keys::from_key(key);
+      double d;
+      std::memcpy(&d, &bits, sizeof d);
+      return d;
+    }
+  }
+}
+
+namespace {
+const char* dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kFloat:
+      return "float32";
+    case at::kDouble:
+      return "float64";
+    default:
+      return c10::toString(dtype);
+  }
+}
+}  // namespace
+
+std::string describe(int64_t index, const at::Tensor& t) {
+  std::ostringstream s;
+  s << "tensors[" << index << "] (shape " << t.sizes() << ", " << dtype_name(t.scalar_type()) << ")";
+  return s.str();
+}
+
+void raise_nan(int64_t index, const at::Tensor& t, const char* op) {
+  TORCH_CHECK_VALUE(false, op, ": ", describe(index, t),
+                    " contains NaN; np.percentile would return nan and every hard mask would be empty. "
+                    "Replace the NaNs (e.g. torch.nan_to_num) or find where they come from.");
+}
+
+std::vector<at::Tensor> checked_contiguous(at::TensorList tensors, const char* op) {
+  TORCH_CHECK_VALUE(!tensors.empty(), op, ": expected at least one tensor, got an empty list");
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  const at::Tensor& first = tensors[0];
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is undefined");
+    const auto dt = t.scalar_type();
+    const auto index = static_cast<int64_t>(i);
+    TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, op, ": ",
+                     describe(index, t), " is not float16, bfloat16, float32 or float64");
+    TORCH_CHECK_TYPE(dt == first.scalar_type(), op, ": ", describe(index, t), " differs in dtype from ",
+                     describe(0, first), "; pass tensors of one dtype");
+    TORCH_CHECK_VALUE(t.device() == first.device(), op, ": tensors[", i, "] is on ", t.device(),
+                      " but tensors[0] is on ", first.device());
+    // Parameters and importances are contiguous, so this copies nothing in practice.
+    out.push_back(t.contiguous());
+  }
+  return out;
+}
+
+std::vector<uint64_t> checked_prefixes(int bits, at::IntArrayRef prefixes, int64_t prefix_bits, int64_t digit_bits,
+                                       const char* op) {
+  TORCH_CHECK_VALUE(digit_bits >= 1 && digit_bits <= 16, op, ": digit_bits must be in [1, 16], got ", digit_bits);
+  TORCH_CHECK_VALUE(prefix_bits >= 0 && prefix_bits + digit_bits <= bits, op,
+                    ": prefix_bits + digit_bits must be <= ", bits, " (the key width of this dtype), got ",
+                    prefix_bits, " + ", digit_bits);
+  TORCH_CHECK_VALUE(prefixes.size() == 1 || prefixes.size() == 2, op, ": expected 1 or 2 prefixes, got ",
+                    prefixes.size());
+  TORCH_CHECK_VALUE(prefix_bits > 0 || prefixes.size() == 1, op,
+                    ": with prefix_bits=0 there is one histogram; pass prefixes=[0]");
+  std::vector<uint64_t> out;
+  for (const int64_t p : prefixes) {
+    TORCH_CHECK_VALUE(p >= 0 && static_cast<uint64_t>(p) >> prefix_bits == 0, op, ": prefix ", p,
+                      " does not fit in prefix_bits=", prefix_bits);
+    out.push_back(static_cast<uint64_t>(p));
+  }
+  return out;
+}
+
+Layout parse_layout(std::string_view layout) {
+  if (layout == "bool") return Layout::kBool;
+  if (layout == "uint8") return Layout::kUInt8;
+  if (layout == "packed") return Layout::kPacked;
+  TORCH_CHECK_VALUE(false, "fastmask.hard_mask: layout must be 'bool', 'uint8' or 'packed', got '",
+                    std::string(layout), "'");
+}
+
+at::Tensor empty_mask(const at::Tensor& t, Layout layout) {
+  const auto opts = t.options().memory_format(c10::nullopt);
+  switch (layout) {
+    case Layout::kBool:
+      return at::empty(t.sizes(), opts.dtype(at::kBool));
+    case Layout::kUInt8:
+      return at::empty(t.sizes(), opts.dtype(at::kByte));
+    default:
+      return at::empty({(t.numel() + 7) / 8}, opts.dtype(at::kByte));
+  }
+}
+
+MaskThreshold mask_threshold(at::ScalarType dtype, double threshold, bool inclusive) {
+  if (std::isnan(threshold)) return {0, 0, true};
+  double t = round_threshold(dtype, threshold);
+  // -0.0 == +0.0: for x > 0 neither zero passes (compare with +0.0's key), for x >= 0 both do (-0.0's key).
+  if (t == 0.0) t = inclusive ? -0.0 : 0.0;
+  switch (dtype) {
+    case at::kHalf:
+      return {keys::to_key(c10::Half(static_cast<float>(t)).x), 16, false};
+    case at::kFloat:
+    case at::kBFloat16: {
+      const float f = static_cast<float>(t);
+      uint32_t bits;
+      std::memcpy(&bits, &f, sizeof bits);
+      return {keys::to_key(bits), 32, false};
+    }
+    default: {
+      uint64_t bits;
+      std::memcpy(&bits, &t, sizeof bits);
+      return {keys::to_key(bits), 64, false};
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// CPU kernels.
+
+namespace {
+
+constexpr int64_t kChunk = int64_t{1} << 16;  // elements per scheduling unit
+constexpr int kBlock = 256;                   // keys computed (vectorised) before they are counted
+// The first pass counts every element. Runs of equal keys (duplicates, constant tensors) would serialise on one
+// counter's load-increment-store, so even and odd elements go to two copies of the histogram, summed at the flush.
+constexpr int64_t kFirstPassCopies = 2;
+
+// The tensors seen as one virtual concatenation: chunk c covers global elements [c * kChunk, (c + 1) * kChunk),
+// possibly across several tensors. O(number of tensors) memory.
+struct Segments {
+  std::vector<const void*> ptr;
+  std::vector<int64_t> offset;  // size T + 1
+  int64_t total() const { return offset.back(); }
+};
+
+Segments segments_of(const std::vector<at::Tensor>& ts) {
+  Segments s;
+  s.offset.push_back(0);
+  for (const auto& t : ts) {
+    s.ptr.push_back(t.data_ptr());
+    s.offset.push_back(s.offset.back() + t.numel());
+  }
+  return s;
+}
+
+// Calls fn(tensor_index, first_element_pointer, count) for each piece of the chunk [g0, g1).
+template <typename U, typename Fn>
+void for_each_piece(const Segments& s, int64_t g0, int64_t g1, Fn&& fn) {
+  auto t = static_cast<int64_t>(std::upper_bound(s.offset.begin(), s.offset.end(), g0) - s.offset.begin()) - 1;
+  for (int64_t g = g0; g < g1;) {
+    while (s.offset[t + 1] <= g) ++t;  // empty tensors
+    const int64_t end = std::min(g1, s.offset[t + 1]);
+    fn(t, static_cast<const U*>(s.ptr[t]) + (g - s.offset[t]), end - g);
+    g = end;
+  }
+}
+
+// Adds a block of n <= kBlock elements into the per-thread histogram `h` (rows of nbins uint32 counts). First pass
+// (kAll): every key's top digit, into kFirstPassCopies copies of the one row. Later passes: only keys whose top prefix bits equal pre0 (row 0) or pre1 (row 1);
+// those are rare, so a vectorised match test picks out the 8-key groups that hold any, and only those are counted.
+template <typename U, bool kAll>
+inline void count_block(const U* __restrict p, int n, uint32_t* __restrict h, int pshift, int dshift, U dmask, U pre0,
+                        U pre1, int64_t nbins) {
+  U k[kBlock];
+  for (int j = 0; j < n; ++j) k[j] = keys::to_key(p[j]);
+  if constexpr (kAll) {
+    static_assert(kFirstPassCopies == 2, "the loop below interleaves two copies");
+    int j = 0;
+    for (; j + 2 <= n; j += 2) {
+      ++h[k[j] >> dshift];
+      ++h[nbins + (k[j + 1] >> dshift)];
+    }
+    if (j < n) ++h[k[j] >> dshift];
+  } else if constexpr (sizeof(U) == 8) {  // baseline x86-64 (SSE2) has no 64-bit lane compare: plain branches
+    for (int j = 0; j < n; ++j) {
+      const U top = static_cast<U>(k[j] >> pshift);
+      if (top == pre0)
+        ++h[(k[j] >> dshift) & dmask];
+      else if (top == pre1)
+        ++h[nbins + ((k[j] >> dshift) & dmask)];
+    }
+  } else {
+    uint8_t match[kBlock];
+    for (int j = 0; j < n; ++j) {
+      const U top = static_cast<U>(k[j] >> pshift);
+      match[j] = static_cast<uint8_t>((top == pre0) | (top == pre1));
+    }
+    std::fill(match + n, match + ((n + 7) & ~7), uint8_t{0});
+    for (int g = 0; g < n; g += 8) {
+      uint64_t any;
+      std::memcpy(&any, match + g, sizeof any);
+      if (any == 0) continue;
+      for (int j = g; j < std::min(n, g + 8); ++j) {
+        if (!match[j]) continue;
+        const int64_t row = static_cast<U>(k[j] >> pshift) == pre0 ? 0 : nbins;
+        ++h[row + ((k[j] >> dshift) & dmask)];
+      }
+    }
+  }
+}
+
+template <typename U>
+inline bool any_nan(const U* __restrict p, int64_t n, U inf) {
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) nan |= keys::is_nan_bits(p[j], inf);
+  return nan;
+}
+
+// One histogram pass (see radix_select). Returns rows x 2^digit_bits int64 counts; when check_nan, *nan_tensor is
+// set to the lowest index of a tensor holding a NaN (or -1).
+template <typename U>
+std::vector<int64_t> histogram_pass(const Segments& s, keys::Format fmt, const std::vector<uint64_t>& prefixes,
+                                    int prefix_bits, int digit_bits, bool check_nan, int64_t* nan_tensor) {
+  constexpr int W = sizeof(U) * 8;
+  const int64_t nbins = int64_t{1} << digit_bits;
+  const int nrows = static_cast<int>(prefixes.size());
+  const int dshift = W - prefix_bits - digit_bits;
+  const int pshift = prefix_bits == 0 ? 0 : W - prefix_bits;
+  const U dmask = static_cast<U>(nbins - 1);
+  const U pre0 = static_cast<U>(prefixes[0]);
+  const U pre1 = static_cast<U>(nrows > 1 ? prefixes[1] : prefixes[0]);
+  const U inf = static_cast<U>(keys::inf_bits(fmt));
+  const int64_t total = s.total();
+  const int64_t nchunks = (total + kChunk - 1) / kChunk;
+
+  std::vector<int64_t> out(static_cast<size_t>(nrows * nbins), 0);
+  int64_t nan_min = std::numeric_limits<int64_t>::max();
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks)));
+#pragma omp parallel num_threads(nthreads)
+  {
+    // uint32 per-thread counts stay in L2; they are flushed into the int64 totals before they could overflow, so any
+    // n (> 2^31 included) is counted exactly.
+    const int64_t copies = prefix_bits == 0 ? kFirstPassCopies : 1;
+    std::vector<uint32_t> local(static_cast<size_t>(copies * nrows * nbins), 0);
+    uint64_t since_flush = 0;
+    int64_t my_nan = std::numeric_limits<int64_t>::max();
+    const auto flush = [&] {
+#pragma omp critical(fastmask_percentile_flush)
+      for (size_t i = 0; i < local.size(); ++i) out[i % out.size()] += local[i];  // copies are row-major blocks
+      std::fill(local.begin(), local.end(), 0u);
+      since_flush = 0;
+    };
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      if (since_flush + kChunk > std::numeric_limits<uint32_t>::max()) flush();
+      const int64_t g0 = c * kChunk, g1 = std::min(total, g0 + kChunk);
+      for_each_piece<U>(s, g0, g1, [&](int64_t t, const U* p, int64_t m) {
+        if (check_nan && t < my_nan && any_nan(p, m, inf)) my_nan = t;
+        for (int64_t i = 0; i < m; i += kBlock) {
+          const int b = static_cast<int>(std::min<int64_t>(kBlock, m - i));
+          if (prefix_bits == 0)
+            count_block<U, true>(p + i, b, local.data(), pshift, dshift, dmask, pre0, pre1, nbins);
+          else
+            count_block<U, false>(p + i, b, local.data(), pshift, dshift, dmask, pre0, pre1, nbins);
+        }
+      });
+      since_flush += static_cast<uint64_t>(g1 - g0);
+    }
+    flush();
+#pragma omp critical(fastmask_percentile_nan)
+    nan_min = std::min(nan_min, my_nan);
+  }
+  if (nan_tensor != nullptr) *nan_tensor = nan_min == std::numeric_limits<int64_t>::max() ? -1 : nan_min;
+  return out;
+}
+
+// Dispatches on the storage width: the keys only need the bit patterns.
+std::vector<int64_t> histogram_cpu(const std::vector<at::Tensor>& ts, const Segments& s,
+                                   const std::vector<uint64_t>& prefixes, int prefix_bits, int digit_bits,
+                                   const char* op) {
+  const auto dtype = ts[0].scalar_type();
+  const bool check_nan = prefix_bits == 0;  // every element is read in the first pass
+  int64_t nan_tensor = -1;
+  std::vector<int64_t> h;
+  switch (key_bits(dtype)) {
+    case 16:
+      h = histogram_pass<uint16_t>(s, key_format(dtype), prefixes, prefix_bits, digit_bits, check_nan, &nan_tensor);
+      break;
+    case 32:
+      h = histogram_pass<uint32_t>(s, key_format(dtype), prefixes, prefix_bits, digit_bits, check_nan, &nan_tensor);
+      break;
+    default:
+      h = histogram_pass<uint64_t>(s, key_format(dtype), prefixes, prefix_bits, digit_bits, check_nan, &nan_tensor);
+  }
+  if (nan_tensor >= 0) raise_nan(nan_tensor, ts[static_cast<size_t>(nan_tensor)], op);
+  return h;
+}
+
+constexpr int kCpuDigit = 16;  // 65536 bins: 256 KiB of uint32 per thread and row, resident in L2
+
+at::Tensor percentile_cpu(at::TensorList tensors, double q, std::string_view method) {
+  const char* op = "fastmask.percentile";
+  const auto ts = checked_contiguous(tensors, op);
+  const auto dtype = ts[0].scalar_type();
+  const Segments s = segments_of(ts);
+  const Plan plan = make_plan(s.total(), q, parse_method(method));
+  const auto found = radix_select(split_digits(key_bits(dtype), kCpuDigit), {plan.lo, plan.hi},
+                                  [&](const std::vector<uint64_t>& prefixes, int prefix_bits, int digit_bits) {
+                                    return histogram_cpu(ts, s, prefixes, prefix_bits, digit_bits, op);
+                                  });
+  const double a = decode_key(dtype, found[0]);
+  const double r = plan.interpolate ? lerp_like_numpy(dtype, a, decode_key(dtype, found[1]), plan.gamma) : a;
+  return at::scalar_tensor(r, at::TensorOptions().dtype(at::kDouble));
+}
+
+at::Tensor radix_histogram_cpu(at::TensorList tensors, at::IntArrayRef prefixes, int64_t prefix_bits,
+                               int64_t digit_bits) {
+  const char* op = "fastmask.radix_histogram";
+  const auto ts = checked_contiguous(tensors, op);
+  const auto pre = checked_prefixes(key_bits(ts[0].scalar_type()), prefixes, prefix_bits, digit_bits, op);
+  const Segments s = segments_of(ts);
+  const auto h = histogram_cpu(ts, s, pre, static_cast<int>(prefix_bits), static_cast<int>(digit_bits), op);
+  auto out = at::empty({static_cast<int64_t>(pre.size()), int64_t{1} << digit_bits},
+                       at::TensorOptions().dtype(at::kLong));
+  std::memcpy(out.data_ptr<int64_t>(), h.data(), h.size() * sizeof(int64_t));
+  return out;
+}
+
+// 0/1 bytes m[j] = (x_j > t) (or >=) for a block of storage bit patterns. Signed keys (the unsigned key with its top
+// bit flipped) let SSE2 / AVX2 compare them directly; NaN (|bits| above inf) never passes, as in numpy.
+template <typename S, typename C, int kWiden, bool kInclusive>
+inline void mask_block(const S* __restrict p, int n, C skey, C inf, uint8_t* __restrict m) {
+  using SC = std::make_signed_t<C>;
+  constexpr SC kMag = std::numeric_limits<SC>::max();
+  for (int j = 0; j < n; ++j) {
+    const SC w = static_cast<SC>(static_cast<C>(static_cast<C>(p[j]) << kWiden));
+    const SC k = static_cast<SC>(w ^ ((w >> (sizeof(C) * 8 - 1)) & kMag));
+    const bool pass = kInclusive ? k >= static_cast<SC>(skey) : k > static_cast<SC>(skey);
+    m[j] = static_cast<uint8_t>(pass & ((w & kMag) <= static_cast<SC>(inf)));
+  }
+}
+
+// Masks of n elements: 0/1 bytes, or packed little-endian bits (byte j holds elements 8j..8j+7, element 8j + i in
+// bit i, as np.packbits(bitorder="little"); the tail byte's unused bits are 0).
+template <typename S, typename C, int kWiden, bool kInclusive>
+void mask_kernel(const S* p, int64_t n, C key, Layout layout, uint8_t* out) {
+  const C skey = static_cast<C>(key ^ keys::sign_bit<C>());
+  const C inf = static_cast<C>(keys::inf_bits(sizeof(C) == 2 ? keys::Format::kHalf
+                                                              : (sizeof(C) == 4 ? keys::Format::kFloat
+                                                                                : keys::Format::kDouble)));
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;  // kBlock is a multiple of 8: packed blocks own whole bytes
+  at::parallel_for(0, nblocks, 64, [&](int64_t b0, int64_t b1) {
+    uint8_t m[kBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i = b * kBlock;
+      const int len = static_cast<int>(std::min<int64_t>(kBlock, n - i));
+      if (layout != Layout::kPacked) {
+        mask_block<S, C, kWiden, kInclusive>(p + i, len, skey, inf, out + i);
+        continue;
+      }
+      mask_block<S, C, kWiden, kInclusive>(p + i, len, skey, inf, m);
+      std::fill(m + len, m + ((len + 7) & ~7), uint8_t{0});
+      for (int j = 0; j < (len + 7) / 8; ++j) {
+        // Eight 0/1 bytes -> one byte: the multiply moves byte i's bit to bit 56 + i, with no carries between them.
+        uint64_t eight;
+        std::memcpy(&eight, m + 8 * j, sizeof eight);
+        out[i / 8 + j] = static_cast<uint8_t>((eight * 0x0102040810204080ull) >> 56);
+      }
+    }
+  });
+}
+
+template <typename S, typename C, int kWiden>
+void mask_dispatch(const at::Tensor& t, uint64_t key, bool inclusive, Layout layout, uint8_t* out) {
+  const auto* p = static_cast<const S*>(t.data_ptr());
+  if (inclusive)
+    mask_kernel<S, C, kWiden, true>(p, t.numel(), static_cast<C>(key), layout, out);
+  else
+    mask_kernel<S, C, kWiden, false>(p, t.numel(), static_cast<C>(key), layout, out);
+}
+
+std::vector<at::Tensor> hard_mask_cpu(at::TensorList tensors, double threshold, bool inclusive,
+                                      std::string_view layout) {
+  const auto ts = checked_contiguous(tensors, "fastmask.hard_mask");
+  const Layout lay = parse_layout(layout);
+  const auto dtype = ts[0].scalar_type();
+  const MaskThreshold th = mask_threshold(dtype, threshold, inclusive);
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) {
+    at::Tensor m = empty_mask(t, lay);
+    auto* o = static_cast<uint8_t*>(m.data_ptr());
+    if (th.never)
+      m.zero_();
+    else if (dtype == at::kHalf)
+      mask_dispatch<uint16_t, uint16_t, 0>(t, th.key, inclusive, lay, o);
+    else if (dtype == at::kBFloat16)  // compared through the exact float32 upcast: bits << 16
+      mask_dispatch<uint16_t, uint32_t, 16>(t, th.key, inclusive, lay, o);
+    else if (dtype == at::kFloat)
+      mask_dispatch<uint32_t, uint32_t, 0>(t, th.key, inclusive, lay, o);
+    else
+      mask_dispatch<uint64_t, uint64_t, 0>(t, th.key, inclusive, lay, o);
+    out.push_back(std::move(m));
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace percentile
+}  // namespace fastmask
+
+TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
+  m.impl("percentile", &fastmask::percentile::percentile_cpu);
+  m.impl("radix_histogram", &fastmask::percentile::radix_histogram_cpu);
+  m.impl("hard_mask", &fastmask::percentile::hard_mask_cpu);
+}

@@ -1,0 +1,136 @@
+"""The global percentile of tensors sharded across ranks (BMFT's threshold α, spec §4, under DDP / FSDP).
+
+Every rank runs the same radix passes as the local op (``torch.ops.fastmask.percentile``) over its own shard with
+``torch.ops.fastmask.radix_histogram``, and the per-pass histograms are summed with ``all_reduce``: each rank then
+knows the global counts, refines the same key prefix and ends with the same order statistics. Traffic is one
+histogram per pass (2^16 int64 counts, one or two rows), whatever the number of elements; no rank gathers data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastmask.ops import implementation
+from fastmask.reference import PERCENTILE_METHODS
+
+DIGIT_BITS = 16
+# numpy's view of each dtype: bf16 through its exact float32 upcast, like fastmask.reference.
+_NUMPY_DTYPE = {torch.float16: np.float16, torch.bfloat16: np.float32, torch.float32: np.float32,
+                torch.float64: np.float64}
+_BITS_DTYPE = {16: np.uint16, 32: np.uint32, 64: np.uint64}
+
+
+def _plan(n: int, q: float, method: str) -> tuple[int, int, float, bool]:
+    """(lo, hi, gamma, interpolate): np.percentile is lerp(sorted[lo], sorted[hi], gamma), or sorted[lo] when not
+    interpolating; numpy's float64 formulas (numpy/lib/_function_base_impl.py, _quantile and _QuantileMethods)."""
+    v = (n - 1) * (q / 100.0)
+    if method == "lower":
+        return min(n - 1, math.floor(v)), min(n - 1, math.floor(v)), 0.0, False
+    if method == "higher":
+        return min(n - 1, math.ceil(v)), min(n - 1, math.ceil(v)), 0.0, False
+    if method == "nearest":  # np.around rounds half to even, as round() does
+        return min(n - 1, round(v)), min(n - 1, round(v)), 0.0, False
+    if method == "midpoint":
+        v = 0.5 * (math.floor(v) + math.ceil(v))
+    above = v >= n - 1  # numpy then takes the maximum twice, with gamma = v - (-1)
+    previous = -1 if above else math.floor(v)
+    gamma = v - previous
+    if method == "midpoint":
+        gamma = 0.0 if v % 1 == 0 else 0.5
+    lo = n - 1 if above else previous
+    return lo, (n - 1 if above else lo + 1), gamma, True
+
+
+def _value(key: int, dtype: torch.dtype) -> np.floating:
+    """The value whose order key (csrc/percentile_keys.h) is ``key``, as numpy's scalar type for ``dtype``."""
+    width = torch.finfo(dtype).bits
+    sign = 1 << (width - 1)
+    bits = key ^ sign if key & sign else ~key & ((1 << width) - 1)
+    if dtype == torch.bfloat16:
+        return np.array(bits << 16, np.uint32).view(np.float32)[()]
+    return np.array(bits, _BITS_DTYPE[width]).view(_NUMPY_DTYPE[dtype])[()]
+
+
+def _lerp(a: np.floating, b: np.floating, gamma: float) -> float:
+    """numpy's _lerp with numpy's own scalar arithmetic: a Python-float gamma takes the array's precision (NEP 50)."""
+    with np.errstate(all="ignore"):  # inf - inf is NaN in numpy too
+        diff = b - a
+        return float(b - diff * (1 - gamma)) if gamma >= 0.5 else float(a + diff * gamma)
+
+
+def _all_reduce(t: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None, active: bool) -> Tensor:
+    if active:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def percentile(
+    tensors: Sequence[Tensor], q: float, method: str = "linear", group: dist.ProcessGroup | None = None
+) -> float:
+    """The q-th percentile of every element of ``tensors`` on every rank of ``group`` taken together, equal to
+    ``np.percentile`` over the concatenation of all ranks' tensors (same methods and dtype semantics as
+    ``fastmask.ops.percentile``). Without an initialised process group it is the local percentile.
+
+    Every rank of ``group`` must call it with the same ``q`` and ``method`` and tensors of one dtype (a rank may hold
+    only empty tensors, but at least one tensor, to carry the dtype). NaN on any rank raises on every rank, naming
+    the ranks and, on the rank that holds it, the tensor.
+    """
+    if method not in PERCENTILE_METHODS:
+        raise ValueError(f"percentile: method must be one of {PERCENTILE_METHODS}, got {method!r}")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile: q must be in [0, 100], got {q}")
+    if not tensors:
+        raise ValueError("percentile: every rank needs at least one tensor (an empty one is fine) to carry the dtype")
+    tensors = list(tensors)
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if dtype not in _NUMPY_DTYPE:
+        raise TypeError(f"percentile: tensors[0] has dtype {dtype}; expected float16, bfloat16, float32 or float64")
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    histogram = implementation("radix_histogram", "cpp")  # torch.ops.fastmask.*: the dispatcher picks CPU / CUDA
+
+    codes = list(_NUMPY_DTYPE)
+    meta = torch.tensor([sum(t.numel() for t in tensors), codes.index(dtype), -codes.index(dtype)], device=device)
+    n = int(_all_reduce(meta[:1].clone(), dist.ReduceOp.SUM, group, active).item())
+    spread = _all_reduce(meta[1:].clone(), dist.ReduceOp.MAX, group, active)
+    if spread[0].item() != -spread[1].item():
+        raise TypeError(f"percentile: the ranks hold different dtypes (this rank: {dtype})")
+    if n == 0:
+        raise ValueError("percentile: the tensors hold no elements on any rank")
+    lo, hi, gamma, interpolate = _plan(n, q, method)
+
+    ranks, prefix, prefix_bits = [lo, hi], [0, 0], 0
+    width = torch.finfo(dtype).bits
+    while prefix_bits < width:
+        digit = min(DIGIT_BITS, width - prefix_bits)
+        rows = sorted(set(prefix))
+        local_error = None
+        try:
+            h = histogram(tensors, rows, prefix_bits, digit)
+        except ValueError as exc:  # NaN, found in the first pass; the other ranks must not wait for this one
+            local_error, h = exc, torch.zeros(len(rows), 1 << digit, dtype=torch.int64, device=device)
+        if prefix_bits == 0:
+            rank = dist.get_rank(group) if active else 0
+            world = dist.get_world_size(group) if active else 1
+            failed = torch.zeros(world, dtype=torch.int64, device=device)
+            failed[rank] = local_error is not None
+            bad = torch.nonzero(_all_reduce(failed, dist.ReduceOp.SUM, group, active)).flatten().tolist()
+            if bad:
+                here = f"; here: {local_error}" if local_error else ""
+                raise ValueError(f"percentile: NaN on rank(s) {bad}{here}")
+        counts = _all_reduce(h, dist.ReduceOp.SUM, group, active).cpu().numpy()
+        for t in range(2):
+            row = counts[rows.index(prefix[t])]
+            before = np.cumsum(row)  # elements below the end of each bin
+            b = int(np.searchsorted(before, ranks[t], side="right"))
+            ranks[t] -= int(before[b - 1]) if b > 0 else 0
+            prefix[t] = (prefix[t] << digit) | b
+        prefix_bits += digit
+
+    a = _value(prefix[0], dtype)
+    return _lerp(a, _value(prefix[1], dtype), gamma) if interpolate else float(a)
