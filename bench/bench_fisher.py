@@ -16,13 +16,18 @@ Cases and providers, side by side in one run:
   (one ``torch.aminmax`` per importance, then ``torch._foreach_*`` arithmetic over all tensors and
   ``torch._foreach_tanh_``), ``fastmask`` = ``fastmask.ops.soft_mask`` with the C++ backend.
 
-``roofline`` rows: the compulsory bytes of the op divided by the in-place memory bandwidth measured in the same run,
+``roofline`` rows: the bytes the op moves divided by the in-place memory bandwidth measured in the same run,
 interleaved with the providers: ``a.add_(b)`` on two float32 tensors of 64M elements (32M with ``--quick``; far
-above the caches) moves 12 bytes per element; the best of the repetitions gives the bandwidth. Compulsory bytes:
+above the caches) moves 12 bytes per element; the best of the repetitions gives the bandwidth. Bytes moved:
 accumulate reads and writes both importances and reads both gradients, 24 B per element with float32 gradients;
-soft-mask reads both importances once and writes the mask, 12 B per element (a two-pass implementation that re-reads
-the importances from memory moves 20). Every time is the best of the repetitions (providers interleaved, so drift
-hits all alike); the fastmask row's ``of_roofline`` is roofline_ms / fastmask_ms.
+soft-mask reads both importances twice (min / max, then the mask: the min and max must be known before the first
+mask element can be written) and writes the mask, 20 B per element. fastmask's soft mask re-reads cache-sized
+batches from the cache, so its DRAM traffic is closer to the compulsory 12 B (each importance read once, the mask
+written once); the JSON rows carry that figure too (``compulsory_bytes_per_element``, ``of_compulsory``). The soft
+mask returns new tensors, so every provider also pays for fresh output memory (page faults and the kernel zeroing
+the pages); ``output_alloc_ms`` in the soft-mask rows is that cost alone (empty + fill of the mask shapes), measured
+in the same run. Every time is the best of the repetitions (providers interleaved, so drift hits all alike); the
+fastmask row's ``of_roofline`` is roofline_ms / fastmask_ms.
 
     python bench/bench_fisher.py [--quick] [--json PATH] [--reps R] [--threads T]
 """
@@ -44,7 +49,8 @@ from fastmask.importance import fisher_importance, fisher_importance_two_pass
 
 EPS = reference.NORM_EPS
 PROBE_ELEMENTS = 64 << 20  # 2 x 256 MB: far above the last-level cache (32 MB on the machines this was tuned on)
-ROOFLINE_BYTES_PER_ELEMENT = {"accumulate": 24, "soft-mask": 12}
+ROOFLINE_BYTES_PER_ELEMENT = {"accumulate": 24, "soft-mask": 20}
+COMPULSORY_BYTES_PER_ELEMENT = {"accumulate": 24, "soft-mask": 12}
 
 
 def resnet50_shapes(width: int = 64, head_outputs: int = 1) -> list[tuple[int, ...]]:
@@ -179,13 +185,19 @@ def bench_soft_mask(shapes, reps, gen, probe) -> list[dict]:
         "reference": lambda: reference.soft_mask(ib, il),
         "peer": lambda: peer_soft_mask(ib, il),
         "fastmask": lambda: ops.soft_mask(ib, il, backend="cpp"),
+        # Not a provider: what fresh output tensors of the masks' shapes cost (allocation, faults, zeroed pages).
+        "output_alloc": lambda: [torch.empty(s).fill_(0.0) for s in shapes],
     }
     want = reference.soft_mask(ib, il)
     for p in ("peer", "fastmask"):
         for got, ref in zip(providers[p](), want, strict=True):
             torch.testing.assert_close(got, ref, rtol=3e-7, atol=0)  # tanh within 2 ulp of torch.tanh
     times = run_interleaved(providers, reps, probe)
-    return rows_for("soft-mask", times, n)
+    alloc = times.pop("output_alloc")
+    rows = rows_for("soft-mask", times, n)
+    for r in rows:
+        r["output_alloc_ms"] = alloc
+    return rows
 
 
 def run_interleaved(providers: dict[str, Callable[[], object]], reps: int, probe: Callable[[], float] | None):
@@ -206,9 +218,12 @@ def run_interleaved(providers: dict[str, Callable[[], object]], reps: int, probe
 def rows_for(case: str, times: dict[str, float], n: int) -> list[dict]:
     gbps = times.pop("bandwidth")
     roof = ROOFLINE_BYTES_PER_ELEMENT[case] * n / (gbps * 1e6)
-    rows = [{"case": case, "provider": p, "ms": ms, "elements": n} for p, ms in times.items()]
+    compulsory = COMPULSORY_BYTES_PER_ELEMENT[case] * n / (gbps * 1e6)
+    rows = [{"case": case, "provider": p, "ms": ms, "elements": n, "of_compulsory": compulsory / ms}
+            for p, ms in times.items()]
     rows.append({"case": case, "provider": "roofline", "ms": roof, "elements": n, "bandwidth_gbps": gbps,
-                 "bytes_per_element": ROOFLINE_BYTES_PER_ELEMENT[case]})
+                 "bytes_per_element": ROOFLINE_BYTES_PER_ELEMENT[case],
+                 "compulsory_bytes_per_element": COMPULSORY_BYTES_PER_ELEMENT[case], "compulsory_ms": compulsory})
     return rows
 
 
@@ -237,6 +252,11 @@ def summarise(rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['case']:<20} {r['provider']:<10} {r['ms']:>9.2f} {fmt(r['vs_reference'])} {fmt(r['vs_peer'])} "
               f"{fmt(r['of_roofline'])}")
+    for r in rows:
+        if r["provider"] == "roofline":
+            print(f"{r['case']}: {r['bandwidth_gbps']:.1f} GB/s in-place add; roofline {r['bytes_per_element']} B/elt"
+                  f" (compulsory {r['compulsory_bytes_per_element']} B: {r['compulsory_ms']:.2f} ms)"
+                  + (f"; fresh output memory alone {r['output_alloc_ms']:.2f} ms" if "output_alloc_ms" in r else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
