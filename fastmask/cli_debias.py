@@ -139,8 +139,13 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _run_debias(args: argparse.Namespace) -> int:
+    from fastmask import distributed
     from fastmask.profiling import trace
     from fastmask.workflow import DataSpec, RunStopped, debias
+
+    device = args.device
+    if distributed.init_from_env():  # under torchrun: one rank per process, rank 0 writes the outputs
+        device = device or str(distributed.local_device())
 
     replace = {"auto": "auto", "true": True, "false": False}[args.balance_replace]
     data = DataSpec(shards=args.shards, attr=args.attr, attr_map=dict(args.attr_map) if args.attr_map else None,
@@ -152,7 +157,7 @@ def _run_debias(args: argparse.Namespace) -> int:
         with trace(args.profile) as trace_path:
             report = debias(model=args.model, weights=args.weights, data=data, out=args.out, method=args.method,
                             config=_config(args), trust_pickle=args.trust_pickle, library=args.arch_library,
-                            device=args.device, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
+                            device=device, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                             epoch_eval=not args.no_epoch_eval, keep_checkpoint=args.keep_checkpoint,
                             progress=not args.no_progress)
     except RunStopped as stop:

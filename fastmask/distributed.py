@@ -9,6 +9,7 @@ histogram per pass (2^16 int64 counts, one or two rows), whatever the number of 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -208,3 +209,24 @@ def all_reduce_counts(values: Sequence[float], device: torch.device | str = "cpu
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t, group=group)
     return t.tolist()
+
+
+def init_from_env() -> bool:
+    """Join the job that torchrun describes in the environment (WORLD_SIZE > 1, with RANK, MASTER_ADDR and
+    MASTER_PORT), over NCCL when CUDA is available and gloo otherwise, unless a process group already exists.
+    True when this process is then one of several ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return is_active()
+
+
+def is_writer(group: dist.ProcessGroup | None = None) -> bool:
+    """True on the rank that writes a run's files: rank 0, or the only process."""
+    return not is_active(group) or dist.get_rank(group) == 0
+
+
+def local_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")

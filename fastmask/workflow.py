@@ -39,6 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fastmask
+from fastmask import distributed
 from fastmask.balance import group_balance
 from fastmask.checkpoint import Library, load_model, save_weights
 from fastmask.data import ShardIndex, ShardLoader, atomic_write_bytes, attr_code, make_loader
@@ -484,7 +485,11 @@ def debias(
     # Importance on the unbalanced D_e with test transforms, shuffled (spec §1); both steps on D_r, augmented.
     mask_loader = make_loader(sets.index, train=False, shuffle=True, keys=list(sets.external.index), **common)
     train_loader = make_loader(sets.index, train=True, keys=balanced["source_index"], **common)
-    eval_loader = make_loader(sets.eval_index, train=False, keys=list(sets.test.index), return_keys=True, **common)
+    # Under torchrun the mask and train loaders split the data by rank; every rank evaluates the whole evaluation
+    # set (same numbers everywhere) and only rank 0 writes files.
+    eval_loader = make_loader(sets.eval_index, train=False, keys=list(sets.test.index), return_keys=True, rank=0,
+                              world_size=1, **common)
+    writer = distributed.is_writer()
     tracked_mask, tracked_train = _Tracked(mask_loader, "mask", loader_log), _Tracked(train_loader, "train", loader_log)
     tracked_eval = _Tracked(eval_loader, "evaluation", loader_log)
 
@@ -566,7 +571,8 @@ def debias(
         buf = io.BytesIO()
         torch.save(payload, buf)
         state_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(state_path, buf.getvalue())
+        if writer:
+            atomic_write_bytes(state_path, buf.getvalue())
         if (stop_after_epochs is not None and state.epoch > 0 and epochs_run >= stop_after_epochs
                 and epochs_left(state) > 0):
             raise RunStopped(state.step, state.epoch, epochs_run, state_path)
@@ -580,14 +586,17 @@ def debias(
         meter.stop()
     after = evaluate_now("evaluate after")
 
-    save_weights(net, out / OUTPUTS["weights"], metadata={"format": "fastmask-weights", "method": method})
-    save_masks(result.masks, out / OUTPUTS["mask"])
+    if writer:
+        save_weights(net, out / OUTPUTS["weights"], metadata={"format": "fastmask-weights", "method": method})
+        save_masks(result.masks, out / OUTPUTS["mask"])
     hard = all(m.dtype == torch.bool for m in result.masks.values())
     layers = mask_layer_stats(result.masks, head_params)
-    plot_mask_layers(layers, out / PLOTS["mask"], hard=hard)
+    if writer:
+        plot_mask_layers(layers, out / PLOTS["mask"], hard=hard)
     plots = {"mask": PLOTS["mask"], "epochs": None}
     if len(epochs) > 1:
-        plot_epochs(epochs, out / PLOTS["epochs"], title=f"{method.upper()} on {sets.descriptions['test']}")
+        if writer:
+            plot_epochs(epochs, out / PLOTS["epochs"], title=f"{method.upper()} on {sets.descriptions['test']}")
         plots["epochs"] = PLOTS["epochs"]
     mask = {"kind": "hard" if hard else "soft", "layers": layers}
     if hard:
@@ -624,8 +633,9 @@ def debias(
         "memory": _memory_account(net, memory_laps),
         "outputs": {**OUTPUTS, "plots": plots},
     }
-    write_debias_report(out, report)
-    if not keep_checkpoint and state_path.exists():
+    if writer:
+        write_debias_report(out, report)
+    if writer and not keep_checkpoint and state_path.exists():
         state_path.unlink()
         if not any(state_path.parent.iterdir()):
             state_path.parent.rmdir()

@@ -104,3 +104,51 @@ def test_two_processes_equal_single_process(tmp_path: Path) -> None:
     for method in ("swift", "bmft"):
         for k, w in ranks[0][method]["weights"].items():
             assert torch.equal(ranks[1][method]["weights"][k], w), f"{method}: ranks disagree on {k}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fastmask_debias_under_torchrun(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m fastmask.cli debias` on tiny shards: the mask and train loaders split the
+    external set by rank (each pass reads about half of it on rank 0), every rank evaluates the whole test fold, and
+    rank 0 alone writes the outputs. TinyCNN has BatchNorm in train mode, so no equality with a one-process run is
+    claimed here (that is the test above)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from cli_helpers import make_dataset, tiny_weights
+
+    from fastmask.cli import main
+
+    table = make_dataset(tmp_path, n=48, n_test=16)
+    tiny_weights(tmp_path / "weights.pt", seed=0)
+    assert main(["shards", str(tmp_path / "meta.csv"), "--image-root", str(tmp_path / "images"), "--out",
+                 str(tmp_path / "shards"), "--attr", "tint", "--fold-col", "fold"]) == 0
+    out = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "fastmask.cli", "debias",
+         "--model", "cli_helpers:TinyCNN", "--weights", str(tmp_path / "weights.pt"),
+         "--shards", str(tmp_path / "shards"),
+         "--attr", "tint", "--test-fold", "test", "--method", "bmft", "--rate", "60", "--epochs1", "1",
+         "--epochs2", "1", "--batch-size", "8", "--image-size", "12", "--no-progress", "--no-epoch-eval",
+         "--out", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    external = int((table["fold"] == "ext").sum())
+    mask_pass = report["loader"]["by_loader"]["mask"]
+    assert mask_pass["samples"] / mask_pass["passes"] == -(-external // 2)  # rank 0's share: ceil(N / 2)
+    evaluation = report["loader"]["by_loader"]["evaluation"]
+    assert evaluation["samples"] / evaluation["passes"] == int((table["fold"] == "test").sum())  # all of it
+    assert (out / "weights.safetensors").is_file() and (out / "mask.safetensors").is_file()
+    assert report["memory"]["mask_generation"]["peak_bytes"] > 0
