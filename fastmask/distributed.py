@@ -230,3 +230,22 @@ def local_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def broadcast_buffers(module: torch.nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank, as DDP does with broadcast_buffers=True:
+    each rank's BN layers see only its own samples in train mode, so their running statistics drift apart while the
+    summed gradients keep the parameters equal. One broadcast per dtype; no-op without an active group."""
+    if not is_active(group):
+        return
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for tensors in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=src, group=group)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()

@@ -485,6 +485,7 @@ def _train_step(
             loss.backward()
             distributed.all_reduce_grads([p.grad for group in optimizer.param_groups for p in group["params"]])
             optimizer.step()
+            distributed.broadcast_buffers(model)
             total += float(loss.detach())
             n_batches += 1
             positives += int((z.detach() > 0).sum())

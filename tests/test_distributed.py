@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from fastmask import distributed
 from fastmask.pipeline import BmftConfig, StepConfig, SwiftConfig, bmft, swift
 
 WORLD = 2
@@ -69,7 +70,13 @@ def _worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         mine = rank_batches(make_batches(), rank)
-        torch.save({m: run(m, mine) for m in ("swift", "bmft")}, Path(out) / f"rank{rank}.pt")
+        results = {m: run(m, mine) for m in ("swift", "bmft")}
+        bn = nn.BatchNorm1d(3)
+        bn.running_mean.fill_(rank + 1.0)
+        bn.num_batches_tracked.fill_(10 * (rank + 1))
+        distributed.broadcast_buffers(bn)
+        results["bn"] = {k: v.clone() for k, v in bn.state_dict().items()}
+        torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -100,6 +107,9 @@ def test_two_processes_equal_single_process(tmp_path: Path) -> None:
                 assert abs(h_got["loss"] - h_ref["loss"]) <= 1e-4 * max(1.0, abs(h_ref["loss"]))
                 assert h_got["positive_share"] == h_ref["positive_share"]
             assert got["checks"] == ref["checks"]
+    for r in range(WORLD):  # broadcast_buffers: rank 0's BN statistics everywhere
+        assert torch.equal(ranks[r]["bn"]["running_mean"], torch.full((3,), 1.0))
+        assert int(ranks[r]["bn"]["num_batches_tracked"]) == 10
     # both ranks hold bit-identical weights: they took the same steps from the same summed gradients
     for method in ("swift", "bmft"):
         for k, w in ranks[0][method]["weights"].items():
