@@ -154,7 +154,9 @@ def _run_debias(args: argparse.Namespace) -> int:
                     image_size=args.image_size, center_crop=args.center_crop, workers=args.workers, seed=args.seed,
                     balance_replace=replace, strict=args.strict)
     try:
-        with trace(args.profile) as trace_path:
+        # one trace per rank under torchrun (trace-rank<R>.json), else trace.json
+        rank = f"-rank{distributed.dist.get_rank()}" if distributed.is_active() else ""
+        with trace(args.profile, name=f"trace{rank}.json") as trace_path:
             report = debias(model=args.model, weights=args.weights, data=data, out=args.out, method=args.method,
                             config=_config(args), trust_pickle=args.trust_pickle, library=args.arch_library,
                             device=device, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
@@ -246,7 +248,8 @@ def add_debias(sub: argparse._SubParsersAction) -> None:
                    help="do not evaluate after every epoch (no per-epoch plot)")
     g.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after the run finished")
     g.add_argument("--profile", metavar="DIR",
-                   help="write a torch.profiler Chrome trace of the run to DIR/trace.json; its fastmask.* ranges "
+                   help="write a torch.profiler Chrome trace of the run to DIR/trace.json (trace-rank<R>.json per rank "
+                   "under torchrun); its fastmask.* ranges "
                    "(data, importance, mask, step1, head_reinit, step2, evaluate and the fused ops) are the NVTX "
                    "ranges Nsight Systems shows (nsys profile -t nvtx,cuda fastmask debias ...)")
     p.set_defaults(func=_report_errors("debias", _run_debias))
