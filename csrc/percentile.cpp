@@ -424,7 +424,7 @@ std::vector<int64_t> histogram_pass(const Segments& s, keys::Format fmt, const s
       std::fill(local.begin(), local.end(), 0u);
       since_flush = 0;
     };
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait  // the flush below needs no other thread: one barrier per pass
     for (int64_t c = 0; c < nchunks; ++c) {
       if (since_flush + kChunk > std::numeric_limits<uint32_t>::max()) flush();
       const int64_t g0 = c * kChunk, g1 = std::min(total, g0 + kChunk);
