@@ -22,7 +22,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+# tqdm.auto is avoided on purpose: its asyncio class calls iter() on the loader in __init__ and again when iterated,
+# which would start a DataLoader's worker processes twice.
+from tqdm import tqdm
 
 from fastmask import ops
 from fastmask.losses import SWIFT_BIAS, BiasSpec, wbce

@@ -221,7 +221,10 @@ _MASK_ARGS_DOC = """
         mask_mode (str, optional): ``"grad"`` (g ← M ⊙ g, the papers') or ``"update"`` (θ ← θ + M ⊙ Δθ; entries with
             M = 0 keep parameter and state bit for bit) (default: "grad").
         backend (str, optional): ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"``; None chooses as
-            fastmask.backend does (``FASTMASK_BACKEND``, then automatic) (default: None)."""
+            fastmask.backend does (``FASTMASK_BACKEND``, then automatic) (default: None).
+
+    Masks are kept out of ``state_dict()``, which is torch's (loadable by torch.optim and from it); save and restore
+    them with ``mask_state_dict()`` / ``load_mask_state_dict()``."""
 
 
 class MaskedAdam(_MaskedOptimizer, torch.optim.Adam):

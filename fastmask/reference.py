@@ -128,8 +128,13 @@ def mask_as_float(mask: Tensor | None) -> Tensor | None:
     raise TypeError(f"mask dtype {mask.dtype} is not supported (float32, bfloat16, float16, uint8 or bool)")
 
 
+def _opmath(t: Tensor) -> Tensor:
+    """``t`` in the dtype the optimizer steps compute in: float64 for float64 storage, else float32 (as torch)."""
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
 def _unscaled_grad(grad: Tensor, grad_scale: Tensor | None, maximize: bool) -> Tensor:
-    g = grad.float()
+    g = _opmath(grad)
     if grad_scale is not None:
         g = g / grad_scale.float()
     return -g if maximize else g
@@ -183,19 +188,19 @@ def masked_adam_(
         g = _unscaled_grad(grads[i], grad_scale, maximize)
         if mask is not None and not mask_update:
             g = g * mask
-        theta = p.float()
+        theta = _opmath(p)
         decayed = theta
         if weight_decay != 0:
             if decoupled_weight_decay:
                 decayed = theta * (1 - lr * weight_decay)
             else:
                 g = g + weight_decay * theta
-        m = exp_avgs[i].float().lerp(g, 1 - beta1)
-        v = exp_avg_sqs[i].float() * beta2 + (1 - beta2) * g * g
+        m = _opmath(exp_avgs[i]).lerp(g, 1 - beta1)
+        v = _opmath(exp_avg_sqs[i]) * beta2 + (1 - beta2) * g * g
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         if amsgrad:
-            vmax = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            vmax = torch.maximum(_opmath(max_exp_avg_sqs[i]), v)
             denom = vmax.sqrt() / bias_correction2_sqrt + eps
         else:
             denom = v.sqrt() / bias_correction2_sqrt + eps
@@ -203,10 +208,10 @@ def masked_adam_(
         if mask is not None and mask_update:
             keep = mask == 0
             new_theta = torch.where(keep, theta, theta + mask * (new_theta - theta))
-            m = torch.where(keep, exp_avgs[i].float(), m)
-            v = torch.where(keep, exp_avg_sqs[i].float(), v)
+            m = torch.where(keep, _opmath(exp_avgs[i]), m)
+            v = torch.where(keep, _opmath(exp_avg_sqs[i]), v)
             if amsgrad:
-                vmax = torch.where(keep, max_exp_avg_sqs[i].float(), vmax)
+                vmax = torch.where(keep, _opmath(max_exp_avg_sqs[i]), vmax)
         p.copy_(new_theta)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
@@ -248,10 +253,10 @@ def masked_sgd_(
         g = _unscaled_grad(grads[i], grad_scale, maximize)
         if mask is not None and not mask_update:
             g = g * mask
-        theta = p.float()
+        theta = _opmath(p)
         d = g + weight_decay * theta if weight_decay != 0 else g
         if momentum != 0:
-            old = momentum_buffers[i].float()
+            old = _opmath(momentum_buffers[i])
             buf = d.clone() if first_step else old * momentum + (1 - dampening) * d
             if mask is not None and mask_update:
                 buf = torch.where(mask == 0, torch.zeros_like(buf) if first_step else old, buf)

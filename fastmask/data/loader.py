@@ -1,0 +1,791 @@
+"""The streaming loader over fastmask shards, and a map-style loader over an image table.
+
+Every batch is the project's contract ``(x, y, a)``: x float32 [B, 3, H, W] normalised with the ImageNet mean and
+std, y float32 [B] in {0, 1}, a int64 [B] (the chosen attribute); ``(x, y, a, keys)`` with ``return_keys=True``.
+
+How an epoch is planned (all from the shard index, identically on every rank, without communication):
+
+1. The *occurrences*: every key of the index in write order, repeated ``keys[key]`` times (the group-balanced set
+   applied by key: a key drawn k times with replacement is yielded k times; keys with count 0 or absent are
+   dropped). N occurrences in all.
+2. Shard order: the index order, or, when shuffling, a permutation drawn from (seed, epoch, pass).
+3. Per-rank split by occurrence: rank r takes positions r, r + W, r + 2W, ... of the occurrence list in that shard
+   order, up to M = ceil(N / W) positions, wrapping past the end (so every rank has exactly M samples; like
+   ``DistributedSampler``, at most W - 1 samples are repeated). The ranks' samples are disjoint apart from that
+   padding, whatever the number of shards; each rank reads the tar bytes of every shard it has samples in but
+   decodes only its own.
+4. Per-worker split inside a rank (DataLoader worker processes): whole shards round-robin when the rank has at
+   least as many shards as workers (each shard is read once); otherwise occurrences round-robin (each worker reads
+   the shards and decodes every n-th sample), so fewer shards than workers never leaves a worker without samples
+   (webdataset's "No samples found").
+5. Batches per epoch, the same on every rank: ``epoch_length`` if given; else with ``drop_last`` (the default when
+   training) floor(M / B) (at least 1); else ceil(M / B) with a short last batch. When a rank's stream runs short --
+   ``epoch_length`` asks for more than M samples, or corrupted samples were skipped under torchrun -- it starts
+   another pass over its share (new shard order and shuffle; this is the resampling) until the count is met, so no
+   rank ever waits for a collective that another rank will not join. A single-process evaluation pass (no
+   ``epoch_length``, no ``drop_last``, one rank) is one pass: exactly the readable samples, once each.
+
+Shuffling is a seeded shard-order permutation plus a per-worker buffer of ``shuffle_buffer`` samples; augmentation
+draws come from a generator seeded by (seed, epoch, pass, rank, worker). The same seed, epoch, rank, world size and
+worker count therefore give the same batches, byte for byte. Each iteration over the loader uses
+``loader.epoch`` and then advances it; ``set_epoch(e)`` pins the epoch of the next iteration (as with
+``DistributedSampler``). Workers are started per pass (not persistent).
+
+Damage: a member that does not decode, metadata that does not parse, an incomplete sample, a shard that cannot be
+opened or ends early, or keys of the index missing from their shard are skipped and counted in ``loader.stats``
+(with reason, shard and key) and summarised in the log (logger ``fastmask.data``) at the end of each epoch; with
+``strict=True`` the first one raises :class:`ShardReadError` naming the shard and key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+import pandas as pd
+import torch
+import webdataset as wds
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from .shards import IMAGE_EXTENSIONS, ShardIndex, check_table, iter_tar_members, read_table, sample_keys
+from .transforms import ImageTransform
+
+__all__ = [
+    "ImageTableDataset",
+    "LoaderStats",
+    "ShardLoader",
+    "ShardReadError",
+    "SkipRecord",
+    "attr_code",
+    "make_loader",
+]
+
+log = logging.getLogger("fastmask.data")
+
+
+class ShardReadError(RuntimeError):
+    """A damaged shard or sample under ``strict=True``; the message names the shard and the key."""
+
+
+@dataclass
+class SkipRecord:
+    """One kind of damage at one place.
+
+    Args:
+        reason: ``decode`` (image bytes do not decode), ``metadata`` (JSON unreadable or without the label /
+            attribute), ``incomplete`` (image or JSON member missing), ``shard`` (shard cannot be opened or ends
+            early), ``missing`` (keys of the index not in their shard).
+        shard: shard file name.
+        key: the sample key (for ``shard`` / ``missing``: the first key not read), or None.
+        detail: the underlying error.
+        samples: planned sample occurrences lost.
+    """
+
+    reason: str
+    shard: str
+    key: str | None
+    detail: str
+    samples: int = 1
+
+
+@dataclass
+class LoaderStats:
+    """What one epoch of a :class:`ShardLoader` delivered and what it skipped (``loader.stats``)."""
+
+    epoch: int = 0
+    rank: int = 0
+    world_size: int = 1
+    planned: int = 0
+    samples: int = 0
+    batches: int = 0
+    passes: int = 0
+    records: list[SkipRecord] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        """Planned sample occurrences that were not delivered because of damage."""
+        return sum(r.samples for r in self.records)
+
+    def by_reason(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for r in self.records:
+            out[r.reason] += r.samples
+        return dict(out)
+
+    def add(self, record: SkipRecord) -> None:
+        # The same damage met again (a duplicated key, a later pass) adds to one record.
+        for r in self.records:
+            if (r.reason, r.shard, r.key) == (record.reason, record.shard, record.key):
+                r.samples += record.samples
+                return
+        self.records.append(record)
+
+    def summary(self, limit: int = 5) -> str:
+        head = (
+            f"epoch {self.epoch} rank {self.rank}/{self.world_size}: {self.samples} samples in {self.batches} "
+            f"batches ({self.passes} pass{'es' if self.passes != 1 else ''}, {self.planned} planned)"
+        )
+        if not self.records:
+            return head + "; nothing skipped"
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.by_reason().items()))
+        where = "; ".join(
+            f"{r.shard} key {r.key}: {r.reason}: {r.detail}" if r.key else f"{r.shard}: {r.reason}: {r.detail}"
+            for r in self.records[:limit]
+        )
+        more = f"; ... {len(self.records) - limit} more" if len(self.records) > limit else ""
+        return f"{head}; skipped {self.skipped} ({reasons}): {where}{more}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "planned": self.planned,
+            "samples": self.samples,
+            "batches": self.batches,
+            "passes": self.passes,
+            "skipped": self.skipped,
+            "by_reason": self.by_reason(),
+            "records": [vars(r).copy() for r in self.records],
+        }
+
+
+def attr_code(value: Any, attr: str, attr_map: Mapping[Any, int] | None, where: str) -> int:
+    """The integer group of an attribute value: ``attr_map[value]``, or the value itself when it is integral."""
+    if attr_map is not None:
+        if value in attr_map:
+            return int(attr_map[value])
+        if isinstance(value, str) or str(value) not in attr_map:
+            raise ValueError(
+                f"{where}: attribute {attr!r} value {value!r} is not in attr_map (known: {sorted(map(str, attr_map))})"
+            )
+        return int(attr_map[str(value)])
+    if isinstance(value, (bool, int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    raise ValueError(f"{where}: attribute {attr!r} value {value!r} is not an integer group; pass attr_map")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker side: one pass over one rank's share.
+
+
+Plan = list[tuple[str, dict[str, int]]]  # (shard name, key -> occurrences) in read order
+
+
+def _worker_share(plan: Plan, wid: int, nworkers: int) -> Plan:
+    if nworkers == 1:
+        return plan
+    if len(plan) >= nworkers:
+        return plan[wid::nworkers]
+    share: dict[str, dict[str, int]] = {}
+    occurrences = ((name, key) for name, keys in plan for key, c in keys.items() for _ in range(c))
+    for i, (name, key) in enumerate(occurrences):
+        if i % nworkers == wid:
+            bucket = share.setdefault(name, {})
+            bucket[key] = bucket.get(key, 0) + 1
+    return list(share.items())
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _PassStream(torch.utils.data.IterableDataset):
+    """Reads, decodes and batches one pass of one rank's share; each worker takes its part of the plan.
+
+    Yields chunks ``(x, y, a, keys, events)`` of up to ``batch_size`` samples (the last one of a worker may be
+    short or empty); ``events`` carries the skip records met since the previous chunk, so the counts reach the main
+    process from worker processes too.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        urls: Mapping[str, str],
+        *,
+        transform: ImageTransform,
+        attr: str,
+        attr_map: Mapping[Any, int] | None,
+        batch_size: int,
+        shuffle_buffer: int,
+        seed: tuple[int, ...],
+        strict: bool,
+    ) -> None:
+        super().__init__()
+        self.plan = plan
+        self.urls = dict(urls)
+        self.transform = transform
+        self.attr = attr
+        self.attr_map = attr_map
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.strict = strict
+
+    def _skip(self, events: list[SkipRecord], record: SkipRecord) -> None:
+        if self.strict:
+            key = f" key {record.key}" if record.key else ""
+            raise ShardReadError(f"shard {record.shard}{key}: {record.reason}: {record.detail}")
+        events.append(record)
+
+    def _read_shard(self, name: str, wanted: dict[str, int], events: list[SkipRecord]) -> Iterator[tuple]:
+        """Yield (shard, key, sample) once per wanted occurrence, in tar order; record what could not be read.
+
+        Members of one key are consecutive in a shard (webdataset's grouping rule); a key is complete when the
+        next key starts. Damage stops the shard: the keys not read yet are counted, the first of them named.
+        """
+        seen: set[str] = set()
+        error: Exception | None = None
+        key, sample = None, {}
+        try:
+            stream = gopen(self.urls[name], "rb", bufsize=1 << 20)
+        except Exception as err:  # gopen raises what the opener raises (OSError, ValueError for bad URLs, ...)
+            stream, error = None, err
+        if stream is not None:
+            members = iter_tar_members(stream, want=lambda m: base_plus_ext(m)[0] in wanted)
+            with stream:
+                while True:
+                    try:
+                        member, data = next(members)
+                    except StopIteration:
+                        break
+                    except (OSError, ValueError) as err:  # TarFormatError is a ValueError
+                        error = err
+                        break
+                    base, ext = base_plus_ext(member)
+                    if base != key:
+                        if key is not None and key not in seen:
+                            seen.add(key)
+                            for _ in range(wanted[key]):
+                                yield name, key, sample
+                        key, sample = base, {}
+                    sample[ext.lower()] = data
+        # After damage, the last key counts only if it has both of its members (image and JSON).
+        complete = error is None or ("json" in sample and any(e in sample for e in IMAGE_EXTENSIONS))
+        if key is not None and complete and key not in seen:
+            seen.add(key)
+            for _ in range(wanted[key]):
+                yield name, key, sample
+        lost = [k for k in wanted if k not in seen]
+        if error is not None:
+            detail = f"{type(error).__name__}: {error}" + (f"; {len(lost)} keys not read" if lost else "")
+            self._skip(events, SkipRecord("shard", name, lost[0] if lost else None, detail, self._count(wanted, lost)))
+        elif lost:
+            detail = f"{len(lost)} keys of the index are not in the shard"
+            self._skip(events, SkipRecord("missing", name, lost[0], detail, self._count(wanted, lost)))
+
+    @staticmethod
+    def _count(wanted: dict[str, int], keys: list[str]) -> int:
+        return sum(wanted[k] for k in keys)
+
+    def _decode(self, name: str, key: str, sample: dict, rng: np.random.Generator, events: list[SkipRecord]):
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None or "json" not in sample:
+            have = sorted(k for k in sample if not k.startswith("__"))
+            self._skip(events, SkipRecord("incomplete", name, key, f"members {have}"))
+            return None
+        try:
+            meta = json.loads(sample["json"])
+            label = meta["label"]
+            if label not in (0, 1) or isinstance(label, bool | str):
+                raise ValueError(f"label {label!r} is not 0 or 1")
+            a = attr_code(meta["attrs"][self.attr], self.attr, self.attr_map, f"key {key}")
+        except (ValueError, KeyError, TypeError) as err:
+            self._skip(events, SkipRecord("metadata", name, key, f"{type(err).__name__}: {err}"))
+            return None
+        try:
+            img = self.transform.image(sample[ext], rng)
+        except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) on bad bytes
+            self._skip(events, SkipRecord("decode", name, key, f"{type(err).__name__}: {err}"))
+            return None
+        return img, float(label), a
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = torch.utils.data.get_worker_info()
+        wid, nworkers = (0, 1) if info is None else (info.id, info.num_workers)
+        share = _worker_share(self.plan, wid, nworkers)
+        rng = np.random.default_rng([*self.seed, wid])
+        events: list[SkipRecord] = []
+        stream: Iterator[tuple] = (item for name, wanted in share for item in self._read_shard(name, wanted, events))
+        if self.shuffle_buffer > 1:
+            shuffle_seed = int(rng.integers(2**62))
+            stream = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=shuffle_seed)(stream)
+        imgs: list[np.ndarray] = []
+        ys: list[float] = []
+        As: list[int] = []
+        keys: list[str] = []
+        for name, key, sample in stream:
+            out = self._decode(name, key, sample, rng, events)
+            if out is None:
+                continue
+            imgs.append(out[0])
+            ys.append(out[1])
+            As.append(out[2])
+            keys.append(key)
+            if len(imgs) == self.batch_size:
+                yield self._chunk(imgs, ys, As, keys, events)
+                imgs, ys, As, keys = [], [], [], []
+        if imgs or events:
+            yield self._chunk(imgs, ys, As, keys, events)
+
+    def _chunk(self, imgs, ys, As, keys, events: list[SkipRecord]) -> tuple:
+        # `events` is shared with the shard readers still running: hand over a copy and empty it in place.
+        handed = events[:]
+        events.clear()
+        if not imgs:
+            return None, None, None, [], handed
+        x = self.transform.batch(imgs, shared=torch.utils.data.get_worker_info() is not None)
+        return x, torch.tensor(ys, dtype=torch.float32), torch.tensor(As, dtype=torch.int64), keys, handed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main process.
+
+
+class _Rebatcher:
+    """Cuts a stream of chunks into batches of exactly ``batch_size`` (chunks of that size pass through uncopied)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.parts: list[tuple] = []
+        self.pending = 0
+
+    def push(self, part: tuple) -> None:
+        self.parts.append(part)
+        self.pending += len(part[3])
+
+    def pop(self, n: int | None = None) -> tuple:
+        n = self.batch_size if n is None else n
+        if len(self.parts[0][3]) == n:
+            self.pending -= n
+            return self.parts.pop(0)
+        taken: list[tuple] = []
+        need = n
+        while need:
+            part = self.parts[0]
+            k = len(part[3])
+            if k <= need:
+                taken.append(self.parts.pop(0))
+                need -= k
+            else:
+                taken.append(tuple(t[:need] for t in part))
+                self.parts[0] = tuple(t[need:] for t in part)
+                need = 0
+        self.pending -= n
+        return (
+            torch.cat([t[0] for t in taken]),
+            torch.cat([t[1] for t in taken]),
+            torch.cat([t[2] for t in taken]),
+            [k for t in taken for k in t[3]],
+        )
+
+
+class ShardLoader:
+    """Iterable over batches ``(x, y, a)`` (or ``(x, y, a, keys)``) streamed from shards; see the module docstring
+    for how epochs, ranks and workers are planned. Build it with :func:`make_loader`.
+
+    Attributes:
+        index: the :class:`ShardIndex` read.
+        stats: :class:`LoaderStats` of the current (or last) epoch.
+        epoch: the epoch the next iteration will use.
+        rank, world_size, workers: the split in use.
+    """
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        counts: dict[str, int],
+        *,
+        batch_size: int,
+        transform: ImageTransform,
+        attr: str,
+        attr_map: Mapping[Any, int] | None,
+        workers: int,
+        seed: int,
+        shuffle: bool,
+        shard_shuffle: bool,
+        shuffle_buffer: int,
+        epoch_length: int | None,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        strict: bool,
+        return_keys: bool,
+    ) -> None:
+        self.index = index
+        self.batch_size = batch_size
+        self.transform = transform
+        self.attr = attr
+        self.attr_map = attr_map
+        self.workers = workers
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shard_shuffle = shard_shuffle
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.rank = rank
+        self.world_size = world_size
+        self.strict = strict
+        self.return_keys = return_keys
+        self.epoch = 0
+        # (shard, [(key, count)]) for the shards holding at least one selected occurrence, in index order.
+        by_shard: dict[str, list[tuple[str, int]]] = {}
+        for key, rec in index.samples.items():
+            if counts.get(key, 0) > 0:
+                by_shard.setdefault(rec["shard"], []).append((key, counts[key]))
+        shard_order = [s.name for s in index.shards]
+        self._shards = [(name, by_shard[name]) for name in shard_order if name in by_shard]
+        self._urls = {s.name: str(index.root / s.name) for s in index.shards}
+        n = sum(counts.get(k, 0) for k in index.samples)
+        self.samples_total = n
+        self.samples_per_rank = n if world_size == 1 else -(-n // world_size)
+        m = self.samples_per_rank
+        if epoch_length is not None:
+            self.batches_per_epoch, self._take, self._partial = epoch_length, epoch_length * batch_size, False
+        elif drop_last:
+            b = max(1, m // batch_size)
+            self.batches_per_epoch, self._take, self._partial = b, b * batch_size, False
+        else:
+            self.batches_per_epoch, self._take, self._partial = -(-m // batch_size), m, True
+        # One pass is enough only for a single-process evaluation pass; elsewhere passes repeat until the count.
+        self._cycle = not (self._partial and world_size == 1)
+        self.stats = LoaderStats(rank=rank, world_size=world_size, planned=self._take)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the next iteration (shard order, shuffle and augmentation draws depend on it)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def plan(self, epoch: int, pass_: int = 0) -> Plan:
+        """This rank's share of one pass: (shard, key -> occurrences) in read order (see the module docstring)."""
+        order = list(range(len(self._shards)))
+        if self.shuffle and self.shard_shuffle:
+            np.random.default_rng([self.seed, epoch, pass_]).shuffle(order)
+        shards = [self._shards[i] for i in order]
+        if self.world_size == 1:
+            return [(name, dict(keys)) for name, keys in shards]
+        occurrences = [(name, key) for name, keys in shards for key, c in keys for _ in range(c)]
+        n, w = len(occurrences), self.world_size
+        share: dict[str, dict[str, int]] = {}
+        for p in range(self.rank, w * (-(-n // w)), w):
+            name, key = occurrences[p % n]
+            bucket = share.setdefault(name, {})
+            bucket[key] = bucket.get(key, 0) + 1
+        return list(share.items())
+
+    def _pass(self, epoch: int, pass_: int) -> Iterator[tuple]:
+        plan = self.plan(epoch, pass_)
+        dataset = _PassStream(
+            plan,
+            self._urls,
+            transform=self.transform,
+            attr=self.attr,
+            attr_map=self.attr_map,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=(self.seed, epoch, pass_, self.rank),
+            strict=self.strict,
+        )
+        nworkers = min(self.workers, sum(c for _, keys in plan for c in keys.values()))
+        if nworkers == 0:
+            yield from dataset
+            return
+        # A plain DataLoader (webdataset's WebLoader wraps one in a generator, which hides the worker shutdown).
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=nworkers, collate_fn=_identity)
+        it = iter(loader)
+        try:
+            yield from it
+        finally:
+            # Stop the workers now, also when a worker raised: the exception's traceback keeps the iterator (and
+            # the worker processes) alive until it is collected, and interpreter exit then waits 5 s per worker.
+            it._shutdown_workers()
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch = self.epoch
+        self.epoch += 1
+        stats = LoaderStats(epoch=epoch, rank=self.rank, world_size=self.world_size, planned=self._take)
+        for d in self.index.damage:
+            stats.add(SkipRecord(d["reason"], d["shard"], d["key"], d["detail"], samples=0))
+        self.stats = stats
+        batches = _Rebatcher(self.batch_size)
+        taken = 0  # samples accepted into batches (yielded or pending)
+        pass_ = 0
+        while taken < self._take:
+            delivered = 0
+            chunks = self._pass(epoch, pass_)
+            try:
+                for x, y, a, keys, events in chunks:
+                    for record in events:
+                        stats.add(record)
+                    if not keys:
+                        continue
+                    delivered += len(keys)
+                    part = (x, y, a, keys)
+                    room = self._take - taken
+                    if len(keys) > room:
+                        part = tuple(t[:room] for t in part)
+                    batches.push(part)
+                    taken += len(part[3])
+                    while batches.pending >= self.batch_size:
+                        yield self._emit(batches.pop(), stats)
+                    if taken >= self._take:
+                        break
+            finally:
+                chunks.close()  # stops this pass's workers now (also when the caller stops early)
+            stats.passes += 1
+            if taken >= self._take or not self._cycle:
+                break
+            if delivered == 0:
+                raise ShardReadError(
+                    f"rank {self.rank}: a whole pass over its {len(self._shards)} shard(s) under {self.index.root} "
+                    f"gave no readable sample; {stats.summary()}"
+                )
+            pass_ += 1
+        if batches.pending:
+            yield self._emit(batches.pop(batches.pending), stats)
+        (log.warning if stats.records else log.info)("%s", stats.summary())
+
+    def _emit(self, batch: tuple, stats: LoaderStats) -> tuple:
+        stats.samples += len(batch[3])
+        stats.batches += 1
+        return batch if self.return_keys else batch[:3]
+
+
+def _resolve_index(urls_or_dir: str | os.PathLike | Iterable[str | os.PathLike] | ShardIndex) -> ShardIndex:
+    if isinstance(urls_or_dir, ShardIndex):
+        return urls_or_dir
+    if isinstance(urls_or_dir, (str, os.PathLike)):
+        path = Path(urls_or_dir)
+        if path.is_dir():
+            try:
+                return ShardIndex.load(path)
+            except FileNotFoundError:
+                tars = sorted(path.glob("*.tar"))
+                if not tars:
+                    raise FileNotFoundError(f"{path}: no shard index and no .tar shards") from None
+                return ShardIndex.scan(tars)
+        if path.suffix == ".json":
+            return ShardIndex.load(path)
+        return ShardIndex.scan(list(braceexpand.braceexpand(str(urls_or_dir))))
+    return ShardIndex.scan(list(urls_or_dir))
+
+
+def _resolve_counts(index: ShardIndex, keys: Mapping[str, int] | Iterable[str] | None) -> dict[str, int]:
+    if keys is None:
+        return {k: 1 for k in index.samples}
+    if isinstance(keys, str):
+        raise TypeError("keys must be a mapping key -> count or an iterable of keys, not a single string")
+    if isinstance(keys, pd.Series) and not pd.api.types.is_integer_dtype(keys.dtype):
+        # A Series of keys (e.g. group_balance(index.table(), ...)["source_index"]), not key -> count.
+        keys = keys.tolist()
+    if hasattr(keys, "items"):
+        counts: dict[str, int] = {}
+        for k, c in keys.items():
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
+                raise ValueError(f"keys[{k!r}]: count {c!r} is not a non-negative integer")
+            counts[str(k)] = int(c)
+    else:
+        counts = dict(Counter(str(k) for k in keys))
+    unknown = [k for k, c in counts.items() if c > 0 and k not in index.samples]
+    if unknown:
+        raise KeyError(
+            f"{len(unknown)} key(s) of `keys` are not in the shard index under {index.root}: {unknown[:5]}"
+        )
+    return counts
+
+
+def _default_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        initialised = dist.is_available() and dist.is_initialized()
+        if rank is None:
+            rank = dist.get_rank() if initialised else 0
+        if world_size is None:
+            world_size = dist.get_world_size() if initialised else 1
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
+    return rank, world_size
+
+
+def _resolve_attr(attr: str | None, names: list[str]) -> str:
+    if attr is None:
+        if len(names) != 1:
+            raise ValueError(f"attr: the shards have attributes {names}; choose one")
+        return names[0]
+    if attr not in names:
+        raise ValueError(f"attr {attr!r} is not an attribute of the shards (they have {names})")
+    return attr
+
+
+def make_loader(
+    urls_or_dir: str | os.PathLike | Iterable[str | os.PathLike] | ShardIndex,
+    *,
+    batch_size: int,
+    train: bool,
+    image_size: int,
+    workers: int = 0,
+    seed: int = 0,
+    shuffle: bool | None = None,
+    shard_shuffle: bool = True,
+    shuffle_buffer: int = 1000,
+    epoch_length: int | None = None,
+    drop_last: bool | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    keys: Mapping[str, int] | Iterable[str] | None = None,
+    attr: str | None = None,
+    attr_map: Mapping[Any, int] | None = None,
+    center_crop: int | None = None,
+    transform: ImageTransform | None = None,
+    strict: bool = False,
+    return_keys: bool = False,
+) -> ShardLoader:
+    """A streaming loader of ``(x, y, a)`` batches over shards written by :func:`write_shards`.
+
+    Args:
+        urls_or_dir: a shard directory (with its ``*-index.json``), an index file, a :class:`ShardIndex`, or local
+            tar paths (a list or a brace pattern such as ``"out/shard-{000000..000003}.tar"``; they are scanned).
+        batch_size: samples per batch.
+        train: training mode: random flips / transpose (spec §1) and, by default, shuffling and ``drop_last``.
+        image_size: output height and width.
+        workers: DataLoader worker processes; 0 reads in this process.
+        seed: base seed of shard order, shuffle buffer and augmentation (use the same on every rank).
+        shuffle: shuffle shards and samples (default: ``train``); the importance pass uses test transforms
+            with shuffling (``train=False, shuffle=True``).
+        shard_shuffle: permute the shard order each epoch when shuffling.
+        shuffle_buffer: per-worker sample shuffle buffer when shuffling.
+        epoch_length: batches per epoch on every rank (fixed; passes repeat to fill it).
+        drop_last: full batches only, floor(M / B) of them (default: ``train``).
+        rank, world_size: this process's place in the job (default: from ``torch.distributed`` if initialised).
+        keys: the samples to stream and how often: key -> count (a mapping, or an integer Series such as
+            ``value_counts()``; count k yields the key k times, 0 drops it), or an iterable of keys with repeats (a
+            list, or a Series of keys such as the ``source_index`` column of
+            ``fastmask.balance.group_balance(index.table(), attr)``); default every key once.
+        attr: the attribute that becomes ``a`` (default: the only one).
+        attr_map: value -> int group, for attributes that are not integers.
+        center_crop: centre crop of the original image before resizing.
+        transform: a custom :class:`ImageTransform` (overrides ``train`` augmentation, ``image_size`` and
+            ``center_crop``).
+        strict: raise :class:`ShardReadError` on the first damaged sample or shard instead of skipping it.
+        return_keys: yield ``(x, y, a, keys)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+    if epoch_length is not None and epoch_length < 1:
+        raise ValueError(f"epoch_length must be >= 1 or None, got {epoch_length}")
+    rank, world_size = _default_rank(rank, world_size)
+    index = _resolve_index(urls_or_dir)
+    attr = _resolve_attr(attr, index.attr_cols)
+    counts = _resolve_counts(index, keys)
+    for key, rec in index.samples.items():
+        if counts.get(key, 0) > 0:
+            attr_code(rec["attrs"].get(attr), attr, attr_map, f"key {key} (row {rec['row']}, shard {rec['shard']})")
+    if sum(counts.get(k, 0) for k in index.samples) == 0:
+        raise ValueError(f"no samples selected from the shards under {index.root} (keys selects none)")
+    transform = transform or ImageTransform(image_size, train=train, center_crop=center_crop)
+    return ShardLoader(
+        index,
+        counts,
+        batch_size=batch_size,
+        transform=transform,
+        attr=attr,
+        attr_map=attr_map,
+        workers=workers,
+        seed=seed,
+        shuffle=train if shuffle is None else shuffle,
+        shard_shuffle=shard_shuffle,
+        shuffle_buffer=shuffle_buffer,
+        epoch_length=epoch_length,
+        drop_last=train if drop_last is None else drop_last,
+        rank=rank,
+        world_size=world_size,
+        strict=strict,
+        return_keys=return_keys,
+    )
+
+
+class ImageTableDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a metadata table, one image file read per item, returning the same triple
+    ``(x [3, H, W], y, a)`` as the streaming loader's batches (``default_collate`` stacks them).
+
+    For users without shards, and the benchmark's peer. Augmentation draws are seeded per item by
+    (seed, epoch, position), so they do not depend on the worker that loads the item; ``set_epoch`` changes them.
+
+    Args:
+        table: DataFrame (or CSV / parquet path) with image path, label and attribute columns.
+        image_root: directory that relative image paths are resolved against.
+        image_size, train, center_crop, transform: as for :func:`make_loader`.
+        attr: the attribute column that becomes ``a``; attr_map: value -> int group.
+        image_col, label_col: column names.
+        key_col: column of sample keys (default: row position, as :func:`write_shards` names them).
+        seed: augmentation seed.
+        return_keys: items are ``(x, y, a, key)``.
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame | str | os.PathLike,
+        image_root: str | os.PathLike,
+        *,
+        image_size: int,
+        attr: str,
+        train: bool = False,
+        attr_map: Mapping[Any, int] | None = None,
+        image_col: str = "filepath",
+        label_col: str = "target",
+        key_col: str | None = None,
+        center_crop: int | None = None,
+        transform: ImageTransform | None = None,
+        seed: int = 0,
+        return_keys: bool = False,
+    ) -> None:
+        if not isinstance(table, pd.DataFrame):
+            table = read_table(table)
+        records = check_table(table, image_col=image_col, label_col=label_col, attr_cols=[attr])
+        root = Path(image_root)
+        self.paths = [root / r["path"] for r in records]
+        self.labels = [float(r["label"]) for r in records]
+        self.attrs = [attr_code(r["attrs"][attr], attr, attr_map, f"column {attr!r} row {i}")
+                      for i, r in enumerate(records)]
+        self.keys = sample_keys(table, key_col)
+        self.transform = transform or ImageTransform(image_size, train=train, center_crop=center_crop)
+        self.seed = seed
+        self.epoch = 0
+        self.return_keys = return_keys
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple:
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.transform.train else None
+        try:
+            x = self.transform(self.paths[i], rng)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"row {i}: image file not found: {self.paths[i]}") from None
+        except Exception as err:  # PIL raises many types on bad bytes
+            raise ValueError(f"row {i}: unreadable image {self.paths[i]}: {type(err).__name__}: {err}") from err
+        y = torch.tensor(self.labels[i], dtype=torch.float32)
+        a = torch.tensor(self.attrs[i], dtype=torch.int64)
+        return (x, y, a, self.keys[i]) if self.return_keys else (x, y, a)
+

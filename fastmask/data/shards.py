@@ -1,0 +1,587 @@
+"""Metadata table + image root -> WebDataset tar shards, with a key -> shard index.
+
+A shard holds, per sample, two members named by the sample's key: ``<key>.<ext>`` (the image file's bytes,
+unchanged, under its own lower-cased extension) and ``<key>.json`` (label, attributes, fold, source row and path).
+Writing is deterministic: the same table and images give byte-identical shards and index, because members are
+written in table order with fixed tar metadata (mtime 0, uid/gid 0, fixed user/group names and mode).
+
+The index ``<prefix>-index.json`` beside the shards maps every key to its shard and metadata and lists the sample
+count and size of every shard; the loader plans per-rank and per-worker splits from it without opening a tar.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from webdataset.tariterators import base_plus_ext
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "INDEX_SUFFIX",
+    "ShardIndex",
+    "ShardInfo",
+    "TarFormatError",
+    "atomic_write_bytes",
+    "check_table",
+    "iter_tar_members",
+    "read_table",
+    "sample_keys",
+    "write_shards",
+]
+
+#: Image extensions the writer accepts and the loader decodes (with PIL).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "ppm", "pgm")
+#: The index file is ``<prefix><INDEX_SUFFIX>`` in the shard directory.
+INDEX_SUFFIX = "-index.json"
+_INDEX_FORMAT = "fastmask.shards"
+_INDEX_VERSION = 1
+_ZERO_BLOCK = bytes(512)
+# Fixed tar header fields: nothing in a shard depends on the clock or on who wrote it.
+_TAR_META = {"mtime": 0, "user": "fastmask", "group": "fastmask", "mode": 0o444}
+# A key becomes a tar member name "<key>.<ext>": webdataset splits a member name at the first "." of its basename,
+# so a key must not hold "." or "/"; USTAR names are limited to 100 bytes.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-:+=@,]{1,80}$")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync, then ``os.replace``.
+
+    A reader never sees a half-written file, and a crash leaves either the old file or the new one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class TarFormatError(ValueError):
+    """A shard whose tar structure is damaged (bad header checksum, data ending inside a member)."""
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes past 8 GiB
+        return int.from_bytes(field[1:], "big")
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
+
+
+def iter_tar_members(
+    fileobj: BinaryIO, want: Callable[[str], bool] = lambda name: True
+) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(name, data)`` for the regular members of a tar stream whose name passes ``want``.
+
+    A minimal reader for the USTAR shards this module writes (plus pax ``path`` and GNU long names, so other
+    tools' shards read too): Python's tarfile spends ~60 us parsing each header, which is more than reading a
+    small image file; this spends ~7 us. Unwanted data is skipped by seeking when the stream can seek.
+
+    Raises:
+        TarFormatError: a header fails its checksum, or the stream ends inside a header or a member, or without
+            the end-of-archive blocks (a truncated shard); the message names the member.
+    """
+    pending_name: str | None = None
+    last = "(start of archive)"
+
+    def read_exact(n: int, what: str) -> bytes:
+        data = fileobj.read(n)
+        if len(data) < n:
+            raise TarFormatError(f"truncated: the shard ends inside {what}")
+        return data
+
+    def skip(n: int, what: str) -> None:
+        if n == 0:
+            return
+        try:
+            if fileobj.seekable():
+                fileobj.seek(n - 1, os.SEEK_CUR)
+                read_exact(1, what)  # seeking past the end succeeds silently; this read does not
+                return
+        except (AttributeError, OSError):
+            pass
+        read_exact(n, what)
+
+    while True:
+        header = fileobj.read(512)
+        if not header:
+            raise TarFormatError(f"truncated: the shard ends after {last} without the end-of-archive blocks")
+        if len(header) < 512:
+            raise TarFormatError(f"truncated: the shard ends inside the header after {last}")
+        if header == _ZERO_BLOCK:
+            return
+        stored = _octal(header[148:156])
+        unsigned = sum(header[:148]) + 256 + sum(header[156:])
+        signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)
+        if stored not in (unsigned, signed):
+            raise TarFormatError(f"damaged header after {last} (checksum mismatch)")
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:262] == b"ustar" and header[345]:
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        padded = size + (-size % 512)
+        if kind in (b"x", b"L"):  # pax extended header / GNU long name: they name the next member
+            data = read_exact(padded, f"the extended header of {name}")[:size]
+            if kind == b"L":
+                pending_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+            else:
+                for record in data.decode("utf-8", "replace").split("\n"):
+                    _, _, kv = record.partition(" ")
+                    if kv.startswith("path="):
+                        pending_name = kv[5:]
+            continue
+        if pending_name is not None:
+            name, pending_name = pending_name, None
+        last = f"member {name}"
+        # V7 tars mark a directory as an old-style regular file (type NUL) whose name ends in "/" (as tarfile).
+        if kind in (b"0", b"\0", b"7") and not (kind == b"\0" and name.endswith("/")) and want(name):
+            yield name, read_exact(padded, f"member {name}")[:size]
+        else:
+            skip(padded, f"member {name}")
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a metadata table with pandas: ``.csv`` / ``.csv.gz`` / ``.tsv`` or ``.parquet`` / ``.pq``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metadata table not found: {path}")
+    name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        return pd.read_parquet(path)
+    if name.endswith((".csv", ".csv.gz")):
+        return pd.read_csv(path)
+    if name.endswith((".tsv", ".tsv.gz")):
+        return pd.read_csv(path, sep="\t")
+    raise ValueError(f"metadata table {path}: unknown format (expected .csv, .csv.gz, .tsv, .parquet or .pq)")
+
+
+def _json_scalar(value: Any, what: str) -> int | float | str:
+    """A table cell as a JSON scalar: integral numbers become int, so attribute 1.0 and 1 are the same group."""
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if math.isnan(value):
+            raise ValueError(f"{what} is NaN")
+        if math.isinf(value):
+            raise ValueError(f"{what} is infinite")
+        return int(value) if value.is_integer() else value
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"{what} has unsupported type {type(value).__name__} (value {value!r})")
+
+
+def _row_name(pos: int, source: str | None) -> str:
+    # For a CSV the user opens in an editor, the line number is what they look for (header = line 1).
+    if source is not None and source.lower().endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+        return f"row {pos} (line {pos + 2} of {source})"
+    return f"row {pos}"
+
+
+def sample_keys(table: pd.DataFrame, key_col: str | None = None) -> list[str]:
+    """The stable, unique key of every row: the row position zero-padded to 8 digits, or ``key_col`` as text.
+
+    Keys name tar members, so a user key must match ``[A-Za-z0-9_-:+=@,]{1,80}`` (no "." and no "/").
+    """
+    n = len(table)
+    if key_col is None:
+        width = max(8, len(str(max(n - 1, 0))))
+        return [f"{i:0{width}d}" for i in range(n)]
+    if key_col not in table.columns:
+        raise ValueError(f"key column {key_col!r} not in the table (columns: {list(table.columns)})")
+    keys: list[str] = []
+    first: dict[str, int] = {}
+    for pos, value in enumerate(table[key_col].tolist()):
+        key = str(value)
+        if not _KEY_RE.match(key):
+            raise ValueError(
+                f"column {key_col!r} {_row_name(pos, None)}: key {key!r} is not usable as a tar member name "
+                "(1-80 characters from A-Z a-z 0-9 _ - : + = @ ,)"
+            )
+        if key in first:
+            raise ValueError(f"column {key_col!r}: key {key!r} appears in row {first[key]} and row {pos}")
+        first[key] = pos
+        keys.append(key)
+    return keys
+
+
+def check_table(
+    table: pd.DataFrame,
+    *,
+    image_col: str,
+    label_col: str,
+    attr_cols: Sequence[str],
+    fold_col: str | None = None,
+    source: str | None = None,
+) -> list[dict[str, Any]]:
+    """Validate a metadata table and return one JSON-ready record per row (label, attrs, fold, row, path).
+
+    Errors name the column and the row: a missing column, an empty or non-text image path, a label that is not
+    binary (0 / 1, as int, float or bool; the value is named), an attribute or fold value that is NaN.
+    """
+    if isinstance(attr_cols, str):
+        attr_cols = [attr_cols]
+    if not attr_cols:
+        raise ValueError("attr_cols: at least one attribute column is required")
+    needed = {"image_col": image_col, "label_col": label_col}
+    needed.update({f"attr_cols[{i}]": c for i, c in enumerate(attr_cols)})
+    if fold_col is not None:
+        needed["fold_col"] = fold_col
+    missing = [f"{arg}={col!r}" for arg, col in needed.items() if col not in table.columns]
+    if missing:
+        raise ValueError(f"missing column(s) {', '.join(missing)}; the table has columns {list(table.columns)}")
+    if len(table) == 0:
+        raise ValueError("the metadata table has no rows")
+
+    labels = table[label_col].tolist()
+    paths = table[image_col].tolist()
+    attrs = {c: table[c].tolist() for c in attr_cols}
+    folds = table[fold_col].tolist() if fold_col is not None else None
+    row_labels = table.index.tolist()
+    records: list[dict[str, Any]] = []
+    for pos in range(len(table)):
+        where = _row_name(pos, source)
+        path = paths[pos]
+        if path is None or (isinstance(path, float) and math.isnan(path)) or path == "":
+            raise ValueError(f"column {image_col!r} {where}: image path is missing")
+        if not isinstance(path, str):
+            raise ValueError(f"column {image_col!r} {where}: image path {path!r} is not a string")
+        try:
+            label = _json_scalar(labels[pos], "label")
+        except ValueError as err:
+            raise ValueError(f"column {label_col!r} {where}: {err}") from None
+        if isinstance(label, str) or label not in (0, 1):
+            raise ValueError(f"column {label_col!r} {where}: label {labels[pos]!r} is not binary (0 or 1)")
+        rec_attrs = {}
+        for col in attr_cols:
+            try:
+                rec_attrs[col] = _json_scalar(attrs[col][pos], "attribute value")
+            except ValueError as err:
+                raise ValueError(f"column {col!r} {where}: {err}") from None
+        fold = None
+        if folds is not None:
+            try:
+                fold = _json_scalar(folds[pos], "fold")
+            except ValueError as err:
+                raise ValueError(f"column {fold_col!r} {where}: {err}") from None
+        try:
+            row = _json_scalar(row_labels[pos], "row label")
+        except ValueError:
+            row = str(row_labels[pos])
+        records.append({"label": int(label), "attrs": rec_attrs, "fold": fold, "row": row, "path": path})
+    return records
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: file name (relative to the index's directory), sample count, file size in bytes."""
+
+    name: str
+    count: int
+    bytes: int
+
+
+@dataclass
+class ShardIndex:
+    """The index of a shard set: every key's shard and metadata, in write order, and every shard's size.
+
+    Args:
+        root: directory holding the shards (shard names are relative to it).
+        shards: the shards in write order.
+        samples: key -> {"shard", "label", "attrs", "fold", "row", "path"}, in write order.
+        columns: the table's column names ({"image", "label", "attrs", "fold", "key"}), for reports.
+        damage: what :meth:`scan` could not read, as {"shard", "key", "reason", "detail"} records (the loader
+            counts them as skipped); empty for an index written by :func:`write_shards`.
+    """
+
+    root: Path
+    shards: list[ShardInfo]
+    samples: dict[str, dict[str, Any]]
+    columns: dict[str, Any] = field(default_factory=dict)
+    damage: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def urls(self) -> list[str]:
+        """Paths of the shards, in write order."""
+        return [str(self.root / s.name) for s in self.shards]
+
+    @property
+    def attr_cols(self) -> list[str]:
+        """Attribute names present in every sample's metadata."""
+        if self.columns.get("attrs"):
+            return list(self.columns["attrs"])
+        names: set[str] | None = None
+        for rec in self.samples.values():
+            names = set(rec["attrs"]) if names is None else names & set(rec["attrs"])
+        return sorted(names or ())
+
+    def shard_of(self, key: str) -> str:
+        """The name of the shard that holds ``key``."""
+        try:
+            return self.samples[key]["shard"]
+        except KeyError:
+            raise KeyError(f"key {key!r} is not in the shard index under {self.root}") from None
+
+    def keys_by_shard(self) -> dict[str, list[str]]:
+        """Shard name -> its keys, in tar order."""
+        out: dict[str, list[str]] = {s.name: [] for s in self.shards}
+        for key, rec in self.samples.items():
+            out[rec["shard"]].append(key)
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """The metadata as a DataFrame indexed by key: label, attribute and fold columns under the table's names,
+        plus ``shard`` and ``row`` (the source row). Feed it to the group-balancing code; the balanced frame's
+        index (with duplicates) is the ``keys`` argument of :func:`fastmask.data.make_loader`."""
+        label = self.columns.get("label") or "label"
+        fold = self.columns.get("fold")
+        rows = []
+        for key, rec in self.samples.items():
+            row = {"key": key, label: rec["label"], **rec["attrs"], "shard": rec["shard"], "row": rec["row"]}
+            if fold:
+                row[fold] = rec["fold"]
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("key")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": _INDEX_FORMAT,
+            "version": _INDEX_VERSION,
+            "columns": self.columns,
+            "shards": [{"name": s.name, "count": s.count, "bytes": s.bytes} for s in self.shards],
+            "samples": self.samples,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index as JSON, atomically."""
+        text = json.dumps(self.to_json(), sort_keys=False, separators=(",", ":"), ensure_ascii=True)
+        atomic_write_bytes(path, text.encode("ascii"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ShardIndex:
+        """Load an index file, or the single ``*-index.json`` in a directory."""
+        path = Path(path)
+        if path.is_dir():
+            found = sorted(path.glob(f"*{INDEX_SUFFIX}"))
+            if len(found) != 1:
+                what = "no" if not found else f"{len(found)} ({', '.join(p.name for p in found)})"
+                raise FileNotFoundError(f"{path}: expected one *{INDEX_SUFFIX} file, found {what}; pass its path")
+            path = found[0]
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"shard index {path} cannot be read: {err}") from None
+        if not isinstance(data, dict) or data.get("format") != _INDEX_FORMAT:
+            raise ValueError(f"{path} is not a fastmask shard index (no \"format\": {_INDEX_FORMAT!r})")
+        if data.get("version") != _INDEX_VERSION:
+            raise ValueError(f"shard index {path}: version {data.get('version')!r} unsupported")
+        shards = [ShardInfo(s["name"], int(s["count"]), int(s["bytes"])) for s in data["shards"]]
+        return cls(root=path.parent, shards=shards, samples=data["samples"], columns=data.get("columns", {}))
+
+    @classmethod
+    def scan(cls, paths: Iterable[str | os.PathLike]) -> ShardIndex:
+        """Build an index by reading local tar shards (headers and JSON members only), for shards without one.
+
+        A shard that cannot be read to its end keeps the samples before the damage; the loader reports the rest.
+        """
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise ValueError("no shards given")
+        roots = {p.parent.resolve() for p in paths}
+        if len(roots) != 1:
+            raise ValueError(f"shards must share one directory, got {sorted(map(str, roots))}")
+        shards: list[ShardInfo] = []
+        samples: dict[str, dict[str, Any]] = {}
+        damage: list[dict[str, Any]] = []
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"shard not found: {path}")
+            count = 0
+            try:
+                with open(path, "rb") as f:
+                    for member, data in iter_tar_members(f, want=lambda name: name.endswith(".json")):
+                        base = base_plus_ext(member)[0]
+                        try:
+                            meta = json.loads(data)
+                        except ValueError as err:
+                            damage.append({"shard": path.name, "key": base, "reason": "metadata", "detail": str(err)})
+                            continue
+                        if base in samples:
+                            raise ValueError(f"key {base!r} appears in {samples[base]['shard']} and {path.name}")
+                        samples[base] = {
+                            "shard": path.name,
+                            **{k: meta.get(k) for k in ("label", "attrs", "fold", "row", "path")},
+                        }
+                        count += 1
+            except TarFormatError as err:
+                # The samples read before the damage stay in the plan; the rest cannot be known, only reported.
+                detail = f"unreadable after {count} samples: {err}"
+                damage.append({"shard": path.name, "key": None, "reason": "shard", "detail": detail})
+            shards.append(ShardInfo(path.name, count, path.stat().st_size))
+        return cls(root=paths[0].parent, shards=shards, samples=samples, damage=damage)
+
+
+class _LimitedShardWriter(wds.ShardWriter):
+    """webdataset's ShardWriter starts a new shard only AFTER a shard's payload has reached ``maxsize``, so a shard
+    can overshoot by a sample; this one starts it BEFORE a sample that would overshoot (unless the shard is empty)."""
+
+    def write(self, obj: dict[str, Any]) -> None:
+        nbytes = sum(len(v) for k, v in obj.items() if not k.startswith("_"))
+        if self.count > 0 and self.size + nbytes > self.maxsize:
+            self.next_stream()
+        super().write(obj)
+
+
+def _image_bytes(path: Path, where: str, column: str, verify: bool) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"column {column!r} {where}: image file not found: {path}") from None
+    except OSError as err:
+        raise OSError(f"column {column!r} {where}: cannot read image {path}: {err}") from None
+    if verify:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"column {column!r} {where}: unreadable image {path}: {err}") from None
+    return data
+
+
+def write_shards(
+    table: pd.DataFrame | str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    image_col: str = "filepath",
+    label_col: str = "target",
+    attr_cols: Sequence[str] | str,
+    fold_col: str | None = None,
+    key_col: str | None = None,
+    maxcount: int = 1000,
+    maxsize: int = 256 * 2**20,
+    prefix: str = "shard",
+    overwrite: bool = False,
+    verify_images: bool = True,
+) -> ShardIndex:
+    """Write a metadata table and its images as WebDataset tar shards plus an index; return the index.
+
+    Args:
+        table: a DataFrame, or the path of a CSV / parquet file (read by :func:`read_table`).
+        image_root: directory that relative image paths are resolved against (absolute paths are kept).
+        out_dir: output directory (created); shards are ``<prefix>-000000.tar``, ``<prefix>-000001.tar``, ...
+            and the index is ``<prefix>-index.json``.
+        image_col, label_col, attr_cols, fold_col: column names; labels must be binary, attributes and folds
+            must not be NaN.
+        key_col: column of unique sample keys; default: the row position zero-padded to 8 digits.
+        maxcount: most samples per shard.
+        maxsize: most payload bytes (image + JSON) per shard; a sample larger than this gets a shard of its own.
+        prefix: shard file name prefix.
+        overwrite: replace an existing shard set with this prefix (its stale shards are removed).
+        verify_images: open every image with PIL (``Image.verify``) so an undecodable file fails here, naming its
+            row, rather than in the middle of training.
+
+    Everything is written to a temporary directory inside ``out_dir`` and moved into place at the end (shards
+    first, the index last, each with ``os.replace``), so a failure leaves no partial shard set.
+    """
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    if maxsize < 1:
+        raise ValueError(f"maxsize must be >= 1, got {maxsize}")
+    if not re.match(r"^[A-Za-z0-9_.\-]+$", prefix):
+        raise ValueError(f"prefix {prefix!r} must be a plain file name part ([A-Za-z0-9_.-])")
+    source = None
+    if not isinstance(table, pd.DataFrame):
+        source = str(table)
+        table = read_table(table)
+    if isinstance(attr_cols, str):
+        attr_cols = [attr_cols]
+    records = check_table(
+        table, image_col=image_col, label_col=label_col, attr_cols=attr_cols, fold_col=fold_col, source=source
+    )
+    keys = sample_keys(table, key_col)
+    image_root = Path(image_root)
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"image_root is not a directory: {image_root}")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index_path = out_dir / f"{prefix}{INDEX_SUFFIX}"
+    shard_re = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar$")
+    existing = sorted(p for p in out_dir.iterdir() if shard_re.match(p.name) or p == index_path)
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds shard set {prefix!r} ({existing[0].name}); pass overwrite=True")
+
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{prefix}-tmp-"))
+    try:
+        samples: dict[str, dict[str, Any]] = {}
+        counts: dict[str, int] = {}
+        with _LimitedShardWriter(
+            str(tmp / f"{prefix}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0, encoder=False, **_TAR_META
+        ) as writer:
+            for pos, (key, rec) in enumerate(zip(keys, records, strict=True)):
+                where = _row_name(pos, source)
+                path = image_root / rec["path"]
+                ext = path.suffix.lower().lstrip(".")
+                if ext not in IMAGE_EXTENSIONS:
+                    raise ValueError(
+                        f"column {image_col!r} {where}: {path} has extension {path.suffix!r}, "
+                        f"expected one of {', '.join(IMAGE_EXTENSIONS)}"
+                    )
+                data = _image_bytes(path, where, image_col, verify_images)
+                meta = {"key": key, **rec}
+                writer.write(
+                    {
+                        "__key__": key,
+                        ext: data,
+                        "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8"),
+                    }
+                )
+                shard = os.path.basename(writer.fname)
+                counts[shard] = counts.get(shard, 0) + 1
+                samples[key] = {"shard": shard, **{k: rec[k] for k in ("label", "attrs", "fold", "row", "path")}}
+
+        shards = [ShardInfo(name, counts[name], (tmp / name).stat().st_size) for name in sorted(counts)]
+        index = ShardIndex(
+            root=out_dir,
+            shards=shards,
+            samples=samples,
+            columns={"image": image_col, "label": label_col, "attrs": list(attr_cols), "fold": fold_col,
+                     "key": key_col},
+        )
+        for s in shards:
+            os.replace(tmp / s.name, out_dir / s.name)
+        index.save(index_path)
+        keep = {s.name for s in shards}
+        for stale in existing:
+            if stale.name not in keep and stale != index_path:
+                stale.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return index
+

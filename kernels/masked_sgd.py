@@ -1,0 +1,146 @@
+"""Masked SGD step (Triton), one launch per group of same-device, same-dtype tensors.
+
+Same signature and semantics as ``fastmask.reference.masked_sgd_`` (the oracle) and the C++ kernel
+``torch.ops.fastmask.masked_sgd_``: torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize) with the
+mask M of the SWiFT / BMFT step (spec §5, §8.10):
+
+    g ← g / grad_scale, −g if maximize;  "grad" mode: g ← M·g
+    d = g + λθ;  b ← d on the first step, else b ← μ·b + (1 − τ)·d;  d ← d + μ·b (Nesterov) or b
+    θ ← θ − lr·d
+    "update" mode: θ ← θ − lr·M·d and b is written only where M ≠ 0 (0 on a first step), so weight decay and
+    momentum no longer move masked-out entries, which keep every bit.
+
+The launch plumbing (address and block tables, mask kinds) is ``fastmask.kernels._multi_tensor``; arithmetic follows
+torch.optim.SGD's single-tensor step with multiply-adds fused where torch's CPU kernels fuse them (add(alpha=)), so
+results match the C++ kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _multi_tensor as mt
+
+# MOMENTUM constexpr: no momentum buffer, a first step (buffer ← d), a running buffer.
+_NO_MOMENTUM, _FIRST_STEP, _RUNNING = 0, 1, 2
+
+
+@triton.jit
+def _masked_sgd_kernel(
+    ptrs_ptr, numels_ptr, hyper_ptr, block_tensor_ptr, block_start_ptr, grad_scale_ptr, found_inf_ptr,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr, MASK_KIND: tl.constexpr, MASK_TL: tl.constexpr,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, L2: tl.constexpr,
+    MASK_UPDATE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + pid).to(tl.int64)
+    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
+    n = tl.load(numels_ptr + t)
+    if HAS_FOUND_INF:
+        n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
+    lane = offs < n
+    row = ptrs_ptr + t * 4
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
+
+    lr = tl.load(hyper_ptr + 0).to(ACC)
+    wd = tl.load(hyper_ptr + 1).to(ACC)
+    momentum = tl.load(hyper_ptr + 2).to(ACC)
+    one_minus_dampening = tl.load(hyper_ptr + 3).to(ACC)
+
+    p_raw = tl.load(p_ptr + offs, mask=lane)
+    theta = p_raw.to(ACC)
+    d = tl.load(g_ptr + offs, mask=lane).to(ACC)
+    if HAS_SCALE:
+        d = mt.div_ieee(d, tl.load(grad_scale_ptr).to(ACC), FP64)
+    if MAXIMIZE:
+        d = -d
+    keep = offs < 0  # all False
+    if MASK_KIND != 0:
+        mask_addr = tl.load(row + 3)
+        has_mask = mask_addr != 0
+        mval = mt.load_mask(mask_addr, offs, n, MASK_KIND, MASK_TL)
+        if MASK_UPDATE:
+            keep = has_mask & (mval == 0.0)
+        else:
+            d = d * mval.to(ACC)
+    if L2:
+        d = tl.fma(theta, wd, d)  # grad.add(param, alpha=λ)
+    if MOMENTUM != 0:
+        b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
+        if MOMENTUM == 1:
+            b = d  # torch.clone(grad); masked-out buffers of an update-mode first step start at 0
+            zero = mt.to_storage(tl.zeros_like(d), DTYPE)
+            tl.store(b_ptr + offs, tl.where(keep, zero, mt.to_storage(b, DTYPE)), mask=lane)
+        else:
+            b_raw = tl.load(b_ptr + offs, mask=lane)
+            b = tl.fma(d, one_minus_dampening, b_raw.to(ACC) * momentum)  # buf.mul_(μ).add_(d, alpha=1 − τ)
+            tl.store(b_ptr + offs, tl.where(keep, b_raw, mt.to_storage(b, DTYPE)), mask=lane)
+        if NESTEROV:
+            d = tl.fma(b, momentum, d)  # grad.add(buf, alpha=μ)
+        else:
+            d = b
+    p_new = tl.fma(d, -lr, theta)  # param.add_(grad, alpha=−lr)
+    if MASK_KIND != 0 and MASK_UPDATE:
+        p_new = tl.where(has_mask, theta - lr * (mval.to(ACC) * d), p_new)
+    tl.store(p_ptr + offs, tl.where(keep, p_raw, mt.to_storage(p_new, DTYPE)), mask=lane)
+
+
+def masked_sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    mask_update: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One masked SGD step over a group of same-device, same-dtype tensors, in place (formula above).
+    ``momentum_buffers`` is empty when momentum == 0; ``first_step`` says the buffers are uninitialised."""
+    op = "masked_sgd_"
+    buffers = {"grads": grads}
+    if momentum != 0:
+        buffers["momentum_buffers"] = momentum_buffers
+    mt.check_group(op, params, buffers, masks)
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    hyper = torch.tensor([lr, weight_decay, momentum, 1.0 - dampening], dtype=torch.float64)
+    hyper = hyper.to(device, non_blocking=True)
+    scale = mt.scalar_pointer(op, "grad_scale", grad_scale, device)
+    inf = mt.scalar_pointer(op, "found_inf", found_inf, device)
+    mode = _NO_MOMENTUM if momentum == 0 else _FIRST_STEP if first_step else _RUNNING
+    block = mt.block_size()
+    for kind, idx in mt.split_by_mask_dtype(masks):
+        sub_masks = [masks[i] for i in idx]
+        ptrs = mt.address_table(
+            [[params[i] for i in idx], [grads[i] for i in idx],
+             [momentum_buffers[i] if momentum != 0 else None for i in idx], sub_masks],
+            device,
+        )
+        numels = [params[i].numel() for i in idx]
+        block_tensor, block_start, nblocks = mt.block_table(numels, block, device)
+        if nblocks == 0:
+            continue
+        mask_dtype = next((m.dtype for m in sub_masks if m is not None), torch.float32)
+        _masked_sgd_kernel[(nblocks,)](
+            ptrs, torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True), hyper, block_tensor,
+            block_start, scale, inf,
+            DTYPE=mt.tl_dtype(dtype), ACC=mt.opmath(dtype), FP64=dtype == torch.float64, MASK_KIND=kind,
+            MASK_TL=mt.tl_dtype(mask_dtype), MOMENTUM=mode, NESTEROV=nesterov, MAXIMIZE=maximize,
+            L2=weight_decay != 0, MASK_UPDATE=mask_update, HAS_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        )

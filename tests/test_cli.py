@@ -1,0 +1,314 @@
+"""End to end through the command line, in process: `fastmask shards` -> `debias` -> `evaluate` on generated PNGs.
+
+Oracles: predictions recomputed here from the written weights and the PNG files (PIL + the ImageNet normalisation
+written out), scored with sklearn's roc_auc_score and the spec §6 formulas coded below; an uninterrupted run for
+the resumed ones; tarfile for the corrupted member's place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tarfile
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from cli_helpers import TinyCNN, make_dataset, tiny_weights
+from PIL import Image
+from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
+
+from fastmask.checkpoint import build_model, load_weights
+from fastmask.cli import main
+from fastmask.data import ShardIndex
+from fastmask.masks import load_masks
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+EXIT_STOPPED = 75
+
+
+@dataclass
+class Data:
+    root: Path
+    table: pd.DataFrame
+    shards: Path
+    weights: Path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: fastest for this tiny CNN, and immune to a busy machine's OpenMP contention."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Data:
+    root = tmp_path_factory.mktemp("cli")
+    table = make_dataset(root)
+    tiny_weights(root / "weights.pt", seed=0)
+    argv = ["shards", str(root / "meta.csv"), "--image-root", str(root / "images"), "--out", str(root / "shards"),
+            "--attr", "tint", "--attr", "sex", "--fold-col", "fold", "--maxcount", "20"]
+    assert main(argv) == 0
+    return Data(root, table, root / "shards", root / "weights.pt")
+
+
+def debias_argv(data: Data, out: Path, method: str = "swift", *extra: str) -> list[str]:
+    return ["debias", "--model", "cli_helpers:TinyCNN", "--weights", str(data.weights), "--shards", str(data.shards),
+            "--attr", "tint", "--test-fold", "test", "--method", method, "--epochs1", "2", "--epochs2", "2",
+            "--lr1", "1e-2", "--lr2", "1e-2", "--batch-size", "16", "--image-size", "12", "--seed", "3",
+            "--no-progress", "--out", str(out), *(("--rate", "60") if method == "bmft" else ()), *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted debias run per method (the end-to-end outputs, and the reference of the resumed runs)."""
+    out = {}
+    for method in ("swift", "bmft"):
+        out[method] = tmp_path_factory.mktemp(f"run-{method}")
+        assert main(debias_argv(data, out[method], method)) == 0
+    return out
+
+
+def oracle_probs(weights: Path, data: Data, rows: pd.DataFrame) -> np.ndarray:
+    """σ(f(x)) for the rows' PNGs, decoded and normalised here (12 px images at --image-size 12: no resize)."""
+    model = TinyCNN()
+    state = load_file(weights) if weights.suffix == ".safetensors" else torch.load(weights, weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    images = [(np.asarray(Image.open(data.root / "images" / f).convert("RGB"), dtype=np.float32) / 255 - MEAN) / STD
+              for f in rows["filepath"]]
+    x = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        return torch.sigmoid(model(x).reshape(-1)).numpy().astype(np.float64)
+
+
+def spec_metrics(y: np.ndarray, p: np.ndarray, a: np.ndarray) -> dict[str, float]:
+    """Spec §6: ŷ = 1 iff p > 0.5; empty cells give rate 0; EOdds (code) = ½·|ΔFPR + ΔTPR|."""
+    yhat = (p > 0.5).astype(float)
+
+    def rate(mask):
+        return yhat[mask].mean() if mask.any() else 0.0
+
+    tpr = [rate((a == g) & (y == 1)) for g in (0, 1)]
+    fpr = [rate((a == g) & (y == 0)) for g in (0, 1)]
+    return {"auc": roc_auc_score(y, p), "acc": float((yhat == y).mean()),
+            "spd": abs(rate(a == 0) - rate(a == 1)), "eodds": 0.5 * abs((fpr[0] - fpr[1]) + (tpr[0] - tpr[1]))}
+
+
+# ---- shards -------------------------------------------------------------------------------------------------------
+
+
+def test_shards_command_writes_counted_shards_and_index(data):
+    index = ShardIndex.load(data.shards)
+    assert [s.count for s in index.shards] == [20, 20, 20, 4]  # --maxcount 20 over 64 rows
+    assert index.attr_cols == ["tint", "sex"]
+    assert len(index) == len(data.table)
+    rec = index.samples["00000005"]
+    row = data.table.iloc[5]
+    assert (rec["label"], rec["attrs"], rec["fold"]) == (row["target"], {"tint": row["tint"], "sex": row["sex"]},
+                                                         row["fold"])
+    with tarfile.open(data.shards / rec["shard"]) as tar:
+        assert tar.extractfile("00000005.png").read() == (data.root / "images" / row["filepath"]).read_bytes()
+
+
+def test_shards_maxsize_accepts_units(data, tmp_path):
+    assert main(["shards", str(data.root / "meta.csv"), "--image-root", str(data.root / "images"), "--out",
+                 str(tmp_path), "--attr", "tint", "--maxsize", "2K"]) == 0
+    index = ShardIndex.load(tmp_path)
+    assert len(index) == len(data.table) and len(index.shards) > 1
+    for shard in index.shards:
+        with tarfile.open(tmp_path / shard.name) as tar:
+            payload = sum(m.size for m in tar.getmembers())
+        assert payload <= 2048 or shard.count == 1, shard  # 2K = 2048 bytes of image + JSON per shard
+
+
+# ---- debias -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["swift", "bmft"])
+def test_debias_outputs_present_loadable_and_scored_right(data, runs, method):
+    out = runs[method]
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text().startswith(f"# fastmask debias: {method.upper()}")
+    for png in ("mask_layers.png", "epochs.png"):
+        with Image.open(out / png) as img:
+            assert img.format == "PNG" and img.size[0] > 100
+    assert not (out / "checkpoint").exists()
+
+    weights = load_file(out / "weights.safetensors")
+    reference = TinyCNN().state_dict()
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in reference.items()}
+    model = load_weights(TinyCNN(), out / "weights.safetensors")
+    masks = load_masks(out / "mask.safetensors", model)
+    if method == "swift":
+        assert all(m.dtype == torch.float32 and m.min() >= 0 and m.max() <= 1 for m in masks.values())
+    else:
+        assert all(m.dtype == torch.bool for m in masks.values())
+        assert not masks["head.1.weight"].any() and not masks["head.1.bias"].any()  # BMFT: head mask 0
+
+    test = data.table[data.table["fold"] == "test"]
+    y, a = test["target"].to_numpy(), test["tint"].to_numpy()
+    for when, weights_path in (("before", data.weights), ("after", out / "weights.safetensors")):
+        p = oracle_probs(weights_path, data, test)
+        expected = spec_metrics(y, p, a)
+        got = report[when]["overall"]
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-6), (when, key)
+        for row in report[when]["groups"]:
+            g = row["group"]
+            assert row["n"] == int((a == g).sum()) and row["positives"] == int(y[a == g].sum())
+            assert row["auc"] == pytest.approx(roc_auc_score(y[a == g], p[a == g]), abs=1e-6)
+
+    sets = report["data"]["sets"]
+    assert sets["external"]["samples"] == int((data.table["fold"] == "ext").sum())
+    assert sets["test"]["samples"] == len(test)
+    bal = sets["balanced"]["groups"]
+    assert bal["0"] == bal["1"]  # group balancing: identical per-label counts in both groups (spec §1)
+    epochs = report["epochs"]
+    assert [(e["step"], e["epoch"]) for e in epochs][0] == ("before", 0)
+    assert len(epochs) == 1 + 2 + 2 and len(report["history"]) == 4
+    assert epochs[-1]["auc"] == pytest.approx(report["after"]["overall"]["auc"])  # last epoch = final weights
+    assert report["loader"]["skipped"] == 0
+    assert [layer["layer"] for layer in report["mask"]["layers"]] == ["features.0", "features.1", "features.4",
+                                                                      "head.1"]
+
+
+def test_evaluate_tables_match_sklearn(data, runs, tmp_path):
+    weights = runs["swift"] / "weights.safetensors"
+    assert main(["evaluate", "--model", "cli_helpers:TinyCNN", "--weights", str(weights), "--shards",
+                 str(data.shards), "--fold", "test", "--image-size", "12", "--no-progress", "--out",
+                 str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "metrics.json").read_text())
+    assert "## Attribute `sex`" in (tmp_path / "metrics.md").read_text()
+    csv = pd.read_csv(tmp_path / "groups.csv")
+    assert csv["attribute"].tolist() == ["tint", "tint", "sex", "sex"]
+    assert csv["group"].astype(str).tolist() == ["0", "1", "F", "M"]
+    test = data.table[data.table["fold"] == "test"]
+    y = test["target"].to_numpy()
+    p = oracle_probs(weights, data, test)
+    assert res["overall"]["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+    for attr in ("tint", "sex"):
+        values = test[attr].to_numpy()
+        for row in res["attributes"][attr]["groups"]:
+            m = values == row["group"]
+            assert row["n"] == int(m.sum())
+            assert row["auc"] == pytest.approx(roc_auc_score(y[m], p[m]), abs=1e-6)
+            assert csv[(csv["attribute"] == attr) & (csv["group"].astype(str) == str(row["group"]))]["n"].item() == \
+                row["n"]
+    sex = (test["sex"] == "M").to_numpy().astype(int)
+    assert res["attributes"]["sex"]["gaps"]["eodds"] == pytest.approx(spec_metrics(y, p, sex)["eodds"], abs=1e-9)
+
+
+# ---- resume -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["swift", "bmft"])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, runs, tmp_path, method):
+    out = tmp_path / "resumed"
+    assert main(debias_argv(data, out, method, "--stop-after-epochs", "1")) == EXIT_STOPPED
+    assert (out / "checkpoint" / "state.pt").is_file() and not (out / "weights.safetensors").exists()
+    # Two more epochs: the last of step 1 and the first of step 2, across the head re-initialisation.
+    assert main(debias_argv(data, out, method, "--resume", "--stop-after-epochs", "2")) == EXIT_STOPPED
+    assert main(debias_argv(data, out, method, "--resume")) == 0
+    ref = runs[method]
+    for name in ("weights.safetensors", "mask.safetensors"):
+        a, b = load_file(ref / name), load_file(out / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    rep_a, rep_b = (json.loads((d / "report.json").read_text()) for d in (ref, out))
+    for key in ("history", "checks", "epochs", "before", "after", "head_reset_fraction"):
+        assert rep_a[key] == rep_b[key], key
+    assert not (out / "checkpoint").exists()
+
+
+# ---- damaged data -------------------------------------------------------------------------------------------------
+
+
+def corrupt_member(shard: Path, member: str) -> None:
+    """Overwrite a member's bytes in place (same length, so the tar structure and the index stay valid)."""
+    with tarfile.open(shard) as tar:
+        info = tar.getmember(member)
+    with open(shard, "r+b") as f:
+        f.seek(info.offset_data)
+        f.write(b"\x00" * info.size)
+
+
+def test_corrupted_member_is_skipped_and_counted(data, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(data.shards, shards)
+    index = ShardIndex.load(shards)
+    ext_key = next(k for k, r in index.samples.items() if r["fold"] == "ext")
+    test_key = next(k for k, r in index.samples.items() if r["fold"] == "test")
+    for key in (ext_key, test_key):
+        corrupt_member(shards / index.shard_of(key), f"{key}.png")
+    out = tmp_path / "out"
+    argv = debias_argv(data, out, "swift", "--epochs1", "1", "--epochs2", "1", "--no-epoch-eval")
+    argv[argv.index("--shards") + 1] = str(shards)
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    loader = report["loader"]
+    damaged = {(d["loader"], d["key"], d["reason"]) for d in loader["damaged"]}
+    assert ("mask", ext_key, "decode") in damaged and ("evaluation", test_key, "decode") in damaged
+    # D_e holds every external key once: each pass of the mask loader skips exactly one sample.
+    assert loader["by_loader"]["mask"]["skipped"] == loader["by_loader"]["mask"]["passes"] >= 1
+    # Each evaluation pass (before, after) skips the damaged test sample once.
+    assert loader["by_loader"]["evaluation"] == {"passes": 2, "samples": 2 * 23, "skipped": 2}
+    assert sum(r["n"] for r in report["after"]["groups"]) == 23
+    assert loader["skipped"] == sum(v["skipped"] for v in loader["by_loader"].values()) > 0
+    md = (out / "report.md").read_text()
+    assert ext_key in md and test_key in md
+
+
+# ---- model loading ------------------------------------------------------------------------------------------------
+
+
+def test_architecture_names_build_without_weights_or_downloads(monkeypatch):
+    calls = []
+
+    def get_model(name, **kwargs):
+        calls.append(("torchvision", name, kwargs))
+        return TinyCNN()
+
+    models = types.SimpleNamespace(list_models=lambda: ["resnet50"], get_model=get_model)
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=models))
+    monkeypatch.setitem(sys.modules, "torchvision.models", models)
+
+    def create_model(name, **kwargs):
+        calls.append(("timm", name, kwargs))
+        return TinyCNN()
+
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(is_model=lambda n: n == "vit_tiny",
+                                                                    create_model=create_model))
+    assert isinstance(build_model("resnet50"), TinyCNN)
+    assert isinstance(build_model("vit_tiny"), TinyCNN)  # not in torchvision: timm is tried next
+    assert calls == [("torchvision", "resnet50", {"weights": None, "num_classes": 1}),
+                     ("timm", "vit_tiny", {"pretrained": False, "num_classes": 1})]
+    with pytest.raises(ValueError, match="timm has no architecture 'resnet50'"):
+        build_model("resnet50", library="timm")
+
+
+def test_wrapped_and_prefixed_state_dicts_load(tmp_path):
+    torch.manual_seed(1)
+    source = TinyCNN()
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}  # DDP prefix
+    torch.save({"state_dict": state, "epoch": 7, "best_auc": 0.9}, tmp_path / "ckpt.pt")
+    model = load_weights(TinyCNN(), tmp_path / "ckpt.pt")
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_file_py_callable(tmp_path):
+    (tmp_path / "netdef.py").write_text("import torch\ndef make():\n    return torch.nn.Linear(3, 1)\n")
+    model = build_model(f"{tmp_path / 'netdef.py'}:make")
+    assert isinstance(model, torch.nn.Linear) and model.out_features == 1

@@ -1,0 +1,182 @@
+"""Every way `fastmask shards / debias / evaluate` refuses bad input: exit status 1 and one message on stderr that
+names the thing at fault (column, attribute value, group, fold, file, option)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from cli_helpers import TinyCNN, make_dataset, tiny_weights
+
+from fastmask.cli import main
+
+
+@dataclass
+class Env:
+    root: Path
+    shards: Path
+    weights: Path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_shards(root: Path, table: pd.DataFrame, name: str) -> Path:
+    table.to_csv(root / f"{name}.csv", index=False)
+    assert main(["shards", str(root / f"{name}.csv"), "--image-root", str(root / "images"), "--out",
+                 str(root / name), "--attr", "tint", "--attr", "sex", "--fold-col", "fold"]) == 0
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Env:
+    root = tmp_path_factory.mktemp("errors")
+    table = make_dataset(root, n=40, n_test=16)
+    tiny_weights(root / "weights.pt")
+    # Variants of the data: external rows of one class only; a test fold without tint group 1.
+    write_shards(root, table[(table["fold"] == "test") | (table["target"] == 0)], "oneclass")
+    write_shards(root, table.assign(tint=table["tint"].where(table["fold"] == "ext", 0)), "nogroup")
+    # Bad tables and checkpoints.
+    bad = table.copy()
+    bad.loc[3, "target"] = 2
+    bad.to_csv(root / "badlabel.csv", index=False)
+    (root / "images" / "broken.png").write_bytes(b"not a png at all")
+    broken = table.copy()
+    broken.loc[5, "filepath"] = "broken.png"
+    broken.to_csv(root / "badimage.csv", index=False)
+    (root / "garbage.pt").write_bytes(b"\x00\x01 this is no checkpoint" * 20)
+    torch.save(TinyCNN(), root / "pickled.pt")  # a whole nn.Module: needs weights_only=False
+    torch.save(torch.nn.Linear(3, 1).state_dict(), root / "other.pt")
+    return Env(root, write_shards(root, table, "shards"), root / "weights.pt")
+
+
+def shards_argv(env: Env, table: str, *extra: str) -> list[str]:
+    return ["shards", str(env.root / table), "--image-root", str(env.root / "images"), "--out",
+            str(env.root / "out-shards"), "--attr", "tint", "--overwrite", *extra]
+
+
+def debias_argv(env: Env, *extra: str, shards: str = "shards", weights: str | None = None,
+                model: str = "cli_helpers:TinyCNN", out: str = "out", method: str = "swift") -> list[str]:
+    argv = ["debias", "--model", model, "--weights", str(env.root / weights) if weights else str(env.weights),
+            "--shards", str(env.root / shards), "--method", method, "--epochs1", "1", "--epochs2", "1",
+            "--batch-size", "8", "--image-size", "12", "--no-progress", "--no-epoch-eval", "--out",
+            str(env.root / out)]
+    if "--attr" not in extra:
+        argv += ["--attr", "tint"]
+    if "--test-fold" not in extra and "--no-test-fold" not in extra:
+        argv += ["--test-fold", "test"]
+    return argv + [e for e in extra if e != "--no-test-fold"]
+
+
+def evaluate_argv(env: Env, *extra: str, weights: str | None = None, shards: str = "shards") -> list[str]:
+    return ["evaluate", "--model", "cli_helpers:TinyCNN", "--weights",
+            str(env.root / weights) if weights else str(env.weights), "--shards", str(env.root / shards),
+            "--image-size", "12", "--no-progress", "--out", str(env.root / "eval"), *extra]
+
+
+# (case id, argv builder, substrings the message must hold)
+CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
+    # metadata tables
+    ("shards: missing column", lambda e: shards_argv(e, "meta.csv", "--attr", "race"),
+     ["missing column", "'race'"]),
+    ("shards: missing fold column", lambda e: shards_argv(e, "meta.csv", "--fold-col", "split"),
+     ["missing column", "'split'"]),
+    ("shards: non-binary label", lambda e: shards_argv(e, "badlabel.csv"), ["'target'", "row 3", "not binary"]),
+    ("shards: unreadable image", lambda e: shards_argv(e, "badimage.csv"), ["row 5", "broken.png", "unreadable"]),
+    ("shards: missing table", lambda e: shards_argv(e, "nope.csv"), ["nope.csv", "not found"]),
+    # attributes and groups
+    ("debias: missing attribute column", lambda e: debias_argv(e, "--attr", "race"),
+     ["--attr 'race'", "attribute columns", "'tint'"]),
+    ("debias: unknown attribute value (not 0/1)", lambda e: debias_argv(e, "--attr", "sex"),
+     ["attribute 'sex'", "value 'M'", "key 00000000", "--attr-map"]),
+    ("debias: unknown attribute value (not in the map)", lambda e: debias_argv(e, "--attr", "sex", "--attr-map",
+                                                                             "F=1"),
+     ["attribute 'sex'", "value 'M'", "not in attr_map"]),
+    ("debias: attribute value mapped to a third group", lambda e: debias_argv(e, "--attr", "sex", "--attr-map",
+                                                                            "F=1", "--attr-map", "M=2"),
+     ["attribute 'sex'", "value 'M'", "group 2", "not 0 or 1"]),
+    ("debias: attribute group with no samples (map)", lambda e: debias_argv(e, "--attr", "sex", "--attr-map", "F=1",
+                                                                          "--attr-map", "M=1"),
+     ["attribute 'sex'", "group 0", "no samples", "external set"]),
+    ("debias: attribute group with no samples (test fold)", lambda e: debias_argv(e, shards="nogroup"),
+     ["attribute 'tint'", "group 1", "no samples", "evaluation set", "fold 'test'"]),
+    ("debias: single-class data", lambda e: debias_argv(e, shards="oneclass"),
+     ["single-class data", "external set", "label 0"]),
+    ("evaluate: single-class data", lambda e: evaluate_argv(e, "--fold", "ext", shards="oneclass"),
+     ["single-class data", "fold 'ext'", "label 0"]),
+    ("evaluate: missing attribute column", lambda e: evaluate_argv(e, "--attr", "race"), ["--attr 'race'"]),
+    # evaluation set and folds
+    ("debias: no evaluation set", lambda e: debias_argv(e, "--no-test-fold"), ["--test-fold", "--eval-shards"]),
+    ("debias: unknown test fold", lambda e: debias_argv(e, "--test-fold", "holdout"),
+     ["--test-fold 'holdout'", "'ext'", "'test'"]),
+    ("debias: missing shards", lambda e: debias_argv(e, shards="nowhere"), ["--shards", "nowhere"]),
+    # checkpoints and models
+    ("debias: unreadable checkpoint", lambda e: debias_argv(e, weights="garbage.pt"),
+     ["garbage.pt", "cannot be read"]),
+    ("evaluate: unreadable checkpoint", lambda e: evaluate_argv(e, weights="garbage.pt"),
+     ["garbage.pt", "cannot be read"]),
+    ("debias: pickled checkpoint without the flag", lambda e: debias_argv(e, weights="pickled.pt"),
+     ["pickled.pt", "pickled checkpoint", "weights_only=False", "--trust-pickle", "cli_helpers.TinyCNN"]),
+    ("evaluate: pickled checkpoint without the flag", lambda e: evaluate_argv(e, weights="pickled.pt"),
+     ["pickled.pt", "--trust-pickle"]),
+    ("debias: checkpoint of another model", lambda e: debias_argv(e, weights="other.pt"),
+     ["other.pt", "missing keys", "features.0.weight", "unexpected keys", "'weight'"]),
+    ("debias: missing checkpoint", lambda e: debias_argv(e, weights="none.pt"), ["none.pt", "not found"]),
+    ("debias: module not importable", lambda e: debias_argv(e, model="no_such_module:Net"),
+     ["no_such_module"]),
+    ("debias: callable missing", lambda e: debias_argv(e, model="cli_helpers:NoNet"), ["cli_helpers", "'NoNet'"]),
+    # options
+    ("debias: option of the other method", lambda e: debias_argv(e, "--rate", "70"), ["--rate", "BMFT"]),
+    ("debias: faithful with a non-reference option", lambda e: debias_argv(e, "--faithful", "--mask-mode", "update"),
+     ["faithful", "mask_mode", "'grad'"]),
+]
+
+
+@pytest.mark.parametrize("case, argv, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_with_a_message_naming_it(env, capsys, case, argv, expected):
+    assert main(argv(env)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastmask ") and "error:" in err
+    for text in expected:
+        assert text in err, f"{case}: {text!r} not in {err!r}"
+
+
+def test_architecture_name_without_torchvision_or_timm(env, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "timm", None)
+    assert main(debias_argv(env, model="resnet50")) == 1
+    err = capsys.readouterr().err
+    for text in ("'resnet50'", "torchvision cannot be imported", "timm cannot be imported", "module:callable"):
+        assert text in err
+
+
+def test_trust_pickle_loads_the_pickled_checkpoint(env, capsys):
+    # The positive control of the refusal above: the same file loads once the user vouches for it.
+    assert main(evaluate_argv(env, "--trust-pickle", weights="pickled.pt")) == 0
+    assert "AUC" in capsys.readouterr().out
+
+
+def test_run_state_is_never_silently_overwritten_or_resumed_with_other_options(env, capsys):
+    assert main(debias_argv(env, "--stop-after-epochs", "1", out="stopped")) == 75
+    state = env.root / "stopped" / "checkpoint" / "state.pt"
+    assert state.is_file()
+    capsys.readouterr()
+    assert main(debias_argv(env, out="stopped")) == 1
+    err = capsys.readouterr().err
+    assert str(state) in err and "--resume" in err and "step1 epoch 1" in err
+    assert main(debias_argv(env, "--resume", "--beta", "0.3", out="stopped")) == 1
+    err = capsys.readouterr().err
+    assert "config.beta: 0.1 in the checkpoint, 0.3 now" in err
+    state.write_bytes(b"damaged")
+    assert main(debias_argv(env, "--resume", out="stopped")) == 1
+    assert "cannot be read" in capsys.readouterr().err

@@ -1,0 +1,162 @@
+"""soft_mask (SWiFT Eq. 9, spec §4) on every backend, against a numpy transcription of the formula and the reference.
+
+Oracle, per tensor, in float32 numpy: Norm(x) = (x − min) / ((max − min) + eps), or x when max == min;
+R = Norm(I_b) / (Norm(I_l) + eps); M = tanh(R) with tanh taken in float64 and rounded. R must match bit for bit on
+every backend (same float32 operations in the same order). M is compared within 3 ulp: torch.tanh is within 1 ulp,
+the fused kernels' float32 tanh within 2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import OP_BACKENDS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fastmask import ops, reference
+
+EPS = np.float32(reference.NORM_EPS)
+TANH_RTOL = 3 * 2.0**-23
+SIZES = {"1": [(1,)], "33": [(33,)], "4097": [(4097,)], "5x123x123": [(5, 123, 123)]}
+SIZES["161-set"] = [s for i in range(53) for s in ((4 + i % 5, 3 + i % 4, 3, 3), (4 + i % 5,), (4 + i % 5,))] + [
+    (1, 9),
+    (1,),
+]
+
+
+def _norm(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    lo, hi = x.min(), x.max()
+    if hi == lo:
+        return x
+    return ((x - lo) / ((hi - lo) + EPS)).astype(np.float32)
+
+
+def numpy_mask(ib: torch.Tensor, il: torch.Tensor, apply_tanh: bool = True) -> np.ndarray:
+    r = (_norm(ib.float().numpy()) / (_norm(il.float().numpy()) + EPS)).astype(np.float32)
+    return np.tanh(r.astype(np.float64)).astype(np.float32) if apply_tanh else r
+
+
+def _importances(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # Squared-gradient-like: non-negative, heavy-tailed, with exact zeros (Norm = 0 there).
+    ib = [torch.randn(s, generator=gen).square() * (torch.rand(s, generator=gen) > 0.05) for s in shapes]
+    il = [torch.randn(s, generator=gen).square() * 1e-3 for s in shapes]
+    return ib, il
+
+
+def _check(got: list[torch.Tensor], ib, il, apply_tanh=True):
+    assert len(got) == len(ib)
+    for i, (m, b, l) in enumerate(zip(got, ib, il, strict=True)):
+        assert m.dtype == torch.float32 and m.shape == b.shape and m.is_contiguous(), f"mask {i}"
+        want = numpy_mask(b, l, apply_tanh)
+        if apply_tanh:
+            np.testing.assert_allclose(m.numpy(), want, rtol=TANH_RTOL, atol=0, err_msg=f"mask {i}")
+        else:
+            np.testing.assert_array_equal(m.numpy(), want, err_msg=f"ratio {i}")
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("apply_tanh", [True, False], ids=["tanh", "ratio"])
+@pytest.mark.parametrize("case", list(SIZES))
+def test_equals_numpy_and_reference(backend, apply_tanh, case):
+    ib, il = _importances(SIZES[case])
+    got = ops.soft_mask(ib, il, apply_tanh=apply_tanh, backend=backend)
+    _check(got, ib, il, apply_tanh)
+    ref = reference.soft_mask(ib, il, apply_tanh=apply_tanh)
+    for m, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(m, r, rtol=TANH_RTOL if apply_tanh else 0, atol=0)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_constant_tensor_uses_raw_values(backend):
+    """max == min: Norm(x) = x (no normalisation). I_b ≡ 0.3, I_l = [0, 1, 3]: Norm(I_l) = [0, 1/3, 1] (+eps in the
+    denominator), so R = 0.3 / ([0, 1/3, 1] + 1e-10) and M = tanh(R)."""
+    ib = [torch.full((3,), 0.3)]
+    il = [torch.tensor([0.0, 1.0, 3.0])]
+    m = ops.soft_mask(ib, il, backend=backend)[0].double()
+    nl = np.array([0.0, 1.0, 3.0]) / (3.0 + 1e-10)
+    want = np.tanh(0.3 / (nl + 1e-10))
+    np.testing.assert_allclose(m.numpy(), want, rtol=1e-6)
+    assert m[0] == 1.0  # tanh(3e9)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_zero_importances(backend):
+    """I_b ≡ 0 → M ≡ 0; I_b ≡ I_l ≡ 0 → M ≡ 0 (0 / eps)."""
+    z = torch.zeros(4097)
+    assert torch.equal(ops.soft_mask([z], [torch.rand(4097) + 1], backend=backend)[0], z)
+    assert torch.equal(ops.soft_mask([z], [z.clone()], backend=backend)[0], z)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_loss_importance_at_its_minimum_gives_one_and_bias_at_its_minimum_gives_zero(backend):
+    """Spec §4: where Norm(I_l) = 0 and Norm(I_b) > 0, M ≈ 1; where Norm(I_b) = 0, M = 0."""
+    gen = torch.Generator().manual_seed(3)
+    ib = torch.rand(33, generator=gen) + 0.5
+    il = torch.rand(33, generator=gen) + 0.5
+    ib[4] = 0.1  # the minimum of I_b
+    il[7] = 0.1  # the minimum of I_l
+    m = ops.soft_mask([ib], [il], backend=backend)[0]
+    assert m[4] == 0.0
+    assert m[7] == 1.0  # tanh(Norm(I_b) / 1e-10) rounds to 1
+    assert ((m >= 0) & (m <= 1)).all()
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_nan_and_empty_and_other_dtypes(backend):
+    ib, il = _importances([(4097,), (0,), (2, 3)])
+    ib[0][100] = float("nan")
+    il[2] = il[2].double()  # read as float32, like the reference's x.float()
+    got = ops.soft_mask(ib, il, backend=backend)
+    assert torch.isnan(got[0]).all()  # torch's min / max propagate NaN, so the whole tensor is NaN
+    assert got[1].shape == (0,) and got[1].dtype == torch.float32
+    np.testing.assert_allclose(got[2].numpy(), numpy_mask(ib[2], il[2]), rtol=TANH_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_shape_mismatch_names_the_tensor(backend):
+    fn = ops.implementation("soft_mask", backend)
+    with pytest.raises((RuntimeError, ValueError), match=r"shapes? differ|differ in shape"):
+        fn([torch.rand(3), torch.rand(4)], [torch.rand(3), torch.rand(5)], 1e-10, True)
+    if backend != "reference":
+        with pytest.raises((RuntimeError, ValueError), match=r"imp_bias\[1\].*imp_loss\[1\]"):
+            fn([torch.rand(3), torch.rand(4)], [torch.rand(3), torch.rand(5)], 1e-10, True)
+        with pytest.raises((RuntimeError, ValueError), match="list lengths differ"):
+            fn([torch.rand(3)], [], 1e-10, True)
+
+
+def test_cpp_schema_matches_its_mutations():
+    import fastmask._C  # noqa: F401
+
+    ib, il = _importances([(3,), (2, 5)])
+    torch.library.opcheck(torch.ops.fastmask.soft_mask.default, (ib, il, 1e-10, True), test_utils="test_schema")
+
+
+def test_cpp_large_tensor_set_spans_threads_and_cache_batches():
+    """Enough elements to use every thread, several cache batches, one tensor larger than a batch, and masks large
+    enough for the huge-page allocation path."""
+    ib, il = _importances([(1_700_000,), (33,), (600_000,), (900_001,), (5,)])
+    _check(ops.soft_mask(ib, il, backend="cpp"), ib, il)
+    _check(ops.soft_mask(ib, il, apply_tanh=False, backend="cpp"), ib, il, apply_tanh=False)
+
+
+# Importance values: exact zeros, ordinary magnitudes, and tiny ones next to the eps of the formula.
+importance_values = st.one_of(st.just(0.0), st.floats(0, 1e6, width=32), st.floats(2.0**-100, 2.0**-66, width=32))
+shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=17)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), n=st.integers(1, 4), backend=st.sampled_from(OP_BACKENDS), apply_tanh=st.booleans())
+def test_property_random_importances(data, n, backend, apply_tanh):
+    ib, il = [], []
+    for _ in range(n):
+        shape = data.draw(shapes)
+        b = data.draw(hnp.arrays(np.float32, shape, elements=importance_values))
+        l = data.draw(hnp.arrays(np.float32, shape, elements=importance_values))
+        ib.append(torch.from_numpy(b))
+        il.append(torch.from_numpy(l))
+    _check(ops.soft_mask(ib, il, apply_tanh=apply_tanh, backend=backend), ib, il, apply_tanh)
