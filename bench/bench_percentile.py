@@ -24,7 +24,9 @@ Providers, all computing the 50th percentile (linear, BMFT's rate) of the same t
 (Linux: the peak is reset through /proc/self/clear_refs, read from VmHWM in /proc/self/status). The script re-runs
 itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so every large block is its own mapping, returned to the system when
 freed; the deltas then count each provider's own allocations, the concatenated copies included. Times: median of
-the repetitions, providers interleaved, after one warm-up call each (none for the peer at 2g). fastmask's result is
+the repetitions, providers interleaved, after one warm-up call each (none for the peer at 2g); ``cpu_ms`` is the
+process CPU time of the call summed over its threads, which other load on the machine inflates less than the wall
+time. fastmask's result is
 checked to equal numpy's bit for bit in every case.
 
     python bench/bench_percentile.py [--quick] [--json PATH] [--cases 25m,100m,2g]
@@ -79,15 +81,16 @@ def _status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def measured(fn: Callable[[], object]) -> tuple[object, float, int]:
-    """fn()'s result, its seconds, and the peak resident memory it added (bytes)."""
+def measured(fn: Callable[[], object]) -> tuple[object, float, float, int]:
+    """fn()'s result, its wall seconds, the process CPU seconds it used (all threads), and the peak resident memory
+    it added (bytes)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     before = _status_bytes("VmRSS")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    seconds = time.perf_counter() - t0
-    return out, seconds, _status_bytes("VmHWM") - before
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return out, seconds, cpu, _status_bytes("VmHWM") - before
 
 
 def numpy_percentile(tensors: list[torch.Tensor]) -> float:
@@ -127,18 +130,22 @@ def run_case(case: str, reps: int, probe: torch.Tensor) -> list[dict]:
     for name, (fn, _) in providers.items():
         if not (huge and name == "peer"):
             fn()  # warm-up
-    values, extras, times = {}, {}, {name: [] for name in providers}
+    values, extras = {}, {}
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    cpu_times: dict[str, list[float]] = {name: [] for name in providers}
     for rep in range(max(r for _, r in providers.values())):
         for name, (fn, count) in providers.items():  # interleaved, so load from other processes hits all alike
             if rep < count:
-                value, seconds, extra = measured(fn)
+                value, seconds, cpu, extra = measured(fn)
                 times[name].append(seconds)
+                cpu_times[name].append(cpu)
                 if rep == 0:
                     values[name], extras[name] = value, extra
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu_times.items()}
     if values["fastmask"] != values["peer"]:
         raise AssertionError(f"{case}: fastmask gives {values['fastmask']!r}, np.percentile {values['peer']!r}")
-    rows = [{"provider": p, "ms": ms[p], "peak_extra_bytes": extras[p], "value": values[p]}
+    rows = [{"provider": p, "ms": ms[p], "cpu_ms": cpu_ms[p], "peak_extra_bytes": extras[p], "value": values[p]}
             for p in ("fastmask", "peer", "kthvalue") if p in providers]
     bandwidth = PROBE_BYTES / (ms["read"] / 1e3)
     rows.append({"provider": "roofline", "ms": 1e3 * PASSES[dtype] * nbytes / bandwidth, "peak_extra_bytes": 0,
@@ -149,7 +156,7 @@ def run_case(case: str, reps: int, probe: torch.Tensor) -> list[dict]:
 
 
 def report(rows: list[dict]) -> None:
-    print(f"\n{'case':<6} {'provider':<9} {'ms':>10} {'peer/x':>8} {'kth/x':>8} {'x/roofline':>10} "
+    print(f"\n{'case':<6} {'provider':<9} {'ms':>10} {'cpu ms':>9} {'peer/x':>8} {'kth/x':>8} {'x/roofline':>10} "
           f"{'peak extra':>12} {'% input':>8}  value")
     for r in rows:
         same = {p["provider"]: p["ms"] for p in rows if p["case"] == r["case"]}
@@ -160,7 +167,8 @@ def report(rows: list[dict]) -> None:
         r["peak_extra_pct_of_input"] = 100 * r["peak_extra_bytes"] / r["input_bytes"]
         kth = f"{r['speedup_vs_kthvalue']:>7.2f}x" if "speedup_vs_kthvalue" in r else f"{'-':>8}"
         value = f"{r['value']!r}" if "value" in r else ""
-        print(f"{r['case']:<6} {r['provider']:<9} {r['ms']:>10.1f} {r['speedup_vs_peer']:>7.2f}x {kth} "
+        cpu = f"{r['cpu_ms']:>9.1f}" if "cpu_ms" in r else f"{'-':>9}"
+        print(f"{r['case']:<6} {r['provider']:<9} {r['ms']:>10.1f} {cpu} {r['speedup_vs_peer']:>7.2f}x {kth} "
               f"{r['vs_roofline']:>9.2f}x {r['peak_extra_bytes'] / 1e6:>10.1f}MB {r['peak_extra_pct_of_input']:>7.2f}%"
               f"  {value}")
 

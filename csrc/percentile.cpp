@@ -18,6 +18,8 @@
 #include <sstream>
 #include <type_traits>
 
+#include "multi_tensor.h"
+
 namespace fastmask {
 namespace percentile {
 
@@ -299,75 +301,72 @@ MaskThreshold mask_threshold(at::ScalarType dtype, double threshold, bool inclus
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// CPU kernels.
+// CPU kernels. The tensors are one virtual array (csrc/multi_tensor.h): chunks of kChunk elements, shared out
+// dynamically among the OpenMP threads, each visiting the pieces of the tensors it overlaps, in order.
 
 namespace {
 
-constexpr int64_t kChunk = int64_t{1} << 16;  // elements per scheduling unit
-constexpr int kBlock = 256;                   // keys computed (vectorised) before they are counted
+constexpr int kBlock = 256;  // keys computed (vectorised) before they are counted; a multiple of 8
 // The first pass counts every element. Runs of equal keys (duplicates, constant tensors) would serialise on one
 // counter's load-increment-store, so even and odd elements go to two copies of the histogram, summed at the flush.
 constexpr int64_t kFirstPassCopies = 2;
+constexpr int kCpuDigit = 16;  // 65536 bins: 256 KiB of uint32 per thread and row, resident in L2
 
-// The tensors seen as one virtual concatenation: chunk c covers global elements [c * kChunk, (c + 1) * kChunk),
-// possibly across several tensors. O(number of tensors) memory.
-struct Segments {
+// The inputs as one virtual array: data pointers and prefix offsets, O(number of tensors) memory.
+struct Inputs {
   std::vector<const void*> ptr;
-  std::vector<int64_t> offset;  // size T + 1
-  int64_t total() const { return offset.back(); }
+  std::vector<int64_t> offsets;
 };
 
-Segments segments_of(const std::vector<at::Tensor>& ts) {
-  Segments s;
-  s.offset.push_back(0);
+Inputs inputs_of(const std::vector<at::Tensor>& ts) {
+  Inputs in;
+  std::vector<int64_t> sizes;
   for (const auto& t : ts) {
-    s.ptr.push_back(t.data_ptr());
-    s.offset.push_back(s.offset.back() + t.numel());
+    in.ptr.push_back(t.data_ptr());
+    sizes.push_back(t.numel());
   }
-  return s;
+  in.offsets = prefix_offsets(sizes);
+  return in;
 }
 
-// Calls fn(tensor_index, first_element_pointer, count) for each piece of the chunk [g0, g1).
-template <typename U, typename Fn>
-void for_each_piece(const Segments& s, int64_t g0, int64_t g1, Fn&& fn) {
-  auto t = static_cast<int64_t>(std::upper_bound(s.offset.begin(), s.offset.end(), g0) - s.offset.begin()) - 1;
-  for (int64_t g = g0; g < g1;) {
-    while (s.offset[t + 1] <= g) ++t;  // empty tensors
-    const int64_t end = std::min(g1, s.offset[t + 1]);
-    fn(t, static_cast<const U*>(s.ptr[t]) + (g - s.offset[t]), end - g);
-    g = end;
-  }
-}
+// One radix pass's constants (see radix_select): bin = (key >> dshift) & dmask, for the keys whose top bits
+// (key >> pshift) equal pre0 (row 0) or pre1 (row 1); every key in the first pass.
+template <typename U>
+struct Pass {
+  int pshift, dshift;
+  U dmask, pre0, pre1;
+  int64_t nbins;
+};
 
 // Adds a block of n <= kBlock elements into the per-thread histogram `h` (rows of nbins uint32 counts). First pass
-// (kAll): every key's top digit, into kFirstPassCopies copies of the one row. Later passes: only keys whose top prefix bits equal pre0 (row 0) or pre1 (row 1);
-// those are rare, so a vectorised match test picks out the 8-key groups that hold any, and only those are counted.
+// (kAll): every key's top digit, into kFirstPassCopies copies of the one row. Later passes: only the keys in the
+// rows' prefixes; those are rare, so a vectorised match test picks out the 8-key groups that hold any.
 template <typename U, bool kAll>
-inline void count_block(const U* __restrict p, int n, uint32_t* __restrict h, int pshift, int dshift, U dmask, U pre0,
-                        U pre1, int64_t nbins) {
+__attribute__((always_inline)) inline void count_block(const U* __restrict p, int n, uint32_t* __restrict h,
+                                                       const Pass<U>& ps) {
   U k[kBlock];
   for (int j = 0; j < n; ++j) k[j] = keys::to_key(p[j]);
   if constexpr (kAll) {
     static_assert(kFirstPassCopies == 2, "the loop below interleaves two copies");
     int j = 0;
     for (; j + 2 <= n; j += 2) {
-      ++h[k[j] >> dshift];
-      ++h[nbins + (k[j + 1] >> dshift)];
+      ++h[k[j] >> ps.dshift];
+      ++h[ps.nbins + (k[j + 1] >> ps.dshift)];
     }
-    if (j < n) ++h[k[j] >> dshift];
+    if (j < n) ++h[k[j] >> ps.dshift];
   } else if constexpr (sizeof(U) == 8) {  // baseline x86-64 (SSE2) has no 64-bit lane compare: plain branches
     for (int j = 0; j < n; ++j) {
-      const U top = static_cast<U>(k[j] >> pshift);
-      if (top == pre0)
-        ++h[(k[j] >> dshift) & dmask];
-      else if (top == pre1)
-        ++h[nbins + ((k[j] >> dshift) & dmask)];
+      const U top = static_cast<U>(k[j] >> ps.pshift);
+      if (top == ps.pre0)
+        ++h[(k[j] >> ps.dshift) & ps.dmask];
+      else if (top == ps.pre1)
+        ++h[ps.nbins + ((k[j] >> ps.dshift) & ps.dmask)];
     }
   } else {
     uint8_t match[kBlock];
     for (int j = 0; j < n; ++j) {
-      const U top = static_cast<U>(k[j] >> pshift);
-      match[j] = static_cast<uint8_t>((top == pre0) | (top == pre1));
+      const U top = static_cast<U>(k[j] >> ps.pshift);
+      match[j] = static_cast<uint8_t>((top == ps.pre0) | (top == ps.pre1));
     }
     std::fill(match + n, match + ((n + 7) & ~7), uint8_t{0});
     for (int g = 0; g < n; g += 8) {
@@ -376,11 +375,24 @@ inline void count_block(const U* __restrict p, int n, uint32_t* __restrict h, in
       if (any == 0) continue;
       for (int j = g; j < std::min(n, g + 8); ++j) {
         if (!match[j]) continue;
-        const int64_t row = static_cast<U>(k[j] >> pshift) == pre0 ? 0 : nbins;
-        ++h[row + ((k[j] >> dshift) & dmask)];
+        const int64_t row = static_cast<U>(k[j] >> ps.pshift) == ps.pre0 ? 0 : ps.nbins;
+        ++h[row + ((k[j] >> ps.dshift) & ps.dmask)];
       }
     }
   }
+}
+
+// m consecutive elements of one tensor, block by block; also compiled for AVX2 (wider key and match loops) and
+// picked at run time. always_inline: the AVX2 clone must get its own copy of the loops, not a call to baseline code.
+template <typename U, bool kAll>
+__attribute__((always_inline)) inline void count_run(const U* p, int64_t m, uint32_t* h, const Pass<U>& ps) {
+  for (int64_t i = 0; i < m; i += kBlock)
+    count_block<U, kAll>(p + i, static_cast<int>(std::min<int64_t>(kBlock, m - i)), h, ps);
+}
+
+template <typename U, bool kAll>
+FASTMASK_AVX2 void count_run_avx2(const U* p, int64_t m, uint32_t* h, const Pass<U>& ps) {
+  count_run<U, kAll>(p, m, h, ps);
 }
 
 template <typename U>
@@ -393,24 +405,24 @@ inline bool any_nan(const U* __restrict p, int64_t n, U inf) {
 // One histogram pass (see radix_select). Returns rows x 2^digit_bits int64 counts; when check_nan, *nan_tensor is
 // set to the lowest index of a tensor holding a NaN (or -1).
 template <typename U>
-std::vector<int64_t> histogram_pass(const Segments& s, keys::Format fmt, const std::vector<uint64_t>& prefixes,
+std::vector<int64_t> histogram_pass(const Inputs& in, keys::Format fmt, const std::vector<uint64_t>& prefixes,
                                     int prefix_bits, int digit_bits, bool check_nan, int64_t* nan_tensor) {
   constexpr int W = sizeof(U) * 8;
-  const int64_t nbins = int64_t{1} << digit_bits;
   const int nrows = static_cast<int>(prefixes.size());
-  const int dshift = W - prefix_bits - digit_bits;
-  const int pshift = prefix_bits == 0 ? 0 : W - prefix_bits;
-  const U dmask = static_cast<U>(nbins - 1);
-  const U pre0 = static_cast<U>(prefixes[0]);
-  const U pre1 = static_cast<U>(nrows > 1 ? prefixes[1] : prefixes[0]);
+  const int64_t nbins = int64_t{1} << digit_bits;
+  const Pass<U> ps{prefix_bits == 0 ? 0 : W - prefix_bits, W - prefix_bits - digit_bits,
+                   static_cast<U>(nbins - 1), static_cast<U>(prefixes[0]),
+                   static_cast<U>(prefixes[nrows > 1 ? 1 : 0]), nbins};
   const U inf = static_cast<U>(keys::inf_bits(fmt));
-  const int64_t total = s.total();
-  const int64_t nchunks = (total + kChunk - 1) / kChunk;
+  const int64_t total = in.offsets.back();
+  const int64_t nchunks = chunk_count(0, total);
+  const bool avx2 = FASTMASK_HAS_AVX2();
+  const auto count = prefix_bits == 0 ? (avx2 ? count_run_avx2<U, true> : count_run<U, true>)
+                                      : (avx2 ? count_run_avx2<U, false> : count_run<U, false>);
 
   std::vector<int64_t> out(static_cast<size_t>(nrows * nbins), 0);
   int64_t nan_min = std::numeric_limits<int64_t>::max();
-  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks)));
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(threads_for(total))
   {
     // uint32 per-thread counts stay in L2; they are flushed into the int64 totals before they could overflow, so any
     // n (> 2^31 included) is counted exactly.
@@ -424,21 +436,17 @@ std::vector<int64_t> histogram_pass(const Segments& s, keys::Format fmt, const s
       std::fill(local.begin(), local.end(), 0u);
       since_flush = 0;
     };
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait  // the flush below needs no other thread: one barrier per pass
     for (int64_t c = 0; c < nchunks; ++c) {
       if (since_flush + kChunk > std::numeric_limits<uint32_t>::max()) flush();
-      const int64_t g0 = c * kChunk, g1 = std::min(total, g0 + kChunk);
-      for_each_piece<U>(s, g0, g1, [&](int64_t t, const U* p, int64_t m) {
-        if (check_nan && t < my_nan && any_nan(p, m, inf)) my_nan = t;
-        for (int64_t i = 0; i < m; i += kBlock) {
-          const int b = static_cast<int>(std::min<int64_t>(kBlock, m - i));
-          if (prefix_bits == 0)
-            count_block<U, true>(p + i, b, local.data(), pshift, dshift, dmask, pre0, pre1, nbins);
-          else
-            count_block<U, false>(p + i, b, local.data(), pshift, dshift, dmask, pre0, pre1, nbins);
-        }
+      const auto [lo, hi] = chunk(0, total, c);
+      for_each_piece(in.offsets, lo, hi, [&](size_t t, int64_t b, int64_t e) {
+        const U* p = static_cast<const U*>(in.ptr[t]) + b;
+        const auto ti = static_cast<int64_t>(t);
+        if (check_nan && ti < my_nan && any_nan(p, e - b, inf)) my_nan = ti;
+        count(p, e - b, local.data(), ps);
       });
-      since_flush += static_cast<uint64_t>(g1 - g0);
+      since_flush += static_cast<uint64_t>(hi - lo);
     }
     flush();
 #pragma omp critical(fastmask_percentile_nan)
@@ -449,7 +457,7 @@ std::vector<int64_t> histogram_pass(const Segments& s, keys::Format fmt, const s
 }
 
 // Dispatches on the storage width: the keys only need the bit patterns.
-std::vector<int64_t> histogram_cpu(const std::vector<at::Tensor>& ts, const Segments& s,
+std::vector<int64_t> histogram_cpu(const std::vector<at::Tensor>& ts, const Inputs& in,
                                    const std::vector<uint64_t>& prefixes, int prefix_bits, int digit_bits,
                                    const char* op) {
   const auto dtype = ts[0].scalar_type();
@@ -458,29 +466,27 @@ std::vector<int64_t> histogram_cpu(const std::vector<at::Tensor>& ts, const Segm
   std::vector<int64_t> h;
   switch (key_bits(dtype)) {
     case 16:
-      h = histogram_pass<uint16_t>(s, key_format(dtype), prefixes, prefix_bits, digit_bits, check_nan, &nan_tensor);
+      h = histogram_pass<uint16_t>(in, key_format(dtype), prefixes, prefix_bits, digit_bits, check_nan, &nan_tensor);
       break;
     case 32:
-      h = histogram_pass<uint32_t>(s, key_format(dtype), prefixes, prefix_bits, digit_bits, check_nan, &nan_tensor);
+      h = histogram_pass<uint32_t>(in, key_format(dtype), prefixes, prefix_bits, digit_bits, check_nan, &nan_tensor);
       break;
     default:
-      h = histogram_pass<uint64_t>(s, key_format(dtype), prefixes, prefix_bits, digit_bits, check_nan, &nan_tensor);
+      h = histogram_pass<uint64_t>(in, key_format(dtype), prefixes, prefix_bits, digit_bits, check_nan, &nan_tensor);
   }
   if (nan_tensor >= 0) raise_nan(nan_tensor, ts[static_cast<size_t>(nan_tensor)], op);
   return h;
 }
 
-constexpr int kCpuDigit = 16;  // 65536 bins: 256 KiB of uint32 per thread and row, resident in L2
-
 at::Tensor percentile_cpu(at::TensorList tensors, double q, std::string_view method) {
   const char* op = "fastmask.percentile";
   const auto ts = checked_contiguous(tensors, op);
   const auto dtype = ts[0].scalar_type();
-  const Segments s = segments_of(ts);
-  const Plan plan = make_plan(s.total(), q, parse_method(method));
+  const Inputs in = inputs_of(ts);
+  const Plan plan = make_plan(in.offsets.back(), q, parse_method(method));
   const auto found = radix_select(split_digits(key_bits(dtype), kCpuDigit), {plan.lo, plan.hi},
                                   [&](const std::vector<uint64_t>& prefixes, int prefix_bits, int digit_bits) {
-                                    return histogram_cpu(ts, s, prefixes, prefix_bits, digit_bits, op);
+                                    return histogram_cpu(ts, in, prefixes, prefix_bits, digit_bits, op);
                                   });
   const double a = decode_key(dtype, found[0]);
   const double r = plan.interpolate ? lerp_like_numpy(dtype, a, decode_key(dtype, found[1]), plan.gamma) : a;
@@ -492,8 +498,8 @@ at::Tensor radix_histogram_cpu(at::TensorList tensors, at::IntArrayRef prefixes,
   const char* op = "fastmask.radix_histogram";
   const auto ts = checked_contiguous(tensors, op);
   const auto pre = checked_prefixes(key_bits(ts[0].scalar_type()), prefixes, prefix_bits, digit_bits, op);
-  const Segments s = segments_of(ts);
-  const auto h = histogram_cpu(ts, s, pre, static_cast<int>(prefix_bits), static_cast<int>(digit_bits), op);
+  const auto h = histogram_cpu(ts, inputs_of(ts), pre, static_cast<int>(prefix_bits), static_cast<int>(digit_bits),
+                               op);
   auto out = at::empty({static_cast<int64_t>(pre.size()), int64_t{1} << digit_bits},
                        at::TensorOptions().dtype(at::kLong));
   std::memcpy(out.data_ptr<int64_t>(), h.data(), h.size() * sizeof(int64_t));
@@ -503,7 +509,8 @@ at::Tensor radix_histogram_cpu(at::TensorList tensors, at::IntArrayRef prefixes,
 // 0/1 bytes m[j] = (x_j > t) (or >=) for a block of storage bit patterns. Signed keys (the unsigned key with its top
 // bit flipped) let SSE2 / AVX2 compare them directly; NaN (|bits| above inf) never passes, as in numpy.
 template <typename S, typename C, int kWiden, bool kInclusive>
-inline void mask_block(const S* __restrict p, int n, C skey, C inf, uint8_t* __restrict m) {
+__attribute__((always_inline)) inline void mask_block(const S* __restrict p, int n, C skey, C inf,
+                                                      uint8_t* __restrict m) {
   using SC = std::make_signed_t<C>;
   constexpr SC kMag = std::numeric_limits<SC>::max();
   for (int j = 0; j < n; ++j) {
@@ -514,43 +521,66 @@ inline void mask_block(const S* __restrict p, int n, C skey, C inf, uint8_t* __r
   }
 }
 
-// Masks of n elements: 0/1 bytes, or packed little-endian bits (byte j holds elements 8j..8j+7, element 8j + i in
-// bit i, as np.packbits(bitorder="little"); the tail byte's unused bits are 0).
+// Blocks [b, e) of one tensor of n elements: 0/1 bytes, or packed little-endian bits (byte j holds elements
+// 8j..8j+7, element 8j + i in bit i, as np.packbits(bitorder="little"); the tail byte's unused bits are 0).
 template <typename S, typename C, int kWiden, bool kInclusive>
-void mask_kernel(const S* p, int64_t n, C key, Layout layout, uint8_t* out) {
+__attribute__((always_inline)) inline void mask_run(const S* p, int64_t n, int64_t b, int64_t e, C skey, C inf,
+                                                    bool packed, uint8_t* out) {
+  uint8_t m[kBlock];
+  for (int64_t blk = b; blk < e; ++blk) {
+    const int64_t i = blk * kBlock;
+    const int len = static_cast<int>(std::min<int64_t>(kBlock, n - i));
+    if (!packed) {
+      mask_block<S, C, kWiden, kInclusive>(p + i, len, skey, inf, out + i);
+      continue;
+    }
+    mask_block<S, C, kWiden, kInclusive>(p + i, len, skey, inf, m);
+    std::fill(m + len, m + ((len + 7) & ~7), uint8_t{0});
+    for (int j = 0; j < (len + 7) / 8; ++j) {
+      // Eight 0/1 bytes -> one byte: the multiply moves byte i's bit to bit 56 + i, with no carries between them.
+      uint64_t eight;
+      std::memcpy(&eight, m + 8 * j, sizeof eight);
+      out[i / 8 + j] = static_cast<uint8_t>((eight * 0x0102040810204080ull) >> 56);
+    }
+  }
+}
+
+template <typename S, typename C, int kWiden, bool kInclusive>
+FASTMASK_AVX2 void mask_run_avx2(const S* p, int64_t n, int64_t b, int64_t e, C skey, C inf, bool packed,
+                                 uint8_t* out) {
+  mask_run<S, C, kWiden, kInclusive>(p, n, b, e, skey, inf, packed, out);
+}
+
+// Every tensor's mask in one parallel region over the virtual array of kBlock-element blocks (blocks never straddle
+// two tensors, and a packed block owns whole bytes).
+template <typename S, typename C, int kWiden, bool kInclusive>
+void mask_all(const std::vector<at::Tensor>& ts, const std::vector<at::Tensor>& masks, C key, bool packed) {
   const C skey = static_cast<C>(key ^ keys::sign_bit<C>());
   const C inf = static_cast<C>(keys::inf_bits(sizeof(C) == 2 ? keys::Format::kHalf
                                                               : (sizeof(C) == 4 ? keys::Format::kFloat
                                                                                 : keys::Format::kDouble)));
-  const int64_t nblocks = (n + kBlock - 1) / kBlock;  // kBlock is a multiple of 8: packed blocks own whole bytes
-  at::parallel_for(0, nblocks, 64, [&](int64_t b0, int64_t b1) {
-    uint8_t m[kBlock];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i = b * kBlock;
-      const int len = static_cast<int>(std::min<int64_t>(kBlock, n - i));
-      if (layout != Layout::kPacked) {
-        mask_block<S, C, kWiden, kInclusive>(p + i, len, skey, inf, out + i);
-        continue;
-      }
-      mask_block<S, C, kWiden, kInclusive>(p + i, len, skey, inf, m);
-      std::fill(m + len, m + ((len + 7) & ~7), uint8_t{0});
-      for (int j = 0; j < (len + 7) / 8; ++j) {
-        // Eight 0/1 bytes -> one byte: the multiply moves byte i's bit to bit 56 + i, with no carries between them.
-        uint64_t eight;
-        std::memcpy(&eight, m + 8 * j, sizeof eight);
-        out[i / 8 + j] = static_cast<uint8_t>((eight * 0x0102040810204080ull) >> 56);
-      }
-    }
-  });
+  std::vector<int64_t> blocks;
+  for (const auto& t : ts) blocks.push_back((t.numel() + kBlock - 1) / kBlock);
+  const std::vector<int64_t> offsets = prefix_offsets(blocks);
+  const int64_t total = offsets.back(), per_chunk = kChunk / kBlock;
+  const int64_t nchunks = (total + per_chunk - 1) / per_chunk;
+  const auto run = FASTMASK_HAS_AVX2() ? mask_run_avx2<S, C, kWiden, kInclusive> : mask_run<S, C, kWiden, kInclusive>;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(total * kBlock))
+  for (int64_t c = 0; c < nchunks; ++c) {
+    for_each_piece(offsets, c * per_chunk, std::min(total, (c + 1) * per_chunk), [&](size_t t, int64_t b, int64_t e) {
+      run(static_cast<const S*>(ts[t].data_ptr()), ts[t].numel(), b, e, skey, inf, packed,
+          static_cast<uint8_t*>(masks[t].data_ptr()));
+    });
+  }
 }
 
 template <typename S, typename C, int kWiden>
-void mask_dispatch(const at::Tensor& t, uint64_t key, bool inclusive, Layout layout, uint8_t* out) {
-  const auto* p = static_cast<const S*>(t.data_ptr());
+void mask_dispatch(const std::vector<at::Tensor>& ts, const std::vector<at::Tensor>& masks, uint64_t key,
+                   bool inclusive, bool packed) {
   if (inclusive)
-    mask_kernel<S, C, kWiden, true>(p, t.numel(), static_cast<C>(key), layout, out);
+    mask_all<S, C, kWiden, true>(ts, masks, static_cast<C>(key), packed);
   else
-    mask_kernel<S, C, kWiden, false>(p, t.numel(), static_cast<C>(key), layout, out);
+    mask_all<S, C, kWiden, false>(ts, masks, static_cast<C>(key), packed);
 }
 
 std::vector<at::Tensor> hard_mask_cpu(at::TensorList tensors, double threshold, bool inclusive,
@@ -559,22 +589,19 @@ std::vector<at::Tensor> hard_mask_cpu(at::TensorList tensors, double threshold, 
   const Layout lay = parse_layout(layout);
   const auto dtype = ts[0].scalar_type();
   const MaskThreshold th = mask_threshold(dtype, threshold, inclusive);
+  const bool packed = lay == Layout::kPacked;
   std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) {
-    at::Tensor m = empty_mask(t, lay);
-    auto* o = static_cast<uint8_t*>(m.data_ptr());
-    if (th.never)
-      m.zero_();
-    else if (dtype == at::kHalf)
-      mask_dispatch<uint16_t, uint16_t, 0>(t, th.key, inclusive, lay, o);
-    else if (dtype == at::kBFloat16)  // compared through the exact float32 upcast: bits << 16
-      mask_dispatch<uint16_t, uint32_t, 16>(t, th.key, inclusive, lay, o);
-    else if (dtype == at::kFloat)
-      mask_dispatch<uint32_t, uint32_t, 0>(t, th.key, inclusive, lay, o);
-    else
-      mask_dispatch<uint64_t, uint64_t, 0>(t, th.key, inclusive, lay, o);
-    out.push_back(std::move(m));
+  for (const auto& t : ts) out.push_back(empty_mask(t, lay));
+  if (th.never) {
+    for (auto& m : out) m.zero_();
+  } else if (dtype == at::kHalf) {
+    mask_dispatch<uint16_t, uint16_t, 0>(ts, out, th.key, inclusive, packed);
+  } else if (dtype == at::kBFloat16) {  // compared through the exact float32 upcast: bits << 16
+    mask_dispatch<uint16_t, uint32_t, 16>(ts, out, th.key, inclusive, packed);
+  } else if (dtype == at::kFloat) {
+    mask_dispatch<uint32_t, uint32_t, 0>(ts, out, th.key, inclusive, packed);
+  } else {
+    mask_dispatch<uint64_t, uint64_t, 0>(ts, out, th.key, inclusive, packed);
   }
   return out;
 }

@@ -113,7 +113,9 @@ def percentile(
         local_error = None
         try:
             h = histogram(tensors, rows, prefix_bits, digit)
-        except ValueError as exc:  # NaN, found in the first pass; the other ranks must not wait for this one
+        except ValueError as exc:  # NaN, found in the first pass: the other ranks must not wait for this one
+            if prefix_bits > 0:
+                raise
             local_error, h = exc, torch.zeros(len(rows), 1 << digit, dtype=torch.int64, device=device)
         if prefix_bits == 0:
             rank = dist.get_rank(group) if active else 0
@@ -129,6 +131,8 @@ def percentile(
             row = counts[rows.index(prefix[t])]
             before = np.cumsum(row)  # elements below the end of each bin
             b = int(np.searchsorted(before, ranks[t], side="right"))
+            if b == len(row):
+                raise RuntimeError("percentile: the ranks disagree on q or method, or the data changed between passes")
             ranks[t] -= int(before[b - 1]) if b > 0 else 0
             prefix[t] = (prefix[t] << digit) | b
         prefix_bits += digit
