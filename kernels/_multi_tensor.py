@@ -6,8 +6,10 @@ One launch covers a whole group of same-device, same-dtype tensors. The launch c
   the kernel loads an address and casts it to a typed pointer (``.to(tl.pointer_type(...))``). This works on the
   GPU and, as checked, in the Triton interpreter too (it reads raw host addresses), so one scheme serves both;
 - ``numels[T]`` and per-tensor scalars (e.g. Adam's bias corrections) in float64 tables;
-- a *block table*: for every BLOCK-sized piece of every tensor, its tensor index and start offset, so the grid is
-  the total number of blocks and every program handles one block of one tensor.
+- a *block table*: for every BLOCK-sized piece of every tensor, its tensor index and start offset. A program
+  handles ROWS blocks at once as a [ROWS, BLOCK] tile (each row its own tensor), so the grid is
+  ceil(blocks / ROWS). On the GPU ROWS is 1; under the interpreter, whose cost is per operation rather than per
+  element, ROWS = 16 makes a step over 161 small tensors take 11 program instances instead of 161.
 
 A mask's dtype is a compile-time constant of the kernel (MASK_KIND), so a group whose masks have several dtypes is
 launched once per mask dtype; tensors without a mask join any launch with a zero address (a run-time flag in the
@@ -43,9 +45,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def block_size() -> int:
-    """Elements per program: large under the interpreter, where each program instance costs ~1 ms."""
-    return 8192 if interpreting() else 1024
+def tile() -> tuple[int, int]:
+    """(ROWS, BLOCK) of a program's tile."""
+    return (16, 1024) if interpreting() else (1, 1024)
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -139,14 +141,18 @@ def address_table(columns: Sequence[Sequence[Tensor | None]], device: torch.devi
     return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
 
 
-def block_table(numels: Sequence[int], block: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """(tensor index int32, start offset int64) of every block of every tensor, and the number of blocks."""
+def block_table(numels: Sequence[int], block: int, rows: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """(tensor index int32, start offset int64) of every block of every tensor, padded to a multiple of ``rows``
+    with empty blocks (start beyond any tensor), and the number of programs."""
     counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
     total = int(counts.sum())
-    tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+    programs = -(-total // rows)
+    tensor = torch.zeros(programs * rows, dtype=torch.int32)
+    start = torch.full((programs * rows,), 1 << 62, dtype=torch.int64)
+    tensor[:total] = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
     first = torch.cumsum(counts, 0) - counts
-    start = (torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(first, counts)) * block
-    return tensor.to(device, non_blocking=True), start.to(device, non_blocking=True), total
+    start[:total] = (torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(first, counts)) * block
+    return tensor.to(device, non_blocking=True), start.to(device, non_blocking=True), programs
 
 
 def scalar_pointer(op: str, name: str, t: Tensor | None, device: torch.device) -> Tensor:

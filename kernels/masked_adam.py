@@ -10,10 +10,10 @@ Loshchilov & Hutter, Alg. 2) with the mask M of the SWiFT / BMFT step (spec §5,
     θ_new = θ' − (lr / (1 − β1^t)) · m / (√v̂ / √(1 − β2^t) + eps)
     "update" mode: θ ← θ + M·(θ_new − θ) and m, v, v̂ are written only where M ≠ 0 (M == 0 keeps every bit).
 
-Every program handles one BLOCK of one tensor, found through the block and address tables of
-``fastmask.kernels._multi_tensor``. Arithmetic is float32 opmath (float64 for float64 tensors) with IEEE division and
-square root and FP contraction disabled, multiply-adds fused only where torch's CPU kernels fuse them, so results
-match the C++ kernel. A non-zero ``found_inf`` (read on the device) turns every lane off.
+Every program handles a [ROWS, BLOCK] tile, one block of one tensor per row, found through the block and address
+tables of ``fastmask.kernels._multi_tensor``. Arithmetic is float32 opmath (float64 for float64 tensors) with IEEE
+division and square root and FP contraction disabled, multiply-adds fused only where torch's CPU kernels fuse them,
+so results match the C++ kernel. A non-zero ``found_inf`` (read on the device) turns every lane off.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ def _masked_adam_kernel(
     DTYPE: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr, MASK_KIND: tl.constexpr, MASK_TL: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, L2: tl.constexpr, DECOUPLED: tl.constexpr,
     MASK_UPDATE: tl.constexpr, LERP_SMALL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid).to(tl.int64)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
+    blocks = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]: one block of one tensor per row
+    t = tl.load(block_tensor_ptr + blocks).to(tl.int64)
+    offs = tl.load(block_start_ptr + blocks) + tl.arange(0, BLOCK)[None, :]
     n = tl.load(numels_ptr + t)
     if HAS_FOUND_INF:
         n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
@@ -176,7 +176,7 @@ def masked_adam_(
     ).to(device, non_blocking=True)
     scale = mt.scalar_pointer(op, "grad_scale", grad_scale, device)
     inf = mt.scalar_pointer(op, "found_inf", found_inf, device)
-    block = mt.block_size()
+    rows, block = mt.tile()
     for kind, idx in mt.split_by_mask_dtype(masks):
         sub_masks = [masks[i] for i in idx]
         ptrs = mt.address_table(
@@ -185,16 +185,16 @@ def masked_adam_(
             device,
         )
         numels = [params[i].numel() for i in idx]
-        block_tensor, block_start, nblocks = mt.block_table(numels, block, device)
-        if nblocks == 0:
+        block_tensor, block_start, programs = mt.block_table(numels, block, rows, device)
+        if programs == 0:
             continue
         mask_dtype = next((m.dtype for m in sub_masks if m is not None), torch.float32)
-        _masked_adam_kernel[(nblocks,)](
+        _masked_adam_kernel[(programs,)](
             ptrs, torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True), coefs[idx].contiguous(),
             hyper, block_tensor, block_start, scale, inf,
             DTYPE=mt.tl_dtype(dtype), ACC=mt.opmath(dtype), FP64=dtype == torch.float64, MASK_KIND=kind,
             MASK_TL=mt.tl_dtype(mask_dtype), AMSGRAD=amsgrad, MAXIMIZE=maximize,
             L2=weight_decay != 0 and not decoupled_weight_decay, DECOUPLED=weight_decay != 0 and decoupled_weight_decay,
             MASK_UPDATE=mask_update, LERP_SMALL=lerp_small, HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+            HAS_FOUND_INF=found_inf is not None, ROWS=rows, BLOCK=block, num_warps=4, enable_fp_fusion=False,
         )

@@ -35,11 +35,12 @@ def _masked_sgd_kernel(
     ptrs_ptr, numels_ptr, hyper_ptr, block_tensor_ptr, block_start_ptr, grad_scale_ptr, found_inf_ptr,
     DTYPE: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr, MASK_KIND: tl.constexpr, MASK_TL: tl.constexpr,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, L2: tl.constexpr,
-    MASK_UPDATE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+    MASK_UPDATE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid).to(tl.int64)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
+    blocks = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]: one block of one tensor per row
+    t = tl.load(block_tensor_ptr + blocks).to(tl.int64)
+    offs = tl.load(block_start_ptr + blocks) + tl.arange(0, BLOCK)[None, :]
     n = tl.load(numels_ptr + t)
     if HAS_FOUND_INF:
         n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
@@ -123,7 +124,7 @@ def masked_sgd_(
     scale = mt.scalar_pointer(op, "grad_scale", grad_scale, device)
     inf = mt.scalar_pointer(op, "found_inf", found_inf, device)
     mode = _NO_MOMENTUM if momentum == 0 else _FIRST_STEP if first_step else _RUNNING
-    block = mt.block_size()
+    rows, block = mt.tile()
     for kind, idx in mt.split_by_mask_dtype(masks):
         sub_masks = [masks[i] for i in idx]
         ptrs = mt.address_table(
@@ -132,15 +133,15 @@ def masked_sgd_(
             device,
         )
         numels = [params[i].numel() for i in idx]
-        block_tensor, block_start, nblocks = mt.block_table(numels, block, device)
-        if nblocks == 0:
+        block_tensor, block_start, programs = mt.block_table(numels, block, rows, device)
+        if programs == 0:
             continue
         mask_dtype = next((m.dtype for m in sub_masks if m is not None), torch.float32)
-        _masked_sgd_kernel[(nblocks,)](
+        _masked_sgd_kernel[(programs,)](
             ptrs, torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True), hyper, block_tensor,
             block_start, scale, inf,
             DTYPE=mt.tl_dtype(dtype), ACC=mt.opmath(dtype), FP64=dtype == torch.float64, MASK_KIND=kind,
             MASK_TL=mt.tl_dtype(mask_dtype), MOMENTUM=mode, NESTEROV=nesterov, MAXIMIZE=maximize,
             L2=weight_decay != 0, MASK_UPDATE=mask_update, HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+            HAS_FOUND_INF=found_inf is not None, ROWS=rows, BLOCK=block, num_warps=4, enable_fp_fusion=False,
         )
