@@ -8,7 +8,7 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-std=c++17", "-fno-math-errno"]
 
 
 def _want_cuda() -> bool:
