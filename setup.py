@@ -8,7 +8,7 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-std=c++20", "-fno-math-errno"]
 
 
 def _want_cuda() -> bool:
@@ -27,7 +27,7 @@ def extension():
                               "-gencode=arch=compute_90,code=sm_90").split()
         return CUDAExtension(
             "fastmask._C", sources, define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", *arch]}, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++20", *arch]}, extra_link_args=["-fopenmp"],
         )
     return CppExtension("fastmask._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
 
