@@ -131,6 +131,7 @@ def test_fastmask_debias_under_torchrun(tmp_path: Path) -> None:
     claimed here (that is the test above)."""
     import json
     import os
+    import signal
     import subprocess
     import sys
 
@@ -146,14 +147,22 @@ def test_fastmask_debias_under_torchrun(tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "fastmask.cli", "debias",
          "--model", "cli_helpers:TinyCNN", "--weights", str(tmp_path / "weights.pt"),
          "--shards", str(tmp_path / "shards"),
          "--attr", "tint", "--test-fold", "test", "--method", "bmft", "--rate", "60", "--epochs1", "1",
          "--epochs2", "1", "--batch-size", "8", "--image-size", "12", "--no-progress", "--no-epoch-eval",
-         "--out", str(out)], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+         "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        # torchrun's workers outlive a killed agent: end the whole session so no rank is left waiting in gloo.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     external = int((table["fold"] == "ext").sum())
     mask_pass = report["loader"]["by_loader"]["mask"]
