@@ -18,6 +18,7 @@ tinted digits) is the one wired in.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import time
@@ -42,6 +43,7 @@ from fastmask.baselines import (
     RandomMaskConfig,
     collect_predictions,
 )
+from fastmask.io import atomic_write_bytes
 from fastmask.metrics import evaluate
 
 __all__ = ["Fold", "DataSource", "DemoSource", "SOURCES", "DEFAULT_METHODS", "TABLE_METRICS", "check_arguments",
@@ -263,27 +265,17 @@ def plot(summary: pd.DataFrame, path: str | os.PathLike, title: str) -> None:
         handles, labels = row[0].get_legend_handles_labels()
         row[2].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title)
-    _atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _nan0(x: float) -> float:
     return 0.0 if pd.isna(x) else float(x)
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def main(methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2), out: str | os.PathLike = "compare",

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from fastmask.balance import group_balance
 from fastmask.baselines import collect_predictions
 from fastmask.data import ImageTableDataset, ShardIndex, ShardLoader, make_loader, write_shards
+from fastmask.io import atomic_write_bytes
 from fastmask.losses import wbce
 from fastmask.metrics import evaluate
 from fastmask.pipeline import BmftConfig, Result, StepConfig, SwiftConfig, bmft, swift
@@ -253,9 +254,5 @@ def main(seed: int = 0, json_path: str | os.PathLike | None = None, progress: bo
     print(f"\n{out['seconds']:.1f} s")
     summary = {k: out[k] for k in ("seed", "seconds", "methods", "collapse_warnings")}
     if json_path is not None:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_bytes(json_path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     return summary

@@ -13,16 +13,16 @@ The per-tensor ops run in ``fastmask.ops`` (fused kernels where available).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from fastmask import ops
+from fastmask.io import atomic_write_bytes
 from fastmask.models import split_head
 
 __all__ = [
@@ -190,15 +190,7 @@ def save_masks(masks: Mapping[str, Tensor], path: str | os.PathLike) -> None:
         if not isinstance(m, Tensor):
             raise TypeError(f"mask {name!r} is a {type(m).__name__}, not a tensor")
         tensors[name] = m.detach().to("cpu").contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "fastmask-masks"})
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, save(tensors, metadata={"format": "fastmask-masks"}))
 
 
 def load_masks(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> Masks:

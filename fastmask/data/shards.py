@@ -29,6 +29,8 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import base_plus_ext
 
+from fastmask.io import atomic_write_bytes
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "INDEX_SUFFIX",
@@ -55,25 +57,6 @@ _TAR_META = {"mtime": 0, "user": "fastmask", "group": "fastmask", "mode": 0o444}
 # A key becomes a tar member name "<key>.<ext>": webdataset splits a member name at the first "." of its basename,
 # so a key must not hold "." or "/"; USTAR names are limited to 100 bytes.
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-:+=@,]{1,80}$")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync, then ``os.replace``.
-
-    A reader never sees a half-written file, and a crash leaves either the old file or the new one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class TarFormatError(ValueError):
