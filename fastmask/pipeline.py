@@ -549,6 +549,28 @@ class _Frozen:
 # ---- the two methods ---------------------------------------------------------------------------------------------
 
 
+def _begin(method: str, steps: tuple[str, str], model: nn.Module, mask_loader: Iterable, config: Any,
+           masks: Mapping[str, Tensor] | None, build_mask: Any, progress: bool, on_epoch: Any,
+           resume: Any) -> tuple:
+    """What SWiFT and BMFT share before their first step: seeding, the head / feature-extractor split, and the masks
+    (importance pass + ``build_mask(I_b, I_l, feature_names)``), or the state of a resumed run."""
+    _seed_everything(config.seed)
+    device = _device(model)
+    head, head_params, feat_params = split_head(model, config.head)
+    run = _Progress(method, steps, on_epoch, resume)
+    result = _resumed(resume, masks, config, model)
+    if result is None:
+        n_imp = 0
+        if masks is None:
+            ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
+            with phase("fastmask.mask"):
+                masks = build_mask(ib, il, list(feat_params))
+        masks = _checked_masks(masks, model)
+        result = Result(method, config, dict(masks), n_importance_batches=n_imp)
+        run.report(steps[0], 0, result, None)
+    return device, head, head_params, feat_params, run, result
+
+
 def swift(
     model: nn.Module,
     mask_loader: Iterable,
@@ -579,20 +601,9 @@ def swift(
             the same position, same RNG draws).
     """
     config = config or SwiftConfig()
-    _seed_everything(config.seed)
-    device = _device(model)
-    head, head_params, feat_params = split_head(model, config.head)
-    run = _Progress("swift", ("step1", "step2"), on_epoch, resume)
-    result = _resumed(resume, masks, config, model)
-    if result is None:
-        n_imp = 0
-        if masks is None:
-            ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
-            with phase("fastmask.mask"):
-                masks = soft_mask(ib, il)
-        masks = _checked_masks(masks, model)
-        result = Result("swift", config, dict(masks), n_importance_batches=n_imp)
-        run.report("step1", 0, result, None)
+    device, head, head_params, feat_params, run, result = _begin(
+        "swift", ("step1", "step2"), model, mask_loader, config, masks, lambda ib, il, feat: soft_mask(ib, il),
+        progress, on_epoch, resume)
     masks = result.masks
     was_training = model.training
 
@@ -653,20 +664,10 @@ def bmft(
             the same position, same RNG draws).
     """
     config = config or BmftConfig()
-    _seed_everything(config.seed)
-    device = _device(model)
-    head, head_params, feat_params = split_head(model, config.head)
-    run = _Progress("bmft", ("impair", "repair"), on_epoch, resume)
-    result = _resumed(resume, masks, config, model)
-    if result is None:
-        n_imp = 0
-        if masks is None:
-            ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
-            with phase("fastmask.mask"):
-                masks = hard_mask(ib, il, list(feat_params), rate=config.rate, inclusive=config.inclusive)
-        masks = _checked_masks(masks, model)
-        result = Result("bmft", config, dict(masks), n_importance_batches=n_imp)
-        run.report("impair", 0, result, None)
+    device, head, head_params, feat_params, run, result = _begin(
+        "bmft", ("impair", "repair"), model, mask_loader, config, masks,
+        lambda ib, il, feat: hard_mask(ib, il, feat, rate=config.rate, inclusive=config.inclusive),
+        progress, on_epoch, resume)
     masks = result.masks
     was_training = model.training
     impair_loader = mask_loader if config.impair_data == "external" else train_loader
