@@ -14,7 +14,9 @@ Cases and providers, side by side in one run:
 - ``soft-mask``: M = tanh(Norm(I_b) / (Norm(I_l) + eps)) per tensor over the same set. ``reference`` =
   ``fastmask.reference.soft_mask`` (per-tensor min / max / arithmetic / tanh), ``peer`` = a vectorised torch version
   (one ``torch.aminmax`` per importance, then ``torch._foreach_*`` arithmetic over all tensors and
-  ``torch._foreach_tanh_``), ``fastmask`` = ``fastmask.ops.soft_mask`` with the C++ backend.
+  ``torch._foreach_tanh_``), ``fastmask`` = ``fastmask.ops.soft_mask_`` with the C++ backend: the mask written over
+  I_b, as the pipeline builds it (I_b restored, untimed, before each run). The JSON's ``new_tensors_ms`` is
+  ``fastmask.ops.soft_mask`` (a new mask set) in the same run.
 
 ``roofline`` rows: the bytes the op moves divided by the in-place memory bandwidth measured in the same run,
 interleaved with the providers: ``a.add_(b)`` on two float32 tensors of 64M elements (32M with ``--quick``; far
@@ -23,11 +25,11 @@ accumulate reads and writes both importances and reads both gradients, 24 B per 
 soft-mask reads both importances twice (min / max, then the mask: the min and max must be known before the first
 mask element can be written) and writes the mask, 20 B per element. fastmask's soft mask re-reads cache-sized
 batches from the cache, so its DRAM traffic is closer to the compulsory 12 B (each importance read once, the mask
-written once); the JSON rows carry that figure too (``compulsory_bytes_per_element``, ``of_compulsory``). The soft
-mask returns new tensors, so every provider also pays for fresh output memory (page faults and the kernel zeroing
-the pages); ``output_alloc_ms`` in the soft-mask rows is that cost alone (empty + fill of the mask shapes), measured
-in the same run. Every time is the best of the repetitions (providers interleaved, so drift hits all alike); the
-fastmask row's ``of_roofline`` is roofline_ms / fastmask_ms.
+written once); the JSON rows carry that figure too (``compulsory_bytes_per_element``, ``of_compulsory``). The
+reference and the peer return new tensors, so they also pay for fresh output memory (page faults and the kernel
+zeroing the pages); ``output_alloc_ms`` in the soft-mask rows is that cost alone (empty + fill of the mask shapes),
+measured in the same run. Every time is the best of the repetitions (providers interleaved, so drift hits all
+alike); the fastmask row's ``of_roofline`` is roofline_ms / fastmask_ms.
 
     python bench/bench_fisher.py [--quick] [--json PATH] [--reps R] [--threads T]
 """
@@ -181,34 +183,53 @@ def bench_accumulate(shapes, reps, gen, probe) -> list[dict]:
 def bench_soft_mask(shapes, reps, gen, probe) -> list[dict]:
     n = sum(torch.Size(s).numel() for s in shapes)
     ib, il = importance_like(shapes, gen), importance_like(shapes, gen)
+    work = [b.clone() for b in ib]  # fastmask's I_b, restored (untimed) before each in-place build
+
+    def restore() -> None:
+        torch._foreach_copy_(work, ib)
+
+    def fastmask() -> list[Tensor]:
+        ops.soft_mask_(work, il, backend="cpp")
+        return work
+
     providers = {
         "reference": lambda: reference.soft_mask(ib, il),
         "peer": lambda: peer_soft_mask(ib, il),
-        "fastmask": lambda: ops.soft_mask(ib, il, backend="cpp"),
-        # Not a provider: what fresh output tensors of the masks' shapes cost (allocation, faults, zeroed pages).
+        "fastmask": fastmask,
+        # Not providers: fastmask's soft_mask into new tensors, and what fresh output tensors of the masks' shapes
+        # cost alone (allocation, faults, zeroed pages).
+        "new_tensors": lambda: ops.soft_mask(ib, il, backend="cpp"),
         "output_alloc": lambda: [torch.empty(s).fill_(0.0) for s in shapes],
     }
     want = reference.soft_mask(ib, il)
-    for p in ("peer", "fastmask"):
+    for p in ("peer", "fastmask", "new_tensors"):
+        restore()
         for got, ref in zip(providers[p](), want, strict=True):
             torch.testing.assert_close(got, ref, rtol=3e-7, atol=0)  # tanh within 2 ulp of torch.tanh
-    times = run_interleaved(providers, reps, probe)
-    alloc = times.pop("output_alloc")
+    times = run_interleaved(providers, reps, probe, before={"fastmask": restore})
+    alloc, new_tensors = times.pop("output_alloc"), times.pop("new_tensors")
     rows = rows_for("soft-mask", times, n)
     for r in rows:
         r["output_alloc_ms"] = alloc
+        if r["provider"] == "fastmask":
+            r["new_tensors_ms"] = new_tensors
     return rows
 
 
-def run_interleaved(providers: dict[str, Callable[[], object]], reps: int, probe: Callable[[], float] | None):
-    """Best time per provider (and, with a probe, the best bandwidth), the providers interleaved rep by rep."""
-    for fn in providers.values():  # warm-up: first-touch page faults, code paths
+def run_interleaved(providers: dict[str, Callable[[], object]], reps: int, probe: Callable[[], float] | None,
+                    before: dict[str, Callable[[], None]] | None = None):
+    """Best time per provider (and, with a probe, the best bandwidth), the providers interleaved rep by rep;
+    ``before[p]`` runs untimed before each run of provider p."""
+    before = before or {}
+    for p, fn in providers.items():  # warm-up: first-touch page faults, code paths
+        before.get(p, lambda: None)()
         fn()
     times: dict[str, float] = {p: float("inf") for p in providers}
     if probe is not None:
         times["bandwidth"] = 0.0
     for _ in range(reps):
         for p, fn in providers.items():
+            before.get(p, lambda: None)()
             times[p] = min(times[p], best_ms(fn))
         if probe is not None:
             times["bandwidth"] = max(times["bandwidth"], probe())

@@ -9,8 +9,9 @@ Cases and providers, side by side in one run:
 - ``mask-generation``: allocate I_b and I_l, accumulate I += g² for two synthetic gradient pairs (the gradients are
   inputs, as autograd makes them in a real run), then build the soft mask M = tanh(Norm(I_b) / (Norm(I_l) + eps))
   (spec §3-4). ``reference`` = the papers' per-tensor loop (``fastmask.reference``: ``imp += g.square()``, per-tensor
-  min / max / arithmetic / tanh), ``fastmask`` = ``fastmask.ops`` with the C++ backend. The floor is 3x the
-  parameter bytes: the two float32 importances and the float32 mask must coexist.
+  min / max / arithmetic / tanh, the mask in new tensors), ``fastmask`` = ``fastmask.ops`` with the C++ backend,
+  the mask written over I_b as the pipeline does (``soft_mask_``). The floor is 2x the parameter bytes for
+  fastmask (the two float32 importances) and 3x for the reference (the importances and a new float32 mask).
 - ``masked-adam``: one masked Adam step (state, gradients and mask already allocated). ``reference`` =
   ``fastmask.reference.masked_adam_`` (per-tensor torch ops), ``peer`` = the papers' loop: ``g ← M ⊙ g``
   (``torch._foreach_mul_``) then ``torch.optim.Adam`` (foreach), ``fastmask`` = ``fastmask.ops.masked_adam_`` (C++).
@@ -91,7 +92,10 @@ def mask_generation(backend: str, grads_b: list[Tensor], grads_l: list[Tensor]) 
     imp_l = [torch.zeros_like(g) for g in grads_l]
     for _ in range(2):
         ops.fisher_accumulate_(imp_b, imp_l, grads_b, grads_l, backend=backend)
-    return ops.soft_mask(imp_b, imp_l, backend=backend)
+    if backend == "reference":  # the papers' way: a new mask next to both importances
+        return ops.soft_mask(imp_b, imp_l, backend=backend)
+    ops.soft_mask_(imp_b, imp_l, backend=backend)  # fastmask's pipeline (masks.soft_mask(overwrite=True)): M over I_b
+    return imp_b
 
 
 def measure(fn: Callable[[], object], reps: int, memory: bool) -> tuple[float, int | None]:

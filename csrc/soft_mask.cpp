@@ -1,4 +1,4 @@
-// CPU kernel of fastmask::soft_mask (SWiFT Eq. 9, spec §4): per tensor t,
+// CPU kernels of fastmask::soft_mask and its in-place form soft_mask_ (SWiFT Eq. 9, spec §4): per tensor t,
 //     Norm(x) = (x - min_t x) / ((max_t x - min_t x) + eps), or x itself when max_t x == min_t x,
 //     R = Norm(I_b) / (Norm(I_l) + eps),   M = tanh(R) (apply_tanh) or R (BMFT's score).
 // The arithmetic is the reference's, in float32 and in its order (subtract, add eps, divide — never a reciprocal),
@@ -8,18 +8,22 @@
 // Passes: per tensor, one reduction reading both importances (min and max of each), then one pass writing M.
 // Tensors are processed in batches that fit in the last-level cache, and the writing pass walks each batch
 // backwards, so the second read of the importances mostly hits the cache: the DRAM traffic approaches the
-// compulsory 12 bytes per element (read I_b, read I_l, write M) instead of a two-pass kernel's 20.
+// compulsory 12 bytes per element (read I_b, read I_l, write M) instead of a two-pass kernel's 20. soft_mask_
+// writes M over I_b, which saves the mask allocation (memory and first-touch page faults).
 #include <omp.h>
 #include <sys/mman.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "multi_tensor.h"
@@ -116,9 +120,9 @@ __attribute__((always_inline)) inline f32v mask_of(f32v b, f32v l, Norm nb, Norm
 }
 
 template <bool kTanh>
-__attribute__((always_inline)) inline void write_mask(const float* __restrict b, const float* __restrict l,
-                                                      float* __restrict out, int64_t n, Norm nb, Norm nl,
-                                                      float eps) {
+__attribute__((always_inline)) inline void write_mask(const float* b, const float* l, float* out, int64_t n,
+                                                      Norm nb, Norm nl, float eps) {
+  // b and out may be the same array (the in-place soft_mask_): each vector is loaded before it is stored.
   f32v vb, vl, m;
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
@@ -137,13 +141,15 @@ __attribute__((always_inline)) inline void write_mask(const float* __restrict b,
   }
 }
 
-// Both element loops, for the x86-64 baseline and for AVX2.
+// Both element loops, for the x86-64 baseline, AVX2 and (the writing pass) AVX-512.
+using WriteFn = void (*)(const float*, const float*, float*, int64_t, Norm, Norm, float);
 void minmax2_base(const float* b, const float* l, int64_t n, Bounds& out) { minmax2(b, l, n, out); }
 FASTMASK_AVX2 void minmax2_avx2(const float* b, const float* l, int64_t n, Bounds& out) { minmax2(b, l, n, out); }
 template <bool kTanh>
 void write_base(const float* b, const float* l, float* out, int64_t n, Norm nb, Norm nl, float eps) {
   write_mask<kTanh>(b, l, out, n, nb, nl, eps);
 }
+#if defined(__x86_64__) && defined(__GNUC__)
 template <bool kTanh>
 FASTMASK_AVX2 void write_avx2(const float* b, const float* l, float* out, int64_t n, Norm nb, Norm nl, float eps) {
   write_mask<kTanh>(b, l, out, n, nb, nl, eps);
@@ -152,6 +158,15 @@ template <bool kTanh>
 FASTMASK_AVX512 void write_avx512(const float* b, const float* l, float* out, int64_t n, Norm nb, Norm nl,
                                   float eps) {
   write_mask<kTanh>(b, l, out, n, nb, nl, eps);
+}
+#endif
+
+WriteFn pick_write(bool apply_tanh) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (FASTMASK_HAS_AVX512()) return apply_tanh ? write_avx512<true> : write_avx512<false>;
+  if (FASTMASK_HAS_AVX2()) return apply_tanh ? write_avx2<true> : write_avx2<false>;
+#endif
+  return apply_tanh ? write_base<true> : write_base<false>;
 }
 
 Norm norm_of(float lo, float hi, bool nan, float eps) {
@@ -172,29 +187,11 @@ at::Tensor new_output(at::IntArrayRef sizes, int64_t numel) {
   return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
 }
 
-std::vector<at::Tensor> soft_mask_cpu(at::TensorList imp_bias, at::TensorList imp_loss, double eps_d,
-                                      bool apply_tanh) {
-  const size_t n = imp_bias.size();
-  TORCH_CHECK(imp_loss.size() == n, "soft_mask: list lengths differ: imp_bias ", n, ", imp_loss ", imp_loss.size());
-  const float eps = static_cast<float>(eps_d);
-  // Importances are float32 accumulators; anything else (float64, half, a strided view) is read through a
-  // contiguous float32 copy, which is what the reference's x.float() computes on too.
-  std::vector<at::Tensor> ib(n), il(n), out(n);
-  std::vector<int64_t> sizes(n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& b = imp_bias[i];
-    const at::Tensor& l = imp_loss[i];
-    TORCH_CHECK(b.device().is_cpu() && l.device().is_cpu(), "soft_mask (cpp): imp_bias[", i, "] (", describe(b),
-                ") and imp_loss[", i, "] (", describe(l), ") must be CPU tensors");
-    TORCH_CHECK(b.sizes() == l.sizes(), "soft_mask: imp_bias[", i, "] (", describe(b), ") and imp_loss[", i, "] (",
-                describe(l), ") differ in shape");
-    TORCH_CHECK(at::isFloatingType(b.scalar_type()) && at::isFloatingType(l.scalar_type()), "soft_mask: imp_bias[",
-                i, "] (", describe(b), ") and imp_loss[", i, "] (", describe(l), ") must be floating point");
-    ib[i] = b.to(at::kFloat).contiguous();
-    il[i] = l.to(at::kFloat).contiguous();
-    sizes[i] = b.numel();
-    out[i] = new_output(b.sizes(), sizes[i]);
-  }
+// The two passes over tensors i = 0..n-1 of sizes[i] elements: importances pb[i], pl[i], masks written to po[i]
+// (which may be pb[i]: the in-place soft_mask_).
+void run_passes(const std::vector<const float*>& pb, const std::vector<const float*>& pl,
+                const std::vector<float*>& po, const std::vector<int64_t>& sizes, float eps, bool apply_tanh) {
+  const size_t n = sizes.size();
   const std::vector<int64_t> offsets = prefix_offsets(sizes);
   // Cache batches: runs of whole tensors of at most kBatchElements elements (a larger tensor is a batch alone).
   std::vector<size_t> batch_starts{0};
@@ -205,18 +202,8 @@ std::vector<at::Tensor> soft_mask_cpu(at::TensorList imp_bias, at::TensorList im
   }
   batch_starts.push_back(n);
 
-  const bool avx2 = FASTMASK_HAS_AVX2();
-  const auto minmax_fn = avx2 ? minmax2_avx2 : minmax2_base;
-  const bool avx512 = FASTMASK_HAS_AVX512();
-  const auto write_fn = apply_tanh ? (avx512 ? write_avx512<true> : avx2 ? write_avx2<true> : write_base<true>)
-                                   : (avx512 ? write_avx512<false> : avx2 ? write_avx2<false> : write_base<false>);
-  std::vector<const float*> pb(n), pl(n);
-  std::vector<float*> po(n);
-  for (size_t i = 0; i < n; ++i) {
-    pb[i] = ib[i].const_data_ptr<float>();
-    pl[i] = il[i].const_data_ptr<float>();
-    po[i] = out[i].data_ptr<float>();
-  }
+  const auto minmax_fn = FASTMASK_HAS_AVX2() ? minmax2_avx2 : minmax2_base;
+  const WriteFn write_fn = pick_write(apply_tanh);
   const int nt = threads_for(offsets.back());
   std::vector<Bounds> partial(static_cast<size_t>(nt) * n);  // partial[t * n + i]
 
@@ -262,10 +249,107 @@ std::vector<at::Tensor> soft_mask_cpu(at::TensorList imp_bias, at::TensorList im
       }
     }
   }
+}
+
+// Checks pair i of either op: CPU, same shape, floating point.
+void check_pair(const char* op, size_t i, const at::Tensor& b, const at::Tensor& l) {
+  TORCH_CHECK(b.device().is_cpu() && l.device().is_cpu(), op, " (cpp): imp_bias[", i, "] (", describe(b),
+              ") and imp_loss[", i, "] (", describe(l), ") must be CPU tensors");
+  TORCH_CHECK(b.sizes() == l.sizes(), op, ": imp_bias[", i, "] (", describe(b), ") and imp_loss[", i, "] (",
+              describe(l), ") differ in shape");
+  TORCH_CHECK(at::isFloatingType(b.scalar_type()) && at::isFloatingType(l.scalar_type()), op, ": imp_bias[", i,
+              "] (", describe(b), ") and imp_loss[", i, "] (", describe(l), ") must be floating point");
+}
+
+std::vector<at::Tensor> soft_mask_cpu(at::TensorList imp_bias, at::TensorList imp_loss, double eps,
+                                      bool apply_tanh) {
+  const size_t n = imp_bias.size();
+  TORCH_CHECK(imp_loss.size() == n, "soft_mask: list lengths differ: imp_bias ", n, ", imp_loss ", imp_loss.size());
+  // Importances are float32 accumulators; anything else (float64, half, a strided view) is read through a
+  // contiguous float32 copy, which is what the reference's x.float() computes on too.
+  std::vector<at::Tensor> ib(n), il(n), out(n);
+  std::vector<const float*> pb(n), pl(n);
+  std::vector<float*> po(n);
+  std::vector<int64_t> sizes(n);
+  for (size_t i = 0; i < n; ++i) {
+    check_pair("soft_mask", i, imp_bias[i], imp_loss[i]);
+    ib[i] = imp_bias[i].to(at::kFloat).contiguous();
+    il[i] = imp_loss[i].to(at::kFloat).contiguous();
+    sizes[i] = ib[i].numel();
+    out[i] = new_output(ib[i].sizes(), sizes[i]);
+    pb[i] = ib[i].const_data_ptr<float>();
+    pl[i] = il[i].const_data_ptr<float>();
+    po[i] = out[i].data_ptr<float>();
+  }
+  run_passes(pb, pl, po, sizes, static_cast<float>(eps), apply_tanh);
   return out;
+}
+
+// The bytes [first, last) a dense tensor's elements occupy.
+std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {first, first + static_cast<uintptr_t>(t.numel()) * t.element_size()};
+}
+
+// soft_mask_ writes imp_bias[i] while it reads every other tensor: no written tensor may share memory with any
+// other tensor of either list, except imp_loss[i] being imp_bias[i] itself (element j is read before it is written).
+void check_no_overlap(at::TensorList imp_bias, const std::vector<at::Tensor>& il) {
+  struct Range {
+    uintptr_t first, last;
+    bool written;
+    size_t index;
+  };
+  std::vector<Range> ranges;
+  for (size_t i = 0; i < imp_bias.size(); ++i) {
+    if (imp_bias[i].numel() == 0) continue;
+    const auto [bf, bl] = byte_range(imp_bias[i]);
+    ranges.push_back({bf, bl, true, i});
+    const auto [lf, ll] = byte_range(il[i]);
+    if (!(lf == bf && ll == bl)) ranges.push_back({lf, ll, false, i});
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.first < b.first; });
+  const auto name = [](const Range& r) {
+    return std::string(r.written ? "imp_bias[" : "imp_loss[") + std::to_string(r.index) + "]";
+  };
+  size_t widest = 0;  // among the ranges seen so far, the one reaching furthest
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    const Range &a = ranges[widest], &b = ranges[k];
+    TORCH_CHECK(!(b.first < a.last && (a.written || b.written)), "soft_mask_: ", name(a), " and ", name(b),
+                " share memory; the mask is written into imp_bias, so give each importance its own tensor");
+    if (b.last > a.last) widest = k;
+  }
+}
+
+// In place: imp_bias[i] ← the mask of pair i. No new memory: the importances are usually dropped once the mask is
+// built, and a fresh mask set costs a parameter-sized allocation (and its page faults) on top of the two importances.
+void soft_mask_inplace_cpu(at::TensorList imp_bias, at::TensorList imp_loss, double eps, bool apply_tanh) {
+  const size_t n = imp_bias.size();
+  TORCH_CHECK(imp_loss.size() == n, "soft_mask_: list lengths differ: imp_bias ", n, ", imp_loss ", imp_loss.size());
+  std::vector<at::Tensor> il(n);
+  std::vector<const float*> pb(n), pl(n);
+  std::vector<float*> po(n);
+  std::vector<int64_t> sizes(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& b = imp_bias[i];
+    check_pair("soft_mask_", i, b, imp_loss[i]);
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_non_overlapping_and_dense(), "soft_mask_: imp_bias[", i,
+                "] (", describe(b), ") must be a dense float32 tensor to hold its mask in place");
+    // imp_loss is read in imp_bias's element order: a float32 copy in that layout when it is not already one.
+    const at::Tensor& l = imp_loss[i];
+    il[i] = (l.scalar_type() == at::kFloat && same_dense_layout(b, l)) ? l : at::empty_like(b).copy_(l);
+    sizes[i] = b.numel();
+    po[i] = b.data_ptr<float>();
+    pb[i] = po[i];
+    pl[i] = il[i].const_data_ptr<float>();
+  }
+  check_no_overlap(imp_bias, il);
+  run_passes(pb, pl, po, sizes, static_cast<float>(eps), apply_tanh);
 }
 
 }  // namespace
 }  // namespace fastmask
 
-TORCH_LIBRARY_IMPL(fastmask, CPU, m) { m.impl("soft_mask", &fastmask::soft_mask_cpu); }
+TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
+  m.impl("soft_mask", &fastmask::soft_mask_cpu);
+  m.impl("soft_mask_", &fastmask::soft_mask_inplace_cpu);
+}

@@ -27,9 +27,9 @@ BACKENDS = ("reference", "cpp", "cuda", "triton")
 
 # Which fused backends implement which ops; the reference implements all of them.
 FUSED_OPS = {
-    "cpp": {"fisher_accumulate_", "soft_mask", "masked_adam_", "masked_sgd_", "percentile", "hard_mask"},
+    "cpp": {"fisher_accumulate_", "soft_mask", "soft_mask_", "masked_adam_", "masked_sgd_", "percentile", "hard_mask"},
     "cuda": {"percentile", "hard_mask"},
-    "triton": {"fisher_accumulate_", "soft_mask", "masked_adam_", "masked_sgd_"},
+    "triton": {"fisher_accumulate_", "soft_mask", "soft_mask_", "masked_adam_", "masked_sgd_"},
 }
 
 log = logging.getLogger(__name__)

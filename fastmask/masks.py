@@ -52,26 +52,36 @@ def _check_same_keys(a: Mapping[str, Tensor], b: Mapping[str, Tensor], what: str
                              f"{tuple(b[name].shape)}")
 
 
-def _soft(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], apply_tanh: bool, what: str) -> Masks:
+def _soft(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], apply_tanh: bool, overwrite: bool,
+          what: str) -> Masks:
     _check_same_keys(imp_bias, imp_loss, what)
     names = list(imp_bias)
-    out = ops.soft_mask([imp_bias[n] for n in names], [imp_loss[n] for n in names], apply_tanh=apply_tanh)
-    return dict(zip(names, out, strict=True))
+    ib, il = [imp_bias[n] for n in names], [imp_loss[n] for n in names]
+    if overwrite:
+        ops.soft_mask_(ib, il, apply_tanh=apply_tanh)
+        return dict(zip(names, ib, strict=True))
+    return dict(zip(names, ops.soft_mask(ib, il, apply_tanh=apply_tanh), strict=True))
 
 
-def importance_ratio(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor]) -> Masks:
+def importance_ratio(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], *,
+                     overwrite: bool = False) -> Masks:
     """R_t = Norm(I_b,t) / (Norm(I_l,t) + 1e-10) per tensor (BMFT Eq. 3), with SWiFT's max == min guard (spec §8.6:
-    BMFT's unguarded normalisation gives NaN for a constant tensor, which would zero the whole hard mask)."""
-    return _soft(imp_bias, imp_loss, False, "importance_ratio")
+    BMFT's unguarded normalisation gives NaN for a constant tensor, which would zero the whole hard mask).
+
+    ``overwrite=True`` writes R into ``imp_bias``'s tensors (float32, one per parameter) and returns them: no memory
+    beyond the importances, for callers that drop I_b afterwards."""
+    return _soft(imp_bias, imp_loss, False, overwrite, "importance_ratio")
 
 
-def soft_mask(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor]) -> Masks:
+def soft_mask(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], *, overwrite: bool = False) -> Masks:
     """SWiFT soft mask M_t = tanh(R_t) for every tensor, head included ([PS] Eq. 9, spec §4). float32 in [0, 1).
 
     Elements where Norm(I_l) = 0 < Norm(I_b) get M ≈ 1, elements where Norm(I_b) = 0 get 0; a 1-element tensor
-    (the head bias) is not normalised (max == min) and keeps tanh of its raw ratio.
+    (the head bias) is not normalised (max == min) and keeps tanh of its raw ratio. ``overwrite=True`` writes the
+    masks into ``imp_bias``'s tensors (float32, one per parameter) and returns them: no memory beyond the
+    importances, for callers that drop I_b afterwards (the pipeline does).
     """
-    return _soft(imp_bias, imp_loss, True, "soft_mask")
+    return _soft(imp_bias, imp_loss, True, overwrite, "soft_mask")
 
 
 def _threshold_masks(
@@ -96,6 +106,8 @@ def hard_mask(
     feature_names: Iterable[str],
     rate: float = 50,
     inclusive: bool = False,
+    *,
+    overwrite: bool = False,
 ) -> Masks:
     """BMFT hard mask ([PB] Eqs. 3-4, spec §4): M = 1[R > α] on the feature extractor, M = 0 on the head.
 
@@ -108,11 +120,13 @@ def hard_mask(
         feature_names: the names of E's parameters (``split_head(model)[2]``); every other name is the head.
         rate: percentile rate in [0, 100].
         inclusive: ``M = 1[R >= α]`` instead of the reference's strict ``>``.
+        overwrite: compute R into ``imp_bias``'s tensors (see :func:`importance_ratio`), which then hold R.
 
     Returns:
         bool masks for every parameter (head all False).
     """
-    return _threshold_masks(importance_ratio(imp_bias, imp_loss), feature_names, rate, inclusive, False)
+    ratio = importance_ratio(imp_bias, imp_loss, overwrite=overwrite)
+    return _threshold_masks(ratio, feature_names, rate, inclusive, False)
 
 
 def hard_mask_fraction(

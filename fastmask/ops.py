@@ -25,6 +25,7 @@ from fastmask.profiling import phase
 _TRITON_MODULES = {
     "fisher_accumulate_": "fisher",
     "soft_mask": "soft_mask",
+    "soft_mask_": "soft_mask",
     "masked_adam_": "masked_adam",
     "masked_sgd_": "masked_sgd",
 }
@@ -92,6 +93,25 @@ def soft_mask(
             for i, m in zip(idx, fn(_pick(imp_bias, idx), _pick(imp_loss, idx), eps, apply_tanh), strict=True):
                 out[i] = m
     return out  # type: ignore[return-value]
+
+
+def soft_mask_(
+    imp_bias: Sequence[Tensor],
+    imp_loss: Sequence[Tensor],
+    *,
+    eps: float = reference.NORM_EPS,
+    apply_tanh: bool = True,
+    backend: str | None = None,
+) -> None:
+    """:func:`soft_mask` written into ``imp_bias`` (dense float32 tensors, one per parameter, sharing no memory with
+    each other or with ``imp_loss``) instead of new tensors: the mask set then costs no memory beyond the two
+    importances, and no first-touch page faults."""
+    if len(imp_bias) != len(imp_loss):
+        raise ValueError(f"soft_mask_: list lengths differ: imp_bias {len(imp_bias)}, imp_loss {len(imp_loss)}")
+    with phase("fastmask.soft_mask"):
+        for (device, _), idx in _groups(imp_bias).items():
+            fn = implementation("soft_mask_", _backend.resolve("soft_mask_", device, backend))
+            fn(_pick(imp_bias, idx), _pick(imp_loss, idx), eps, apply_tanh)
 
 
 def _scalar(x: float | Tensor, name: str) -> float:

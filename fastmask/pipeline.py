@@ -553,7 +553,8 @@ def _begin(method: str, steps: tuple[str, str], model: nn.Module, mask_loader: I
            masks: Mapping[str, Tensor] | None, build_mask: Any, progress: bool, on_epoch: Any,
            resume: Any) -> tuple:
     """What SWiFT and BMFT share before their first step: seeding, the head / feature-extractor split, and the masks
-    (importance pass + ``build_mask(I_b, I_l, feature_names)``), or the state of a resumed run."""
+    (importance pass + ``build_mask(I_b, I_l, feature_names)``, which may overwrite I_b: the importances are dropped
+    once the masks exist), or the state of a resumed run."""
     _seed_everything(config.seed)
     device = _device(model)
     head, head_params, feat_params = split_head(model, config.head)
@@ -602,8 +603,8 @@ def swift(
     """
     config = config or SwiftConfig()
     device, head, head_params, feat_params, run, result = _begin(
-        "swift", ("step1", "step2"), model, mask_loader, config, masks, lambda ib, il, feat: soft_mask(ib, il),
-        progress, on_epoch, resume)
+        "swift", ("step1", "step2"), model, mask_loader, config, masks,
+        lambda ib, il, feat: soft_mask(ib, il, overwrite=True), progress, on_epoch, resume)
     masks = result.masks
     was_training = model.training
 
@@ -666,7 +667,7 @@ def bmft(
     config = config or BmftConfig()
     device, head, head_params, feat_params, run, result = _begin(
         "bmft", ("impair", "repair"), model, mask_loader, config, masks,
-        lambda ib, il, feat: hard_mask(ib, il, feat, rate=config.rate, inclusive=config.inclusive),
+        lambda ib, il, feat: hard_mask(ib, il, feat, rate=config.rate, inclusive=config.inclusive, overwrite=True),
         progress, on_epoch, resume)
     masks = result.masks
     was_training = model.training

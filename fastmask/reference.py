@@ -64,6 +64,19 @@ def soft_mask(
     return out
 
 
+def soft_mask_(
+    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = NORM_EPS, apply_tanh: bool = True
+) -> None:
+    """:func:`soft_mask` written into ``imp_bias`` (float32 tensors) instead of new tensors: the importances are
+    usually dropped once the mask is built, so this saves a parameter-sized buffer. Every mask is computed from the
+    inputs as they were before any write."""
+    for i, b in enumerate(imp_bias):
+        if b.dtype != torch.float32:
+            raise ValueError(f"soft_mask_: imp_bias[{i}] has dtype {b.dtype}; it must be float32 to hold its mask")
+    for b, m in zip(imp_bias, soft_mask(imp_bias, imp_loss, eps, apply_tanh), strict=True):
+        b.copy_(m)
+
+
 def _numpy_view(t: Tensor) -> np.ndarray:
     """The array numpy would see for ``t``: bf16 has no numpy dtype and is widened (exactly) to float32."""
     t = t.detach().cpu().reshape(-1)

@@ -24,7 +24,7 @@ from triton.language.extra import libdevice
 
 from fastmask.profiling import phase
 
-from .multi_tensor import block_size, describe, interpreting, launch_table
+from .multi_tensor import block_size, describe, interpreting, launch_table, same_dense_layout
 
 
 @triton.jit
@@ -99,33 +99,28 @@ def _write_kernel(ib_ptrs, il_ptrs, out_ptrs, numels, block_tensor, block_start,
     tl.store(out + offs, r, mask=mask)
 
 
-def soft_mask(
-    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = 1e-10, apply_tanh: bool = True
-) -> list[Tensor]:
-    """Per-tensor M = tanh(Norm(I_b) / (Norm(I_l) + eps)), or the raw ratio, in two Triton launches (same contract as
-    ``fastmask.reference.soft_mask``). Returns float32 masks of the importances' shapes, contiguous."""
+def _check_pairs(op: str, imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor]) -> None:
     if len(imp_bias) != len(imp_loss):
-        raise ValueError(f"soft_mask: list lengths differ: imp_bias {len(imp_bias)}, imp_loss {len(imp_loss)}")
-    if not imp_bias:
-        return []
-    device = imp_bias[0].device
+        raise ValueError(f"{op}: list lengths differ: imp_bias {len(imp_bias)}, imp_loss {len(imp_loss)}")
+    device = imp_bias[0].device if imp_bias else None
     for i, (b, l) in enumerate(zip(imp_bias, imp_loss, strict=True)):
         where = f"imp_bias[{i}] ({describe(b)}) and imp_loss[{i}] ({describe(l)})"
         if b.device != device or l.device != device:
-            raise ValueError(f"soft_mask (triton): {where} must be on {device}")
+            raise ValueError(f"{op} (triton): {where} must be on {device}")
         if b.shape != l.shape:
-            raise ValueError(f"soft_mask: importance shapes differ: {where}")
+            raise ValueError(f"{op}: importance shapes differ: {where}")
         if not (b.is_floating_point() and l.is_floating_point()):
-            raise ValueError(f"soft_mask: {where} must be floating point")
-    # Importances are float32 accumulators; anything else is read through a contiguous float32 copy, which is what
-    # the reference's x.float() computes on too.
-    ib = [b.to(torch.float32).contiguous() for b in imp_bias]
-    il = [l.to(torch.float32).contiguous() for l in imp_loss]
-    out = [torch.empty(b.shape, dtype=torch.float32, device=device) for b in ib]
+            raise ValueError(f"{op}: {where} must be floating point")
+
+
+def _launch(ib: list[Tensor], il: list[Tensor], out: list[Tensor], eps: float, apply_tanh: bool) -> None:
+    """The two launches over contiguous float32 ``ib``, ``il``; masks written to ``out`` (which may be ``ib``: each
+    element is loaded before it is stored, and the bounds are complete before the first store)."""
+    device = ib[0].device
     block = block_size()
     table = launch_table([ib, il, out], block, device)
     if table.n_blocks == 0:
-        return out
+        return
     n = len(ib)
     inf = float("inf")
     bounds = torch.tensor([inf, -inf, inf, -inf], dtype=torch.float32, device=device).repeat_interleave(n)
@@ -139,4 +134,59 @@ def soft_mask(
         _write_kernel[grid](ib_ptrs, il_ptrs, out_ptrs, table.numels, table.block_tensor, table.block_start, bounds,
                             nan_flags, n, eps, APPLY_TANH=apply_tanh, INTERPRET=interpreting(), BLOCK=block,
                             enable_fp_fusion=False)
+
+
+def soft_mask(
+    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = 1e-10, apply_tanh: bool = True
+) -> list[Tensor]:
+    """Per-tensor M = tanh(Norm(I_b) / (Norm(I_l) + eps)), or the raw ratio, in two Triton launches (same contract as
+    ``fastmask.reference.soft_mask``). Returns float32 masks of the importances' shapes, contiguous."""
+    _check_pairs("soft_mask", imp_bias, imp_loss)
+    # Importances are float32 accumulators; anything else is read through a contiguous float32 copy, which is what
+    # the reference's x.float() computes on too.
+    ib = [b.to(torch.float32).contiguous() for b in imp_bias]
+    il = [l.to(torch.float32).contiguous() for l in imp_loss]
+    out = [torch.empty(b.shape, dtype=torch.float32, device=b.device) for b in ib]
+    if ib:
+        _launch(ib, il, out, eps, apply_tanh)
     return out
+
+
+def soft_mask_(
+    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = 1e-10, apply_tanh: bool = True
+) -> None:
+    """:func:`soft_mask` written into ``imp_bias`` (dense float32 tensors sharing no memory with each other or
+    with ``imp_loss``), as ``fastmask.reference.soft_mask_``."""
+    _check_pairs("soft_mask_", imp_bias, imp_loss)
+    il = []
+    for i, (b, l) in enumerate(zip(imp_bias, imp_loss, strict=True)):
+        if b.dtype != torch.float32 or not same_dense_layout(b, b):  # only a dense tensor matches its own layout
+            raise ValueError(f"soft_mask_: imp_bias[{i}] ({describe(b)}) must be a dense float32 tensor to hold its "
+                             "mask in place")
+        # The kernels walk both by one flat index: I_l in I_b's layout (a channels-last I_b stays channels-last).
+        l32 = l.to(torch.float32)
+        il.append(l32 if same_dense_layout(b, l32) else torch.empty_like(b).copy_(l32))
+    _check_no_shared_memory(list(imp_bias), il)
+    if imp_bias:
+        _launch(list(imp_bias), il, list(imp_bias), eps, apply_tanh)
+
+
+def _check_no_shared_memory(ib: list[Tensor], il: list[Tensor]) -> None:
+    """No written tensor (ib[i]) may share memory with another tensor of either list, except il[i] being ib[i]."""
+    ranges = []
+    for i, (b, l) in enumerate(zip(ib, il, strict=True)):
+        if b.numel() == 0:
+            continue
+        span = (b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
+        ranges.append((*span, f"imp_bias[{i}]", True))
+        lspan = (l.data_ptr(), l.data_ptr() + l.numel() * l.element_size())
+        if lspan != span:
+            ranges.append((*lspan, f"imp_loss[{i}]", False))
+    ranges.sort()
+    widest = None
+    for r in ranges:
+        if widest is not None and r[0] < widest[1] and (r[3] or widest[3]):
+            raise ValueError(f"soft_mask_: {widest[2]} and {r[2]} share memory; the mask is written into imp_bias, "
+                             "so give each importance its own tensor")
+        if widest is None or r[1] > widest[1]:
+            widest = r

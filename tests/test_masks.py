@@ -141,6 +141,22 @@ def test_hard_mask_rate_is_a_percentile_rate(rate):
     assert mask_fraction(incl, feat) >= mask_fraction(masks, feat)
 
 
+def test_overwrite_writes_the_same_masks_into_imp_bias():
+    """overwrite=True (what the pipeline uses) returns I_b's own tensors holding what overwrite=False returns."""
+    ib, il = random_importances()
+    feat = ["conv.weight", "bn.weight", "bn.bias"]
+    for fn, args in ((soft_mask, ()), (importance_ratio, ()), (hard_mask, (feat,))):
+        want = fn(ib, il, *args)
+        mine = {n: t.clone() for n, t in ib.items()}
+        got = fn(mine, il, *args, overwrite=True)
+        for n in ib:
+            assert torch.equal(got[n], want[n]), (fn.__name__, n)
+            if fn is not hard_mask:
+                assert got[n] is mine[n]
+        if fn is hard_mask:
+            assert all(torch.equal(mine[n], r) for n, r in importance_ratio(ib, il).items())  # I_b now holds R
+
+
 def test_constant_tensor_gives_no_nan():
     # spec §8.6: BMFT's unguarded normalisation would give NaN here and zero the whole mask
     ib, il = random_importances()

@@ -134,6 +134,60 @@ def test_cpp_schema_matches_its_mutations():
 
     ib, il = _importances([(3,), (2, 5)])
     torch.library.opcheck(torch.ops.fastmask.soft_mask.default, (ib, il, 1e-10, True), test_utils="test_schema")
+    torch.library.opcheck(torch.ops.fastmask.soft_mask_.default, (ib, il, 1e-10, True), test_utils="test_schema")
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("apply_tanh", [True, False], ids=["tanh", "ratio"])
+@pytest.mark.parametrize("case", ["1", "4097", "5x123x123", "161-set"])
+def test_in_place_writes_the_same_masks_into_imp_bias(backend, apply_tanh, case):
+    ib, il = _importances(SIZES[case])
+    out = [b.clone() for b in ib]
+    assert ops.soft_mask_(out, il, apply_tanh=apply_tanh, backend=backend) is None
+    _check(out, ib, il, apply_tanh)
+    for got, new in zip(out, ops.soft_mask(ib, il, apply_tanh=apply_tanh, backend=backend), strict=True):
+        assert torch.equal(got, new)  # the same kernel either way
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_in_place_keeps_imp_bias_layout_and_reads_any_imp_loss(backend):
+    """A channels-last I_b (as zeros_like gives for a channels-last conv weight) keeps its layout; I_l may be
+    float64 or laid out differently, and is read as float32 in I_b's element order."""
+    ib, il = _importances([(6, 5, 3, 3), (4097,)])
+    out = [ib[0].to(memory_format=torch.channels_last), ib[1].clone()]
+    loss = [il[0], il[1].double()]
+    ops.soft_mask_(out, loss, backend=backend)
+    assert out[0].is_contiguous(memory_format=torch.channels_last)
+    for m, b, l in zip(out, ib, il, strict=True):
+        np.testing.assert_allclose(m.contiguous().numpy(), numpy_mask(b, l), rtol=TANH_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_in_place_with_imp_loss_being_imp_bias(backend):
+    """imp_loss[i] may be imp_bias[i] itself: every element is read before it is written."""
+    ib, _ = _importances([(4097,)])
+    want = numpy_mask(ib[0], ib[0], apply_tanh=False)
+    out = ib[0].clone()
+    ops.soft_mask_([out], [out], apply_tanh=False, backend=backend)
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_in_place_rejects_what_cannot_hold_a_mask(backend):
+    fn = ops.implementation("soft_mask_", backend)
+    with pytest.raises((RuntimeError, ValueError), match=r"imp_bias\[1\].*float32"):
+        fn([torch.rand(3), torch.rand(4, dtype=torch.float64)], [torch.rand(3), torch.rand(4)], 1e-10, True)
+    if backend == "reference":
+        return
+    with pytest.raises((RuntimeError, ValueError), match=r"imp_bias\[0\].*float32"):
+        fn([torch.rand(4, 4)[:, :2]], [torch.rand(4, 2)], 1e-10, True)  # a strided view: not dense
+    with pytest.raises((RuntimeError, ValueError), match="list lengths differ"):
+        fn([torch.rand(3)], [], 1e-10, True)
+    storage = torch.rand(10)
+    with pytest.raises((RuntimeError, ValueError), match=r"imp_bias\[0\] and imp_loss\[1\] share memory"):
+        fn([storage[:5], torch.rand(5)], [torch.rand(5), storage[3:8]], 1e-10, True)
+    with pytest.raises((RuntimeError, ValueError), match=r"imp_bias\[0\] and imp_bias\[1\] share memory"):
+        fn([storage[:5], storage[4:9]], [torch.rand(5), torch.rand(5)], 1e-10, True)
 
 
 def test_cpp_large_tensor_set_spans_threads_and_cache_batches():
@@ -145,13 +199,15 @@ def test_cpp_large_tensor_set_spans_threads_and_cache_batches():
 
 
 # Importance values: exact zeros, ordinary magnitudes, and tiny ones next to the eps of the formula.
-importance_values = st.one_of(st.just(0.0), st.floats(0, 1e6, width=32), st.floats(2.0**-100, 2.0**-66, width=32))
+importance_values = st.one_of(st.just(0.0), st.floats(0, 1e6, width=32), st.floats(2.0**-100, 2.0**-66, width=32),
+                              st.floats(2.0**-149, 2.0**-126, width=32))  # subnormals (dead parameters' g²)
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=17)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), n=st.integers(1, 4), backend=st.sampled_from(OP_BACKENDS), apply_tanh=st.booleans())
-def test_property_random_importances(data, n, backend, apply_tanh):
+@given(data=st.data(), n=st.integers(1, 4), backend=st.sampled_from(OP_BACKENDS), apply_tanh=st.booleans(),
+       in_place=st.booleans())
+def test_property_random_importances(data, n, backend, apply_tanh, in_place):
     ib, il = [], []
     for _ in range(n):
         shape = data.draw(shapes)
@@ -159,4 +215,9 @@ def test_property_random_importances(data, n, backend, apply_tanh):
         l = data.draw(hnp.arrays(np.float32, shape, elements=importance_values))
         ib.append(torch.from_numpy(b))
         il.append(torch.from_numpy(l))
-    _check(ops.soft_mask(ib, il, apply_tanh=apply_tanh, backend=backend), ib, il, apply_tanh)
+    if in_place:
+        out = [b.clone() for b in ib]
+        ops.soft_mask_(out, il, apply_tanh=apply_tanh, backend=backend)
+    else:
+        out = ops.soft_mask(ib, il, apply_tanh=apply_tanh, backend=backend)
+    _check(out, ib, il, apply_tanh)
