@@ -16,7 +16,10 @@ Cases and providers, side by side in one run:
   (one ``torch.aminmax`` per importance, then ``torch._foreach_*`` arithmetic over all tensors and
   ``torch._foreach_tanh_``), ``fastmask`` = ``fastmask.ops.soft_mask_`` with the C++ backend: the mask written over
   I_b, as the pipeline builds it (I_b restored, untimed, before each run). The JSON's ``new_tensors_ms`` is
-  ``fastmask.ops.soft_mask`` (a new mask set) in the same run.
+  ``fastmask.ops.soft_mask`` (a new mask set) in the same run, and ``in_cache_ms`` the same in-place kernel on one
+  cache-resident tensor of 1M elements, its rate scaled to the whole set: what its arithmetic alone costs
+  (three IEEE divisions per element keep R bit-identical to the reference, plus tanh), a floor that memory
+  bandwidth does not move.
 
 ``roofline`` rows: the bytes the op moves divided by the in-place memory bandwidth measured in the same run,
 interleaved with the providers: ``a.add_(b)`` on two float32 tensors of 64M elements (32M with ``--quick``; far
@@ -53,6 +56,7 @@ EPS = reference.NORM_EPS
 PROBE_ELEMENTS = 64 << 20  # 2 x 256 MB: far above the last-level cache (32 MB on the machines this was tuned on)
 ROOFLINE_BYTES_PER_ELEMENT = {"accumulate": 24, "soft-mask": 20}
 COMPULSORY_BYTES_PER_ELEMENT = {"accumulate": 24, "soft-mask": 12}
+IN_CACHE_ELEMENTS = 1 << 20  # 2 x 4 MB of importances: within the two cores' L2 + L3 here
 
 
 def resnet50_shapes(width: int = 64, head_outputs: int = 1) -> list[tuple[int, ...]]:
@@ -206,13 +210,26 @@ def bench_soft_mask(shapes, reps, gen, probe) -> list[dict]:
         restore()
         for got, ref in zip(providers[p](), want, strict=True):
             torch.testing.assert_close(got, ref, rtol=3e-7, atol=0)  # tanh within 2 ulp of torch.tanh
-    times = run_interleaved(providers, reps, probe, before={"fastmask": restore})
+    # The arithmetic alone: the same kernel on one cache-resident tensor of the set's first IN_CACHE_ELEMENTS
+    # values, its rate scaled to the whole set.
+    small_ib = [torch.cat([b.reshape(-1) for b in ib])[:IN_CACHE_ELEMENTS]]
+    small_il = [torch.cat([l.reshape(-1) for l in il])[:IN_CACHE_ELEMENTS]]
+    small_work = [small_ib[0].clone()]
+
+    def in_cache() -> None:
+        ops.soft_mask_(small_work, small_il, backend="cpp")
+
+    providers["in_cache"] = in_cache
+    restore_small = lambda: torch._foreach_copy_(small_work, small_ib)  # noqa: E731
+    times = run_interleaved(providers, reps, probe, before={"fastmask": restore, "in_cache": restore_small})
     alloc, new_tensors = times.pop("output_alloc"), times.pop("new_tensors")
+    in_cache_ms = times.pop("in_cache") * n / small_ib[0].numel()
     rows = rows_for("soft-mask", times, n)
     for r in rows:
         r["output_alloc_ms"] = alloc
         if r["provider"] == "fastmask":
             r["new_tensors_ms"] = new_tensors
+            r["in_cache_ms"] = in_cache_ms
     return rows
 
 
@@ -278,6 +295,9 @@ def summarise(rows: list[dict]) -> None:
             print(f"{r['case']}: {r['bandwidth_gbps']:.1f} GB/s in-place add; roofline {r['bytes_per_element']} B/elt"
                   f" (compulsory {r['compulsory_bytes_per_element']} B: {r['compulsory_ms']:.2f} ms)"
                   + (f"; fresh output memory alone {r['output_alloc_ms']:.2f} ms" if "output_alloc_ms" in r else ""))
+        if "in_cache_ms" in r:
+            print(f"{r['case']}: fastmask's arithmetic alone (in-cache rate x elements) {r['in_cache_ms']:.2f} ms;"
+                  f" into new tensors {r['new_tensors_ms']:.2f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
