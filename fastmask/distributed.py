@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastmask.ops import implementation
-from fastmask.reference import PERCENTILE_METHODS
+from fastmask.ops import hard_mask, implementation
+from fastmask.profiling import phase
+from fastmask.reference import NORM_EPS, PERCENTILE_METHODS
 
 DIGIT_BITS = 16
 # numpy's view of each dtype: bf16 through its exact float32 upcast, like fastmask.reference.
@@ -253,3 +254,117 @@ def broadcast_buffers(module: torch.nn.Module, group: dist.ProcessGroup | None =
         for t in tensors:
             t.copy_(flat[offset: offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+# ---- masks of sharded parameters (FSDP / FSDP2, or any flat sharding) ---------------------------------------------
+#
+# When parameters are sharded, each rank holds only a piece of every importance tensor. SWiFT's Norm needs each
+# tensor's min and max, which are global: every rank packs its local minima of all tensors (I_b's and I_l's) into one
+# float32 vector and its maxima into another, and one all-reduce each (MIN, MAX) gives every rank every tensor's
+# global bounds. The element-wise rest of the formula is local. NaN is carried as a flag in the MAX vector (a
+# reduction's treatment of NaN depends on the backend; torch's min() / max() return NaN, and so must this).
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's piece of ``t``: the local shard of a DTensor (FSDP2 parameters and their gradients), else ``t``."""
+    from torch.distributed.tensor import DTensor  # imported here: only sharded callers need it
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def global_min_max(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
+    """Per-tensor (min, max) over every rank's shard of each tensor, as two float32 vectors of ``len(tensors)``,
+    equal on every rank: ``torch.min(cat of the shards of tensor i)`` and the same for max, NaN included (a NaN in
+    any shard makes both NaN). A shard may be empty (it contributes nothing); a tensor empty on every rank gets
+    (+inf, -inf). Values are compared in float32, the dtype Norm computes in (exact for bf16 / fp16, and rounding to
+    float32 is monotone, so the float32 of the min is the min of the float32 values).
+
+    Every rank must pass the same number of tensors in the same order (the pieces of the same parameters). Two
+    collectives in all, whatever the number of tensors. Without an active group these are the local bounds.
+    """
+    n = len(tensors)
+    lo = torch.full((n,), math.inf, dtype=torch.float32)
+    hi_and_nan = torch.full((2 * n,), -math.inf, dtype=torch.float32)  # maxima, then 1.0 where a shard has NaN
+    hi_and_nan[n:] = 0.0
+    for i, t in enumerate(tensors):
+        x = _local(t).detach()
+        if x.numel():
+            x_lo, x_hi = torch.aminmax(x.float())  # aminmax propagates NaN like min() / max()
+            lo[i], hi_and_nan[i] = x_lo, x_hi
+            hi_and_nan[n + i] = float(bool(torch.isnan(x_lo)))
+    active = is_active(group)
+    device = _local(tensors[0]).device if tensors else torch.device("cpu")
+    # The collective runs on the tensors' device (NCCL needs CUDA tensors); the bounds come back to the host once.
+    lo = _all_reduce(lo.to(device), dist.ReduceOp.MIN, group, active).cpu()
+    hi_and_nan = _all_reduce(hi_and_nan.to(device), dist.ReduceOp.MAX, group, active).cpu()
+    hi, nan = hi_and_nan[:n], hi_and_nan[n:] > 0
+    return lo.masked_fill(nan, math.nan), hi.masked_fill(nan, math.nan)
+
+
+def _normalize_shard(x: Tensor, lo: Tensor, hi: Tensor, eps: float) -> Tensor:
+    """Norm of a shard with the tensor's global bounds: fastmask.reference.minmax_normalize's arithmetic, operation
+    for operation (float32, subtract, add eps to the range, divide; the raw x when max == min), so the result is
+    bit-identical to normalising the whole tensor."""
+    x = x.float()
+    if bool(hi == lo):
+        return x
+    return (x - lo) / ((hi - lo) + eps)
+
+
+def sharded_soft_mask(
+    imp_bias: Sequence[Tensor],
+    imp_loss: Sequence[Tensor],
+    eps: float = NORM_EPS,
+    apply_tanh: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> list[Tensor]:
+    """SWiFT's soft mask M = tanh(Norm(I_b) / (Norm(I_l) + eps)) ([PS] Eq. 9, spec §4) of the LOCAL shards of the
+    importances, with each tensor's min and max taken over all ranks (:func:`global_min_max`); with
+    ``apply_tanh=False`` BMFT's ratio R = Norm(I_b) / (Norm(I_l) + eps) ([PB] Eq. 3).
+
+    ``imp_bias[i]`` and ``imp_loss[i]`` are this rank's pieces of the same parameter (same shape; DTensors are
+    reduced to their local shards, flat 1-D pieces or FSDP's row shards are all fine, and a piece may be empty).
+    Concatenating the ranks' results in shard order gives :func:`fastmask.masks.importance_ratio` of the full
+    tensors bit for bit (R), and :func:`fastmask.masks.soft_mask` to the rounding of tanh (M). float32, plain
+    tensors of the local shapes. Every rank must call it with its pieces of the same tensors, in the same order.
+    """
+    if len(imp_bias) != len(imp_loss):
+        raise ValueError(f"sharded_soft_mask: {len(imp_bias)} I_b tensors but {len(imp_loss)} I_l tensors")
+    local_b, local_l = [_local(t) for t in imp_bias], [_local(t) for t in imp_loss]
+    for i, (b, loss) in enumerate(zip(local_b, local_l, strict=True)):
+        if b.shape != loss.shape:
+            raise ValueError(f"sharded_soft_mask: tensor {i} has I_b shard shape {tuple(b.shape)} but I_l shard "
+                             f"shape {tuple(loss.shape)}")
+    with phase("fastmask.soft_mask"):
+        lo, hi = global_min_max([*local_b, *local_l], group)
+        n, out = len(local_b), []
+        for i, (b, loss) in enumerate(zip(local_b, local_l, strict=True)):
+            r = _normalize_shard(b, lo[i], hi[i], eps) / (_normalize_shard(loss, lo[n + i], hi[n + i], eps) + eps)
+            out.append(torch.tanh(r) if apply_tanh else r)
+    return out
+
+
+def sharded_hard_mask(
+    ratio: Sequence[Tensor],
+    feature: Sequence[bool],
+    rate: float = 50,
+    inclusive: bool = False,
+    group: dist.ProcessGroup | None = None,
+) -> list[Tensor]:
+    """BMFT's hard mask ([PB] Eq. 4, spec §4) of sharded ratios: M = 1[R > α] on the feature tensors and 0 on the
+    others (the head), with α = np.percentile(R over every rank's shards of the feature tensors, ``rate``) from the
+    distributed radix :func:`percentile` (no rank gathers the ratios).
+
+    ``ratio`` are this rank's shards from :func:`sharded_soft_mask` (``apply_tanh=False``); ``feature[i]`` says
+    whether tensor i belongs to the feature extractor (the same on every rank). The concatenation of the ranks'
+    results equals :func:`fastmask.masks.hard_mask` of the full tensors. NaN in any shard raises on every rank.
+    """
+    if len(ratio) != len(feature):
+        raise ValueError(f"sharded_hard_mask: {len(ratio)} ratio tensors but {len(feature)} feature flags")
+    local = [_local(r) for r in ratio]
+    chosen = [r for r, f in zip(local, feature, strict=True) if f]
+    if not chosen:
+        raise ValueError("sharded_hard_mask: no feature-extractor tensors to threshold")
+    alpha = percentile(chosen, rate, group=group)
+    masks = iter(hard_mask(chosen, alpha, inclusive=inclusive))
+    return [next(masks) if f else torch.zeros_like(r, dtype=torch.bool) for r, f in zip(local, feature, strict=True)]
