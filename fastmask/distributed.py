@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastmask.ops import hard_mask, implementation
+from fastmask.ops import implementation
 from fastmask.profiling import phase
 from fastmask.reference import NORM_EPS, PERCENTILE_METHODS
 
@@ -265,11 +265,24 @@ def broadcast_buffers(module: torch.nn.Module, group: dist.ProcessGroup | None =
 # reduction's treatment of NaN depends on the backend; torch's min() / max() return NaN, and so must this).
 
 
-def _local(t: Tensor) -> Tensor:
-    """This rank's piece of ``t``: the local shard of a DTensor (FSDP2 parameters and their gradients), else ``t``."""
-    from torch.distributed.tensor import DTensor  # imported here: only sharded callers need it
+def _is_dtensor(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor  # imported here: only sharded models need it
 
-    return t.to_local() if isinstance(t, DTensor) else t
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's piece of ``t``: the local shard of a DTensor (FSDP2 parameters and their gradients), else ``t``.
+    The shard is a view of the DTensor's storage taken outside autograd, so an optimizer can update it in place."""
+    if not _is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when ``model``'s parameters are DTensors (``torch.distributed.fsdp.fully_shard``, FSDP2)."""
+    return any(_is_dtensor(p) for p in model.parameters())
 
 
 def global_min_max(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
@@ -287,13 +300,13 @@ def global_min_max(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = 
     hi_and_nan = torch.full((2 * n,), -math.inf, dtype=torch.float32)  # maxima, then 1.0 where a shard has NaN
     hi_and_nan[n:] = 0.0
     for i, t in enumerate(tensors):
-        x = _local(t).detach()
+        x = local(t).detach()
         if x.numel():
             x_lo, x_hi = torch.aminmax(x.float())  # aminmax propagates NaN like min() / max()
             lo[i], hi_and_nan[i] = x_lo, x_hi
             hi_and_nan[n + i] = float(bool(torch.isnan(x_lo)))
     active = is_active(group)
-    device = _local(tensors[0]).device if tensors else torch.device("cpu")
+    device = local(tensors[0]).device if tensors else torch.device("cpu")
     # The collective runs on the tensors' device (NCCL needs CUDA tensors); the bounds come back to the host once.
     lo = _all_reduce(lo.to(device), dist.ReduceOp.MIN, group, active).cpu()
     hi_and_nan = _all_reduce(hi_and_nan.to(device), dist.ReduceOp.MAX, group, active).cpu()
@@ -330,7 +343,7 @@ def sharded_soft_mask(
     """
     if len(imp_bias) != len(imp_loss):
         raise ValueError(f"sharded_soft_mask: {len(imp_bias)} I_b tensors but {len(imp_loss)} I_l tensors")
-    local_b, local_l = [_local(t) for t in imp_bias], [_local(t) for t in imp_loss]
+    local_b, local_l = [local(t) for t in imp_bias], [local(t) for t in imp_loss]
     for i, (b, loss) in enumerate(zip(local_b, local_l, strict=True)):
         if b.shape != loss.shape:
             raise ValueError(f"sharded_soft_mask: tensor {i} has I_b shard shape {tuple(b.shape)} but I_l shard "
@@ -344,27 +357,79 @@ def sharded_soft_mask(
     return out
 
 
-def sharded_hard_mask(
-    ratio: Sequence[Tensor],
-    feature: Sequence[bool],
-    rate: float = 50,
-    inclusive: bool = False,
-    group: dist.ProcessGroup | None = None,
-) -> list[Tensor]:
-    """BMFT's hard mask ([PB] Eq. 4, spec §4) of sharded ratios: M = 1[R > α] on the feature tensors and 0 on the
-    others (the head), with α = np.percentile(R over every rank's shards of the feature tensors, ``rate``) from the
-    distributed radix :func:`percentile` (no rank gathers the ratios).
 
-    ``ratio`` are this rank's shards from :func:`sharded_soft_mask` (``apply_tanh=False``); ``feature[i]`` says
-    whether tensor i belongs to the feature extractor (the same on every rank). The concatenation of the ranks'
-    results equals :func:`fastmask.masks.hard_mask` of the full tensors. NaN in any shard raises on every rank.
+# ---- fine-tuning and importance of FSDP2-sharded models --------------------------------------------------------
+#
+# With torch.distributed.fsdp.fully_shard every parameter is a DTensor whose rank-local shard is a plain tensor, and
+# backward() leaves each rank the reduce-scattered shard of the gradient (autograd.grad cannot be used: the forward
+# runs on the gathered, unsharded parameters, not on the DTensors). FSDP averages over the ranks where the global-
+# batch loss of fastmask needs the sum of the ranks' shares (see above), so the loss is scaled by the world size
+# (exact for power-of-two worlds). The masked optimizers then run on the local shards, which are views of the
+# DTensors' storage: the fused kernels see plain tensors, and the update lands in the sharded parameters.
+
+_SHARD_OF = "_fastmask_sharded_parameter"  # attribute of a local-shard view: the DTensor parameter it belongs to
+
+
+def _world(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_world_size(group) if is_active(group) else 1
+
+
+def shard_views(named: Sequence[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    """``(name, parameter)`` pairs with every DTensor parameter replaced by its local shard (a view sharing its
+    storage), for an optimizer over this rank's shards; :func:`backward` then hands each view its gradient shard.
+    Other parameters are returned as they are."""
+    out = []
+    for name, p in named:
+        if _is_dtensor(p):
+            view = local(p)
+            setattr(view, _SHARD_OF, p)
+            p = view
+        out.append((name, p))
+    return out
+
+
+def backward(loss: Tensor, params: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> None:
+    """Back-propagate this rank's share of the global batch's ``loss`` and leave on each of ``params`` the gradient
+    of the global batch, summed over the ranks, so that every rank takes the same step.
+
+    Plain parameters (one process, or DDP-style replicas): ``loss.backward()`` and one all-reduce of the gradients
+    (:func:`all_reduce_grads`). Local shards from :func:`shard_views` (FSDP2): ``(world · loss).backward()``, whose
+    reduce-scatter averages the shares into each rank's gradient shard, which is moved to the shard's view.
     """
-    if len(ratio) != len(feature):
-        raise ValueError(f"sharded_hard_mask: {len(ratio)} ratio tensors but {len(feature)} feature flags")
-    local = [_local(r) for r in ratio]
-    chosen = [r for r, f in zip(local, feature, strict=True) if f]
-    if not chosen:
-        raise ValueError("sharded_hard_mask: no feature-extractor tensors to threshold")
-    alpha = percentile(chosen, rate, group=group)
-    masks = iter(hard_mask(chosen, alpha, inclusive=inclusive))
-    return [next(masks) if f else torch.zeros_like(r, dtype=torch.bool) for r, f in zip(local, feature, strict=True)]
+    views = [p for p in params if hasattr(p, _SHARD_OF)]
+    if not views:
+        loss.backward()
+        all_reduce_grads([p.grad for p in params], group)
+        return
+    if len(views) != len(params):
+        raise ValueError(f"{len(params) - len(views)} of the {len(params)} parameters are not sharded: fully_shard the "
+                         "model's root module too, so that FSDP owns every parameter")
+    (loss * _world(group)).backward()
+    for view in views:
+        owner = getattr(view, _SHARD_OF)
+        view.grad = None if owner.grad is None else local(owner.grad)
+        owner.grad = None  # FSDP would otherwise accumulate the next step's gradient into it
+
+
+def sharded_grads(objective: Callable[[], Tensor], params: Sequence[Tensor],
+                  group: dist.ProcessGroup | None = None) -> list[Tensor]:
+    """This rank's shards of ∂objective/∂θ for FSDP2 (DTensor) ``params``, summed over the ranks like
+    :func:`backward`: ``objective()`` runs the forward and returns this rank's share of the global batch's
+    objective. Unused parameters get zeros. The parameters' ``.grad`` is left empty."""
+    for p in params:
+        p.grad = None
+    (objective() * _world(group)).backward()
+    grads = [torch.zeros_like(local(p)) if p.grad is None else local(p.grad) for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def shard_sums(tensors: Sequence[Tensor], sharded: bool, group: dist.ProcessGroup | None = None
+               ) -> tuple[list[float], list[int]]:
+    """(sum, number of elements) of each tensor over every rank's shard when ``sharded`` (one all-reduce, float64),
+    else of the local tensors: the means of sharded masks (SWiFT's head re-initialisation threshold)."""
+    t = torch.tensor([[float(x.double().sum()), x.numel()] for x in tensors], dtype=torch.float64).reshape(-1, 2)
+    if sharded:
+        _all_reduce(t, dist.ReduceOp.SUM, group, is_active(group))
+    return t[:, 0].tolist(), [int(n) for n in t[:, 1].tolist()]

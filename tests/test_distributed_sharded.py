@@ -1,5 +1,5 @@
-"""Masks of sharded importances (fastmask.distributed.sharded_soft_mask / sharded_hard_mask): 2 processes over gloo
-(CPU), each holding uneven pieces of every tensor, against fastmask.masks on the full tensors in one process.
+"""Masks of sharded importances (fastmask.distributed.sharded_soft_mask; fastmask.masks with sharded=True): 2
+processes over gloo (CPU), each holding uneven pieces of every tensor, against fastmask.masks on the full tensors.
 
 The pieces cover FSDP's row shards and flat 1-D shards, a tensor whose max == min (Norm's guard), a tensor constant
 on one rank's piece only (the bounds must be global), a NaN in one rank's piece, and tensors whose piece on rank 1
@@ -83,15 +83,20 @@ def _worker(rank: int, port: int, out: str) -> None:
         finally:
             dist.all_reduce = real
         soft = distributed.sharded_soft_mask(mine_b, mine_l)
-        keep = [i for i, n in enumerate(names) if n != "nan"]
-        hard = distributed.sharded_hard_mask([ratio[i] for i in keep], [names[i] in FEATURE for i in keep], RATE)
-        inclusive = distributed.sharded_hard_mask([ratio[i] for i in keep], [names[i] in FEATURE for i in keep],
-                                                  RATE, inclusive=True)
+        # the dict-level API of fastmask.masks, keyed by parameter name, on the same pieces
+        pieces_b, pieces_l = dict(zip(names, mine_b, strict=True)), dict(zip(names, mine_l, strict=True))
+        by_name = masks.importance_ratio(pieces_b, pieces_l, sharded=True)
+        assert all(torch.equal(by_name[n].nan_to_num(), r.nan_to_num()) for n, r in zip(names, ratio, strict=True))
+        kept = [n for n in names if n != "nan"]
+        b_kept, l_kept = {n: pieces_b[n] for n in kept}, {n: pieces_l[n] for n in kept}
+        features = [n for n in kept if n in FEATURE]
+        hard = masks.hard_mask(b_kept, l_kept, features, RATE, sharded=True)
+        inclusive = masks.hard_mask(b_kept, l_kept, features, RATE, inclusive=True, sharded=True)
         # the NaN in rank 1's piece makes that whole tensor's ratio NaN on both ranks (its bounds are NaN)
         with pytest.raises(ValueError, match=r"NaN on rank\(s\) \[0, 1\]"):
-            distributed.sharded_hard_mask(ratio, [n in FEATURE for n in names], RATE)
+            masks.hard_mask(pieces_b, pieces_l, FEATURE, RATE, sharded=True)
         torch.save({"ratio": ratio, "soft": soft, "hard": hard, "inclusive": inclusive, "calls": calls,
-                    "kept": [names[i] for i in keep]}, Path(out) / f"rank{rank}.pt")
+                    "kept": kept}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -130,8 +135,8 @@ def test_sharded_masks_equal_the_full_tensors_masks(tmp_path: Path) -> None:
         expected = masks.hard_mask(full_b, full_l, features, rate=RATE, inclusive=inclusive)
         selected = sum(int(m.sum()) for m in expected.values())
         assert 0 < selected < sum(m.numel() for m in expected.values())
-        for i, name in enumerate(kept):
-            got = _joined(parts, key, i, LAYOUT[name][0])
+        for name in kept:
+            got = torch.cat([p[key][name].reshape(-1) for p in parts]).reshape(LAYOUT[name][0])
             assert got.dtype == torch.bool and torch.equal(got, expected[name]), f"{key} mask of {name} differs"
     for p in parts:  # one MIN and one MAX all-reduce for every tensor's bounds together
         assert p["calls"] == [str(dist.ReduceOp.MIN), str(dist.ReduceOp.MAX)]
@@ -156,5 +161,3 @@ def test_bad_input_names_the_tensor() -> None:
         distributed.sharded_soft_mask([torch.ones(2), torch.ones(3)], [torch.ones(2), torch.ones(4)])
     with pytest.raises(ValueError, match="2 I_b tensors but 1 I_l"):
         distributed.sharded_soft_mask([torch.ones(2), torch.ones(3)], [torch.ones(2)])
-    with pytest.raises(ValueError, match="no feature-extractor tensors"):
-        distributed.sharded_hard_mask([torch.ones(2)], [False])
