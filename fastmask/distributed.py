@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -280,9 +280,9 @@ def local(t: Tensor) -> Tensor:
         return t.to_local()
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True when ``model``'s parameters are DTensors (``torch.distributed.fsdp.fully_shard``, FSDP2)."""
-    return any(_is_dtensor(p) for p in model.parameters())
+def is_sharded(params: torch.nn.Module | Iterable[Tensor]) -> bool:
+    """True when a model's parameters (or the given ones) are DTensors (``torch.distributed.fsdp.fully_shard``)."""
+    return any(_is_dtensor(p) for p in (params.parameters() if isinstance(params, torch.nn.Module) else params))
 
 
 def global_min_max(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
@@ -388,6 +388,13 @@ def shard_views(named: Sequence[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]
     return out
 
 
+def _check_all_sharded(n_sharded: int, n: int) -> None:
+    # A plain parameter next to DTensors would get only this rank's share of its gradient (FSDP reduces its own).
+    if n_sharded != n:
+        raise ValueError(f"{n - n_sharded} of the {n} parameters are not sharded: fully_shard the model's root "
+                         "module too, so that FSDP owns every parameter")
+
+
 def backward(loss: Tensor, params: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> None:
     """Back-propagate this rank's share of the global batch's ``loss`` and leave on each of ``params`` the gradient
     of the global batch, summed over the ranks, so that every rank takes the same step.
@@ -401,9 +408,7 @@ def backward(loss: Tensor, params: Sequence[Tensor], group: dist.ProcessGroup | 
         loss.backward()
         all_reduce_grads([p.grad for p in params], group)
         return
-    if len(views) != len(params):
-        raise ValueError(f"{len(params) - len(views)} of the {len(params)} parameters are not sharded: fully_shard the "
-                         "model's root module too, so that FSDP owns every parameter")
+    _check_all_sharded(len(views), len(params))
     (loss * _world(group)).backward()
     for view in views:
         owner = getattr(view, _SHARD_OF)
@@ -411,14 +416,14 @@ def backward(loss: Tensor, params: Sequence[Tensor], group: dist.ProcessGroup | 
         owner.grad = None  # FSDP would otherwise accumulate the next step's gradient into it
 
 
-def sharded_grads(objective: Callable[[], Tensor], params: Sequence[Tensor],
-                  group: dist.ProcessGroup | None = None) -> list[Tensor]:
+def sharded_grads(objective: Tensor, params: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> list[Tensor]:
     """This rank's shards of ∂objective/∂θ for FSDP2 (DTensor) ``params``, summed over the ranks like
-    :func:`backward`: ``objective()`` runs the forward and returns this rank's share of the global batch's
-    objective. Unused parameters get zeros. The parameters' ``.grad`` is left empty."""
+    :func:`backward`; ``objective`` is this rank's share of the global batch's objective (after the forward).
+    Unused parameters get zeros. The parameters' ``.grad`` is left empty."""
+    _check_all_sharded(sum(_is_dtensor(p) for p in params), len(params))
     for p in params:
         p.grad = None
-    (objective() * _world(group)).backward()
+    (objective * _world(group)).backward()
     grads = [torch.zeros_like(local(p)) if p.grad is None else local(p.grad) for p in params]
     for p in params:
         p.grad = None

@@ -127,8 +127,8 @@ def free_port() -> int:
 def test_fastmask_debias_under_torchrun(tmp_path: Path) -> None:
     """`torchrun --nproc-per-node 2 -m fastmask.cli debias` on tiny shards: the mask and train loaders split the
     external set by rank (each pass reads about half of it on rank 0), every rank evaluates the whole test fold, and
-    rank 0 alone writes the outputs and prints the summary. TinyCNN has BatchNorm in train mode, so no equality with a one-process run is
-    claimed here (that is the test above)."""
+    rank 0 alone writes the outputs and prints the summary. TinyCNN has BatchNorm in train mode, so no equality with a
+    one-process run is claimed here (that is the test above)."""
     import json
     import os
     import signal
