@@ -266,6 +266,8 @@ def broadcast_buffers(module: torch.nn.Module, group: dist.ProcessGroup | None =
 
 
 def _is_dtensor(t: Tensor) -> bool:
+    if not dist.is_available():  # builds without torch.distributed have no DTensor
+        return False
     from torch.distributed.tensor import DTensor  # imported here: only sharded models need it
 
     return isinstance(t, DTensor)
@@ -364,8 +366,9 @@ def sharded_soft_mask(
 # backward() leaves each rank the reduce-scattered shard of the gradient (autograd.grad cannot be used: the forward
 # runs on the gathered, unsharded parameters, not on the DTensors). FSDP averages over the ranks where the global-
 # batch loss of fastmask needs the sum of the ranks' shares (see above), so the loss is scaled by the world size
-# (exact for power-of-two worlds). The masked optimizers then run on the local shards, which are views of the
-# DTensors' storage: the fused kernels see plain tensors, and the update lands in the sharded parameters.
+# (exact for power-of-two worlds); the FSDP mesh is therefore one dimension over the whole process group (no HSDP).
+# The masked optimizers then run on the local shards, which are views of the DTensors' storage: the fused kernels
+# see plain tensors, and the update lands in the sharded parameters.
 
 _SHARD_OF = "_fastmask_sharded_parameter"  # attribute of a local-shard view: the DTensor parameter it belongs to
 
@@ -409,6 +412,8 @@ def backward(loss: Tensor, params: Sequence[Tensor], group: dist.ProcessGroup | 
         all_reduce_grads([p.grad for p in params], group)
         return
     _check_all_sharded(len(views), len(params))
+    for view in views:  # a gradient left on a DTensor (by the caller) would be accumulated into
+        getattr(view, _SHARD_OF).grad = None
     (loss * _world(group)).backward()
     for view in views:
         owner = getattr(view, _SHARD_OF)
@@ -430,11 +435,9 @@ def sharded_grads(objective: Tensor, params: Sequence[Tensor], group: dist.Proce
     return grads
 
 
-def shard_sums(tensors: Sequence[Tensor], sharded: bool, group: dist.ProcessGroup | None = None
-               ) -> tuple[list[float], list[int]]:
-    """(sum, number of elements) of each tensor over every rank's shard when ``sharded`` (one all-reduce, float64),
-    else of the local tensors: the means of sharded masks (SWiFT's head re-initialisation threshold)."""
+def shard_sums(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> tuple[list[float], list[int]]:
+    """(sum, number of elements) of each tensor over every rank's shard, with one float64 all-reduce: the means of
+    sharded masks (SWiFT's head re-initialisation threshold). The local sums and sizes without an active group."""
     t = torch.tensor([[float(x.double().sum()), x.numel()] for x in tensors], dtype=torch.float64).reshape(-1, 2)
-    if sharded:
-        _all_reduce(t, dist.ReduceOp.SUM, group, is_active(group))
+    _all_reduce(t, dist.ReduceOp.SUM, group, is_active(group))
     return t[:, 0].tolist(), [int(n) for n in t[:, 1].tolist()]

@@ -444,7 +444,7 @@ def reinit_head(
     params = {n: distributed.local(p) for n, p in head_params.items()}
     m = {n: masks[n].detach().to(p.device, torch.float32) for n, p in params.items()}
     if sharded:
-        sums, counts = distributed.shard_sums(list(m.values()), True)
+        sums, counts = distributed.shard_sums(list(m.values()))
         means = {n: s / max(c, 1) for n, s, c in zip(m, sums, counts, strict=True)}
     if scope == "head":
         total = sum(counts) if sharded else sum(t.numel() for t in m.values())

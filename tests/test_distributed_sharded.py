@@ -95,8 +95,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         # the NaN in rank 1's piece makes that whole tensor's ratio NaN on both ranks (its bounds are NaN)
         with pytest.raises(ValueError, match=r"NaN on rank\(s\) \[0, 1\]"):
             masks.hard_mask(pieces_b, pieces_l, FEATURE, RATE, sharded=True)
+        sums = distributed.shard_sums([m.float() for m in hard.values()])  # SWiFT's head re-init means
         torch.save({"ratio": ratio, "soft": soft, "hard": hard, "inclusive": inclusive, "calls": calls,
-                    "kept": kept}, Path(out) / f"rank{rank}.pt")
+                    "kept": kept, "sums": sums}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -138,6 +139,9 @@ def test_sharded_masks_equal_the_full_tensors_masks(tmp_path: Path) -> None:
         for name in kept:
             got = torch.cat([p[key][name].reshape(-1) for p in parts]).reshape(LAYOUT[name][0])
             assert got.dtype == torch.bool and torch.equal(got, expected[name]), f"{key} mask of {name} differs"
+        if key == "hard":
+            counts = [int(m.sum()) for m in expected.values()], [m.numel() for m in expected.values()]
+            assert all(p["sums"] == counts for p in parts)  # over both ranks' shards, equal on both
     for p in parts:  # one MIN and one MAX all-reduce for every tensor's bounds together
         assert p["calls"] == [str(dist.ReduceOp.MIN), str(dist.ReduceOp.MAX)]
 
