@@ -138,6 +138,21 @@ def _config(args: argparse.Namespace) -> Any:
     return method_config(args.method, seed=args.seed, **options)
 
 
+def _print_summary(args: argparse.Namespace, report: dict) -> None:
+    b, a = report["before"]["overall"], report["after"]["overall"]
+    print(f"{args.method.upper()}: AUC {b['auc']:.4f} -> {a['auc']:.4f}, EOdds {b['eodds']:.4f} -> {a['eodds']:.4f}, "
+          f"SPD {b['spd']:.4f} -> {a['spd']:.4f} on {report['data']['sets']['test']['description']}")
+    if report["loader"]["skipped"]:
+        print(f"skipped {report['loader']['skipped']} damaged sample reads (see report.md)")
+    for w in report["collapse_warnings"]:
+        print(f"WARNING: {w['message']}")
+    print(f"wrote {args.out}/report.md, report.json, weights.safetensors, mask.safetensors and the plots")
+    gen = report["memory"]["mask_generation"]
+    if gen is not None:
+        print(f"mask generation: peak {gen['peak_bytes'] / 2**20:.1f} MiB, {gen['extra_bytes'] / 2**20:.1f} MiB above "
+              f"its start ({gen['extra_over_parameter_bytes']:.2f}x the parameter bytes; report.json 'memory')")
+
+
 def _run_debias(args: argparse.Namespace) -> int:
     from fastmask import distributed
     from fastmask.profiling import trace
@@ -163,20 +178,11 @@ def _run_debias(args: argparse.Namespace) -> int:
                             epoch_eval=not args.no_epoch_eval, keep_checkpoint=args.keep_checkpoint,
                             progress=not args.no_progress)
     except RunStopped as stop:
-        print(f"fastmask debias: {stop}")
+        if distributed.is_writer():
+            print(f"fastmask debias: {stop}")
         return EXIT_STOPPED
-    b, a = report["before"]["overall"], report["after"]["overall"]
-    print(f"{args.method.upper()}: AUC {b['auc']:.4f} -> {a['auc']:.4f}, EOdds {b['eodds']:.4f} -> {a['eodds']:.4f}, "
-          f"SPD {b['spd']:.4f} -> {a['spd']:.4f} on {report['data']['sets']['test']['description']}")
-    if report["loader"]["skipped"]:
-        print(f"skipped {report['loader']['skipped']} damaged sample reads (see report.md)")
-    for w in report["collapse_warnings"]:
-        print(f"WARNING: {w['message']}")
-    print(f"wrote {args.out}/report.md, report.json, weights.safetensors, mask.safetensors and the plots")
-    gen = report["memory"]["mask_generation"]
-    if gen is not None:
-        print(f"mask generation: peak {gen['peak_bytes'] / 2**20:.1f} MiB, {gen['extra_bytes'] / 2**20:.1f} MiB above "
-              f"its start ({gen['extra_over_parameter_bytes']:.2f}x the parameter bytes; report.json 'memory')")
+    if distributed.is_writer():  # under torchrun every rank has the same numbers: rank 0 alone prints them
+        _print_summary(args, report)
     if trace_path is not None:
         print(f"wrote the profiler trace {trace_path} (open it in chrome://tracing or ui.perfetto.dev)")
     return 0

@@ -99,12 +99,22 @@ def fisher_importance(
     """
     dev = _device_of(model, device)
     names, params = zip(*model.named_parameters(), strict=True)
-    imp_b = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    imp_l = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    sharded = distributed.is_sharded(model)
+    # FSDP2: each rank accumulates the importances of its own parameter shards
+    imp_b = [torch.zeros_like(distributed.local(p), dtype=torch.float32) for p in params]
+    imp_l = [torch.zeros_like(distributed.local(p), dtype=torch.float32) for p in params]
     n_batches = 0
     with phase("fastmask.importance"), _eval_with_all_grads(model):
         for batch in ranged(tqdm(loader, desc="importance", disable=not progress, leave=False)):
             x, y, a = unpack_batch(batch, dev)
+            if sharded:
+                # autograd.grad cannot reach DTensor parameters (the forward runs on FSDP's gathered copies), so
+                # each objective takes its own forward and backward; FSDP leaves the reduced gradient shards.
+                g_b = distributed.sharded_grads(bias(*distributed.global_batch(model(x), y, a)), params)
+                g_l = distributed.sharded_grads(loss(*distributed.global_batch(model(x), y, a)[:2]), params)
+                ops.fisher_accumulate_(imp_b, imp_l, g_b, g_l)
+                n_batches += 1
+                continue
             # Under torchrun both objectives are the global batch's (fastmask.distributed.global_batch) and the
             # gradients are summed over the ranks before squaring: every rank accumulates the same importances.
             z, y, a = distributed.global_batch(model(x), y, a)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from fastmask import ops
+from fastmask import distributed, ops
 from fastmask.io import atomic_write_bytes
 from fastmask.models import split_head
 
@@ -52,40 +52,54 @@ def _check_same_keys(a: Mapping[str, Tensor], b: Mapping[str, Tensor], what: str
                              f"{tuple(b[name].shape)}")
 
 
-def _soft(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], apply_tanh: bool, overwrite: bool,
-          what: str) -> Masks:
+def _soft(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], apply_tanh: bool, what: str,
+          sharded: bool = False, overwrite: bool = False) -> Masks:
     _check_same_keys(imp_bias, imp_loss, what)
     names = list(imp_bias)
     ib, il = [imp_bias[n] for n in names], [imp_loss[n] for n in names]
-    if overwrite:
+    if sharded:
+        # this rank holds pieces of the tensors, whose min / max are all-reduced (fastmask.distributed)
+        out = distributed.sharded_soft_mask(ib, il, apply_tanh=apply_tanh)
+        if overwrite:
+            torch._foreach_copy_(ib, out)
+            out = ib
+    elif overwrite:
         ops.soft_mask_(ib, il, apply_tanh=apply_tanh)
-        return dict(zip(names, ib, strict=True))
-    return dict(zip(names, ops.soft_mask(ib, il, apply_tanh=apply_tanh), strict=True))
+        out = ib
+    else:
+        out = ops.soft_mask(ib, il, apply_tanh=apply_tanh)
+    return dict(zip(names, out, strict=True))
 
 
-def importance_ratio(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], *,
+def importance_ratio(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], *, sharded: bool = False,
                      overwrite: bool = False) -> Masks:
     """R_t = Norm(I_b,t) / (Norm(I_l,t) + 1e-10) per tensor (BMFT Eq. 3), with SWiFT's max == min guard (spec §8.6:
     BMFT's unguarded normalisation gives NaN for a constant tensor, which would zero the whole hard mask).
 
+    ``sharded=True``: the importances are this rank's shards of the parameters (FSDP), and each tensor's min / max
+    is taken over all ranks (:func:`fastmask.distributed.sharded_soft_mask`); every rank must call it. The ranks'
+    results together are bit-identical to the ratio of the full tensors. The same holds for :func:`soft_mask` (to
+    tanh's rounding) and :func:`hard_mask` (the threshold is the distributed percentile).
+
     ``overwrite=True`` writes R into ``imp_bias``'s tensors (float32, one per parameter) and returns them: no memory
     beyond the importances, for callers that drop I_b afterwards."""
-    return _soft(imp_bias, imp_loss, False, overwrite, "importance_ratio")
+    return _soft(imp_bias, imp_loss, False, "importance_ratio", sharded, overwrite)
 
 
-def soft_mask(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], *, overwrite: bool = False) -> Masks:
+def soft_mask(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], *, sharded: bool = False,
+              overwrite: bool = False) -> Masks:
     """SWiFT soft mask M_t = tanh(R_t) for every tensor, head included ([PS] Eq. 9, spec §4). float32 in [0, 1).
 
     Elements where Norm(I_l) = 0 < Norm(I_b) get M ≈ 1, elements where Norm(I_b) = 0 get 0; a 1-element tensor
-    (the head bias) is not normalised (max == min) and keeps tanh of its raw ratio. ``overwrite=True`` writes the
-    masks into ``imp_bias``'s tensors (float32, one per parameter) and returns them: no memory beyond the
-    importances, for callers that drop I_b afterwards (the pipeline does).
+    (the head bias) is not normalised (max == min) and keeps tanh of its raw ratio. ``sharded``, ``overwrite``: see
+    :func:`importance_ratio` (the pipeline overwrites: it drops I_b once the masks exist).
     """
-    return _soft(imp_bias, imp_loss, True, overwrite, "soft_mask")
+    return _soft(imp_bias, imp_loss, True, "soft_mask", sharded, overwrite)
 
 
 def _threshold_masks(
-    ratio: Mapping[str, Tensor], feature_names: Iterable[str], q: float, inclusive: bool, head_from_threshold: bool
+    ratio: Mapping[str, Tensor], feature_names: Iterable[str], q: float, inclusive: bool, head_from_threshold: bool,
+    sharded: bool = False,
 ) -> Masks:
     feature = list(feature_names)
     unknown = [n for n in feature if n not in ratio]
@@ -93,7 +107,8 @@ def _threshold_masks(
         raise ValueError(f"feature parameter {unknown[0]!r} has no importance ratio")
     if not feature:
         raise ValueError("no feature-extractor parameters to threshold")
-    alpha = ops.percentile([ratio[n] for n in feature], q)
+    percentile = distributed.percentile if sharded else ops.percentile  # over every rank's shards, or local
+    alpha = percentile([ratio[n] for n in feature], q)
     feature_set = set(feature)
     names = [n for n in ratio if n in feature_set or head_from_threshold]
     hard = dict(zip(names, ops.hard_mask([ratio[n] for n in names], alpha, inclusive=inclusive), strict=True))
@@ -107,6 +122,7 @@ def hard_mask(
     rate: float = 50,
     inclusive: bool = False,
     *,
+    sharded: bool = False,
     overwrite: bool = False,
 ) -> Masks:
     """BMFT hard mask ([PB] Eqs. 3-4, spec §4): M = 1[R > α] on the feature extractor, M = 0 on the head.
@@ -120,13 +136,14 @@ def hard_mask(
         feature_names: the names of E's parameters (``split_head(model)[2]``); every other name is the head.
         rate: percentile rate in [0, 100].
         inclusive: ``M = 1[R >= α]`` instead of the reference's strict ``>``.
+        sharded: the importances are this rank's shards (FSDP); see :func:`importance_ratio`.
         overwrite: compute R into ``imp_bias``'s tensors (see :func:`importance_ratio`), which then hold R.
 
     Returns:
         bool masks for every parameter (head all False).
     """
-    ratio = importance_ratio(imp_bias, imp_loss, overwrite=overwrite)
-    return _threshold_masks(ratio, feature_names, rate, inclusive, False)
+    ratio = importance_ratio(imp_bias, imp_loss, sharded=sharded, overwrite=overwrite)
+    return _threshold_masks(ratio, feature_names, rate, inclusive, False, sharded)
 
 
 def hard_mask_fraction(

@@ -89,7 +89,9 @@ class StepConfig:
 
     def build(self, params: list[tuple[str, nn.Parameter]], masks: Mapping[str, Tensor] | None,
               mask_mode: str) -> torch.optim.Optimizer:
-        """The masked optimizer over ``params`` (named), with ``masks`` keyed by name."""
+        """The masked optimizer over ``params`` (named), with ``masks`` keyed by name; for FSDP2-sharded parameters
+        over their local shards (the masks are then the local shards' masks)."""
+        params = distributed.shard_views(params)
         common = {"masks": masks, "mask_mode": mask_mode}
         if self.optimizer == "sgd":
             return MaskedSGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, **common)
@@ -437,18 +439,26 @@ def reinit_head(
     missing = [n for n in head_params if n not in masks]
     if missing:
         raise ValueError(f"reinit_head: no mask for head parameter {missing[0]!r}")
-    m = {n: masks[n].detach().to(p.device, torch.float32) for n, p in head_params.items()}
+    # FSDP2: the masks and the reset are this rank's shards', the means are over every rank's shard
+    sharded = distributed.is_sharded(head_params.values())
+    params = {n: distributed.local(p) for n, p in head_params.items()}
+    m = {n: masks[n].detach().to(p.device, torch.float32) for n, p in params.items()}
+    if sharded:
+        sums, counts = distributed.shard_sums(list(m.values()))
+        means = {n: s / max(c, 1) for n, s, c in zip(m, sums, counts, strict=True)}
     if scope == "head":
-        total = sum(t.numel() for t in m.values())
-        gamma_all = sum(t.sum() for t in m.values()) / total
+        total = sum(counts) if sharded else sum(t.numel() for t in m.values())
+        gamma_all = (sum(sums) if sharded else sum(t.sum() for t in m.values())) / total
     reset = 0
     total_elems = 0
-    for n, p in head_params.items():
-        gamma = m[n].mean() if scope == "tensor" else gamma_all
+    for n, p in params.items():
+        gamma = (means[n] if sharded else m[n].mean()) if scope == "tensor" else gamma_all
         sel = m[n] >= gamma if cmp == "ge" else m[n] > gamma
         p.masked_fill_(sel, 0.0)
         reset += int(sel.sum())
         total_elems += p.numel()
+    if sharded:
+        reset, total_elems = distributed.all_reduce_counts([reset, total_elems])
     return reset / max(total_elems, 1)
 
 
@@ -482,8 +492,7 @@ def _train_step(
             # before the (masked) step, so every rank takes the same step (fastmask.distributed).
             z, y, a = distributed.global_batch(model(x), y, a)
             loss = combined_loss(z, y, a, wbce_weight=wbce_weight, bias_weight=bias_weight, bias=bias)
-            loss.backward()
-            distributed.all_reduce_grads([p.grad for group in optimizer.param_groups for p in group["params"]])
+            distributed.backward(loss, [p for group in optimizer.param_groups for p in group["params"]])
             optimizer.step()
             distributed.broadcast_buffers(model)
             total += float(loss.detach())
@@ -553,19 +562,22 @@ def _begin(method: str, steps: tuple[str, str], model: nn.Module, mask_loader: I
            masks: Mapping[str, Tensor] | None, build_mask: Any, progress: bool, on_epoch: Any,
            resume: Any) -> tuple:
     """What SWiFT and BMFT share before their first step: seeding, the head / feature-extractor split, and the masks
-    (importance pass + ``build_mask(I_b, I_l, feature_names)``, which may overwrite I_b: the importances are dropped
-    once the masks exist), or the state of a resumed run."""
+    (importance pass + ``build_mask(I_b, I_l, feature_names, sharded)``, which may overwrite I_b: the importances are
+    dropped once the masks exist), or the state of a resumed run."""
     _seed_everything(config.seed)
     device = _device(model)
     head, head_params, feat_params = split_head(model, config.head)
     run = _Progress(method, steps, on_epoch, resume)
+    if resume is not None and distributed.is_sharded(model):
+        raise ValueError(f"{method}: resuming is not supported for FSDP-sharded models (the run state holds one "
+                         "rank's shards)")
     result = _resumed(resume, masks, config, model)
     if result is None:
         n_imp = 0
         if masks is None:
             ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
-            with phase("fastmask.mask"):
-                masks = build_mask(ib, il, list(feat_params))
+            with phase("fastmask.mask"):  # FSDP2: ib, il and the masks are this rank's shards
+                masks = build_mask(ib, il, list(feat_params), distributed.is_sharded(model))
         masks = _checked_masks(masks, model)
         result = Result(method, config, dict(masks), n_importance_batches=n_imp)
         run.report(steps[0], 0, result, None)
@@ -604,7 +616,8 @@ def swift(
     config = config or SwiftConfig()
     device, head, head_params, feat_params, run, result = _begin(
         "swift", ("step1", "step2"), model, mask_loader, config, masks,
-        lambda ib, il, feat: soft_mask(ib, il, overwrite=True), progress, on_epoch, resume)
+        lambda ib, il, feat, sharded: soft_mask(ib, il, sharded=sharded, overwrite=True),
+        progress, on_epoch, resume)
     masks = result.masks
     was_training = model.training
 
@@ -667,7 +680,8 @@ def bmft(
     config = config or BmftConfig()
     device, head, head_params, feat_params, run, result = _begin(
         "bmft", ("impair", "repair"), model, mask_loader, config, masks,
-        lambda ib, il, feat: hard_mask(ib, il, feat, rate=config.rate, inclusive=config.inclusive, overwrite=True),
+        lambda ib, il, feat, sharded: hard_mask(ib, il, feat, rate=config.rate, inclusive=config.inclusive,
+                                                sharded=sharded, overwrite=True),
         progress, on_epoch, resume)
     masks = result.masks
     was_training = model.training
@@ -709,6 +723,7 @@ def _checked_masks(masks: Mapping[str, Tensor], model: nn.Module) -> Mapping[str
     for name, p in model.named_parameters():
         if name not in masks:
             raise ValueError(f"masks: no mask for parameter {name!r}")
+        p = distributed.local(p)  # FSDP2: the masks of this rank's shards
         if tuple(masks[name].shape) != tuple(p.shape):
             raise ValueError(f"masks: mask {name!r} has shape {tuple(masks[name].shape)}, the parameter "
                              f"{tuple(p.shape)}")

@@ -127,8 +127,8 @@ def free_port() -> int:
 def test_fastmask_debias_under_torchrun(tmp_path: Path) -> None:
     """`torchrun --nproc-per-node 2 -m fastmask.cli debias` on tiny shards: the mask and train loaders split the
     external set by rank (each pass reads about half of it on rank 0), every rank evaluates the whole test fold, and
-    rank 0 alone writes the outputs. TinyCNN has BatchNorm in train mode, so no equality with a one-process run is
-    claimed here (that is the test above)."""
+    rank 0 alone writes the outputs and prints the summary. TinyCNN has BatchNorm in train mode, so no equality with a
+    one-process run is claimed here (that is the test above)."""
     import json
     import os
     import signal
@@ -156,13 +156,14 @@ def test_fastmask_debias_under_torchrun(tmp_path: Path) -> None:
          "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     try:
-        _, stderr = proc.communicate(timeout=600)
+        stdout, stderr = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         # torchrun's workers outlive a killed agent: end the whole session so no rank is left waiting in gloo.
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
     assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("BMFT: AUC") == 1 and stdout.count("wrote ") == 1, stdout  # the summary from rank 0 only
     report = json.loads((out / "report.json").read_text())
     external = int((table["fold"] == "ext").sum())
     mask_pass = report["loader"]["by_loader"]["mask"]
