@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fastmask.ops import implementation
 from fastmask.profiling import phase
-from fastmask.reference import NORM_EPS, PERCENTILE_METHODS
+from fastmask.reference import NORM_EPS, PERCENTILE_METHODS, minmax_normalize
 
 DIGIT_BITS = 16
 # numpy's view of each dtype: bf16 through its exact float32 upcast, like fastmask.reference.
@@ -316,16 +316,6 @@ def global_min_max(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = 
     return lo.masked_fill(nan, math.nan), hi.masked_fill(nan, math.nan)
 
 
-def _normalize_shard(x: Tensor, lo: Tensor, hi: Tensor, eps: float) -> Tensor:
-    """Norm of a shard with the tensor's global bounds: fastmask.reference.minmax_normalize's arithmetic, operation
-    for operation (float32, subtract, add eps to the range, divide; the raw x when max == min), so the result is
-    bit-identical to normalising the whole tensor."""
-    x = x.float()
-    if bool(hi == lo):
-        return x
-    return (x - lo) / ((hi - lo) + eps)
-
-
 def sharded_soft_mask(
     imp_bias: Sequence[Tensor],
     imp_loss: Sequence[Tensor],
@@ -354,10 +344,10 @@ def sharded_soft_mask(
         lo, hi = global_min_max([*local_b, *local_l], group)
         n, out = len(local_b), []
         for i, (b, loss) in enumerate(zip(local_b, local_l, strict=True)):
-            r = _normalize_shard(b, lo[i], hi[i], eps) / (_normalize_shard(loss, lo[n + i], hi[n + i], eps) + eps)
+            r = (minmax_normalize(b, eps, (lo[i], hi[i]))
+                 / (minmax_normalize(loss, eps, (lo[n + i], hi[n + i])) + eps))
             out.append(torch.tanh(r) if apply_tanh else r)
     return out
-
 
 
 # ---- fine-tuning and importance of FSDP2-sharded models --------------------------------------------------------

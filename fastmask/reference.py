@@ -33,15 +33,18 @@ def fisher_accumulate_(
         il.add_(gl.float().square())
 
 
-def minmax_normalize(x: Tensor, eps: float = NORM_EPS) -> Tensor:
+def minmax_normalize(x: Tensor, eps: float = NORM_EPS, bounds: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Per-tensor min-max normalisation with SWiFT's guard (spec §4).
 
     Norm(x) = (x − min x) / (max x − min x + eps); if max x == min x the raw x is returned, as the reference does.
+    ``bounds`` = (min, max) of the whole tensor when ``x`` is only a piece of it (a shard on one rank).
     """
-    if x.numel() == 0:
-        return x.float()
     x = x.float()
-    lo, hi = x.min(), x.max()
+    if bounds is None:
+        if x.numel() == 0:
+            return x
+        bounds = x.min(), x.max()
+    lo, hi = bounds
     if bool(hi == lo):
         return x
     return (x - lo) / ((hi - lo) + eps)
