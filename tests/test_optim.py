@@ -64,24 +64,13 @@ CASES = {
 }
 # A few tensors of different sizes, one of them smaller than any vector width.
 MIXED = [(4097,), (6, 5, 3), (1,)]
-STEPS = 20
-# The Triton interpreter runs each program (one block of one tensor) in Python, ~5-20 ms apiece here: the tests that
-# vary masks, dtypes and modes take fewer steps under it, and the equality tests take fewer steps on the shape sets
-# that need many programs per step. Every backend still runs 20-step equality tests on sizes 1, 33 and 4097.
-TRITON_STEPS = 6
-TRITON_CASE_STEPS = {"5x123x123": 3, "161-tensors": 2}
-# The 161-tensor set under the interpreter: every config without a mask, plus these (config, mask) pairs.
-TRITON_161_MASKED = {("adam-amsgrad-wd-maximize", "bool"), ("sgd-nesterov-wd-maximize", "float32")}
+STEPS = 20  # every backend, the Triton interpreter included, runs every case for 20 steps
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
 # Half storage: 2 ulps (bf16: 8 mantissa bits, fp16: 11), absolute floor for values near 0.
 HALF_TOL = {torch.bfloat16: dict(rtol=2**-7, atol=2**-7), torch.float16: dict(rtol=2**-10, atol=2**-10)}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
-
-
-def steps_for(backend):
-    return TRITON_STEPS if backend == "triton" else STEPS
 
 
 def make_params(shapes, dtype=torch.float32, seed=0):
@@ -186,9 +175,6 @@ def equality_matrix():
         for config in CONFIGS:
             for case in CASES:
                 for mask in (None, "float32", "bool"):
-                    if (backend == "triton" and case == "161-tensors" and mask is not None
-                            and (config, mask) not in TRITON_161_MASKED):
-                        continue
                     yield pytest.param(backend, config, case, mask, id=f"{backend}-{config}-{case}-{mask}")
 
 
@@ -196,13 +182,12 @@ def equality_matrix():
 def test_matches_torch_without_mask_and_with_ones_mask(backend, config, case, mask):
     ours_cls, torch_cls, kw = CONFIGS[config]
     shapes = CASES[case]
-    steps = TRITON_CASE_STEPS.get(case, STEPS) if backend == "triton" else STEPS
     params = make_params(shapes)
     ref_params = clone_params(params)
     masks = None if mask is None else [ones_mask(s, mask) for s in shapes]
     ours = ours_cls(params, **kw, masks=masks, backend=backend)
     theirs = torch_cls(ref_params, **kw)
-    grads = make_grads(shapes, steps)
+    grads = make_grads(shapes, STEPS)
     run(ours, params, grads)
     run(theirs, ref_params, grads)
     assert_matches_torch(ours, theirs, FP32_TOL, config)
@@ -220,7 +205,7 @@ def test_ones_mask_of_every_dtype_and_mode_matches_torch(backend, config, mask):
     ours = ours_cls(params, **kw, masks=[ones_mask(s, kind) for s in shapes], mask_mode=mode or "grad",
                     backend=backend)
     theirs = torch_cls(ref_params, **kw)
-    grads = make_grads(shapes, steps_for(backend))
+    grads = make_grads(shapes, STEPS)
     run(ours, params, grads)
     run(theirs, ref_params, grads)
     assert_matches_torch(ours, theirs, FP32_TOL, config)
@@ -256,7 +241,7 @@ def test_half_precision_matches_torch_in_fp32_on_half_storage(backend, config, d
     # A float32 tensor in the same param group: grouping by dtype must keep it in full precision.
     params = make_params(shapes[:-1], dtype) + make_params(shapes[-1:], torch.float32)
     grads = [[g.to(p.dtype) for g, p in zip(step, params, strict=True)]
-             for step in make_grads(shapes, steps_for(backend))]
+             for step in make_grads(shapes, STEPS)]
     ours = ours_cls(params, **kw, backend=backend)
     shadow, opt, dtypes = half_shadow(torch_cls, kw, params)
     run(ours, params, grads)
@@ -282,7 +267,7 @@ def test_half_precision_adam_matches_torch_fused_adam(backend, config, dtype):
     shapes = [(4097,), (5, 7, 3)]
     params = make_params(shapes, dtype)
     ref_params = clone_params(params)
-    grads = make_grads(shapes, steps_for(backend), dtype)
+    grads = make_grads(shapes, STEPS, dtype)
     ours = ours_cls(params, **kw, fused=True, backend=backend)
     theirs = torch_cls(ref_params, **kw, fused=True)
     run(ours, params, grads)
@@ -296,7 +281,7 @@ def test_float64_matches_torch_in_float64(backend, config):
     ours_cls, torch_cls, kw = CONFIGS[config]
     params = make_params(MIXED, torch.float64)
     ref_params = clone_params(params)
-    grads = make_grads(MIXED, steps_for(backend), torch.float64)
+    grads = make_grads(MIXED, STEPS, torch.float64)
     ours = ours_cls(params, **kw, masks=[ones_mask(s, "float32") for s in MIXED], backend=backend)
     theirs = torch_cls(ref_params, **kw)
     run(ours, params, grads)
@@ -323,8 +308,7 @@ def test_torch_fused_sgd_half_is_broken_on_cpu():
 def test_state_dict_round_trip_in_the_middle_of_the_run(backend, config):
     ours_cls, torch_cls, kw = CONFIGS[config]
     shapes = [(33,), (4, 5, 3), (1,)]
-    steps = steps_for(backend)
-    grads = make_grads(shapes, steps)
+    grads = make_grads(shapes, STEPS)
     masks = [soft_mask(s, "float32", i) for i, s in enumerate(shapes)]
 
     params = make_params(shapes)
@@ -333,14 +317,14 @@ def test_state_dict_round_trip_in_the_middle_of_the_run(backend, config):
 
     resumed_params = make_params(shapes)
     first = ours_cls(resumed_params, **kw, masks=masks, backend=backend)
-    run(first, resumed_params, grads[: steps // 2])
+    run(first, resumed_params, grads[: STEPS // 2])
     saved = copy.deepcopy(first.state_dict())
     saved_masks = copy.deepcopy(first.mask_state_dict())
     del first
     second = ours_cls(resumed_params, **kw, backend=backend)
     second.load_state_dict(saved)
     second.load_mask_state_dict(saved_masks)
-    run(second, resumed_params, grads[steps // 2 :])
+    run(second, resumed_params, grads[STEPS // 2 :])
     # Same backend, same inputs: the resumed run is the uninterrupted one, bit for bit.
     assert_matches_torch(second, straight, dict(rtol=0, atol=0), config)
 
@@ -350,9 +334,8 @@ def test_state_dict_round_trip_in_the_middle_of_the_run(backend, config):
 def test_state_dict_is_torchs_both_ways(backend, config):
     ours_cls, torch_cls, kw = CONFIGS[config]
     shapes = [(33,), (4, 5, 3)]
-    steps = steps_for(backend)
-    grads = make_grads(shapes, steps)
-    half = steps // 2
+    grads = make_grads(shapes, STEPS)
+    half = STEPS // 2
     torch_params = make_params(shapes)
     torch_all = torch_cls(torch_params, **kw)
     run(torch_all, torch_params, grads)
@@ -402,8 +385,7 @@ def test_update_mode_keeps_masked_out_entries_bit_for_bit(backend, config, kind)
     shapes = [(4097,), (6, 5, 3)]
     params = make_params(shapes)
     opt = ours_cls(params, **kw, mask_mode="update", backend=backend)
-    steps = steps_for(backend)
-    grads = make_grads(shapes, steps + 3)
+    grads = make_grads(shapes, STEPS + 3)
     run(opt, params, grads[:3])  # non-zero state before the masks arrive
     masks = [soft_mask(s, kind, seed=i) for i, s in enumerate(shapes)]
     opt.set_masks(masks)
@@ -416,7 +398,7 @@ def test_update_mode_keeps_masked_out_entries_bit_for_bit(backend, config, kind)
         assert not torch.equal(p.detach()[~out], p0[~out])
         for key, v in opt.state[p].items():
             if key == "step":
-                assert v.item() == s0[key].item() + steps
+                assert v.item() == s0[key].item() + STEPS
             else:
                 assert torch.equal(v[out], s0[key][out]), key
 
@@ -454,7 +436,7 @@ def test_update_mode_soft_mask_matches_torch_step_scaled_by_the_mask(backend, co
     ref_params = clone_params(params)
     ours = ours_cls(params, **kw, masks=masks, mask_mode="update", backend=backend)
     theirs = torch_cls(ref_params, **kw)
-    for step_grads in make_grads(shapes, steps_for(backend)):
+    for step_grads in make_grads(shapes, STEPS):
         for p, g in zip(params, step_grads, strict=True):
             p.grad = g.clone()
         ours.step()
@@ -473,7 +455,7 @@ def test_grad_mode_matches_torch_on_masked_gradients(backend, config, kind):
     ref_params = clone_params(params)
     ours = ours_cls(params, **kw, masks=masks, backend=backend)
     theirs = torch_cls(ref_params, **kw)
-    for step_grads in make_grads(shapes, steps_for(backend)):
+    for step_grads in make_grads(shapes, STEPS):
         for p, g in zip(params, step_grads, strict=True):
             p.grad = g.clone()
         ours.step()
