@@ -47,6 +47,13 @@ import fastmask.ops as fops
 ADAM = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 SGD = dict(lr=1e-4, momentum=0.9, weight_decay=5e-4)
 BYTES_PER_ELEMENT = {"adam": 32, "sgd": 24}
+# The fewest bytes per element the other providers' passes move (float32; temporaries counted once, written and read):
+# peer = _foreach_mul_(grads, masks) (read g, M; write g: 12) + torch's fused step (Adam: read p, g, m, v, write p, m,
+# v: 28; SGD: read p, g, buf, write p, buf: 20). reference = p.grad.mul_(mask) (12) + torch's single-tensor step:
+# Adam lerp_ (12), mul_ + addcmul_ (20), sqrt / div / add_ into two temporaries (24), addcdiv_ (16); SGD with weight
+# decay grad.add(param) into a temporary (12), buf.mul_ + add_ (20), param.add_ (12). At equal bandwidth fastmask
+# can be at most (their bytes / its bytes) faster; more only where their temporaries' page faults cost extra.
+OTHER_BYTES_PER_ELEMENT = {"adam": {"peer": 40, "reference": 84}, "sgd": {"peer": 32, "reference": 56}}
 RESNET50_BACKBONE_PARAMS = 23_508_032  # torchvision resnet50: 25,557,032 minus fc (2048 x 1000 + 1000)
 TARGETS = {"roofline": 0.90, "peer": 1.15, "reference": 3.0}
 
@@ -287,10 +294,16 @@ def summarise(rows: list[dict]) -> list[dict]:
         out.append({"case": case, **{f"vs_{k}": v for k, v in figures.items()},
                     **{f"vs_{k}_median": v for k, v in medians.items()},
                     "meets_targets": all(figures[k] >= t for k, t in TARGETS.items())})
+        kind = case.split("-")[0]
+        bound = {k: OTHER_BYTES_PER_ELEMENT[kind][k] / BYTES_PER_ELEMENT[kind] for k in ("peer", "reference")}
+        fast_gbps = by["fastmask"]["bandwidth_gbps"]
+        per_probe = ", ".join(f"{p} {fast_gbps / g:.2f}x" for p, g in by["roofline"]["probe_gbps"].items())
+        out[-1].update({f"byte_bound_vs_{k}": v for k, v in bound.items()})
         print(f"{case}: {figures['roofline']:.2f}x roofline (target >= {TARGETS['roofline']}), "
-              f"{figures['peer']:.2f}x peer (>= {TARGETS['peer']}), "
-              f"{figures['reference']:.2f}x reference (>= {TARGETS['reference']}); medians: "
-              f"{medians['roofline']:.2f}x, {medians['peer']:.2f}x, {medians['reference']:.2f}x")
+              f"{figures['peer']:.2f}x peer (>= {TARGETS['peer']}; byte bound {bound['peer']:.2f}x), "
+              f"{figures['reference']:.2f}x reference (>= {TARGETS['reference']}; byte bound "
+              f"{bound['reference']:.2f}x); medians: {medians['roofline']:.2f}x, {medians['peer']:.2f}x, "
+              f"{medians['reference']:.2f}x; of each probe's bandwidth: {per_probe}")
     return out
 
 
