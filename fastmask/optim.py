@@ -40,7 +40,8 @@ Masks = Mapping[Any, Tensor | None] | Sequence[Tensor | None]
 
 
 class _MaskedOptimizer(torch.optim.Optimizer):
-    """Mask bookkeeping shared by the three optimizers: validation, accessors, (mask) state dicts."""
+    """Mask bookkeeping shared by the three optimizers: validation, accessors, (mask) state dicts, and the step loop
+    (closure, per-group checks) around each optimizer's ``_step_group``."""
 
     # torch.amp.GradScaler.step() then sets ``self.grad_scale`` / ``self.found_inf`` and calls step() without
     # unscaling the gradients first, as it does for torch's fused optimizers; the ops unscale and skip in the kernel.
@@ -202,6 +203,28 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         self.set_masks(aligned)
         self.mask_mode = mode
 
+    # ---- step -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi)
+            self._step_group(gi, group)
+        return loss
+
+    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+        """Gather param group ``gi``'s tensors with torch's own ``_init_group`` and take its masked step."""
+        raise NotImplementedError
+
     def _masks_of(self, params: Sequence[Tensor]) -> list[Tensor | None]:
         return [self._masks.get(p) for p in params]
 
@@ -288,39 +311,26 @@ class MaskedAdam(_MaskedOptimizer, torch.optim.Adam):
         )
         self._finish_init(masks)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform a single optimization step.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            self._check_group(gi)
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            max_exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            # torch's own gathering: lazy state creation exactly as torch.optim.Adam, its sparse-gradient error and
-            # its fused device check.
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            ops.masked_adam_(
-                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, self._masks_of(params),
-                lr=group["lr"], beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
-                eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
-                decoupled_weight_decay=group["decoupled_weight_decay"], mask_mode=self.mask_mode,
-                backend=self.backend, **self._amp(),
-            )
-        return loss
+    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        max_exp_avg_sqs: list[Tensor] = []
+        state_steps: list[Tensor] = []
+        # torch's own gathering: lazy state creation exactly as torch.optim.Adam, its sparse-gradient error and
+        # its fused device check.
+        self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        ops.masked_adam_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, self._masks_of(params),
+            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], mask_mode=self.mask_mode,
+            backend=self.backend, **self._amp(),
+        )
 
 
 class MaskedAdamW(MaskedAdam, torch.optim.AdamW):
@@ -417,36 +427,23 @@ class MaskedSGD(_MaskedOptimizer, torch.optim.SGD):
         )
         self._finish_init(masks)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform a single optimization step.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            self._check_group(gi)
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            momentum_buffers: list[Tensor | None] = []
-            if self._init_group(group, params, grads, momentum_buffers):
-                sparse = next(j for j, p in enumerate(group["params"]) if p.grad is not None and p.grad.is_sparse)
-                raise RuntimeError(f"MaskedSGD does not support sparse gradients ({self._describe(gi, sparse)})")
-            if not params:
-                continue
-            momentum_buffers = ops.masked_sgd_(
-                params, grads, momentum_buffers, self._masks_of(params), lr=group["lr"],
-                weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
-                dampening=float(group["dampening"]), nesterov=group["nesterov"], maximize=group["maximize"],
-                mask_mode=self.mask_mode, backend=self.backend, **self._amp(),
-            )
-            if group["momentum"] != 0:
-                for p, buf in zip(params, momentum_buffers, strict=True):
-                    # None only after a first step that GradScaler skipped: no buffer yet, as in torch.
-                    if buf is not None:
-                        self.state[p]["momentum_buffer"] = buf
-        return loss
+    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        momentum_buffers: list[Tensor | None] = []
+        if self._init_group(group, params, grads, momentum_buffers):
+            sparse = next(j for j, p in enumerate(group["params"]) if p.grad is not None and p.grad.is_sparse)
+            raise RuntimeError(f"MaskedSGD does not support sparse gradients ({self._describe(gi, sparse)})")
+        if not params:
+            return
+        momentum_buffers = ops.masked_sgd_(
+            params, grads, momentum_buffers, self._masks_of(params), lr=group["lr"],
+            weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
+            dampening=float(group["dampening"]), nesterov=group["nesterov"], maximize=group["maximize"],
+            mask_mode=self.mask_mode, backend=self.backend, **self._amp(),
+        )
+        if group["momentum"] != 0:
+            for p, buf in zip(params, momentum_buffers, strict=True):
+                # None only after a first step that GradScaler skipped: no buffer yet, as in torch.
+                if buf is not None:
+                    self.state[p]["momentum_buffer"] = buf

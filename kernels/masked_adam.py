@@ -11,7 +11,7 @@ Loshchilov & Hutter, Alg. 2) with the mask M of the SWiFT / BMFT step (spec §5,
     "update" mode: θ ← θ + M·(θ_new − θ) and m, v, v̂ are written only where M ≠ 0 (M == 0 keeps every bit).
 
 Every program handles a [ROWS, BLOCK] tile, one block of one tensor per row, found through the block and address
-tables of ``fastmask.kernels._multi_tensor``. Arithmetic is float32 opmath (float64 for float64 tensors) with IEEE
+tables of ``fastmask.kernels.multi_tensor``. Arithmetic is float32 opmath (float64 for float64 tensors) with IEEE
 division and square root and FP contraction disabled, multiply-adds fused only where torch's CPU kernels fuse them,
 so results match the C++ kernel. A non-zero ``found_inf`` (read on the device) turns every lane off.
 """
@@ -25,10 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _multi_tensor as mt
-
-# Columns of the address table.
-_P, _G, _M, _V, _VMAX, _MASK = range(6)
+from . import multi_tensor as mt
 
 
 @triton.jit
@@ -39,13 +36,8 @@ def _masked_adam_kernel(
     MASK_UPDATE: tl.constexpr, LERP_SMALL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    blocks = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]: one block of one tensor per row
-    t = tl.load(block_tensor_ptr + blocks).to(tl.int64)
-    offs = tl.load(block_start_ptr + blocks) + tl.arange(0, BLOCK)[None, :]
-    n = tl.load(numels_ptr + t)
-    if HAS_FOUND_INF:
-        n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
-    lane = offs < n
+    t, offs, n, lane = mt.tile_lanes(block_tensor_ptr, block_start_ptr, numels_ptr, found_inf_ptr, HAS_FOUND_INF,
+                                     ROWS, BLOCK)
     row = ptrs_ptr + t * 6
     p_ptr = tl.load(row + 0).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
@@ -174,27 +166,9 @@ def masked_adam_(
     hyper = torch.tensor(
         [beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, lerp_coeff], dtype=torch.float64
     ).to(device, non_blocking=True)
-    scale = mt.scalar_pointer(op, "grad_scale", grad_scale, device)
-    inf = mt.scalar_pointer(op, "found_inf", found_inf, device)
-    rows, block = mt.tile()
-    for kind, idx in mt.split_by_mask_dtype(masks):
-        sub_masks = [masks[i] for i in idx]
-        ptrs = mt.address_table(
-            [[params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-             [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] if amsgrad else None for i in idx], sub_masks],
-            device,
-        )
-        numels = [params[i].numel() for i in idx]
-        block_tensor, block_start, programs = mt.block_table(numels, block, rows, device)
-        if programs == 0:
-            continue
-        mask_dtype = next((m.dtype for m in sub_masks if m is not None), torch.float32)
-        _masked_adam_kernel[(programs,)](
-            ptrs, torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True), coefs[idx].contiguous(),
-            hyper, block_tensor, block_start, scale, inf,
-            DTYPE=mt.tl_dtype(dtype), ACC=mt.opmath(dtype), FP64=dtype == torch.float64, MASK_KIND=kind,
-            MASK_TL=mt.tl_dtype(mask_dtype), AMSGRAD=amsgrad, MAXIMIZE=maximize,
-            L2=weight_decay != 0 and not decoupled_weight_decay, DECOUPLED=weight_decay != 0 and decoupled_weight_decay,
-            MASK_UPDATE=mask_update, LERP_SMALL=lerp_small, HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, ROWS=rows, BLOCK=block, num_warps=4, enable_fp_fusion=False,
-        )
+    mt.launch_optimizer(
+        _masked_adam_kernel, op, params, [grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None], masks,
+        [coefs], hyper, grad_scale, found_inf, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        L2=weight_decay != 0 and not decoupled_weight_decay, DECOUPLED=weight_decay != 0 and decoupled_weight_decay,
+        MASK_UPDATE=mask_update, LERP_SMALL=lerp_small,
+    )

@@ -10,7 +10,7 @@ mask M of the SWiFT / BMFT step (spec §5, §8.10):
     "update" mode: θ ← θ − lr·M·d and b is written only where M ≠ 0 (0 on a first step), so weight decay and
     momentum no longer move masked-out entries, which keep every bit.
 
-The launch plumbing (address and block tables, mask kinds) is ``fastmask.kernels._multi_tensor``; arithmetic follows
+The launch plumbing (address and block tables, mask kinds) is ``fastmask.kernels.multi_tensor``; arithmetic follows
 torch.optim.SGD's single-tensor step with multiply-adds fused where torch's CPU kernels fuse them (add(alpha=)), so
 results match the C++ kernel.
 """
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _multi_tensor as mt
+from . import multi_tensor as mt
 
 # MOMENTUM constexpr: no momentum buffer, a first step (buffer ← d), a running buffer.
 _NO_MOMENTUM, _FIRST_STEP, _RUNNING = 0, 1, 2
@@ -38,13 +38,8 @@ def _masked_sgd_kernel(
     MASK_UPDATE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    blocks = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]: one block of one tensor per row
-    t = tl.load(block_tensor_ptr + blocks).to(tl.int64)
-    offs = tl.load(block_start_ptr + blocks) + tl.arange(0, BLOCK)[None, :]
-    n = tl.load(numels_ptr + t)
-    if HAS_FOUND_INF:
-        n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
-    lane = offs < n
+    t, offs, n, lane = mt.tile_lanes(block_tensor_ptr, block_start_ptr, numels_ptr, found_inf_ptr, HAS_FOUND_INF,
+                                     ROWS, BLOCK)
     row = ptrs_ptr + t * 4
     p_ptr = tl.load(row + 0).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
@@ -118,30 +113,11 @@ def masked_sgd_(
     mt.check_group(op, params, buffers, masks)
     if not params:
         return
-    device, dtype = params[0].device, params[0].dtype
     hyper = torch.tensor([lr, weight_decay, momentum, 1.0 - dampening], dtype=torch.float64)
-    hyper = hyper.to(device, non_blocking=True)
-    scale = mt.scalar_pointer(op, "grad_scale", grad_scale, device)
-    inf = mt.scalar_pointer(op, "found_inf", found_inf, device)
+    hyper = hyper.to(params[0].device, non_blocking=True)
     mode = _NO_MOMENTUM if momentum == 0 else _FIRST_STEP if first_step else _RUNNING
-    rows, block = mt.tile()
-    for kind, idx in mt.split_by_mask_dtype(masks):
-        sub_masks = [masks[i] for i in idx]
-        ptrs = mt.address_table(
-            [[params[i] for i in idx], [grads[i] for i in idx],
-             [momentum_buffers[i] if momentum != 0 else None for i in idx], sub_masks],
-            device,
-        )
-        numels = [params[i].numel() for i in idx]
-        block_tensor, block_start, programs = mt.block_table(numels, block, rows, device)
-        if programs == 0:
-            continue
-        mask_dtype = next((m.dtype for m in sub_masks if m is not None), torch.float32)
-        _masked_sgd_kernel[(programs,)](
-            ptrs, torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True), hyper, block_tensor,
-            block_start, scale, inf,
-            DTYPE=mt.tl_dtype(dtype), ACC=mt.opmath(dtype), FP64=dtype == torch.float64, MASK_KIND=kind,
-            MASK_TL=mt.tl_dtype(mask_dtype), MOMENTUM=mode, NESTEROV=nesterov, MAXIMIZE=maximize,
-            L2=weight_decay != 0, MASK_UPDATE=mask_update, HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, ROWS=rows, BLOCK=block, num_warps=4, enable_fp_fusion=False,
-        )
+    mt.launch_optimizer(
+        _masked_sgd_kernel, op, params, [grads, momentum_buffers if momentum != 0 else None], masks, [], hyper,
+        grad_scale, found_inf, MOMENTUM=mode, NESTEROV=nesterov, MAXIMIZE=maximize, L2=weight_decay != 0,
+        MASK_UPDATE=mask_update,
+    )
