@@ -53,17 +53,17 @@ from fastmask.metrics import predict as hard_predictions
 from fastmask.models import split_head
 from fastmask.pipeline import (
     BmftConfig,
+    Frozen,
     Result,
     StepConfig,
     SwiftConfig,
-    _checked_masks,
-    _collapse_check,
-    _device,
-    _Frozen,
-    _seed_everything,
-    _train_step,
     bmft,
+    checked_masks,
+    collapse_check,
+    model_device,
+    seed_everything,
     swift,
+    train_step,
 )
 from fastmask.profiling import phase
 
@@ -117,7 +117,7 @@ def finetune(
     after_epoch: Callable[[int], None] | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """One fine-tuning step on the pipeline's loop (:func:`fastmask.pipeline._train_step`): only ``params`` are
+    """One fine-tuning step on the pipeline's loop (:func:`fastmask.pipeline.train_step`): only ``params`` are
     trainable (every other parameter frozen, the flags restored afterwards), the masked optimizer
     ``step.build(params, masks, mask_mode)``, and ``step.epochs`` passes of zero-grad → forward →
     L = wbce_weight·WBCE + bias_weight·B → backward → step.
@@ -139,24 +139,24 @@ def finetune(
     Returns:
         The step's history entries (one per epoch).
     """
-    device = _device(model)
+    device = model_device(model)
     head_module, _, _ = split_head(model, head)
     history = result.history if result is not None else []
     first = len(history)
     was_training = model.training
     optimizer_masks = None if masks is None else {n: masks[n] for n in params}
-    with phase("fastmask.finetune"), _Frozen(model, params.values()):
+    with phase("fastmask.finetune"), Frozen(model, params.values()):
         opt = step.build(list(params.items()), optimizer_masks, mask_mode)
         # One epoch per call so that a checkpoint can be evaluated between epochs; the optimizer (and its state)
         # persists across the calls, so this equals one call over step.epochs epochs.
         for epoch in range(1, step.epochs + 1):
-            _train_step(name, model, head_module, loader, opt, 1, wbce_weight, bias_weight, bias, feature_eval,
-                        device, history, progress)
+            train_step(name, model, head_module, loader, opt, 1, wbce_weight, bias_weight, bias, feature_eval,
+                       device, history, progress)
             history[-1]["epoch"] = epoch
             if after_epoch is not None:
                 after_epoch(epoch)
     if result is not None:
-        _collapse_check(result, name, model, loader, device, collapse_threshold)
+        collapse_check(result, name, model, loader, device, collapse_threshold)
     model.train(was_training)
     return history[first:]
 
@@ -164,7 +164,7 @@ def finetune(
 @torch.no_grad()
 def collect_predictions(model: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(y, p = σ(z), a) over ``loader`` in eval mode, as float64 / int64 numpy vectors; the mode is restored."""
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     ys, ps, as_ = [], [], []
@@ -324,7 +324,7 @@ class FullFTConfig:
 
 def _full_ft(method: str, model: nn.Module, loader: Iterable, config: FullFTConfig, wbce_weight: float,
              bias_weight: float, progress: bool) -> BaselineResult:
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     result = BaselineResult(method, config, {})
     finetune(model, loader, _all_named(model), config.step, wbce_weight=wbce_weight, bias_weight=bias_weight,
              bias=config.bias, head=config.head, name=method, result=result,
@@ -399,7 +399,7 @@ def llft(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, con
     re-initialise the head C and train **only the head** on the group-balanced D_r (``train_loader``) with the
     fairness-regularised L = WBCE + β·B. E stays bit-identical; ``mask_loader`` is not read."""
     config = config or LLFTConfig()
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     head_module, head_params, _ = split_head(model, config.head)
     with torch.no_grad():
         if config.reinit == "zero":
@@ -467,7 +467,7 @@ def diffgda(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, 
     data is ``val_loader`` (default ``mask_loader``).
     """
     config = config or DiffGdaConfig()
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     val = mask_loader if val_loader is None else val_loader
     select = _Selection(model, val, config.metric, config.min_performance, config.max_drop)
     sign, metric = select.sign, config.metric
@@ -546,7 +546,7 @@ def _unit_saliency(model: nn.Module, layers: list[tuple[str, nn.Module]], loader
                    sign: float) -> list[Tensor]:
     """Per unit, s·Σ_{samples, positions} a·∂μ/∂a averaged over the batches: the first-order decrease of s·μ when the
     unit's output a is set to 0 (Taylor: Δμ ≈ −Σ a·∂μ/∂a). Eval mode."""
-    device = _device(model)
+    device = model_device(model)
     outputs: list[Tensor] = [torch.empty(0)] * len(layers)
 
     def keeper(i: int) -> Callable:
@@ -597,7 +597,7 @@ def diffprune(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *
     ``val_loader`` (default ``mask_loader``).
     """
     config = config or DiffPruneConfig()
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     val = mask_loader if val_loader is None else val_loader
     saliency_loader = mask_loader if config.data == "external" else train_loader
     layers = prunable_layers(model, config.head)
@@ -714,7 +714,7 @@ def fairprune(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *
     and β; iterated pruning is not implemented.
     """
     config = config or FairPruneConfig()
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     loader = mask_loader if config.data == "external" else train_loader
     split_head(model, config.head)  # checks the binary-logit contract
     y, p, a = collect_predictions(model, loader)
@@ -794,12 +794,12 @@ def hard_mask_swift(model: nn.Module, mask_loader: Iterable, train_loader: Itera
     r of E is fine-tuned in step 1 and the rest receives no gradient. The same threshold gives the head's mask, which
     drives SWiFT's head re-initialisation (:func:`fastmask.masks.hard_mask_fraction`)."""
     config = config or HardMaskConfig()
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     _, _, feat_params = split_head(model, config.head)
     ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
     with phase("fastmask.mask"):
         masks = hard_mask_fraction(importance_ratio(ib, il), config.fraction, list(feat_params), config.inclusive)
-    _checked_masks(masks, model)
+    checked_masks(masks, model)
     result = swift(model, mask_loader, train_loader, config=config, masks=masks, progress=progress)
     result.n_importance_batches = n_imp
     selected = sum(int(masks[n].sum()) for n in feat_params) / sum(p.numel() for p in feat_params.values())

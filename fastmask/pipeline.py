@@ -49,7 +49,7 @@ from fastmask.optim import MaskedAdam, MaskedAdamW, MaskedSGD
 from fastmask.profiling import phase, ranged
 
 __all__ = ["StepConfig", "SwiftConfig", "BmftConfig", "CollapseWarning", "Result", "RunState", "swift", "bmft",
-           "reinit_head"]
+           "reinit_head", "seed_everything", "model_device", "train_step", "collapse_check", "Frozen", "checked_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def _resumed(resume: RunState | None, masks: Mapping[str, Tensor] | None, config
         return None
     if masks is not None:
         raise ValueError("pass either masks= or resume= (a resumed run keeps its saved masks)")
-    _checked_masks(resume.result.masks, model)
+    checked_masks(resume.result.masks, model)
     _set_rng_state(resume.rng)
     return replace(resume.result, config=config)
 
@@ -397,7 +397,8 @@ def _resumed(resume: RunState | None, masks: Mapping[str, Tensor] | None, config
 # ---- building blocks ---------------------------------------------------------------------------------------------
 
 
-def _seed_everything(seed: int | None) -> None:
+def seed_everything(seed: int | None) -> None:
+    """Seed Python's, NumPy's and torch's generators with ``seed`` (None: leave them as they are)."""
     if seed is None:
         return
     random.seed(seed)
@@ -405,7 +406,8 @@ def _seed_everything(seed: int | None) -> None:
     torch.manual_seed(seed)
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter; a model without parameters is an error naming its class."""
     p = next(model.parameters(), None)
     if p is None:
         raise ValueError(f"{type(model).__name__} has no parameters")
@@ -462,7 +464,7 @@ def reinit_head(
     return reset / max(total_elems, 1)
 
 
-def _train_step(
+def train_step(
     name: str,
     model: nn.Module,
     head: nn.Module,
@@ -479,8 +481,9 @@ def _train_step(
     start: int = 0,
     after_epoch: Callable[[int], None] | None = None,
 ) -> None:
-    """Epochs ``start + 1 .. epochs`` of zero-grad → forward → loss → backward → (masked) optimizer step;
-    ``after_epoch(e)`` after each."""
+    """Epochs ``start + 1 .. epochs`` of step ``name``: zero-grad → forward → loss → backward → (masked) optimizer
+    step, the loss ``wbce_weight``·WBCE + ``bias_weight``·bias term (spec §5); ``after_epoch(e)`` after each, and a
+    {"step", "epoch", "loss", "positive_share"} row per epoch appended to ``history``."""
     for epoch in tqdm(range(start, epochs), desc=name, disable=not progress, leave=False, initial=start,
                       total=epochs):
         _set_modes(model, head, feature_eval)
@@ -524,8 +527,11 @@ def _positive_share(model: nn.Module, loader: Iterable, device: torch.device) ->
     return pos / n, lab / n
 
 
-def _collapse_check(result: Result, step: str, model: nn.Module, loader: Iterable, device: torch.device,
-                    threshold: float) -> None:
+def collapse_check(result: Result, step: str, model: nn.Module, loader: Iterable, device: torch.device,
+                   threshold: float) -> None:
+    """The collapse guard after ``step``: record the positive-prediction and positive-label shares over ``loader`` in
+    ``result.checks``, and warn (log and ``result.collapse_warnings``) when at least ``threshold`` of the predictions
+    fall in one class while less than ``threshold`` of the labels do."""
     with phase("fastmask.evaluate"):
         share, label_rate = _positive_share(model, loader, device)
     result.checks.append({"step": step, "positive_share": share, "label_positive_rate": label_rate})
@@ -538,8 +544,9 @@ def _collapse_check(result: Result, step: str, model: nn.Module, loader: Iterabl
             result.collapse_warnings.append(CollapseWarning(step, share, label_rate, msg))
 
 
-class _Frozen:
-    """Set requires_grad per parameter for a step; restore every original flag on exit."""
+class Frozen:
+    """Context manager: only ``trainable`` parameters of ``model`` require grad for a step; every original flag is
+    restored on exit."""
 
     def __init__(self, model: nn.Module, trainable: Iterable[nn.Parameter]) -> None:
         self.model = model
@@ -564,8 +571,8 @@ def _begin(method: str, steps: tuple[str, str], model: nn.Module, mask_loader: I
     """What SWiFT and BMFT share before their first step: seeding, the head / feature-extractor split, and the masks
     (importance pass + ``build_mask(I_b, I_l, feature_names, sharded)``, which may overwrite I_b: the importances are
     dropped once the masks exist), or the state of a resumed run."""
-    _seed_everything(config.seed)
-    device = _device(model)
+    seed_everything(config.seed)
+    device = model_device(model)
     head, head_params, feat_params = split_head(model, config.head)
     run = _Progress(method, steps, on_epoch, resume)
     if resume is not None and distributed.is_sharded(model):
@@ -578,7 +585,7 @@ def _begin(method: str, steps: tuple[str, str], model: nn.Module, mask_loader: I
             ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
             with phase("fastmask.mask"):  # FSDP2: ib, il and the masks are this rank's shards
                 masks = build_mask(ib, il, list(feat_params), distributed.is_sharded(model))
-        masks = _checked_masks(masks, model)
+        masks = checked_masks(masks, model)
         result = Result(method, config, dict(masks), n_importance_batches=n_imp)
         run.report(steps[0], 0, result, None)
     return device, head, head_params, feat_params, run, result
@@ -623,28 +630,28 @@ def swift(
 
     if not run.skip("step1"):
         start, state = run.start("step1")
-        with phase("fastmask.step1"), _Frozen(model, feat_params.values()):
+        with phase("fastmask.step1"), Frozen(model, feat_params.values()):
             opt = config.step1.build(list(feat_params.items()), {n: masks[n] for n in feat_params}, config.mask_mode)
             if state is not None:
                 opt.load_state_dict(state)
-            _train_step("step1", model, head, train_loader, opt, config.step1.epochs, config.beta, 1 - config.beta,
-                        config.bias, False, device, result.history, progress, start,
-                        lambda e: run.report("step1", e, result, opt))
-        _collapse_check(result, "step1", model, train_loader, device, config.collapse_threshold)
+            train_step("step1", model, head, train_loader, opt, config.step1.epochs, config.beta, 1 - config.beta,
+                       config.bias, False, device, result.history, progress, start,
+                       lambda e: run.report("step1", e, result, opt))
+        collapse_check(result, "step1", model, train_loader, device, config.collapse_threshold)
 
     start, state = run.start("step2")
     if start == 0:  # a resumed step 2 already has its re-initialised head in the model's weights
         with phase("fastmask.head_reinit"):
             result.head_reset_fraction = reinit_head(head_params, masks, config.reinit_cmp, config.reinit_scope)
 
-    with phase("fastmask.step2"), _Frozen(model, head_params.values()):
+    with phase("fastmask.step2"), Frozen(model, head_params.values()):
         opt2 = config.step2.build(list(head_params.items()), None, config.mask_mode)
         if state is not None:
             opt2.load_state_dict(state)
-        _train_step("step2", model, head, train_loader, opt2, config.step2.epochs, 1 - config.beta, config.beta,
-                    config.bias, config.step2_feature_eval, device, result.history, progress, start,
-                    lambda e: run.report("step2", e, result, opt2))
-    _collapse_check(result, "step2", model, train_loader, device, config.collapse_threshold)
+        train_step("step2", model, head, train_loader, opt2, config.step2.epochs, 1 - config.beta, config.beta,
+                   config.bias, config.step2_feature_eval, device, result.history, progress, start,
+                   lambda e: run.report("step2", e, result, opt2))
+    collapse_check(result, "step2", model, train_loader, device, config.collapse_threshold)
     model.train(was_training)
     return result
 
@@ -692,13 +699,13 @@ def bmft(
     if not run.skip("impair"):
         start, state = run.start("impair")
         all_params = [*feat_params.items(), *head_params.items()]
-        with phase("fastmask.step1"), _Frozen(model, (p for _, p in all_params)):
+        with phase("fastmask.step1"), Frozen(model, (p for _, p in all_params)):
             opt = config.impair.build(all_params, {n: masks[n] for n, _ in all_params}, config.mask_mode)
             if state is not None:
                 opt.load_state_dict(state)
-            _train_step("impair", model, head, impair_loader, opt, config.impair.epochs, 0.0, 1.0, config.bias,
-                        False, device, result.history, progress, start, lambda e: run.report("impair", e, result, opt))
-        _collapse_check(result, "impair", model, impair_loader, device, config.collapse_threshold)
+            train_step("impair", model, head, impair_loader, opt, config.impair.epochs, 0.0, 1.0, config.bias,
+                       False, device, result.history, progress, start, lambda e: run.report("impair", e, result, opt))
+        collapse_check(result, "impair", model, impair_loader, device, config.collapse_threshold)
 
     start, state = run.start("repair")
     if start == 0:  # a resumed repair step already has the zeroed head in the model's weights
@@ -707,19 +714,20 @@ def bmft(
                 p.zero_()
             result.head_reset_fraction = 1.0
 
-    with phase("fastmask.step2"), _Frozen(model, head_params.values()):
+    with phase("fastmask.step2"), Frozen(model, head_params.values()):
         opt2 = config.repair.build(list(head_params.items()), None, config.mask_mode)
         if state is not None:
             opt2.load_state_dict(state)
-        _train_step("repair", model, head, train_loader, opt2, config.repair.epochs, 1.0, config.beta, config.bias,
-                    config.step2_feature_eval, device, result.history, progress, start,
-                    lambda e: run.report("repair", e, result, opt2))
-    _collapse_check(result, "repair", model, train_loader, device, config.collapse_threshold)
+        train_step("repair", model, head, train_loader, opt2, config.repair.epochs, 1.0, config.beta, config.bias,
+                   config.step2_feature_eval, device, result.history, progress, start,
+                   lambda e: run.report("repair", e, result, opt2))
+    collapse_check(result, "repair", model, train_loader, device, config.collapse_threshold)
     model.train(was_training)
     return result
 
 
-def _checked_masks(masks: Mapping[str, Tensor], model: nn.Module) -> Mapping[str, Tensor]:
+def checked_masks(masks: Mapping[str, Tensor], model: nn.Module) -> Mapping[str, Tensor]:
+    """``masks`` itself, once every parameter of ``model`` has a mask of its shape; errors name the parameter."""
     for name, p in model.named_parameters():
         if name not in masks:
             raise ValueError(f"masks: no mask for parameter {name!r}")

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import linear
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,14 +22,7 @@ from fastmask.losses import SWIFT_BIAS, wbce
 from fastmask.masks import random_mask
 from fastmask.pipeline import BmftConfig, StepConfig, SwiftConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is the fastest, and far faster than two on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cnn(seed: int = 0) -> nn.Module:
@@ -56,12 +50,6 @@ def biased_cnn(seed: int = 0) -> nn.Module:
         wbce(model(x), y).backward()
         opt.step()
     return model.eval()
-
-
-def linear(seed: int = 0) -> nn.Module:
-    """No BN, no dropout: train mode equals eval mode, so a step's loss can be recomputed exactly."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 2, 4), nn.Tanh(), nn.Linear(4, 1))
 
 
 def dataset(n: int = 48, seed: int = 1, hw: int = 2) -> TensorDataset:

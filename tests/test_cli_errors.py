@@ -23,12 +23,7 @@ class Env:
     weights: Path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_shards(root: Path, table: pd.DataFrame, name: str) -> Path:

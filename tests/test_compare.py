@@ -22,12 +22,7 @@ from fastmask.pipeline import Result, StepConfig
 METRICS = ("auc", "spd", "eodds")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n, seed, shift=0.0):

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from conftest import linear
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,12 +22,6 @@ def cnn(seed: int = 0) -> nn.Module:
         nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Dropout(0.5), nn.Linear(4, 1),
     )
-
-
-def linear(seed: int = 0) -> nn.Module:
-    """No BN, no dropout: train mode equals eval mode, so losses can be recomputed exactly."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 2, 4), nn.Tanh(), nn.Linear(4, 1))
 
 
 def dataset(n: int = 48, seed: int = 1, hw: int = 2) -> TensorDataset:
