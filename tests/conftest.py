@@ -3,10 +3,36 @@ must be set before any @triton.jit function is defined, so it is set here, befor
 
 import os
 
+import pytest
 import torch
+from hypothesis import settings
+from torch import nn
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Property tests explore new examples on every local run (a failing one is kept in .hypothesis/ and replayed first);
+# under CI (CI set, as .ci/run does) they draw the same examples every time, so a landing never hinges on luck.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 # Every backend that implements the per-parameter ops; op tests are parametrised over all of them.
 OP_BACKENDS = ("reference", "cpp", "triton")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
+    fastest for them, and immune to a busy machine's OpenMP contention."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def linear(seed: int = 0) -> nn.Module:
+    """A seeded two-layer MLP on 3×2×2 inputs with one logit. No BN, no dropout: train mode equals eval mode, so a
+    step's loss can be recomputed exactly."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 2, 4), nn.Tanh(), nn.Linear(4, 1))

@@ -4,9 +4,14 @@ shapes, masks of every supported kind, per-dtype tolerances and a state comparis
 from __future__ import annotations
 
 import torch
+from conftest import OP_BACKENDS
+from hypothesis import strategies as st
 from torch import Tensor
 
 from fastmask.reference import mask_as_float
+
+FUSED = tuple(b for b in OP_BACKENDS if b != "reference")
+STEPS = 20
 
 # The issue's sizes, 1, 33, 4097 and 5x123x123 elements, plus a small 2-D tensor so that "mixed" masks give one
 # tensor of every mask kind; all in one multi-tensor call.
@@ -14,6 +19,8 @@ SIZES = [(1,), (33,), (4097,), (5, 123, 123), (3, 17)]
 # Smaller sets for the invariant tests (the Triton interpreter is slow).
 SMALL = [(1,), (33,), (4097,), (3, 17)]
 MODES = ("grad", "update")
+# Any list of 1 to 4 small shapes of 1 to 3 dimensions, for the property tests.
+SHAPES_ST = st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4)
 
 
 def many_shapes() -> list[tuple[int, ...]]:
@@ -68,6 +75,19 @@ def randn(shapes: list[tuple[int, ...]], dtype: torch.dtype, gen: torch.Generato
     return [(torch.randn(s, generator=gen) * scale).to(dtype) for s in shapes]
 
 
+def grad_sequence(shapes: list[tuple[int, ...]], dtype: torch.dtype, steps: int = STEPS,
+                  seed: int = 1) -> list[list[Tensor]]:
+    """``steps`` lists of standard-normal gradients, one per shape."""
+    gen = torch.Generator().manual_seed(seed)
+    return [randn(shapes, dtype, gen) for _ in range(steps)]
+
+
+def reference_params(cases: list[tuple]) -> list[tuple]:
+    """(backend, *case) for every fused backend: every case on C++, the "mixed"-mask cases (case[1]) only under the
+    Triton interpreter, which is slow; "mixed" puts one tensor of every mask kind in one call, so it covers them all."""
+    return [(b, *case) for b in FUSED for case in cases if b == "cpp" or case[1] == "mixed"]
+
+
 # Tolerances per storage dtype, relative to each buffer's largest magnitude. float32: fused kernels and the reference
 # differ by an ulp here and there (MKL's √ vs IEEE √, fused vs unfused multiply-adds), which 20 steps carry along.
 # float16 / bfloat16: one such difference can flip a rounding of the stored value, i.e. one ulp of the dtype.
@@ -79,13 +99,20 @@ TOL = {
 }
 
 
-def assert_state_close(actual: list[Tensor], expected: list[Tensor], what: str, step: int | None = None) -> None:
+def largest_abs(t: Tensor) -> float:
+    """The largest |entry| of ``t`` (0 for an empty tensor)."""
+    return float(t.detach().abs().max().double()) if t.numel() else 0.0
+
+
+def assert_state_close(actual: list[Tensor], expected: list[Tensor], what: str, step: int | None = None,
+                       scales: list[float] | None = None) -> None:
     """Every tensor of ``actual`` close to ``expected`` at the tolerance of its dtype, atol scaled by the largest
-    expected magnitude."""
+    expected magnitude, or by ``scales[i]`` where given: the magnitude of the terms a result was summed from, when
+    they cancel (θ − lr·d with both large leaves a small θ whose rounding error is an ulp of the terms)."""
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert a.dtype == e.dtype and a.shape == e.shape, f"{what}[{i}]: {a.dtype}{tuple(a.shape)} vs {e.dtype}"
         tol = TOL[e.dtype]
-        scale = float(e.detach().abs().max().double()) if e.numel() else 0.0
+        scale = max(largest_abs(e), scales[i] if scales is not None else 0.0)
         torch.testing.assert_close(
             a, e, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-30),
             msg=lambda m, i=i: f"{what}[{i}] at step {step}: {m}",

@@ -13,22 +13,23 @@ from conftest import OP_BACKENDS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optim_cases import (
+    FUSED,
     MASK_KINDS,
     MODES,
+    SHAPES_ST,
     SIZES,
     SMALL,
     assert_state_close,
+    grad_sequence,
     make_masks,
     many_shapes,
     masked_out,
     ones_mask,
     randn,
+    reference_params,
 )
 
 from fastmask import ops
-
-FUSED = tuple(b for b in OP_BACKENDS if b != "reference")
-STEPS = 20
 
 # Hyperparameter variants: Adam, Adam with every option, AdamW.
 VARIANTS = {
@@ -75,11 +76,6 @@ class State:
         )
 
 
-def grad_sequence(shapes, dtype, steps=STEPS, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [randn(shapes, dtype, gen) for _ in range(steps)]
-
-
 def run_against_reference(backend, shapes, dtype, masks, mask_mode, hyper):
     ours, ref = State(shapes, dtype), State(shapes, dtype)
     for k, grads in enumerate(grad_sequence(shapes, dtype)):
@@ -91,8 +87,7 @@ def run_against_reference(backend, shapes, dtype, masks, mask_mode, hyper):
 
 # ---- against the reference ---------------------------------------------------------------------------------------
 
-# (dtype, mask kind, mask mode, variant). Every mask kind in both modes; "mixed" puts one tensor of every kind (None
-# included) in one call. The Triton interpreter runs the "mixed" cases only: they cover every kind too.
+# (dtype, mask kind, mask mode, variant): every mask kind in both modes (see reference_params).
 REFERENCE_CASES = (
     [(torch.float32, kind, mode, "amsgrad-l2-maximize") for kind in MASK_KINDS for mode in MODES]
     + [(torch.float32, "mixed", mode, variant) for variant in ("adam", "adamw") for mode in MODES]
@@ -103,7 +98,7 @@ REFERENCE_CASES = (
 
 @pytest.mark.parametrize(
     ("backend", "dtype", "mask_kind", "mask_mode", "variant"),
-    [(b, *case) for b in FUSED for case in REFERENCE_CASES if b == "cpp" or case[1] == "mixed"],
+    reference_params(REFERENCE_CASES),
 )
 def test_matches_reference_for_20_steps(backend, dtype, mask_kind, mask_mode, variant):
     run_against_reference(backend, SIZES, dtype, make_masks(SIZES, mask_kind), mask_mode, VARIANTS[variant])
@@ -256,13 +251,10 @@ def test_errors_name_the_tensor_at_fault(backend):
 
 # ---- properties --------------------------------------------------------------------------------------------------
 
-shapes_st = st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4)
-
-
 @pytest.mark.parametrize("backend", OP_BACKENDS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    shapes=shapes_st,
+    shapes=SHAPES_ST,
     seed=st.integers(0, 2**16),
     magnitude=st.sampled_from([1e-6, 1.0, 1e4]),
     beta1=st.sampled_from([0.0, 0.3, 0.9]),

@@ -167,6 +167,22 @@ def torch_step_masked_update(opt, params, grads, masks):
                 v.copy_(torch.where(keep, s0.get(key, torch.zeros_like(v)), v))
 
 
+def run_masked_against_torch(backend, config, shapes, masks, mask_mode, torch_step):
+    """``STEPS`` steps of our optimizer for ``config`` with ``masks`` in ``mask_mode`` against torch's,
+    stepped by the oracle ``torch_step(opt, params, grads, masks)``; the parameters must agree at float32 tolerance."""
+    ours_cls, torch_cls, kw = CONFIGS[config]
+    params = make_params(shapes)
+    ref_params = clone_params(params)
+    ours = ours_cls(params, **kw, masks=masks, mask_mode=mask_mode, backend=backend)
+    theirs = torch_cls(ref_params, **kw)
+    for step_grads in make_grads(shapes, STEPS):
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        ours.step()
+        torch_step(theirs, ref_params, step_grads, masks)
+    assert_matches_torch(ours, theirs, FP32_TOL, config)
+
+
 # ---- equality with torch.optim ----------------------------------------------------------------------------------
 
 
@@ -428,39 +444,19 @@ def test_grad_mode_lets_sgd_weight_decay_and_momentum_move_masked_out_entries(ba
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_update_mode_soft_mask_matches_torch_step_scaled_by_the_mask(backend, config):
-    ours_cls, torch_cls, kw = CONFIGS[config]
     shapes = [(4097,), (6, 5, 3), (1,)]
     masks = [soft_mask(s, "float32", seed=i) for i, s in enumerate(shapes)]
     masks[-1] = None  # a parameter without a mask in the same group takes torch's step
-    params = make_params(shapes)
-    ref_params = clone_params(params)
-    ours = ours_cls(params, **kw, masks=masks, mask_mode="update", backend=backend)
-    theirs = torch_cls(ref_params, **kw)
-    for step_grads in make_grads(shapes, STEPS):
-        for p, g in zip(params, step_grads, strict=True):
-            p.grad = g.clone()
-        ours.step()
-        torch_step_masked_update(theirs, ref_params, step_grads, masks)
-    assert_matches_torch(ours, theirs, FP32_TOL, config)
+    run_masked_against_torch(backend, config, shapes, masks, "update", torch_step_masked_update)
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "uint8", "bool"])
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_grad_mode_matches_torch_on_masked_gradients(backend, config, kind):
-    ours_cls, torch_cls, kw = CONFIGS[config]
     shapes = [(4097,), (6, 5, 3), (1,)]
     masks = [soft_mask(s, kind, seed=i) for i, s in enumerate(shapes)]
-    params = make_params(shapes)
-    ref_params = clone_params(params)
-    ours = ours_cls(params, **kw, masks=masks, backend=backend)
-    theirs = torch_cls(ref_params, **kw)
-    for step_grads in make_grads(shapes, STEPS):
-        for p, g in zip(params, step_grads, strict=True):
-            p.grad = g.clone()
-        ours.step()
-        torch_step_masked_grad(theirs, ref_params, step_grads, masks)
-    assert_matches_torch(ours, theirs, FP32_TOL, config)
+    run_masked_against_torch(backend, config, shapes, masks, "grad", torch_step_masked_grad)
 
 
 @pytest.mark.parametrize("config", ["adam-amsgrad-wd-maximize", "adamw", "sgd-momentum-dampening-wd"])
