@@ -68,11 +68,11 @@ from fastmask.pipeline import (
 from fastmask.profiling import phase
 
 __all__ = [
-    "BaselineResult", "BaselineConfig", "FullFTConfig", "LLFTConfig", "DiffGdaConfig", "DiffPruneConfig",
-    "FairPruneConfig", "RandomMaskConfig", "HardMaskConfig", "ManualMaskConfig", "finetune", "collect_predictions",
-    "signed_proxy", "prunable_layers", "baseline", "fullft_rw", "fullft_reg", "fullft_fdr", "llft", "diffgda",
-    "diffprune", "fairprune", "random_mask_swift", "hard_mask_swift", "manual_mask_bmft", "METHODS", "LABELS",
-    "HARD_FRACTIONS", "DEFAULT_CONFIGS", "Method",
+    "BaselineResult", "BaselineConfig", "FullFTConfig", "LLFTConfig", "SelectionConfig", "DiffGdaConfig",
+    "DiffPruneConfig", "FairPruneConfig", "RandomMaskConfig", "HardMaskConfig", "ManualMaskConfig", "finetune",
+    "collect_predictions", "signed_proxy", "prunable_layers", "baseline", "fullft_rw", "fullft_reg", "fullft_fdr",
+    "llft", "diffgda", "diffprune", "fairprune", "random_mask_swift", "hard_mask_swift", "manual_mask_bmft", "METHODS",
+    "LABELS", "HARD_FRACTIONS", "DEFAULT_CONFIGS", "Method",
 ]
 
 log = logging.getLogger(__name__)
@@ -271,13 +271,34 @@ class _Selection:
                 "sign": self.sign, "metric": self.metric}
 
 
-def _check_selection(config: Any) -> None:
-    if config.metric not in _PROXIES:
-        raise ValueError(f"metric must be one of {list(_PROXIES)}, got {config.metric!r}")
-    if config.max_drop < 0:
-        raise ValueError(f"max_drop must be >= 0, got {config.max_drop}")
-    if config.data not in ("external", "balanced"):
-        raise ValueError(f"data must be 'external' or 'balanced', got {config.data!r}")
+@dataclass(kw_only=True)
+class SelectionConfig:
+    """What DiffGda and DiffPrune share: the checkpoint selection on a validation proxy and the data they read.
+
+    Args:
+        metric: the signed proxy (:func:`signed_proxy`): ``"eodds"`` (default, the table's metric), ``"spd"`` or
+            ``"eod"`` (Marcinkevics et al.'s two).
+        min_performance: lower bound on the validation balanced accuracy of the kept checkpoint; None (default):
+            the unchanged model's balanced accuracy minus ``max_drop``.
+        max_drop: see ``min_performance`` (default 0.05).
+        data: ``"external"`` (default: D_e, as Marcinkevics et al.'s validation-only setting) or ``"balanced"`` (D_r).
+        head, seed: as in :class:`fastmask.pipeline.SwiftConfig`.
+    """
+
+    metric: ProxyMetric = "eodds"
+    min_performance: float | None = None
+    max_drop: float = 0.05
+    data: Literal["external", "balanced"] = "external"
+    head: str | None = None
+    seed: int | None = 42
+
+    def __post_init__(self) -> None:
+        if self.metric not in _PROXIES:
+            raise ValueError(f"metric must be one of {list(_PROXIES)}, got {self.metric!r}")
+        if self.max_drop < 0:
+            raise ValueError(f"max_drop must be >= 0, got {self.max_drop}")
+        if self.data not in ("external", "balanced"):
+            raise ValueError(f"data must be 'external' or 'balanced', got {self.data!r}")
 
 
 def _all_named(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -423,32 +444,17 @@ def llft(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, con
 
 
 @dataclass
-class DiffGdaConfig:
+class DiffGdaConfig(SelectionConfig):
     """Settings of :func:`diffgda`.
 
     Args:
         step: the optimiser over all parameters (default Adam, lr 1e-5, 10 epochs: Marcinkevics et al.'s chest X-ray
             configuration).
-        metric: the signed proxy (:func:`signed_proxy`): ``"eodds"`` (default, the table's metric), ``"spd"`` or
-            ``"eod"`` (Marcinkevics et al.'s two).
-        min_performance: lower bound on the validation balanced accuracy of the kept checkpoint; None (default):
-            the unchanged model's balanced accuracy minus ``max_drop``.
-        max_drop: see ``min_performance`` (default 0.05).
-        data: what the steps train on: ``"external"`` (default: D_e, as Marcinkevics et al.'s validation-only
-            setting) or ``"balanced"`` (D_r).
-        head, seed: as in :class:`fastmask.pipeline.SwiftConfig`.
+        metric, min_performance, max_drop, head, seed: keyword-only, as in :class:`SelectionConfig`.
+        data: what the steps train on, as in :class:`SelectionConfig`.
     """
 
     step: StepConfig = StepConfig(10, 1e-5, "adam", momentum=0.0, weight_decay=0.0)
-    metric: ProxyMetric = "eodds"
-    min_performance: float | None = None
-    max_drop: float = 0.05
-    data: Literal["external", "balanced"] = "external"
-    head: str | None = None
-    seed: int | None = 42
-
-    def __post_init__(self) -> None:
-        _check_selection(self)
 
 
 def diffgda(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: DiffGdaConfig | None = None,
@@ -489,29 +495,23 @@ def diffgda(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, 
 
 
 @dataclass
-class DiffPruneConfig:
+class DiffPruneConfig(SelectionConfig):
     """Settings of :func:`diffprune`.
 
     Args:
         units_per_step: channels pruned per step.
         max_steps: pruning steps (Marcinkevics et al.'s chest X-ray configuration: 10).
         dynamic: recompute the saliencies after every step (their configuration: True).
-        metric, min_performance, max_drop, head, seed: as in :class:`DiffGdaConfig`.
-        data: the saliency data, ``"external"`` (D_e, default) or ``"balanced"`` (D_r).
+        metric, min_performance, max_drop, head, seed: keyword-only, as in :class:`SelectionConfig`.
+        data: the saliency data, as in :class:`SelectionConfig`.
     """
 
     units_per_step: int = 1
     max_steps: int = 10
     dynamic: bool = True
-    metric: ProxyMetric = "eodds"
-    min_performance: float | None = None
-    max_drop: float = 0.05
-    data: Literal["external", "balanced"] = "external"
-    head: str | None = None
-    seed: int | None = 42
 
     def __post_init__(self) -> None:
-        _check_selection(self)
+        super().__post_init__()
         if self.units_per_step < 1 or self.max_steps < 0:
             raise ValueError(f"units_per_step must be >= 1 and max_steps >= 0, got {self.units_per_step}, "
                              f"{self.max_steps}")

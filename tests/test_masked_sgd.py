@@ -278,7 +278,8 @@ def test_property(backend, shapes, seed, magnitude, variant, mask_kind, mask_mod
         previous = [p.clone() for p in ref.params]
         ours.step(grads, masks, backend, mask_mode, **hyper)
         ref.step(grads, masks, "reference", mask_mode, **hyper)
-        terms = [max(t, largest_abs(old), largest_abs(new - old)) for t, old, new in zip(terms, previous, ref.params)]
+        terms = [max(t, largest_abs(old), largest_abs(new - old))
+                 for t, old, new in zip(terms, previous, ref.params, strict=True)]
     assert all(torch.isfinite(t).all() for t in ours.params + [b for b in ours.buffers if b is not None])
     if backend != "reference":
         assert_states_close(ours, ref, param_scales=terms)
