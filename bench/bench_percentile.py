@@ -10,9 +10,9 @@ Providers, all computing the 50th percentile (linear, BMFT's rate) of the same t
 
 - ``fastmask``: ``fastmask.ops.percentile`` (torch.ops.fastmask.percentile: radix selection over the float keys,
   16-bit digits, one pass for bf16, two for fp32; no concatenated copy).
-- ``peer``: the papers' way, ``np.percentile`` over the concatenated host copy (for bf16: numpy has no bfloat16, so
-  the copy is the exact float32 upcast, and ``overwrite_input=True`` spares numpy's second copy at 2g).
-- ``kthvalue``: ``torch.kthvalue`` over the concatenated copy, for the lower neighbour only (one order statistic,
+- ``reference``: the papers' way, ``np.percentile`` over the concatenated host copy (for bf16: numpy has no bfloat16,
+  so the copy is the exact float32 upcast, and ``overwrite_input=True`` spares numpy's second copy at 2g).
+- ``peer``: ``torch.kthvalue`` over the concatenated copy, for the lower neighbour only (one order statistic,
   so less than the exact linear percentile needs). ``torch.quantile`` refuses inputs above 2^24 elements. Skipped
   at 2g: it clones its input and allocates an int64 index per element (~26 GB there, measured 16 B/element extra at
   25m/100m), more than this machine's 24 GiB.
@@ -24,7 +24,7 @@ Providers, all computing the 50th percentile (linear, BMFT's rate) of the same t
 (Linux: the peak is reset through /proc/self/clear_refs, read from VmHWM in /proc/self/status). The script re-runs
 itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so every large block is its own mapping, returned to the system when
 freed; the deltas then count each provider's own allocations, the concatenated copies included. Times: median of
-the repetitions, providers interleaved, after one warm-up call each (none for the peer at 2g); ``cpu_ms`` is the
+the repetitions, providers interleaved, after one warm-up call each (none for the reference at 2g); ``cpu_ms`` is the
 process CPU time of the call summed over its threads, which other load on the machine inflates less than the wall
 time. fastmask's result is
 checked to equal numpy's bit for bit in every case.
@@ -118,17 +118,17 @@ def run_case(case: str, reps: int, probe: torch.Tensor) -> list[dict]:
     nbytes = n * tensors[0].element_size()
     print(f"{case}: {len(tensors)} tensors, {n:,} elements ({'> 2^31, ' if n > 2**31 else ''}{dtype}), "
           f"{nbytes / 1e9:.2f} GB", flush=True)
-    huge = n > 2**31  # one call of the peer there (about a minute), no warm-up; kthvalue does not fit
+    huge = n > 2**31  # one call of the reference there (about a minute), no warm-up; kthvalue does not fit
     slow_reps = 1 if huge else max(1, reps // 2)
     providers: dict[str, tuple[Callable[[], object], int]] = {
         "fastmask": (lambda: ops.percentile(tensors, Q, backend="cpp"), reps),
-        "peer": (lambda: numpy_percentile(tensors), slow_reps),
+        "reference": (lambda: numpy_percentile(tensors), slow_reps),
         "read": (lambda: probe.sum(), reps),  # one streaming pass over PROBE_BYTES, for the roofline
     }
     if not huge:
-        providers["kthvalue"] = (lambda: kthvalue(tensors), slow_reps)
+        providers["peer"] = (lambda: kthvalue(tensors), slow_reps)
     for name, (fn, _) in providers.items():
-        if not (huge and name == "peer"):
+        if not (huge and name == "reference"):
             fn()  # warm-up
     values, extras = {}, {}
     times: dict[str, list[float]] = {name: [] for name in providers}
@@ -143,10 +143,10 @@ def run_case(case: str, reps: int, probe: torch.Tensor) -> list[dict]:
                     values[name], extras[name] = value, extra
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu_times.items()}
-    if values["fastmask"] != values["peer"]:
-        raise AssertionError(f"{case}: fastmask gives {values['fastmask']!r}, np.percentile {values['peer']!r}")
+    if values["fastmask"] != values["reference"]:
+        raise AssertionError(f"{case}: fastmask gives {values['fastmask']!r}, np.percentile {values['reference']!r}")
     rows = [{"provider": p, "ms": ms[p], "cpu_ms": cpu_ms[p], "peak_extra_bytes": extras[p], "value": values[p]}
-            for p in ("fastmask", "peer", "kthvalue") if p in providers]
+            for p in ("fastmask", "reference", "peer") if p in providers]
     bandwidth = PROBE_BYTES / (ms["read"] / 1e3)
     rows.append({"provider": "roofline", "ms": 1e3 * PASSES[dtype] * nbytes / bandwidth, "peak_extra_bytes": 0,
                  "read_gb_per_s": bandwidth / 1e9})
@@ -156,19 +156,19 @@ def run_case(case: str, reps: int, probe: torch.Tensor) -> list[dict]:
 
 
 def report(rows: list[dict]) -> None:
-    print(f"\n{'case':<6} {'provider':<9} {'ms':>10} {'cpu ms':>9} {'peer/x':>8} {'kth/x':>8} {'x/roofline':>10} "
+    print(f"\n{'case':<6} {'provider':<9} {'ms':>10} {'cpu ms':>9} {'ref/x':>8} {'peer/x':>8} {'x/roofline':>10} "
           f"{'peak extra':>12} {'% input':>8}  value")
     for r in rows:
         same = {p["provider"]: p["ms"] for p in rows if p["case"] == r["case"]}
-        r["speedup_vs_peer"] = same["peer"] / r["ms"]
-        if "kthvalue" in same:
-            r["speedup_vs_kthvalue"] = same["kthvalue"] / r["ms"]
+        r["speedup_vs_reference"] = same["reference"] / r["ms"]
+        if "peer" in same:
+            r["speedup_vs_peer"] = same["peer"] / r["ms"]
         r["vs_roofline"] = r["ms"] / same["roofline"]
         r["peak_extra_pct_of_input"] = 100 * r["peak_extra_bytes"] / r["input_bytes"]
-        kth = f"{r['speedup_vs_kthvalue']:>7.2f}x" if "speedup_vs_kthvalue" in r else f"{'-':>8}"
+        vs_peer = f"{r['speedup_vs_peer']:>7.2f}x" if "speedup_vs_peer" in r else f"{'-':>8}"
         value = f"{r['value']!r}" if "value" in r else ""
         cpu = f"{r['cpu_ms']:>9.1f}" if "cpu_ms" in r else f"{'-':>9}"
-        print(f"{r['case']:<6} {r['provider']:<9} {r['ms']:>10.1f} {cpu} {r['speedup_vs_peer']:>7.2f}x {kth} "
+        print(f"{r['case']:<6} {r['provider']:<9} {r['ms']:>10.1f} {cpu} {r['speedup_vs_reference']:>7.2f}x {vs_peer} "
               f"{r['vs_roofline']:>9.2f}x {r['peak_extra_bytes'] / 1e6:>10.1f}MB {r['peak_extra_pct_of_input']:>7.2f}%"
               f"  {value}")
 
