@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastmask.profiling import phase
 
-from .multi_tensor import TL_DTYPES, block_size, describe, launch_table, same_dense_layout
+from .multi_tensor import TL_DTYPES, block_lanes, block_size, describe, launch_table, same_dense_layout
 
 
 @triton.jit
@@ -24,10 +24,7 @@ def _fisher_accumulate_kernel(
     ib_ptrs, il_ptrs, gb_ptrs, gl_ptrs, numels, block_tensor, block_start,
     GB_DTYPE: tl.constexpr, GL_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    t, offs, mask = block_lanes(block_tensor, block_start, numels, BLOCK)
     ib = tl.load(ib_ptrs + t).to(tl.pointer_type(tl.float32))
     il = tl.load(il_ptrs + t).to(tl.pointer_type(tl.float32))
     gb = tl.load(gb_ptrs + t).to(tl.pointer_type(GB_DTYPE))

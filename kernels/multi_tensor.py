@@ -282,6 +282,16 @@ def launch_optimizer(
 
 
 @triton.jit
+def block_lanes(block_tensor, block_start, numels, BLOCK: tl.constexpr):
+    """(t, offs, lane) of this program's block of a :class:`LaunchTable` launch: the tensor index, the element
+    offsets and the lanes inside the tensor."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    return t, offs, offs < tl.load(numels + t)
+
+
+@triton.jit
 def tile_lanes(block_tensor_ptr, block_start_ptr, numels_ptr, found_inf_ptr, HAS_FOUND_INF: tl.constexpr,
                ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """(t, offs, n, lane) of this program's [ROWS, BLOCK] tile, one block of one tensor per row: the tensor index

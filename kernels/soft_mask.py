@@ -24,7 +24,7 @@ from triton.language.extra import libdevice
 
 from fastmask.profiling import phase
 
-from .multi_tensor import block_size, describe, interpreting, launch_table, same_dense_layout
+from .multi_tensor import block_lanes, block_size, describe, interpreting, launch_table, same_dense_layout
 
 
 @triton.jit
@@ -52,10 +52,7 @@ def tanh_f32(x, INTERPRET: tl.constexpr):
 @triton.jit
 def _minmax_kernel(ib_ptrs, il_ptrs, numels, block_tensor, block_start, bounds, nan_flags, n_tensors,
                    BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    t, offs, mask = block_lanes(block_tensor, block_start, numels, BLOCK)
     ib = tl.load(ib_ptrs + t).to(tl.pointer_type(tl.float32))
     il = tl.load(il_ptrs + t).to(tl.pointer_type(tl.float32))
     b = tl.load(ib + offs, mask=mask, other=float("nan"))
@@ -81,10 +78,7 @@ def _norm(x, lo, hi, eps):
 @triton.jit
 def _write_kernel(ib_ptrs, il_ptrs, out_ptrs, numels, block_tensor, block_start, bounds, nan_flags, n_tensors, eps,
                   APPLY_TANH: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    t, offs, mask = block_lanes(block_tensor, block_start, numels, BLOCK)
     ib = tl.load(ib_ptrs + t).to(tl.pointer_type(tl.float32))
     il = tl.load(il_ptrs + t).to(tl.pointer_type(tl.float32))
     out = tl.load(out_ptrs + t).to(tl.pointer_type(tl.float32))
