@@ -12,9 +12,10 @@ Cases and providers, side by side in one run:
   min / max / arithmetic / tanh, the mask in new tensors), ``fastmask`` = ``fastmask.ops`` with the C++ backend,
   the mask written over I_b as the pipeline does (``soft_mask_``). The floor is 2x the parameter bytes for
   fastmask (the two float32 importances) and 3x for the reference (the importances and a new float32 mask).
-- ``masked-adam``: one masked Adam step (state, gradients and mask already allocated). ``reference`` =
-  ``fastmask.reference.masked_adam_`` (per-tensor torch ops), ``peer`` = the papers' loop: ``g ← M ⊙ g``
-  (``torch._foreach_mul_``) then ``torch.optim.Adam`` (foreach), ``fastmask`` = ``fastmask.ops.masked_adam_`` (C++).
+- ``masked-adam``: one masked Adam step (state, gradients and mask already allocated). ``reference`` = the papers'
+  loop, ``p.grad *= M`` per parameter then ``torch.optim.Adam`` as it comes (the single-tensor loop on CPU),
+  ``peer`` = ``torch._foreach_mul_(grads, masks)`` then ``torch.optim.Adam(fused=True)``, ``fastmask`` =
+  ``fastmask.ops.masked_adam_`` (C++).
 
 Memory: the peak resident set of the process during the stretch minus the resident set at its start
 (:class:`fastmask.memory.PeakMemory`: Linux's VmHWM, reset per stretch), reported against the parameter bytes
@@ -144,22 +145,33 @@ def bench_model(name: str, reps: int, gen: torch.Generator, memory: bool = False
     m1, m2 = filled(shapes, gen), filled(shapes, gen, positive=True)
     steps = [torch.tensor(5.0) for _ in shapes]
     hyper = dict(lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
-    for provider, backend in (("reference", "reference"), ("fastmask", "cpp")):
-        row("masked-adam", provider, *measure(
-            lambda b=backend: ops.masked_adam_(params, grads, m1, m2, [], steps, masks, **hyper, backend=b), reps,
-            memory))
-    # the papers' loop: g <- M * g on .grad, then torch.optim.Adam (foreach, torch's default on CPU)
+    row("masked-adam", "fastmask", *measure(
+        lambda: ops.masked_adam_(params, grads, m1, m2, [], steps, masks, **hyper, backend="cpp"), reps, memory))
+    # The other two step torch.optim.Adam over the same tensors (its state is m1, m2): `reference` is the papers'
+    # loop, p.grad *= M per parameter and torch's default Adam (the single-tensor loop on CPU); `peer` is the best
+    # torch alternative, one _foreach_mul_ and the fused Adam.
     leaves = [torch.nn.Parameter(p) for p in params]
     for p, g in zip(leaves, grads, strict=True):
         p.grad = g
-    adam = torch.optim.Adam(leaves, lr=1e-4, foreach=True)
-    for p, a, b in zip(leaves, m1, m2, strict=True):
-        adam.state[p] = {"step": torch.tensor(5.0), "exp_avg": a, "exp_avg_sq": b}
+
+    def adam(**kind: bool) -> torch.optim.Adam:
+        opt = torch.optim.Adam(leaves, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]), eps=hyper["eps"], **kind)
+        for p, a, b in zip(leaves, m1, m2, strict=True):
+            opt.state[p] = {"step": torch.tensor(5.0), "exp_avg": a, "exp_avg_sq": b}
+        return opt
+
+    papers, fused = adam(), adam(fused=True)
+
+    def reference() -> None:
+        for p, m in zip(leaves, masks, strict=True):
+            p.grad.mul_(m)
+        papers.step()
 
     def peer() -> None:
         torch._foreach_mul_(grads, masks)
-        adam.step()
+        fused.step()
 
+    row("masked-adam", "reference", *measure(reference, reps, memory))
     row("masked-adam", "peer", *measure(peer, reps, memory))
     return rows
 
