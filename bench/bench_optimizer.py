@@ -103,9 +103,10 @@ class Roofline:
     """In-place bandwidth probes over float32 buffers of n elements: a.add_(b) (12 bytes per element), a.mul_(s)
     (8) and a.addcmul_(b, c) (16). ``sample()`` times one of each and returns the best bandwidth (bytes/s).
 
-    On the machines seen here streaming bandwidth grows with the number of concurrent streams (one read stream
-    ~12 GB/s, three ~36, four ~45), so the probe with the most streams usually wins; it is the best an in-place
-    torch op reaches, which a step moving 6-8 streams can match or exceed."""
+    The best of the three is the roofline: the fastest an in-place torch op streams memory in this run. Which probe
+    wins depends on the machine; on this project's VM a loop gets less bandwidth the more arrays it streams (one
+    core: mul_ ~50 GB/s, add_ ~48, addcmul_ ~46), so it is mul_, and a step streaming 6-8 arrays stays below it.
+    ``best`` keeps every probe's figure, and the summary prints fastmask's share of each."""
 
     def __init__(self, n: int):
         self.n = n
