@@ -83,8 +83,8 @@ def grad_sequence(shapes: list[tuple[int, ...]], dtype: torch.dtype, steps: int 
 
 
 def reference_params(cases: list[tuple]) -> list[tuple]:
-    """(backend, *case) for every fused backend: every case on C++, the "mixed"-mask cases (case[1]) only under the
-    Triton interpreter, which is slow; "mixed" puts one tensor of every mask kind in one call, so it covers them all."""
+    """(backend, *case) for every fused backend: every case on C++, only the "mixed"-mask cases (case[1]) on Triton
+    (the interpreter is slow here); "mixed" puts one tensor of every mask kind in one call, so it covers them all."""
     return [(b, *case) for b in FUSED for case in cases if b == "cpp" or case[1] == "mixed"]
 
 
