@@ -49,8 +49,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fastmask import ops, reference
-from fastmask.importance import fisher_importance, fisher_importance_two_pass
+from fastmask import ops
+from fastmask.masking.importance import fisher_importance, fisher_importance_two_pass
+from fastmask.ops import reference
 
 EPS = reference.NORM_EPS
 PROBE_ELEMENTS = 64 << 20  # 2 x 256 MB: far above the last-level cache (32 MB on the machines this was tuned on)

@@ -33,7 +33,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from fastmask.data import ImageTableDataset, make_loader, write_shards
+from fastmask.data.image_table import ImageTableDataset
+from fastmask.data.loader import make_loader
+from fastmask.data.shards import write_shards
 
 BATCH = 64
 IMAGE_SIZE = 128

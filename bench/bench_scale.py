@@ -48,7 +48,7 @@ from bench_fisher import resnet50_shapes
 from torch import Tensor
 
 from fastmask import ops
-from fastmask.memory import PeakMemory
+from fastmask.util.memory import PeakMemory
 
 MB = 2**20
 M_MMAP_THRESHOLD = -3  # glibc malloc.h

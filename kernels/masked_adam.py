@@ -1,6 +1,6 @@
 """Masked Adam / AdamW step (Triton), one launch per group of same-device, same-dtype tensors.
 
-Same signature and semantics as ``fastmask.reference.masked_adam_`` (the oracle) and the C++ kernel
+Same signature and semantics as ``fastmask.ops.reference.masked_adam_`` (the oracle) and the C++ kernel
 ``torch.ops.fastmask.masked_adam_``: torch.optim.Adam's algorithm (Kingma & Ba, Alg. 1; AdamW's decoupled decay,
 Loshchilov & Hutter, Alg. 2) with the mask M of the SWiFT / BMFT step (spec §5, §8.9):
 

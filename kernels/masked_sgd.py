@@ -1,6 +1,6 @@
 """Masked SGD step (Triton), one launch per group of same-device, same-dtype tensors.
 
-Same signature and semantics as ``fastmask.reference.masked_sgd_`` (the oracle) and the C++ kernel
+Same signature and semantics as ``fastmask.ops.reference.masked_sgd_`` (the oracle) and the C++ kernel
 ``torch.ops.fastmask.masked_sgd_``: torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize) with the
 mask M of the SWiFT / BMFT step (spec §5, §8.10):
 

@@ -10,7 +10,7 @@ addresses in host memory, so the same launchers run under the interpreter on CPU
 
 Two table layouts serve two kinds of kernel:
 
-- :func:`launch_table` (fisher, soft_mask): one program per block, pointers stored column by column, all in one
+- :func:`launch_table` (fisher_accumulate, soft_mask): one program per block, pointers stored column by column, all in one
   host-to-device transfer;
 - :func:`address_table` and :func:`block_table` (the optimizer steps, launched by :func:`launch_optimizer`): an
   address table ``ptrs[T, R]`` of each tensor's R buffers (param, grad, state, mask; 0 for a missing one), and a
@@ -326,7 +326,7 @@ def sqrt_ieee(x, FP64: tl.constexpr):
 
 @triton.jit
 def load_mask(addr, offs, n, MASK_KIND: tl.constexpr, MASK_TL: tl.constexpr):
-    """The float32 mask value of fastmask.reference.mask_as_float at ``offs``: float masks as they are, uint8 as
+    """The float32 mask value of fastmask.ops.reference.mask_as_float at ``offs``: float masks as they are, uint8 as
     m / 255, bool as 0 / 1. A tensor without a mask (address 0) reads 1 everywhere."""
     lim = tl.where(addr != 0, n, 0)
     if MASK_KIND == 1:

@@ -9,7 +9,7 @@
        R = Norm(I_b) / (Norm(I_l) + eps),   M = tanh(R) (``apply_tanh``) or R,
 
    in float32 and in the reference's order (subtract, add eps, IEEE-rounded division ``tl.div_rn``: a plain ``/``
-   is approximate on NVIDIA GPUs), so R matches ``fastmask.reference.soft_mask`` bit for bit.
+   is approximate on NVIDIA GPUs), so R matches ``fastmask.ops.reference.soft_mask`` bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from fastmask.profiling import phase
+from fastmask.util.profiling import phase
 
 from .multi_tensor import block_lanes, block_size, describe, interpreting, launch_table, same_dense_layout
 
@@ -134,7 +134,7 @@ def soft_mask(
     imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = 1e-10, apply_tanh: bool = True
 ) -> list[Tensor]:
     """Per-tensor M = tanh(Norm(I_b) / (Norm(I_l) + eps)), or the raw ratio, in two Triton launches (same contract as
-    ``fastmask.reference.soft_mask``). Returns float32 masks of the importances' shapes, contiguous."""
+    ``fastmask.ops.reference.soft_mask``). Returns float32 masks of the importances' shapes, contiguous."""
     _check_pairs("soft_mask", imp_bias, imp_loss)
     # Importances are float32 accumulators; anything else is read through a contiguous float32 copy, which is what
     # the reference's x.float() computes on too.
@@ -150,7 +150,7 @@ def soft_mask_(
     imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = 1e-10, apply_tanh: bool = True
 ) -> None:
     """:func:`soft_mask` written into ``imp_bias`` (dense float32 tensors sharing no memory with each other or
-    with ``imp_loss``), as ``fastmask.reference.soft_mask_``."""
+    with ``imp_loss``), as ``fastmask.ops.reference.soft_mask_``."""
     _check_pairs("soft_mask_", imp_bias, imp_loss)
     il = []
     for i, (b, l) in enumerate(zip(imp_bias, imp_loss, strict=True)):

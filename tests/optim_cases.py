@@ -8,7 +8,7 @@ from conftest import OP_BACKENDS
 from hypothesis import strategies as st
 from torch import Tensor
 
-from fastmask.reference import mask_as_float
+from fastmask.ops.reference import mask_as_float
 
 FUSED = tuple(b for b in OP_BACKENDS if b != "reference")
 STEPS = 20

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from fastmask.balance import auc_by_group, extreme_groups, group_balance
+from fastmask.data.balance import extreme_groups, group_balance
+from fastmask.fairness.metrics import auc_by_group
 
 
 def _frame(counts: dict[tuple[int, int], int], extra_attr_values=()) -> pd.DataFrame:

@@ -15,12 +15,17 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastmask import baselines as B
-from fastmask import pipeline
-from fastmask.importance import fisher_importance_two_pass
-from fastmask.losses import SWIFT_BIAS, wbce
-from fastmask.masks import random_mask
-from fastmask.pipeline import BmftConfig, StepConfig, SwiftConfig
+from fastmask.fairness.losses import SWIFT_BIAS, wbce
+from fastmask.masking.importance import fisher_importance_two_pass
+from fastmask.masking.masks import random_mask
+from fastmask.methods import registry
+from fastmask.methods.baselines import ablations as AB
+from fastmask.methods.baselines import bias_proxy as BP
+from fastmask.methods.baselines import fairprune as FP
+from fastmask.methods.baselines import finetune as FT
+from fastmask.methods.configs import BmftConfig, StepConfig, SwiftConfig
+from fastmask.methods.state import Result
+from fastmask.methods.swift import swift
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,7 +114,7 @@ def test_baseline_reads_nothing_and_changes_nothing():
     model = cnn()
     before = state(model)
     ext, bal = Loader(dataset(32, 5, hw=4)), Loader(dataset(48, 6, hw=4))
-    res = B.baseline(model, ext, bal)
+    res = FT.baseline(model, ext, bal)
     assert changed(before, model) == set() and ext.passes == bal.passes == 0
     assert res.method == "baseline" and res.history == []
 
@@ -124,7 +129,7 @@ def test_fullft_data_and_loss(method, data, weights):
     ext, bal = Loader(dataset(32, 5)), Loader(dataset(48, 6))
     model = linear()
     ref = copy.deepcopy(model)
-    res = B.METHODS[method](model, ext, bal, config=B.FullFTConfig(step=plain(1, lr=0.0), beta=0.3))
+    res = registry.METHODS[method](model, ext, bal, config=FT.FullFTConfig(step=plain(1, lr=0.0), beta=0.3))
     used, unused = (bal, ext) if data == "balanced" else (ext, bal)
     assert used.passes == 2 and unused.passes == 0  # one epoch, then the collapse check
     w_l, w_b = weights
@@ -137,8 +142,8 @@ def test_fullft_data_and_loss(method, data, weights):
 def test_fullft_moves_every_parameter(method):
     model = cnn()
     before = state(model)
-    B.METHODS[method](model, Loader(dataset(32, 5, hw=4)), Loader(dataset(48, 6, hw=4)),
-                      config=B.FullFTConfig(step=plain(2, lr=0.05)))
+    registry.METHODS[method](model, Loader(dataset(32, 5, hw=4)), Loader(dataset(48, 6, hw=4)),
+                      config=FT.FullFTConfig(step=plain(2, lr=0.05)))
     assert CNN_PARAMS <= changed(before, model)
     assert all(p.requires_grad for p in model.parameters())
 
@@ -150,7 +155,7 @@ def test_llft_trains_only_the_head_on_balanced_data_with_e_in_eval_mode():
     ext, bal = Loader(dataset(32, 5, hw=4)), Loader(dataset(48, 6, hw=4))
     model = cnn()
     before = state(model)
-    res = B.llft(model, ext, bal, config=B.LLFTConfig(step=StepConfig(2, 0.1, "sgd", 0.9, 5e-4), reinit="zero"))
+    res = FT.llft(model, ext, bal, config=FT.LLFTConfig(step=StepConfig(2, 0.1, "sgd", 0.9, 5e-4), reinit="zero"))
     # E's weights and BatchNorm statistics bit-identical (E frozen and in eval mode); only the head moved
     assert changed(before, model) == CNN_HEAD
     assert ext.passes == 0 and bal.passes == 3
@@ -161,18 +166,18 @@ def test_llft_loss_and_reinit():
     bal = Loader(dataset(48, 6))
     model = linear()
     ref = copy.deepcopy(model)
-    res = B.llft(model, Loader(dataset(32, 5)), bal,
-                 config=B.LLFTConfig(step=plain(1, lr=0.0), beta=0.4, reinit="none"))
+    res = FT.llft(model, Loader(dataset(32, 5)), bal,
+                 config=FT.LLFTConfig(step=plain(1, lr=0.0), beta=0.4, reinit="none"))
     expected = mean_loss(ref, bal.batches, lambda z, y, a: wbce(z, y) + 0.4 * SWIFT_BIAS(z, y, a))
     assert res.history[0]["loss"] == pytest.approx(expected, rel=1e-6)
 
     model = linear()
-    B.llft(model, bal, bal, config=B.LLFTConfig(step=plain(0), reinit="zero"))
+    FT.llft(model, bal, bal, config=FT.LLFTConfig(step=plain(0), reinit="zero"))
     assert torch.count_nonzero(model[3].weight) == 0 and torch.count_nonzero(model[3].bias) == 0
 
     # "reset": the head is drawn afresh from the seeded RNG, as a new nn.Linear built after torch.manual_seed(seed)
     model = linear()
-    B.llft(model, bal, bal, config=B.LLFTConfig(step=plain(0), reinit="reset", seed=7))
+    FT.llft(model, bal, bal, config=FT.LLFTConfig(step=plain(0), reinit="reset", seed=7))
     torch.manual_seed(7)
     fresh = nn.Linear(4, 1)
     assert torch.equal(model[3].weight, fresh.weight) and torch.equal(model[3].bias, fresh.bias)
@@ -192,17 +197,17 @@ def test_signed_proxy_hand_values():
     m01, m00, m11, m10 = 0.75, 0.2, 0.6, 0.25
     spd = (0.9 + 0.2 + 0.6) / 3 - (0.4 + 0.7 + 0.1 + 0.8 + 0.3) / 5
     with torch.no_grad():
-        assert float(B.signed_proxy(z, y, a, "spd")) == pytest.approx(spd, abs=1e-12)
-        assert float(B.signed_proxy(z, y, a, "eod")) == pytest.approx(m01 - m11, abs=1e-12)
-        assert float(B.signed_proxy(z, y, a, "eodds")) == pytest.approx(0.5 * ((m00 - m10) + (m01 - m11)), abs=1e-12)
-        assert float(B.signed_proxy(z, y, 1 - a, "spd")) == pytest.approx(-spd, abs=1e-12)  # signed, not |.|
+        assert float(BP.signed_proxy(z, y, a, "spd")) == pytest.approx(spd, abs=1e-12)
+        assert float(BP.signed_proxy(z, y, a, "eod")) == pytest.approx(m01 - m11, abs=1e-12)
+        assert float(BP.signed_proxy(z, y, a, "eodds")) == pytest.approx(0.5 * ((m00 - m10) + (m01 - m11)), abs=1e-12)
+        assert float(BP.signed_proxy(z, y, 1 - a, "spd")) == pytest.approx(-spd, abs=1e-12)  # signed, not |.|
     # an empty cell is the constant 0, and the result stays attached to the graph
-    out = B.signed_proxy(z, y, torch.zeros_like(a), "eod")
+    out = BP.signed_proxy(z, y, torch.zeros_like(a), "eod")
     assert float(out.detach()) == pytest.approx((0.9 + 0.6 + 0.7 + 0.8 + 0.3) / 5)
     out.backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
     with pytest.raises(ValueError, match="metric"):
-        B.signed_proxy(z, y, a, "eopp")
+        BP.signed_proxy(z, y, a, "eopp")
 
 
 def val_measures(model, ds, metric="eodds"):
@@ -238,14 +243,14 @@ def test_diffgda_loss_is_the_signed_proxy_with_the_initial_bias_sign_on_external
     bias0, _ = val_measures(copy.deepcopy(model), ds_ext)
     assert bias0 != 0
     sign = math.copysign(1.0, bias0)
-    res = B.diffgda(model, ext, bal, config=B.DiffGdaConfig(step=StepConfig(2, 0.0, "adam", 0.0, 0.0)))
+    res = BP.diffgda(model, ext, bal, config=BP.DiffGdaConfig(step=StepConfig(2, 0.0, "adam", 0.0, 0.0)))
     assert bal.passes == 0
-    expected = mean_loss(ref, ext.batches, lambda z, y, a: sign * B.signed_proxy(z, y, a, "eodds"))
+    expected = mean_loss(ref, ext.batches, lambda z, y, a: sign * BP.signed_proxy(z, y, a, "eodds"))
     assert [h["loss"] for h in res.history] == pytest.approx([expected, expected], rel=1e-6)
     assert res.details["sign"] == sign
     # data="balanced" trains on D_r (validation stays on D_e)
     ext, bal = Loader(ds_ext), Loader(dataset(48, 6))
-    B.diffgda(linear(), ext, bal, config=B.DiffGdaConfig(step=StepConfig(2, 0.0, "adam", 0.0, 0.0), data="balanced"))
+    BP.diffgda(linear(), ext, bal, config=BP.DiffGdaConfig(step=StepConfig(2, 0.0, "adam", 0.0, 0.0), data="balanced"))
     assert bal.passes == 3 and ext.passes == 1 + 2  # initial evaluation + one per epoch
 
 
@@ -254,8 +259,8 @@ def test_diffgda_moves_all_parameters_and_keeps_the_least_biased_checkpoint_abov
     model = biased_cnn()
     snapshots = []
     val = Loader(ds_val, on_iter=lambda: snapshots.append(state(model)))
-    res = B.diffgda(model, Loader(ds_ext), Loader(dataset(32, 6, hw=4)), val_loader=val,
-                    config=B.DiffGdaConfig(step=StepConfig(6, 1e-2, "adam", 0.0, 0.0), max_drop=0.2))
+    res = BP.diffgda(model, Loader(ds_ext), Loader(dataset(32, 6, hw=4)), val_loader=val,
+                    config=BP.DiffGdaConfig(step=StepConfig(6, 1e-2, "adam", 0.0, 0.0), max_drop=0.2))
     traj = res.details["trajectory"]
     assert [t["index"] for t in traj] == list(range(7)) and len(snapshots) == 7
     # every parameter moved during the first epoch (all parameters are trained)
@@ -277,8 +282,8 @@ def test_diffgda_keeps_the_unchanged_model_when_no_checkpoint_meets_the_floor(ca
     model = cnn()
     before = state(model)
     with caplog.at_level(logging.WARNING, logger="fastmask.baselines"):
-        res = B.diffgda(model, Loader(dataset(48, 5, hw=4)), Loader(dataset(32, 6, hw=4)),
-                        config=B.DiffGdaConfig(step=StepConfig(2, 3e-2, "adam", 0.0, 0.0), min_performance=1.01))
+        res = BP.diffgda(model, Loader(dataset(48, 5, hw=4)), Loader(dataset(32, 6, hw=4)),
+                        config=BP.DiffGdaConfig(step=StepConfig(2, 3e-2, "adam", 0.0, 0.0), min_performance=1.01))
     assert changed(before, model) == set()
     assert res.details["selected_epoch"] is None and "no candidate" in caplog.text
 
@@ -299,7 +304,7 @@ def fd_saliency(model, batches, sign, layer_idx, eps=1e-6):
             with torch.no_grad():
                 m[layer_idx].weight[c] *= t
                 m[layer_idx].bias[c] *= t
-                vals.append(np.mean([float(B.signed_proxy(m(x.double()), y, a, "eodds")) for x, y, a in batches]))
+                vals.append(np.mean([float(BP.signed_proxy(m(x.double()), y, a, "eodds")) for x, y, a in batches]))
         out.append(sign * (vals[0] - vals[1]) / (2 * eps))
     return out
 
@@ -318,7 +323,7 @@ def test_diffprune_prunes_by_activation_times_gradient_and_changes_only_pruned_c
     static_order = [units[i] for i in np.argsort(-np.array(sal), kind="stable")]
 
     bal = Loader(dataset(32, 6, hw=4))
-    res = B.diffprune(model, ext, bal, config=B.DiffPruneConfig(units_per_step=1, max_steps=3, dynamic=False,
+    res = BP.diffprune(model, ext, bal, config=BP.DiffPruneConfig(units_per_step=1, max_steps=3, dynamic=False,
                                                                  min_performance=-1.0))
     assert bal.passes == 0
     assert [tuple(u) for u in res.details["pruning_order"]] == static_order[:3]
@@ -346,8 +351,8 @@ def test_diffprune_dynamic_recomputes_saliency_after_each_step():
     ds_ext = dataset(48, 5, hw=4)
     ext = Loader(ds_ext)
     model = biased_cnn(3)
-    res = B.diffprune(copy.deepcopy(model), ext, Loader(ds_ext),
-                      config=B.DiffPruneConfig(units_per_step=1, max_steps=2, dynamic=True, min_performance=-1.0))
+    res = BP.diffprune(copy.deepcopy(model), ext, Loader(ds_ext),
+                      config=BP.DiffPruneConfig(units_per_step=1, max_steps=2, dynamic=True, min_performance=-1.0))
     (l1, c1), (l2, c2) = res.details["pruning_order"]
     bias0, _ = val_measures(copy.deepcopy(model), ds_ext)
     sign = math.copysign(1.0, bias0)
@@ -362,8 +367,8 @@ def test_diffprune_dynamic_recomputes_saliency_after_each_step():
 
 
 def test_prunable_layers_are_the_batchnorms_of_e_or_else_its_convs_and_linears():
-    assert [n for n, _ in B.prunable_layers(cnn())] == ["1", "4"]
-    assert [n for n, _ in B.prunable_layers(linear())] == ["1"]
+    assert [n for n, _ in BP.prunable_layers(cnn())] == ["1", "4"]
+    assert [n for n, _ in BP.prunable_layers(linear())] == ["1"]
 
 
 # ---- FairPrune -----------------------------------------------------------------------------------------------------
@@ -397,7 +402,7 @@ def test_fairprune_prunes_smallest_unprivileged_minus_beta_privileged_obd_salien
     priv = 0 if acc[0] >= acc[1] else 1
     f_u, f_p = group_fisher(model, ext.batches, 1 - priv), group_fisher(model, ext.batches, priv)
 
-    res = B.fairprune(model, ext, bal, config=B.FairPruneConfig(ratio=0.25, beta=beta))
+    res = FP.fairprune(model, ext, bal, config=FP.FairPruneConfig(ratio=0.25, beta=beta))
     assert bal.passes == 0 and res.details["privileged_group"] == priv
     expected = copy.deepcopy(before)
     for name, p in before.items():
@@ -423,7 +428,7 @@ def test_fairprune_errors_name_the_missing_group():
     x, y = torch.randn(8, 3, 4, 4), (torch.arange(8) % 2).float()
     only0 = Loader(TensorDataset(x, y, torch.zeros(8, dtype=torch.long)))
     with pytest.raises(ValueError, match="attribute group 1"):
-        B.fairprune(cnn(), only0, only0)
+        FP.fairprune(cnn(), only0, only0)
 
 
 # ---- mask ablations on the pipelines -------------------------------------------------------------------------------
@@ -431,9 +436,9 @@ def test_fairprune_errors_name_the_missing_group():
 
 def test_random_mask_is_swift_with_a_uniform_mask_and_reads_no_mask_data():
     ext, bal = Loader(dataset(32, 5, hw=4)), Loader(dataset(48, 6, hw=4))
-    cfg = B.RandomMaskConfig(step1=plain(2), step2=plain(1), seed=3)
+    cfg = AB.RandomMaskConfig(step1=plain(2), step2=plain(1), seed=3)
     model = cnn()
-    res = B.random_mask_swift(model, ext, bal, config=cfg)
+    res = AB.random_mask_swift(model, ext, bal, config=cfg)
     assert ext.passes == 0 and [h["step"] for h in res.history] == ["step1", "step1", "step2"]
     masks = random_mask(cnn(), 3)  # the mask seed defaults to the run's seed
     assert all(torch.equal(res.masks[n], masks[n]) for n in masks)
@@ -441,7 +446,7 @@ def test_random_mask_is_swift_with_a_uniform_mask_and_reads_no_mask_data():
     assert float(flat.min()) >= 0 and float(flat.max()) < 1  # uniform on [0, 1), not randn
     # the same as calling the SWiFT pipeline with that mask
     ref = cnn()
-    pipeline.swift(ref, Loader(dataset(32, 5, hw=4)), Loader(dataset(48, 6, hw=4)),
+    swift(ref, Loader(dataset(32, 5, hw=4)), Loader(dataset(48, 6, hw=4)),
                    config=SwiftConfig(step1=plain(2), step2=plain(1), seed=3), masks=masks)
     assert changed(state(ref), model) == set()
 
@@ -463,8 +468,8 @@ def test_hard_mask_fine_tunes_fraction_r_of_e_and_fixes_the_rest(fraction):
     ratio = numpy_ratio(ib, il)
     q = np.percentile(np.concatenate([ratio[n].ravel() for n in feature]), 100 * (1 - fraction))
     before = state(model)
-    res = B.hard_mask_swift(model, Loader(ds_ext), Loader(dataset(48, 6, hw=4)),
-                            config=B.HardMaskConfig(fraction=fraction, step1=plain(2, lr=0.05), step2=plain(0)))
+    res = AB.hard_mask_swift(model, Loader(ds_ext), Loader(dataset(48, 6, hw=4)),
+                            config=AB.HardMaskConfig(fraction=fraction, step1=plain(2, lr=0.05), step2=plain(0)))
     n_e = sum(ratio[n].size for n in feature)
     selected = sum(int(res.masks[n].sum()) for n in feature)
     assert abs(selected - fraction * n_e) <= 1
@@ -492,7 +497,7 @@ def test_manual_masks_run_bmft_and_move_only_the_chosen_layers(kind, moving):
     ext, bal = Loader(dataset(32, 5, hw=4)), Loader(dataset(48, 6, hw=4))
     model = cnn()
     before = state(model)
-    res = B.manual_mask_bmft(model, ext, bal, config=B.ManualMaskConfig(kind=kind, impair=plain(2), repair=plain(0)))
+    res = AB.manual_mask_bmft(model, ext, bal, config=AB.ManualMaskConfig(kind=kind, impair=plain(2), repair=plain(0)))
     assert [h["step"] for h in res.history] == ["impair", "impair"] and ext.passes == 2 + 1
     moved_params = changed(before, model) & CNN_PARAMS
     assert moved_params == moving | CNN_HEAD  # the chosen layers, and the head (zeroed)
@@ -510,7 +515,7 @@ def test_finetune_freezes_the_rest_and_reports_each_epoch():
         p.requires_grad_(False)  # a user's own flag, restored afterwards
     seen = []
     feats = {n: p for n, p in model.named_parameters() if n.startswith(("0.", "1."))}
-    hist = B.finetune(model, Loader(dataset(32, 5, hw=4)), feats, plain(3), wbce_weight=1.0, bias_weight=0.0,
+    hist = FT.finetune(model, Loader(dataset(32, 5, hw=4)), feats, plain(3), wbce_weight=1.0, bias_weight=0.0,
                       after_epoch=seen.append)
     assert seen == [1, 2, 3] and [h["epoch"] for h in hist] == [1, 2, 3]
     assert changed(before, model) & CNN_PARAMS == set(feats)
@@ -519,35 +524,37 @@ def test_finetune_freezes_the_rest_and_reports_each_epoch():
 
 
 def test_registry_every_method_runs_with_the_shared_call_shape():
-    assert B.METHODS["swift"] is pipeline.swift and B.METHODS["bmft"] is pipeline.bmft
-    assert set(B.METHODS) == set(B.LABELS) == set(B.DEFAULT_CONFIGS)
+    from fastmask.methods.bmft import bmft
+
+    assert registry.METHODS["swift"].run is swift and registry.METHODS["bmft"].run is bmft
+    assert all(m.name == name and m.label and callable(m.config) for name, m in registry.METHODS.items())
     tiny = {
         "swift": SwiftConfig(step1=plain(1), step2=plain(1)), "bmft": BmftConfig(impair=plain(1), repair=plain(1)),
-        "fullft-rw": B.FullFTConfig(step=plain(1)), "fullft-reg": B.FullFTConfig(step=plain(1)),
-        "fullft-fdr": B.FullFTConfig(step=plain(1)), "llft": B.LLFTConfig(step=plain(1)),
-        "diffgda": B.DiffGdaConfig(step=StepConfig(1, 1e-3, "adam")), "diffprune": B.DiffPruneConfig(max_steps=1),
-        "random-mask": B.RandomMaskConfig(step1=plain(1), step2=plain(1)),
-        "manual-bn": B.ManualMaskConfig(kind="bn", impair=plain(1), repair=plain(1)),
-        "manual-top": B.ManualMaskConfig(kind="shallow_conv", impair=plain(1), repair=plain(1)),
-        **{f"hard-{r:g}": B.HardMaskConfig(fraction=r, step1=plain(1), step2=plain(1)) for r in B.HARD_FRACTIONS},
+        "fullft-rw": FT.FullFTConfig(step=plain(1)), "fullft-reg": FT.FullFTConfig(step=plain(1)),
+        "fullft-fdr": FT.FullFTConfig(step=plain(1)), "llft": FT.LLFTConfig(step=plain(1)),
+        "diffgda": BP.DiffGdaConfig(step=StepConfig(1, 1e-3, "adam")), "diffprune": BP.DiffPruneConfig(max_steps=1),
+        "random-mask": AB.RandomMaskConfig(step1=plain(1), step2=plain(1)),
+        "manual-bn": AB.ManualMaskConfig(kind="bn", impair=plain(1), repair=plain(1)),
+        "manual-top": AB.ManualMaskConfig(kind="shallow_conv", impair=plain(1), repair=plain(1)),
+        **{f"hard-{r:g}": AB.HardMaskConfig(fraction=r, step1=plain(1), step2=plain(1)) for r in registry.HARD_FRACTIONS},
     }
-    for name, fn in B.METHODS.items():
+    for name, fn in registry.METHODS.items():
         res = fn(cnn(), Loader(dataset(32, 5, hw=4)), Loader(dataset(32, 6, hw=4)), config=tiny.get(name),
                  progress=False)
-        assert isinstance(res, pipeline.Result), name
+        assert isinstance(res, Result), name
     # the hard-mask presets default to their fraction, the manual presets to their kind
-    assert B.DEFAULT_CONFIGS["hard-0.3"]().fraction == 0.3
-    assert B.DEFAULT_CONFIGS["manual-top"]().kind == "shallow_conv"
+    assert registry.METHODS["hard-0.3"].config().fraction == 0.3
+    assert registry.METHODS["manual-top"].config().kind == "shallow_conv"
 
 
 def test_config_errors_name_the_setting():
     with pytest.raises(ValueError, match="metric"):
-        B.DiffGdaConfig(metric="auc")
+        BP.DiffGdaConfig(metric="auc")
     with pytest.raises(ValueError, match="ratio"):
-        B.FairPruneConfig(ratio=1.5)
+        FP.FairPruneConfig(ratio=1.5)
     with pytest.raises(ValueError, match="fraction"):
-        B.HardMaskConfig(fraction=-0.1)
+        AB.HardMaskConfig(fraction=-0.1)
     with pytest.raises(ValueError, match="reinit"):
-        B.LLFTConfig(reinit="random")
+        FT.LLFTConfig(reinit="random")
     with pytest.raises(ValueError, match="units_per_step"):
-        B.DiffPruneConfig(units_per_step=0)
+        BP.DiffPruneConfig(units_per_step=0)

@@ -24,12 +24,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
-from fastmask.checkpoint import build_model, load_weights
-from fastmask.cli import main
-from fastmask.data import ShardIndex
-from fastmask.masks import load_masks
-from fastmask.pipeline import BmftConfig
-from fastmask.workflow import method_config
+from fastmask.app.cli import main
+from fastmask.data.shards import ShardIndex
+from fastmask.masking.masks import load_masks
+from fastmask.methods.configs import BmftConfig, method_config
+from fastmask.model.weights import build_model, load_weights
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -236,7 +235,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, runs, tmp_
 
 
 def test_a_crash_inside_the_first_epoch_resumes_from_the_saved_mask(data, runs, tmp_path, monkeypatch):
-    from fastmask import workflow
+    from fastmask.app import debias as workflow
 
     real_iter = workflow._Tracked.__iter__
 

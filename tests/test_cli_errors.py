@@ -13,7 +13,7 @@ import pytest
 import torch
 from cli_helpers import TinyCNN, make_dataset, tiny_weights
 
-from fastmask.cli import main
+from fastmask.app.cli import main
 
 
 @dataclass

@@ -15,9 +15,11 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastmask import baselines, cli, compare
-from fastmask.baselines import FullFTConfig
-from fastmask.pipeline import Result, StepConfig
+from fastmask.app import cli, compare
+from fastmask.methods import registry
+from fastmask.methods.baselines.finetune import FullFTConfig
+from fastmask.methods.configs import StepConfig
+from fastmask.methods.state import Result
 
 METRICS = ("auc", "spd", "eodds")
 
@@ -160,9 +162,7 @@ def test_each_method_gets_the_run_seed_fresh_loaders_and_its_own_model_copy(tmp_
                 p.zero_()  # a method that wrecks its copy must not affect the next method
         return Result("spy", config, {})
 
-    monkeypatch.setitem(baselines.METHODS, "spy", spy)
-    monkeypatch.setitem(baselines.LABELS, "spy", "Spy")
-    monkeypatch.setitem(baselines.DEFAULT_CONFIGS, "spy", SpyConfig)
+    monkeypatch.setitem(registry.METHODS, "spy", registry.Method("spy", "Spy", spy, SpyConfig))
     compare.main(methods=["spy", "baseline"], seeds=[3, 5], out=tmp_path, data="tiny", progress=False)
     assert seen == [(3, 2, 2), (5, 2, 2)]  # the default config's seed 42 replaced by the run's seed
     source = tiny[0]
@@ -182,7 +182,7 @@ def test_one_seed_prints_means_without_std(tmp_path, tiny):
     assert table.auc_std.isna().all() and (table.n_seeds == 1).all()
 
 
-def test_argument_errors_name_the_culprit(tmp_path):
+def test_argument_errors_name_the_culprit(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         compare.check_arguments(["swift", "nope"], [0])
     with pytest.raises(ValueError, match="seeds must be distinct"):
@@ -191,10 +191,10 @@ def test_argument_errors_name_the_culprit(tmp_path):
         compare.check_arguments(None, [])
     with pytest.raises(ValueError, match="unknown data source 'mine'"):
         compare.check_arguments(None, [0], "mine")
-    assert compare.check_arguments(["all"], [0]) == list(baselines.METHODS)
+    assert compare.check_arguments(["all"], [0]) == list(registry.METHODS)
     assert compare.check_arguments(None, [0]) == list(compare.DEFAULT_METHODS)
-    with pytest.raises(SystemExit, match="unknown method 'nope'"):
-        cli.main(["compare", "--methods", "nope", "--out", str(tmp_path)])
+    assert cli.main(["compare", "--methods", "nope", "--out", str(tmp_path)]) == 1
+    assert "fastmask compare: error: unknown method 'nope'" in capsys.readouterr().err
 
 
 def test_cli_on_the_demo_benchmark(tmp_path, capsys):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from fastmask.demo import digits_benchmark, loaders, stream
+from fastmask.app.demo import digits_benchmark, loaders, stream
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
@@ -90,7 +90,7 @@ METRICS = {"auc", "acc", "spd", "eodds", "worst_group_auc"}
 def run_demo(seed, tmp_path):
     path = tmp_path / f"demo{seed}.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "fastmask.cli", "demo", "--seed", str(seed), "--json", str(path), "--no-progress"],
+        [sys.executable, "-m", "fastmask", "demo", "--seed", str(seed), "--json", str(path), "--no-progress"],
         capture_output=True, text=True, check=True, timeout=600,
     )
     return json.loads(path.read_text()), proc.stdout

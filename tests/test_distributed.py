@@ -17,8 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from fastmask import distributed
-from fastmask.pipeline import BmftConfig, StepConfig, SwiftConfig, bmft, swift
+from fastmask.methods.bmft import bmft
+from fastmask.methods.configs import BmftConfig, StepConfig, SwiftConfig
+from fastmask.methods.swift import swift
+from fastmask.parallel import ddp
 
 WORLD = 2
 BATCH = 16  # global batch; 8 samples per rank
@@ -74,7 +76,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         bn = nn.BatchNorm1d(3)
         bn.running_mean.fill_(rank + 1.0)
         bn.num_batches_tracked.fill_(10 * (rank + 1))
-        distributed.broadcast_buffers(bn)
+        ddp.broadcast_buffers(bn)
         results["bn"] = {k: v.clone() for k, v in bn.state_dict().items()}
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -125,7 +127,7 @@ def free_port() -> int:
 
 
 def test_fastmask_debias_under_torchrun(tmp_path: Path) -> None:
-    """`torchrun --nproc-per-node 2 -m fastmask.cli debias` on tiny shards: the mask and train loaders split the
+    """`torchrun --nproc-per-node 2 -m fastmask debias` on tiny shards: the mask and train loaders split the
     external set by rank (each pass reads about half of it on rank 0), every rank evaluates the whole test fold, and
     rank 0 alone writes the outputs and prints the summary. TinyCNN has BatchNorm in train mode, so no equality with a
     one-process run is claimed here (that is the test above)."""
@@ -137,7 +139,7 @@ def test_fastmask_debias_under_torchrun(tmp_path: Path) -> None:
 
     from cli_helpers import make_dataset, tiny_weights
 
-    from fastmask.cli import main
+    from fastmask.app.cli import main
 
     table = make_dataset(tmp_path, n=48, n_test=16)
     tiny_weights(tmp_path / "weights.pt", seed=0)
@@ -148,7 +150,7 @@ def test_fastmask_debias_under_torchrun(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "fastmask.cli", "debias",
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "fastmask", "debias",
          "--model", "cli_helpers:TinyCNN", "--weights", str(tmp_path / "weights.pt"),
          "--shards", str(tmp_path / "shards"),
          "--attr", "tint", "--test-fold", "test", "--method", "bmft", "--rate", "60", "--epochs1", "1",

@@ -20,8 +20,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_distributed import make_batches, make_model, rank_batches
 
-from fastmask import distributed
-from fastmask.pipeline import StepConfig, bmft, swift
+from fastmask.methods.bmft import bmft
+from fastmask.methods.configs import StepConfig
+from fastmask.methods.swift import swift
+from fastmask.parallel import fsdp
 
 WORLD = 2
 METHODS = ("swift", "bmft")
@@ -57,7 +59,7 @@ def _fsdp_run(method: str, batches: list) -> dict:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    assert distributed.is_sharded(model)
+    assert fsdp.is_sharded(model)
     result = (swift if method == "swift" else bmft)(model, batches, batches, config=configs()[method])
     return {"masks": {k: v.clone() for k, v in result.masks.items()},
             "weights": {k: p.full_tensor().detach().clone() for k, p in model.named_parameters()},

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_percentile import DTYPES, METHODS, assert_same, has_mixed_zeros, make_values, numpy_percentile, split
 
-from fastmask import distributed
+from fastmask.parallel import percentile as parallel
 
 WORLD = 2
 CASES = [  # (dtype, kind, sizes on rank 0, sizes on rank 1)
@@ -43,16 +43,16 @@ def _worker(rank: int, port: int) -> None:
             gathered = [t for r in range(WORLD) for t in shard(case, r)]  # the data every rank holds, together
             for q in QS:
                 for method in METHODS:
-                    got = distributed.percentile(shard(case, rank), q, method)
+                    got = parallel.percentile(shard(case, rank), q, method)
                     assert_same(got, numpy_percentile(gathered, q, method), not has_mixed_zeros(gathered))
         # NaN on rank 1 only: both ranks raise, neither hangs in a collective
         local = [torch.ones(10), torch.full((4, 2), math.nan) if rank == 1 else torch.ones(3)]
         expected = r"NaN on rank\(s\) \[1\]" + (r".*tensors\[1\] \(shape \[4, 2\]" if rank else "")
         with pytest.raises(ValueError, match=expected):
-            distributed.percentile(local, 50.0)
+            parallel.percentile(local, 50.0)
         # different dtypes on the ranks
         with pytest.raises(TypeError, match="different dtypes"):
-            distributed.percentile([torch.ones(3, dtype=torch.float64 if rank else torch.float32)], 50.0)
+            parallel.percentile([torch.ones(3, dtype=torch.float64 if rank else torch.float32)], 50.0)
     finally:
         dist.destroy_process_group()
 
@@ -73,5 +73,5 @@ def test_two_process_gloo_matches_numpy_on_gathered_data():
        seed=st.integers(0, 2**32 - 1), q=st.floats(0.0, 100.0), method=st.sampled_from(METHODS))
 def test_without_process_group_is_the_local_percentile(dtype, kind, sizes, seed, q, method):
     tensors = split(make_values(np.random.default_rng(seed), sum(sizes), dtype, kind), sizes)
-    assert_same(distributed.percentile(tensors, q, method), numpy_percentile(tensors, q, method),
+    assert_same(parallel.percentile(tensors, q, method), numpy_percentile(tensors, q, method),
                 not has_mixed_zeros(tensors))

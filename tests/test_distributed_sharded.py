@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastmask import distributed, masks
+from fastmask.masking import masks
+from fastmask.parallel import fsdp
 
 WORLD = 2
 RATE = 60.0
@@ -79,10 +80,10 @@ def _worker(rank: int, port: int, out: str) -> None:
 
         dist.all_reduce = counting
         try:
-            ratio = distributed.sharded_soft_mask(mine_b, mine_l, apply_tanh=False)
+            ratio = fsdp.sharded_soft_mask(mine_b, mine_l, apply_tanh=False)
         finally:
             dist.all_reduce = real
-        soft = distributed.sharded_soft_mask(mine_b, mine_l)
+        soft = fsdp.sharded_soft_mask(mine_b, mine_l)
         # the dict-level API of fastmask.masks, keyed by parameter name, on the same pieces
         pieces_b, pieces_l = dict(zip(names, mine_b, strict=True)), dict(zip(names, mine_l, strict=True))
         by_name = masks.importance_ratio(pieces_b, pieces_l, sharded=True)
@@ -90,12 +91,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         kept = [n for n in names if n != "nan"]
         b_kept, l_kept = {n: pieces_b[n] for n in kept}, {n: pieces_l[n] for n in kept}
         features = [n for n in kept if n in FEATURE]
-        hard = masks.hard_mask(b_kept, l_kept, features, RATE, sharded=True)
-        inclusive = masks.hard_mask(b_kept, l_kept, features, RATE, inclusive=True, sharded=True)
+        hard = masks.bmft_mask(b_kept, l_kept, features, RATE, sharded=True)
+        inclusive = masks.bmft_mask(b_kept, l_kept, features, RATE, inclusive=True, sharded=True)
         # the NaN in rank 1's piece makes that whole tensor's ratio NaN on both ranks (its bounds are NaN)
         with pytest.raises(ValueError, match=r"NaN on rank\(s\) \[0, 1\]"):
-            masks.hard_mask(pieces_b, pieces_l, FEATURE, RATE, sharded=True)
-        sums = distributed.shard_sums([m.float() for m in hard.values()])  # SWiFT's head re-init means
+            masks.bmft_mask(pieces_b, pieces_l, FEATURE, RATE, sharded=True)
+        sums = fsdp.shard_sums([m.float() for m in hard.values()])  # SWiFT's head re-init means
         torch.save({"ratio": ratio, "soft": soft, "hard": hard, "inclusive": inclusive, "calls": calls,
                     "kept": kept, "sums": sums}, Path(out) / f"rank{rank}.pt")
     finally:
@@ -119,7 +120,7 @@ def test_sharded_masks_equal_the_full_tensors_masks(tmp_path: Path) -> None:
     assert piece(imp_b["rank1_empty"], "rank1_empty", 1).numel() == 0
     assert piece(imp_b["head.weight"], "head.weight", 1).shape == (0, 8)
     ratio = masks.importance_ratio(imp_b, imp_l)  # the single-process masks (fused kernels) are the oracle
-    soft = masks.soft_mask(imp_b, imp_l)
+    soft = masks.swift_mask(imp_b, imp_l)
     for i, (name, (shape, _, _)) in enumerate(LAYOUT.items()):
         got = _joined(parts, "ratio", i, shape)
         assert torch.equal(got.isnan(), ratio[name].isnan()), name
@@ -133,7 +134,7 @@ def test_sharded_masks_equal_the_full_tensors_masks(tmp_path: Path) -> None:
     full_b, full_l = {n: imp_b[n] for n in kept}, {n: imp_l[n] for n in kept}
     features = [n for n in kept if n in FEATURE]
     for key, inclusive in (("hard", False), ("inclusive", True)):
-        expected = masks.hard_mask(full_b, full_l, features, rate=RATE, inclusive=inclusive)
+        expected = masks.bmft_mask(full_b, full_l, features, rate=RATE, inclusive=inclusive)
         selected = sum(int(m.sum()) for m in expected.values())
         assert 0 < selected < sum(m.numel() for m in expected.values())
         for name in kept:
@@ -149,12 +150,12 @@ def test_sharded_masks_equal_the_full_tensors_masks(tmp_path: Path) -> None:
 def test_without_process_group_is_the_single_process_mask() -> None:
     imp_b, imp_l = full_importances()
     names = list(LAYOUT)
-    got = distributed.sharded_soft_mask([imp_b[n] for n in names], [imp_l[n] for n in names], apply_tanh=False)
+    got = fsdp.sharded_soft_mask([imp_b[n] for n in names], [imp_l[n] for n in names], apply_tanh=False)
     expected = masks.importance_ratio(imp_b, imp_l)
     for name, r in zip(names, got, strict=True):
         assert torch.equal(r.nan_to_num(), expected[name].nan_to_num()) and torch.equal(r.isnan(),
                                                                                          expected[name].isnan())
-    lo, hi = distributed.global_min_max([torch.tensor([2.0, -1.0]), torch.empty(0), torch.tensor([math.nan, 1.0])])
+    lo, hi = fsdp.global_min_max([torch.tensor([2.0, -1.0]), torch.empty(0), torch.tensor([math.nan, 1.0])])
     assert lo[0] == -1.0 and hi[0] == 2.0
     assert lo[1] == math.inf and hi[1] == -math.inf
     assert lo[2].isnan() and hi[2].isnan()
@@ -162,6 +163,6 @@ def test_without_process_group_is_the_single_process_mask() -> None:
 
 def test_bad_input_names_the_tensor() -> None:
     with pytest.raises(ValueError, match="tensor 1 has I_b shard shape"):
-        distributed.sharded_soft_mask([torch.ones(2), torch.ones(3)], [torch.ones(2), torch.ones(4)])
+        fsdp.sharded_soft_mask([torch.ones(2), torch.ones(3)], [torch.ones(2), torch.ones(4)])
     with pytest.raises(ValueError, match="2 I_b tensors but 1 I_l"):
-        distributed.sharded_soft_mask([torch.ones(2), torch.ones(3)], [torch.ones(2)])
+        fsdp.sharded_soft_mask([torch.ones(2), torch.ones(3)], [torch.ones(2)])

@@ -14,7 +14,8 @@ from conftest import OP_BACKENDS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastmask import ops, reference
+from fastmask import ops
+from fastmask.ops import reference
 
 GRAD_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = {"1": [(1,)], "33": [(33,)], "4097": [(4097,)], "5x123x123": [(5, 123, 123)]}

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastmask.importance import fisher_importance, fisher_importance_two_pass
-from fastmask.losses import BMFT_BIAS, SWIFT_BIAS, BiasSpec
+from fastmask.fairness.losses import BMFT_BIAS, SWIFT_BIAS, BiasSpec
+from fastmask.masking.importance import fisher_importance, fisher_importance_two_pass
 
 
 def tiny_cnn(seed: int = 0) -> nn.Module:

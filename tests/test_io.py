@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmask.io import atomic_write_bytes
+from fastmask.util.files import atomic_write_bytes
 
 
 def test_writes_bytes_with_the_umask_permissions(tmp_path: Path) -> None:

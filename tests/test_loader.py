@@ -17,17 +17,11 @@ import torch
 from PIL import Image
 from test_shards import make_images
 
-from fastmask.data import (
-    ImageTableDataset,
-    ImageTransform,
-    ShardIndex,
-    ShardReadError,
-    augment,
-    decode_image,
-    make_loader,
-    normalize_batch,
-    write_shards,
-)
+from fastmask.data.image_table import ImageTableDataset
+from fastmask.data.loader import make_loader
+from fastmask.data.shards import ShardIndex, write_shards
+from fastmask.data.stats import ShardReadError
+from fastmask.data.transforms import ImageTransform, augment, decode_image, normalize_batch
 
 SIZE = 8
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -183,7 +177,7 @@ def test_keys_mapping_counts(shards):
 
 def test_group_balanced_set_from_the_index(shards):
     # The wiring the pipeline uses: balance the index's table, stream the balanced rows by key.
-    from fastmask.balance import group_balance
+    from fastmask.data.balance import group_balance
 
     table, _, out = shards
     index = ShardIndex.load(out)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastmask.losses import BMFT_BIAS, BMFT_PAPER_BIAS, SWIFT_BIAS, BiasSpec, bias_loss, combined_loss, wbce
+from fastmask.fairness.losses import BMFT_BIAS, BMFT_PAPER_BIAS, SWIFT_BIAS, BiasSpec, bias_loss, combined_loss, wbce
 
 FORMS = ["eodds_abs", "eodds_sum", "eodds_avgodds", "eopp", "spd"]
 SPACES = ["log", "prob", "logit"]

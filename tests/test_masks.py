@@ -7,20 +7,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastmask.importance import fisher_importance
-from fastmask.losses import BMFT_BIAS, SWIFT_BIAS
-from fastmask.masks import (
-    hard_mask,
-    hard_mask_fraction,
+from fastmask.fairness.losses import BMFT_BIAS, SWIFT_BIAS
+from fastmask.masking.importance import fisher_importance
+from fastmask.masking.masks import (
+    bmft_mask,
+    fraction_mask,
     importance_ratio,
     load_masks,
     manual_mask,
     mask_fraction,
     random_mask,
     save_masks,
-    soft_mask,
+    swift_mask,
 )
-from fastmask.models import split_head
+from fastmask.model.head import split_head
 
 
 class Scale(nn.Module):
@@ -91,7 +91,7 @@ def test_faithful_swift_soft_mask_hand_computed():
     g = hand_gradients("swift")
     model = scale_linear_model(S, W, B)
     ib, il, _ = fisher_importance(model, loader(), bias=SWIFT_BIAS)
-    masks = soft_mask(ib, il)
+    masks = swift_mask(ib, il)
     for name in ("0.s", "1.weight", "1.bias"):
         i_b, i_l = g["b"][name] ** 2, g["l"][name] ** 2  # one batch: I = g²
         expected = np.tanh(norm(i_b) / (norm(i_l) + 1e-10))
@@ -108,7 +108,7 @@ def test_faithful_bmft_hard_mask_hand_computed():
     model = scale_linear_model(S, W, B)
     _, _, feat = split_head(model)
     ib, il, _ = fisher_importance(model, loader(), bias=BMFT_BIAS)
-    masks = hard_mask(ib, il, feat, rate=50)
+    masks = bmft_mask(ib, il, feat, rate=50)
     r = norm(g["b"]["0.s"] ** 2) / (norm(g["l"]["0.s"] ** 2) + 1e-10)
     alpha = np.median(r)  # rate 50 over the 3 feature elements = the middle one
     np.testing.assert_array_equal(masks["0.s"].numpy(), r > alpha)
@@ -129,7 +129,7 @@ def random_importances(seed=0):
 def test_hard_mask_rate_is_a_percentile_rate(rate):
     ib, il = random_importances()
     feat = ["conv.weight", "bn.weight", "bn.bias"]
-    masks = hard_mask(ib, il, feat, rate=rate)
+    masks = bmft_mask(ib, il, feat, rate=rate)
     r = importance_ratio(ib, il)
     flat = np.concatenate([r[n].reshape(-1).numpy() for n in feat])
     alpha = np.percentile(flat, rate)
@@ -137,7 +137,7 @@ def test_hard_mask_rate_is_a_percentile_rate(rate):
         np.testing.assert_array_equal(masks[n].numpy(), r[n].numpy() > alpha)
     assert abs(mask_fraction(masks, feat) - (1 - rate / 100)) < 1.5 / flat.size + 1e-9
     assert not masks["fc.weight"].any()
-    incl = hard_mask(ib, il, feat, rate=rate, inclusive=True)
+    incl = bmft_mask(ib, il, feat, rate=rate, inclusive=True)
     assert mask_fraction(incl, feat) >= mask_fraction(masks, feat)
 
 
@@ -145,15 +145,15 @@ def test_overwrite_writes_the_same_masks_into_imp_bias():
     """overwrite=True (what the pipeline uses) returns I_b's own tensors holding what overwrite=False returns."""
     ib, il = random_importances()
     feat = ["conv.weight", "bn.weight", "bn.bias"]
-    for fn, args in ((soft_mask, ()), (importance_ratio, ()), (hard_mask, (feat,))):
+    for fn, args in ((swift_mask, ()), (importance_ratio, ()), (bmft_mask, (feat,))):
         want = fn(ib, il, *args)
         mine = {n: t.clone() for n, t in ib.items()}
         got = fn(mine, il, *args, overwrite=True)
         for n in ib:
             assert torch.equal(got[n], want[n]), (fn.__name__, n)
-            if fn is not hard_mask:
+            if fn is not bmft_mask:
                 assert got[n] is mine[n]
-        if fn is hard_mask:
+        if fn is bmft_mask:
             assert all(torch.equal(mine[n], r) for n, r in importance_ratio(ib, il).items())  # I_b now holds R
 
 
@@ -165,7 +165,7 @@ def test_constant_tensor_gives_no_nan():
     r = importance_ratio(ib, il)
     assert not any(torch.isnan(t).any() for t in r.values())
     torch.testing.assert_close(r["bn.bias"], torch.full((8,), 0.25 / (0.5 + 1e-10)))
-    masks = hard_mask(ib, il, ["conv.weight", "bn.weight", "bn.bias"])
+    masks = bmft_mask(ib, il, ["conv.weight", "bn.weight", "bn.bias"])
     assert masks["conv.weight"].any()
 
 
@@ -174,13 +174,13 @@ def test_hard_mask_fraction(fraction):
     ib, il = random_importances(1)
     feat = ["conv.weight", "bn.weight", "bn.bias"]
     r = importance_ratio(ib, il)
-    masks = hard_mask_fraction(r, fraction, feat)
+    masks = fraction_mask(r, fraction, feat)
     flat = np.concatenate([r[n].reshape(-1).numpy() for n in feat])
     q = np.percentile(flat, 100 * (1 - fraction))
     assert abs(mask_fraction(masks, feat) - fraction) < 1.5 / flat.size + 1e-9
     np.testing.assert_array_equal(masks["fc.weight"].numpy(), r["fc.weight"].numpy() > q)  # head: same threshold
     with pytest.raises(ValueError, match="fraction"):
-        hard_mask_fraction(r, 1.5, feat)
+        fraction_mask(r, 1.5, feat)
 
 
 def test_random_mask_uniform_and_seeded():

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from fastmask import memory
+from fastmask.util import memory
 
 MB = 2**20
 

@@ -20,7 +20,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from fastmask import metrics as M
+from fastmask.fairness import metrics as M
 
 
 def _random(seed: int, n: int = 200, groups: int = 2):
@@ -78,7 +78,7 @@ def test_auc_acc_match_sklearn(seed):
 
 def test_threshold_half_predicts_zero():
     # np.round(0.5) == 0: p = 0.5 is a negative prediction.
-    assert M.predict(np.array([0.5, 0.5000001, 0.49, 1.0, 0.0])).tolist() == [0, 1, 0, 1, 0]
+    assert M.hard_predictions(np.array([0.5, 0.5000001, 0.49, 1.0, 0.0])).tolist() == [0, 1, 0, 1, 0]
     assert M.acc([0, 1], [0.5, 0.5]) == 0.5
 
 

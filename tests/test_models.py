@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastmask.models import find_head_name, split_head
+from fastmask.model.head import find_head_name, split_head
 
 
 class TorchvisionResNetLike(nn.Module):

@@ -11,9 +11,11 @@ from conftest import linear
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastmask.losses import BMFT_BIAS, SWIFT_BIAS, wbce
-from fastmask.masks import random_mask
-from fastmask.pipeline import BmftConfig, StepConfig, SwiftConfig, bmft, reinit_head, swift
+from fastmask.fairness.losses import BMFT_BIAS, SWIFT_BIAS, wbce
+from fastmask.masking.masks import random_mask
+from fastmask.methods.bmft import bmft
+from fastmask.methods.configs import BmftConfig, StepConfig, SwiftConfig
+from fastmask.methods.swift import reinit_head, swift
 
 
 def cnn(seed: int = 0) -> nn.Module:

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fastmask.data import ShardIndex, read_table, write_shards
-from fastmask.data.shards import TarFormatError, iter_tar_members
+from fastmask.data.shards import ShardIndex, read_table, write_shards
+from fastmask.data.tar import TarFormatError, iter_tar_members
 
 
 def make_images(root: Path, n: int = 20, seed: int = 0, size: tuple[int, int] = (18, 14)) -> pd.DataFrame:

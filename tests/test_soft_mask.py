@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fastmask import ops, reference
+from fastmask import ops
+from fastmask.ops import reference
 
 EPS = np.float32(reference.NORM_EPS)
 TANH_RTOL = 3 * 2.0**-23

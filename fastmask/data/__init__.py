@@ -1,32 +1,6 @@
-"""fastmask's data layer: WebDataset shards from a metadata table, the streaming loader, the papers' transforms.
-
-Every loader yields the project's batch contract ``(x, y, a)``: x float32 [B, 3, H, W] (ImageNet-normalised),
-y float32 [B] in {0, 1}, a int64 [B].
-"""
-
-from .loader import ImageTableDataset, LoaderStats, ShardLoader, ShardReadError, SkipRecord, attr_code, make_loader
-from .shards import ShardIndex, ShardInfo, atomic_write_bytes, check_table, read_table, sample_keys, write_shards
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, augment, decode_image, normalize_batch
-
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "ImageTableDataset",
-    "ImageTransform",
-    "LoaderStats",
-    "ShardIndex",
-    "ShardInfo",
-    "ShardLoader",
-    "ShardReadError",
-    "SkipRecord",
-    "atomic_write_bytes",
-    "attr_code",
-    "augment",
-    "check_table",
-    "decode_image",
-    "make_loader",
-    "normalize_batch",
-    "read_table",
-    "sample_keys",
-    "write_shards",
-]
+"""The data layer: WebDataset shards from a metadata table (:mod:`~fastmask.data.shards`, read by
+:mod:`~fastmask.data.tar`), the streaming loader (:mod:`~fastmask.data.loader`, with :mod:`~fastmask.data.stats`),
+a map-style dataset over an image table (:mod:`~fastmask.data.image_table`), the papers' transforms
+(:mod:`~fastmask.data.transforms`), group balancing and the multi-attribute reduction
+(:mod:`~fastmask.data.balance`), stratified splits (:mod:`~fastmask.data.splits`) and the batch contract
+(:mod:`~fastmask.data.batch`). It imports nothing of fastmask but :mod:`fastmask.util`."""

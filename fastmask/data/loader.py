@@ -1,4 +1,4 @@
-"""The streaming loader over fastmask shards, and a map-style loader over an image table.
+"""The streaming loader over fastmask shards.
 
 Every batch is the project's contract ``(x, y, a)``: x float32 [B, 3, H, W] normalised with the ImageNet mean and
 std, y float32 [B] in {0, 1}, a int64 [B] (the chosen attribute); ``(x, y, a, keys)`` with ``return_keys=True``.
@@ -44,7 +44,6 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,124 +55,13 @@ import webdataset as wds
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from .shards import IMAGE_EXTENSIONS, ShardIndex, check_table, iter_tar_members, read_table, sample_keys
-from .transforms import ImageTransform
-
-__all__ = [
-    "ImageTableDataset",
-    "LoaderStats",
-    "ShardLoader",
-    "ShardReadError",
-    "SkipRecord",
-    "attr_code",
-    "make_loader",
-]
+from fastmask.data.batch import attr_code
+from fastmask.data.shards import IMAGE_EXTENSIONS, ShardIndex
+from fastmask.data.stats import LoaderStats, ShardReadError, SkipRecord
+from fastmask.data.tar import iter_tar_members
+from fastmask.data.transforms import ImageTransform
 
 log = logging.getLogger("fastmask.data")
-
-
-class ShardReadError(RuntimeError):
-    """A damaged shard or sample under ``strict=True``; the message names the shard and the key."""
-
-
-@dataclass
-class SkipRecord:
-    """One kind of damage at one place.
-
-    Args:
-        reason: ``decode`` (image bytes do not decode), ``metadata`` (JSON unreadable or without the label /
-            attribute), ``incomplete`` (image or JSON member missing), ``shard`` (shard cannot be opened or ends
-            early), ``missing`` (keys of the index not in their shard).
-        shard: shard file name.
-        key: the sample key (for ``shard`` / ``missing``: the first key not read), or None.
-        detail: the underlying error.
-        samples: planned sample occurrences lost.
-    """
-
-    reason: str
-    shard: str
-    key: str | None
-    detail: str
-    samples: int = 1
-
-
-@dataclass
-class LoaderStats:
-    """What one epoch of a :class:`ShardLoader` delivered and what it skipped (``loader.stats``)."""
-
-    epoch: int = 0
-    rank: int = 0
-    world_size: int = 1
-    planned: int = 0
-    samples: int = 0
-    batches: int = 0
-    passes: int = 0
-    records: list[SkipRecord] = field(default_factory=list)
-
-    @property
-    def skipped(self) -> int:
-        """Planned sample occurrences that were not delivered because of damage."""
-        return sum(r.samples for r in self.records)
-
-    def by_reason(self) -> dict[str, int]:
-        out: Counter[str] = Counter()
-        for r in self.records:
-            out[r.reason] += r.samples
-        return dict(out)
-
-    def add(self, record: SkipRecord) -> None:
-        # The same damage met again (a duplicated key, a later pass) adds to one record.
-        for r in self.records:
-            if (r.reason, r.shard, r.key) == (record.reason, record.shard, record.key):
-                r.samples += record.samples
-                return
-        self.records.append(record)
-
-    def summary(self, limit: int = 5) -> str:
-        head = (
-            f"epoch {self.epoch} rank {self.rank}/{self.world_size}: {self.samples} samples in {self.batches} "
-            f"batches ({self.passes} pass{'es' if self.passes != 1 else ''}, {self.planned} planned)"
-        )
-        if not self.records:
-            return head + "; nothing skipped"
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.by_reason().items()))
-        where = "; ".join(
-            f"{r.shard} key {r.key}: {r.reason}: {r.detail}" if r.key else f"{r.shard}: {r.reason}: {r.detail}"
-            for r in self.records[:limit]
-        )
-        more = f"; ... {len(self.records) - limit} more" if len(self.records) > limit else ""
-        return f"{head}; skipped {self.skipped} ({reasons}): {where}{more}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "planned": self.planned,
-            "samples": self.samples,
-            "batches": self.batches,
-            "passes": self.passes,
-            "skipped": self.skipped,
-            "by_reason": self.by_reason(),
-            "records": [vars(r).copy() for r in self.records],
-        }
-
-
-def attr_code(value: Any, attr: str, attr_map: Mapping[Any, int] | None, where: str) -> int:
-    """The integer group of an attribute value: ``attr_map[value]``, or the value itself when it is integral."""
-    if attr_map is not None:
-        if value in attr_map:
-            return int(attr_map[value])
-        if isinstance(value, str) or str(value) not in attr_map:
-            raise ValueError(
-                f"{where}: attribute {attr!r} value {value!r} is not in attr_map (known: {sorted(map(str, attr_map))})"
-            )
-        return int(attr_map[str(value)])
-    if isinstance(value, (bool, int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return int(value)
-    raise ValueError(f"{where}: attribute {attr!r} value {value!r} is not an integer group; pass attr_map")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -721,71 +609,4 @@ def make_loader(
         return_keys=return_keys,
     )
 
-
-class ImageTableDataset(torch.utils.data.Dataset):
-    """Map-style dataset over a metadata table, one image file read per item, returning the same triple
-    ``(x [3, H, W], y, a)`` as the streaming loader's batches (``default_collate`` stacks them).
-
-    For users without shards, and the benchmark's peer. Augmentation draws are seeded per item by
-    (seed, epoch, position), so they do not depend on the worker that loads the item; ``set_epoch`` changes them.
-
-    Args:
-        table: DataFrame (or CSV / parquet path) with image path, label and attribute columns.
-        image_root: directory that relative image paths are resolved against.
-        image_size, train, center_crop, transform: as for :func:`make_loader`.
-        attr: the attribute column that becomes ``a``; attr_map: value -> int group.
-        image_col, label_col: column names.
-        key_col: column of sample keys (default: row position, as :func:`write_shards` names them).
-        seed: augmentation seed.
-        return_keys: items are ``(x, y, a, key)``.
-    """
-
-    def __init__(
-        self,
-        table: pd.DataFrame | str | os.PathLike,
-        image_root: str | os.PathLike,
-        *,
-        image_size: int,
-        attr: str,
-        train: bool = False,
-        attr_map: Mapping[Any, int] | None = None,
-        image_col: str = "filepath",
-        label_col: str = "target",
-        key_col: str | None = None,
-        center_crop: int | None = None,
-        transform: ImageTransform | None = None,
-        seed: int = 0,
-        return_keys: bool = False,
-    ) -> None:
-        if not isinstance(table, pd.DataFrame):
-            table = read_table(table)
-        records = check_table(table, image_col=image_col, label_col=label_col, attr_cols=[attr])
-        root = Path(image_root)
-        self.paths = [root / r["path"] for r in records]
-        self.labels = [float(r["label"]) for r in records]
-        self.attrs = [attr_code(r["attrs"][attr], attr, attr_map, f"column {attr!r} row {i}")
-                      for i, r in enumerate(records)]
-        self.keys = sample_keys(table, key_col)
-        self.transform = transform or ImageTransform(image_size, train=train, center_crop=center_crop)
-        self.seed = seed
-        self.epoch = 0
-        self.return_keys = return_keys
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple:
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.transform.train else None
-        try:
-            x = self.transform(self.paths[i], rng)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"row {i}: image file not found: {self.paths[i]}") from None
-        except Exception as err:  # PIL raises many types on bad bytes
-            raise ValueError(f"row {i}: unreadable image {self.paths[i]}: {type(err).__name__}: {err}") from err
-        y = torch.tensor(self.labels[i], dtype=torch.float32)
-        a = torch.tensor(self.attrs[i], dtype=torch.int64)
-        return (x, y, a, self.keys[i]) if self.return_keys else (x, y, a)
 

@@ -1,0 +1,356 @@
+"""``fastmask debias``: shards in, debiased weights, mask, reports and plots out (docs/algorithm.md §1, §5).
+
+1. The model: :func:`fastmask.model.weights.load_model` (an architecture or ``module:callable`` plus a state dict).
+2. The data, all from shards written by ``fastmask shards`` (:mod:`fastmask.app.sets`): the evaluation set and the
+   external set D_e, and the group-balanced D_r drawn from D_e by :func:`fastmask.data.balance.group_balance` on
+   the shard index and applied to the stream by key. As in the authors' code (docs/algorithm.md §1) the mask is
+   computed on the **unbalanced** D_e with test transforms, shuffled; both steps run on D_r with the training
+   augmentation (BMFT's impair step on D_e, ``impair_data``).
+3. The run: the method of :data:`fastmask.methods.registry.METHODS`, with an ``on_epoch`` callback that evaluates
+   the model on the evaluation set after every epoch (for the per-epoch plot) and saves the run state
+   (:mod:`fastmask.app.run_state`). ``resume=True`` continues from there and ends with the same weights as an
+   uninterrupted run.
+4. The outputs, each written atomically: ``weights.safetensors``, ``mask.safetensors``, ``report.json``,
+   ``report.md``, ``mask_layers.png`` and ``epochs.png`` (:mod:`fastmask.app.report`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+import fastmask
+from fastmask.app.plots import plot_epochs, plot_mask_layers
+from fastmask.app.report import evaluation_scores, mask_layer_stats, write_debias_report
+from fastmask.app.run_state import CHECKPOINT, SavedRun, file_sha256, index_digest
+from fastmask.app.sets import DataSpec, select, set_summary
+from fastmask.data.balance import group_balance
+from fastmask.data.loader import ShardLoader, make_loader
+from fastmask.fairness.losses import BiasSpec
+from fastmask.masking.masks import mask_fraction, save_masks
+from fastmask.methods.configs import BmftConfig, SwiftConfig
+from fastmask.methods.registry import METHODS
+from fastmask.methods.state import Result, RunState
+from fastmask.model.head import find_head_name, split_head
+from fastmask.model.scoring import score
+from fastmask.model.weights import Library, load_model, save_weights
+from fastmask.parallel import ddp
+from fastmask.util.files import jsonable
+from fastmask.util.memory import PeakMemory
+
+OUTPUTS = {
+    "weights": "weights.safetensors",
+    "mask": "mask.safetensors",
+    "report_json": "report.json",
+    "report_md": "report.md",
+}
+PLOTS = {"mask": "mask_layers.png", "epochs": "epochs.png"}
+#: The steps of each method, in order.
+STEPS = {"swift": ("step1", "step2"), "bmft": ("impair", "repair")}
+
+
+class RunStopped(Exception):
+    """``stop_after_epochs`` epochs ran in this invocation; the run state is saved, ``resume=True`` continues."""
+
+    def __init__(self, step: str, epoch: int, epochs_run: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped after {epochs_run} epoch(s) in this invocation, at {step} epoch {epoch}; "
+                         f"the run state is in {checkpoint}: run again with --resume to continue")
+        self.step, self.epoch, self.epochs_run, self.checkpoint = step, epoch, epochs_run, checkpoint
+
+
+def debias(
+    *,
+    model: str,
+    weights: str | os.PathLike,
+    data: DataSpec,
+    out: str | os.PathLike,
+    method: Literal["swift", "bmft"],
+    config: SwiftConfig | BmftConfig,
+    trust_pickle: bool = False,
+    library: Library = "auto",
+    device: str | None = None,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    epoch_eval: bool = True,
+    keep_checkpoint: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Debias ``model`` (with ``weights``) on shards and write weights, mask, reports and plots to ``out``.
+
+    Args:
+        model: ``module:callable`` or a torchvision / timm architecture name (:mod:`fastmask.model.weights`).
+        weights: its state dict (safetensors or torch.save; pickles only with ``trust_pickle``).
+        data: :class:`~fastmask.app.sets.DataSpec`.
+        out: output directory (created).
+        method, config: ``"swift"`` with a :class:`SwiftConfig` or ``"bmft"`` with a :class:`BmftConfig`
+            (:func:`fastmask.methods.configs.method_config` builds one from options).
+        library: where architecture names are looked up.
+        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
+        resume: continue the run saved in ``out/checkpoint`` (a fresh start when there is none).
+        stop_after_epochs: stop (raising :class:`RunStopped`) once this many epochs ran in this call, unless none
+            is left; the run state is saved, so a later call with ``resume=True`` continues.
+        epoch_eval: evaluate on the evaluation set after every epoch (the per-epoch plot).
+        keep_checkpoint: keep ``out/checkpoint`` after the run finished (by default it is removed).
+        progress: show progress bars.
+
+    Returns:
+        The content of ``report.json``.
+
+    Raises:
+        ValueError / FileNotFoundError: bad inputs; the message names the file, column, attribute value, group or
+            option at fault. :class:`RunStopped`: see ``stop_after_epochs``.
+    """
+    if method not in STEPS or not isinstance(config, SwiftConfig if method == "swift" else BmftConfig):
+        raise ValueError(f"method {method!r} needs a {'SwiftConfig' if method == 'swift' else 'BmftConfig'}")
+    if stop_after_epochs is not None and stop_after_epochs < 1:
+        raise ValueError(f"stop_after_epochs must be >= 1, got {stop_after_epochs}")
+    if not isinstance(config.bias, BiasSpec):
+        raise ValueError("debias records its configuration: config.bias must be a BiasSpec")
+    run = _DebiasRun(model=model, weights=weights, data=data, out=Path(out), method=method, config=config,
+                     trust_pickle=trust_pickle, library=library, device=device, resume=resume,
+                     stop_after_epochs=stop_after_epochs, epoch_eval=epoch_eval, progress=progress)
+    report = run.execute()
+    if run.writer and not keep_checkpoint and run.state_path.exists():
+        run.state_path.unlink()
+        if not any(run.state_path.parent.iterdir()):
+            run.state_path.parent.rmdir()
+    return report
+
+
+class _DebiasRun:
+    """One invocation of :func:`debias`: the model and loaders it reads, the run state it saves after every epoch
+    (and reads back on ``--resume``), the per-epoch evaluations, the memory account, and the report it writes."""
+
+    def __init__(self, *, model: str, weights: str | os.PathLike, data: DataSpec, out: Path, method: str,
+                 config: SwiftConfig | BmftConfig, trust_pickle: bool, library: Library, device: str | None,
+                 resume: bool, stop_after_epochs: int | None, epoch_eval: bool, progress: bool) -> None:
+        self.started = time.perf_counter()
+        self.model_spec, self.weights, self.data, self.out = model, weights, data, out
+        self.method, self.config = method, config
+        self.stop_after_epochs, self.epoch_eval, self.progress = stop_after_epochs, epoch_eval, progress
+        out.mkdir(parents=True, exist_ok=True)
+        self.state_path = out / CHECKPOINT
+        self.saved = SavedRun.load(self.state_path) if self.state_path.is_file() else None
+        if self.saved is not None and not resume:
+            run = self.saved.run
+            raise FileExistsError(f"{self.state_path} holds the state of a run (after {run['step']} epoch "
+                                  f"{run['epoch']}); pass --resume to continue it, or delete {self.state_path.parent} "
+                                  "to start over")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = load_model(model, weights, trust_pickle=trust_pickle, library=library).to(self.device)
+        self.head_name = config.head or find_head_name(self.net)
+        _, self.head_params, self.feat_params = split_head(self.net, self.head_name)
+        self.sets = select(data)
+        self.balanced = group_balance(self.sets.external, "a", "y", seed=data.seed, replace=data.balance_replace)
+        common = {"batch_size": data.batch_size, "image_size": data.image_size, "workers": data.workers,
+                  "seed": data.seed, "attr": data.attr, "attr_map": data.attr_map, "center_crop": data.center_crop,
+                  "strict": data.strict}
+        self.loader_log: list[dict[str, Any]] = []
+        # Importance on the unbalanced D_e with test transforms, shuffled (docs/algorithm.md §1); both steps on D_r,
+        # augmented.
+        self.mask_loader = make_loader(self.sets.index, train=False, shuffle=True, keys=list(self.sets.external.index),
+                                       **common)
+        self.train_loader = make_loader(self.sets.index, train=True, keys=self.balanced["source_index"], **common)
+        # Under torchrun the mask and train loaders split the data by rank; every rank evaluates the whole
+        # evaluation set (same numbers everywhere) and only rank 0 writes files.
+        eval_loader = make_loader(self.sets.eval_index, train=False, keys=list(self.sets.test.index),
+                                  return_keys=True, rank=0, world_size=1, **common)
+        self.eval_loader = _Tracked(eval_loader, "evaluation", self.loader_log)
+        self.writer = ddp.is_writer()
+        # What the run depends on: the shard paths may change between invocations, their content (the index) may
+        # not.
+        self.spec = jsonable({
+            "method": method, "config": asdict(config), "model": model,
+            "data": {k: v for k, v in asdict(data).items() if k not in ("shards", "eval_shards")},
+            "weights_sha256": file_sha256(weights), "shards_index": index_digest(self.sets.index),
+            "eval_index": index_digest(self.sets.eval_index), "epoch_eval": epoch_eval,
+        })
+        self.epochs_run = 0
+        # Memory account: one stretch for the mask generation (importance pass + mask), one per epoch of each step;
+        # the per-epoch evaluation and the checkpoint are left out (the watch restarts after them).
+        self.meter = PeakMemory(self.device)
+        self.memory_laps: dict[str, Any] = {"mask_generation": None, "epochs": []}
+
+    def evaluate(self, desc: str) -> dict[str, Any]:
+        """Overall and per-group scores of the model on the evaluation set."""
+        y, p, a, _ = score(self.net, self.eval_loader, self.device, progress=self.progress, desc=desc)
+        return evaluation_scores(y, p, a, self.data.attr_map)
+
+    def _resume_state(self) -> RunState | None:
+        if self.saved is None:
+            self.before = self.evaluate("evaluate before")
+            self.epochs = [{"step": "before", "epoch": 0, **self.before["overall"]}] if self.epoch_eval else []
+            self.elapsed = 0.0
+            return None
+        saved = self.saved
+        saved.check_same_run(self.spec, self.state_path)
+        self.net.load_state_dict(saved.model)
+        self.mask_loader.set_epoch(saved.loaders["mask"])
+        self.train_loader.set_epoch(saved.loaders["train"])
+        self.before, self.epochs = saved.before, list(saved.epochs)
+        self.loader_log.extend(saved.loader_log)
+        self.elapsed = saved.seconds
+        return RunState.from_state(saved.run, self.config)
+
+    def _epochs_left(self, state: RunState) -> int:
+        steps = STEPS[self.method]
+        later = steps[steps.index(state.step) + 1:]
+        return (getattr(self.config, state.step).epochs - state.epoch
+                + sum(getattr(self.config, name).epochs for name in later))
+
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.started
+
+    def on_epoch(self, state: RunState) -> None:
+        """After the masks (epoch 0) and after every epoch: the memory lap, the per-epoch evaluation, the run
+        state saved; then stop if this invocation's epoch budget is spent."""
+        lap = self.meter.lap()
+        if state.epoch == 0:
+            self.memory_laps["mask_generation"] = lap
+        else:
+            self.memory_laps["epochs"].append((state.step, state.epoch, lap))
+            self.epochs_run += 1
+            if self.epoch_eval:
+                # Forked so that the evaluation (DataLoader workers draw a seed) leaves the run's RNG untouched.
+                with torch.random.fork_rng(devices=[]):
+                    scores = self.evaluate(f"evaluate {state.step} epoch {state.epoch}")
+                self.epochs.append({"step": state.step, "epoch": state.epoch, **scores["overall"]})
+        if self.writer:
+            SavedRun(spec=self.spec, model={k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()},
+                     run=state.to_state(), loaders={"mask": self.mask_loader.epoch, "train": self.train_loader.epoch},
+                     before=self.before, epochs=self.epochs, loader_log=self.loader_log,
+                     seconds=self.seconds()).save(self.state_path)
+        if (self.stop_after_epochs is not None and state.epoch > 0 and self.epochs_run >= self.stop_after_epochs
+                and self._epochs_left(state) > 0):
+            raise RunStopped(state.step, state.epoch, self.epochs_run, self.state_path)
+
+    def execute(self) -> dict[str, Any]:
+        """Run the method (or resume it), evaluate, write the outputs; the content of ``report.json``."""
+        resume = self._resume_state()
+        mask_loader = _Tracked(self.mask_loader, "mask", self.loader_log)
+        train_loader = _Tracked(self.train_loader, "train", self.loader_log)
+        self.meter.start()
+        try:
+            result = METHODS[self.method].run(self.net, mask_loader, train_loader, config=self.config,
+                                              progress=self.progress, on_epoch=self.on_epoch, resume=resume)
+        finally:
+            self.meter.stop()
+        after = self.evaluate("evaluate after")
+        report = self._report(result, after)
+        if self.writer:
+            save_weights(self.net, self.out / OUTPUTS["weights"],
+                         metadata={"format": "fastmask-weights", "method": self.method})
+            save_masks(result.masks, self.out / OUTPUTS["mask"])
+            plot_mask_layers(report["mask"]["layers"], self.out / PLOTS["mask"], hard=report["mask"]["kind"] == "hard")
+            if report["outputs"]["plots"]["epochs"]:
+                plot_epochs(self.epochs, self.out / PLOTS["epochs"],
+                            title=f"{self.method.upper()} on {self.sets.descriptions['test']}")
+            write_debias_report(self.out, report)
+        return jsonable(report)
+
+    def _report(self, result: Result, after: dict[str, Any]) -> dict[str, Any]:
+        hard = all(m.dtype == torch.bool for m in result.masks.values())
+        mask: dict[str, Any] = {"kind": "hard" if hard else "soft",
+                                "layers": mask_layer_stats(result.masks, self.head_params)}
+        if hard:
+            mask["fraction_selected"] = mask_fraction(result.masks, self.feat_params)
+        else:
+            mask["mean_features"] = mask_fraction(result.masks, self.feat_params)
+            mask["mean_head"] = mask_fraction(result.masks, self.head_params)
+        sets, before = self.sets, self.before
+        bal_groups = self.balanced.assign(a=self.balanced["a"].astype(int))
+        return {
+            "fastmask": fastmask.__version__,
+            "method": self.method,
+            "seconds": self.seconds(),
+            "model": {"spec": self.model_spec, "weights": os.fspath(self.weights),
+                      "weights_sha256": self.spec["weights_sha256"],
+                      "parameters": sum(p.numel() for p in self.net.parameters()), "head": self.head_name,
+                      "head_parameters": list(self.head_params)},
+            "config": result.config_dict(),
+            "data": {**asdict(self.data), "sets": {
+                "external": set_summary(sets.external, sets.descriptions["external"]),
+                "balanced": {**set_summary(bal_groups, "group-balanced from the external set (docs/algorithm.md §1)"),
+                             "with_replacement": self.balanced.attrs.get("replace")},
+                "test": set_summary(sets.test, sets.descriptions["test"]),
+            }},
+            "loader": _loader_summary(self.loader_log),
+            "before": before,
+            "after": after,
+            "change": {k: _diff(after["overall"][k], before["overall"][k]) for k in before["overall"]},
+            "epochs": self.epochs,
+            "history": result.history,
+            "checks": result.checks,
+            "collapse_warnings": [w.to_state() for w in result.collapse_warnings],
+            "head_reset_fraction": result.head_reset_fraction,
+            "n_importance_batches": result.n_importance_batches,
+            "mask": mask,
+            "memory": _memory_account(self.net, self.memory_laps),
+            "outputs": {**OUTPUTS, "plots": {"mask": PLOTS["mask"],
+                                             "epochs": PLOTS["epochs"] if len(self.epochs) > 1 else None}},
+        }
+
+
+class _Tracked:
+    """A loader that logs its :class:`~fastmask.data.stats.LoaderStats` after every complete pass (for the report)."""
+
+    def __init__(self, loader: ShardLoader, name: str, log: list[dict[str, Any]]) -> None:
+        self.loader, self.name, self.log = loader, name, log
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from self.loader
+        self.log.append({"loader": self.name, **self.loader.stats.to_dict()})
+
+
+def _loader_summary(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    by_loader: dict[str, dict[str, int]] = {}
+    by_reason: dict[str, int] = {}
+    damaged: dict[tuple, dict[str, Any]] = {}
+    for entry in log:
+        agg = by_loader.setdefault(entry["loader"], {"passes": 0, "samples": 0, "skipped": 0})
+        agg["passes"] += 1
+        agg["samples"] += entry["samples"]
+        agg["skipped"] += entry["skipped"]
+        for reason, n in entry["by_reason"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+        for r in entry["records"]:
+            where = (entry["loader"], r["shard"], r["key"], r["reason"])
+            if where in damaged:
+                damaged[where]["samples"] += r["samples"]
+            else:
+                damaged[where] = {"loader": entry["loader"], "shard": r["shard"], "key": r["key"],
+                                  "reason": r["reason"], "samples": r["samples"], "detail": r["detail"]}
+    return {"skipped": sum(by_reason.values()), "by_reason": by_reason, "by_loader": by_loader,
+            "damaged": list(damaged.values())}
+
+
+def _memory_account(net: nn.Module, laps: Mapping[str, Any]) -> dict[str, Any]:
+    """Peak memory of the mask generation and of each fine-tuning step (the largest of its epochs) against the
+    parameter bytes (see :mod:`fastmask.util.memory` for what is measured and what is not)."""
+    param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    steps: dict[str, Any] = {}
+    for step, epoch, lap in laps["epochs"]:
+        if step not in steps or lap.peak_bytes > steps[step]["peak_bytes"]:
+            steps[step] = {**lap.to_dict(param_bytes), "epoch": epoch}
+    gen = laps["mask_generation"]
+    return {"parameters": sum(p.numel() for p in net.parameters()), "parameter_bytes": param_bytes,
+            "mask_generation": gen.to_dict(param_bytes) if gen is not None else None,
+            "steps": steps,
+            "epochs": [{"step": s, "epoch": e, **lap.to_dict(param_bytes)} for s, e, lap in laps["epochs"]]}
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)) or (isinstance(b, float) and math.isnan(b)):
+        return None
+    return a - b

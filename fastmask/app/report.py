@@ -1,0 +1,204 @@
+"""What ``fastmask debias`` and ``fastmask evaluate`` write: JSON, markdown and CSV, each file atomically.
+
+- :func:`write_debias_report`: ``report.json`` (everything, machine-readable) and ``report.md`` (before / after
+  metrics overall and per group, per-epoch fairness and AUC, mask summary, training history, data and skipped
+  samples, configuration).
+- :func:`write_evaluation`: per-group metrics tables as ``metrics.md``, ``groups.csv`` and ``metrics.json``.
+
+JSON never holds NaN: an undefined value (a group's AUC without both classes) is ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import Tensor
+
+from fastmask.app.tables import GROUP_COLUMNS, METRIC_NAMES, group_rows, markdown_table
+from fastmask.fairness.metrics import evaluate, group_table
+from fastmask.util.files import jsonable, write_json, write_text
+
+
+def evaluation_scores(y: np.ndarray, p: np.ndarray, a: np.ndarray,
+                      attr_map: Mapping[str, int] | None) -> dict[str, Any]:
+    """The scores a debias report shows for one evaluation: every scalar metric of
+    :func:`fastmask.fairness.metrics.evaluate` (``overall``) and the per-group table (``groups``, labelled with the
+    attribute values mapped to each group)."""
+    labels = {g: ", ".join(v for v, c in attr_map.items() if c == g) for g in (0, 1)} if attr_map else None
+    return {"overall": evaluate(y, p, a), "groups": group_rows(group_table(y, p, a), labels)}
+
+
+def mask_layer_stats(masks: Mapping[str, Tensor], head: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Per layer (the module owning the parameters, in model order): element count, mean, min, max and the
+    5 / 25 / 50 / 75 / 95th percentiles of the mask values over the layer's parameters, and whether it is the head.
+    For a bool (hard) mask the mean is the fraction selected."""
+    head = set(head)
+    layers: dict[str, list[str]] = {}
+    for name in masks:
+        layers.setdefault(name.rpartition(".")[0] or name, []).append(name)
+    out = []
+    for layer, names in layers.items():
+        values = np.concatenate([masks[n].detach().float().cpu().numpy().ravel() for n in names])
+        q = np.percentile(values, [5, 25, 50, 75, 95])
+        out.append({
+            "layer": layer,
+            "parameters": names,
+            "head": any(n in head for n in names),
+            "numel": int(values.size),
+            "mean": float(values.mean()),
+            "min": float(values.min()),
+            "q05": float(q[0]), "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]), "q95": float(q[4]),
+            "max": float(values.max()),
+        })
+    return out
+
+
+def _group_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
+    headers = ["group", "n", "positives", "AUC", "ACC", "TPR", "FPR", "positive rate"]
+    return markdown_table(headers, ([f"{r['group']} ({r['label']})" if r.get("label") else r["group"],
+                                     *(r[c] for c in GROUP_COLUMNS)] for r in rows))
+
+
+def render_debias_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md`` from the ``report.json`` content written by :func:`fastmask.app.debias.debias`."""
+    data, model = report["data"], report["model"]
+    before, after = report["before"], report["after"]
+    out = [
+        f"# fastmask debias: {report['method'].upper()}",
+        "",
+        f"- model: `{model['spec']}`, weights `{model['weights']}` ({model['parameters']:,} parameters, head "
+        f"`{model['head']}`)",
+        f"- shards: `{data['shards']}`; attribute `{data['attr']}`"
+        + (f" (groups {data['attr_map']})" if data.get("attr_map") else ""),
+        f"- evaluation set: {data['sets']['test']['description']}, {data['sets']['test']['samples']} samples",
+        f"- run time: {report['seconds']:.1f} s",
+        "",
+        "## Before and after",
+        "",
+        markdown_table(["metric", "before", "after", "change"],
+                       ([METRIC_NAMES[k], before["overall"][k], after["overall"][k], report["change"][k]]
+                        for k in METRIC_NAMES)),
+        "",
+        f"EOdds (code) = ½·|ΔFPR + ΔTPR| between the groups of `{data['attr']}`; SPD, EOpp and both other EOdds "
+        "forms as in `fastmask.metrics`.",
+        "",
+        f"### Per group of `{data['attr']}`, before",
+        "",
+        _group_table_md(before["groups"]),
+        "",
+        f"### Per group of `{data['attr']}`, after",
+        "",
+        _group_table_md(after["groups"]),
+        "",
+    ]
+    if report["collapse_warnings"]:
+        out += ["## Collapse guard", ""] + [f"- **warning**: {w['message']}" for w in report["collapse_warnings"]]
+        out.append("")
+    plots = report["outputs"]["plots"]
+    if report["epochs"]:
+        out += ["## Fairness and AUC per epoch", ""]
+        if plots.get("epochs"):
+            out += [f"![fairness and AUC per epoch]({plots['epochs']})", ""]
+        out += [markdown_table(["step", "epoch", "AUC", "worst-group AUC", "EOdds (code)", "SPD", "EOpp", "ACC"],
+                               ([e["step"], e["epoch"], e["auc"], e["worst_group_auc"], e["eodds"], e["spd"],
+                                 e["eopp"], e["acc"]] for e in report["epochs"])), ""]
+    mask = report["mask"]
+    out += ["## Mask", "", f"![mask per layer]({plots['mask']})", ""]
+    if mask["kind"] == "hard":
+        out.append(f"Hard mask: {mask['fraction_selected']:.1%} of the feature extractor selected for fine-tuning.")
+    else:
+        out.append(f"Soft mask: mean {mask['mean_features']:.4f} over the feature extractor, "
+                   f"{mask['mean_head']:.4f} over the head.")
+    out += [f"Head re-initialisation set {report['head_reset_fraction']:.1%} of the head's elements to 0; the "
+            f"importance pass read {report['n_importance_batches']} batches.", ""]
+    out += ["## Training", "",
+            markdown_table(["step", "epoch", "loss", "positive share"],
+                           ([h["step"], h["epoch"], h["loss"], h["positive_share"]] for h in report["history"])),
+            "", "Collapse-guard checks (eval mode, on each step's data):", "",
+            markdown_table(["step", "positive share", "label positive rate"],
+                           ([c["step"], c["positive_share"], c["label_positive_rate"]] for c in report["checks"])),
+            ""]
+    sets = data["sets"]
+    out += ["## Data", "",
+            markdown_table(["set", "samples", "description"],
+                           ([name, s["samples"], s["description"]] for name, s in sets.items())), ""]
+    loader = report["loader"]
+    if loader["skipped"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(loader["by_reason"].items()))
+        out += [f"**{loader['skipped']} sample reads were skipped** ({reasons}) over all passes; damaged samples:", "",
+                markdown_table(["loader", "shard", "key", "reason", "times", "detail"],
+                               ([d["loader"], d["shard"], d["key"], d["reason"], d["samples"], d["detail"]]
+                                for d in loader["damaged"])), ""]
+    else:
+        out += ["Every planned sample was read; nothing was skipped.", ""]
+    out += ["## Configuration", "", "```json", json.dumps(jsonable(report["config"]), indent=2), "```", "",
+            "## Files", ""]
+    out += [f"- {name}: `{value}`" for name, value in report["outputs"].items() if name != "plots"]
+    out += [f"- plot {name}: `{value}`" for name, value in plots.items() if value]
+    return "\n".join(out) + "\n"
+
+
+def write_debias_report(out_dir: str | os.PathLike, report: Mapping[str, Any]) -> None:
+    """``report.json`` and ``report.md`` in ``out_dir``, each atomically."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / report["outputs"]["report_json"], report)
+    write_text(out_dir / report["outputs"]["report_md"], render_debias_markdown(jsonable(report)))
+
+
+# ---- evaluation tables --------------------------------------------------------------------------------------------
+
+
+def render_evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
+    """``metrics.md`` from the ``metrics.json`` content written by :func:`fastmask.app.evaluate.evaluate`."""
+    overall = evaluation["overall"]
+    out = [
+        "# fastmask evaluate",
+        "",
+        f"- model: `{evaluation['model']}`, weights `{evaluation['weights']}`",
+        f"- data: {evaluation['description']}, {overall['n']} samples ({overall['positives']} positive)",
+        "",
+        "## Overall",
+        "",
+        markdown_table(["AUC", "ACC", "positive rate", "label positive rate"],
+                       [[overall["auc"], overall["acc"], overall["positive_rate"], overall["label_positive_rate"]]]),
+        "",
+    ]
+    for attr, res in evaluation["attributes"].items():
+        out += [f"## Attribute `{attr}`", "", _group_table_md(res["groups"]), ""]
+        extra = []
+        if res.get("worst_group_auc") is not None:
+            extra.append(f"worst-group AUC {res['worst_group_auc']:.4f}, AUC gap {res['auc_gap']:.4f}")
+        if res.get("gaps"):
+            g = res["gaps"]
+            extra.append(f"between groups {res['gap_groups'][0]} and {res['gap_groups'][1]}: SPD {g['spd']:.4f}, "
+                         f"EOpp {g['eopp']:.4f}, EOdds code {g['eodds']:.4f} / max {g['eodds_max']:.4f} / mean "
+                         f"{g['eodds_mean']:.4f}")
+        out += [f"- {e}" for e in extra] + ([""] if extra else [])
+    skipped = evaluation["loader"]["skipped"]
+    if skipped:
+        records = evaluation["loader"]["records"]
+        out += [f"{skipped} samples could not be read and were skipped:", "",
+                markdown_table(["shard", "key", "reason", "detail"],
+                               ([d["shard"], d["key"], d["reason"], d["detail"]] for d in records)), ""]
+    return "\n".join(out) + "\n"
+
+
+def write_evaluation(out_dir: str | os.PathLike, evaluation: Mapping[str, Any]) -> dict[str, str]:
+    """``metrics.json``, ``metrics.md`` and ``groups.csv`` (one row per attribute and group) in ``out_dir``;
+    returns the file names."""
+    out_dir = Path(out_dir)
+    files = {"json": "metrics.json", "markdown": "metrics.md", "csv": "groups.csv"}
+    rows = [{"attribute": attr, **{k: v for k, v in r.items()}}
+            for attr, res in evaluation["attributes"].items() for r in res["groups"]]
+    columns = ["attribute", "group", "label", *GROUP_COLUMNS]
+    frame = pd.DataFrame(rows).reindex(columns=[c for c in columns if any(c in r for r in rows)])
+    write_text(out_dir / files["csv"], frame.to_csv(index=False))
+    write_json(out_dir / files["json"], evaluation)
+    write_text(out_dir / files["markdown"], render_evaluation_markdown(jsonable(evaluation)))
+    return files

@@ -1,0 +1,157 @@
+"""Which samples play which part in ``fastmask debias``: the evaluation set (a fold of the shards, or other
+shards) and the external set D_e (the rest), read from the shard index with the sensitive attribute coded 0 / 1.
+Errors name the command-line flag, the sample and the value at fault."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+
+from fastmask.data.batch import attr_code
+from fastmask.data.shards import ShardIndex
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which samples play which part in :func:`debias`, and how they are read.
+
+    Args:
+        shards: directory of shards written by ``fastmask shards`` (with its index).
+        attr: the sensitive attribute (one of the shards' attribute columns).
+        attr_map: raw attribute value (as text) -> group 0 or 1; default: the values must already be 0 and 1.
+        test_fold: the samples of this fold (compared as text) are the evaluation set; when they come from
+            ``shards`` they are left out of D_e.
+        eval_shards: evaluate on these shards instead (all of them, or their ``test_fold``).
+        external_folds: draw D_e from these folds only (default: every sample of ``shards`` not evaluated on).
+        batch_size, image_size, center_crop, workers: loader settings (the papers: batch 64, 256 px skin, 224 CXR).
+        seed: seed of the group balancing, the shuffling and the augmentation draws.
+        balance_replace: ``group_balance``'s ``replace``: ``"auto"`` (spec §8.4), True (the reference), False.
+        strict: raise on a damaged sample instead of skipping and counting it.
+    """
+
+    shards: str
+    attr: str
+    attr_map: dict[str, int] | None = None
+    test_fold: str | None = None
+    eval_shards: str | None = None
+    external_folds: tuple[str, ...] = ()
+    batch_size: int = 64
+    image_size: int = 256
+    center_crop: int | None = None
+    workers: int = 0
+    seed: int = 42
+    balance_replace: Literal["auto"] | bool = "auto"
+    strict: bool = False
+
+
+@dataclass
+class Sets:
+    """The shard indexes and the samples of the external set D_e and of the evaluation set, with descriptions."""
+
+    index: ShardIndex
+    eval_index: ShardIndex
+    external: pd.DataFrame  # index: key; columns y, a (group 0 / 1)
+    test: pd.DataFrame
+    descriptions: dict[str, str]
+
+
+def load_index(path: str, flag: str) -> ShardIndex:
+    try:
+        return ShardIndex.load(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"{flag} {path}: {err}") from None
+
+
+def fold_keys(index: ShardIndex, fold: str, flag: str) -> set[str]:
+    folds = sorted({str(r["fold"]) for r in index.samples.values() if r.get("fold") is not None})
+    if not folds:
+        raise ValueError(f"{flag} {fold!r}: the shards under {index.root} have no fold column (write them with "
+                         "`fastmask shards --fold-col COLUMN`)")
+    if fold not in folds:
+        raise ValueError(f"{flag} {fold!r}: no sample of the shards under {index.root} is in that fold "
+                         f"(their folds: {folds})")
+    return {k for k, r in index.samples.items() if str(r.get("fold")) == fold}
+
+
+def _groups(index: ShardIndex, keys: Sequence[str], attr: str, attr_map: Mapping[str, int] | None,
+            name: str) -> pd.DataFrame:
+    """Labels and 0 / 1 attribute groups of ``keys``; errors name the sample and the value."""
+    ys, groups = [], []
+    for key in keys:
+        rec = index.samples[key]
+        where = f"{name}: key {key} (row {rec['row']}, shard {rec['shard']})"
+        value = rec["attrs"].get(attr)
+        try:
+            code = attr_code(value, attr, attr_map, where)
+        except ValueError as err:
+            raise ValueError(f"{err} (on the command line: --attr-map VALUE=GROUP, once per value)") from None
+        if code not in (0, 1):
+            raise ValueError(f"{where}: attribute {attr!r} value {value!r} is group {code}, not 0 or 1; debiasing "
+                             "needs a binary attribute: map its values with --attr-map VALUE=0 / VALUE=1")
+        ys.append(int(rec["label"]))
+        groups.append(code)
+    return pd.DataFrame({"y": ys, "a": groups}, index=pd.Index(list(keys), name="key"))
+
+
+def _group_name(g: int, attr_map: Mapping[str, int] | None) -> str:
+    if not attr_map:
+        return str(g)
+    return f"{g} ({', '.join(v for v, c in attr_map.items() if c == g)})"
+
+
+def _check_set(frame: pd.DataFrame, name: str, description: str, attr: str,
+               attr_map: Mapping[str, int] | None) -> None:
+    if frame.empty:
+        raise ValueError(f"the {name} ({description}) has no samples")
+    labels = sorted(set(frame["y"]))
+    if len(labels) < 2:
+        raise ValueError(f"single-class data: all {len(frame)} samples of the {name} ({description}) have label "
+                         f"{labels[0]}; debiasing and AUC need both classes")
+    for g in (0, 1):
+        if not (frame["a"] == g).any():
+            raise ValueError(f"attribute {attr!r}: group {_group_name(g, attr_map)} has no samples in the {name} "
+                             f"({description}); both groups are needed")
+
+
+def select(data: DataSpec) -> Sets:
+    index = load_index(data.shards, "--shards")
+    eval_index = load_index(data.eval_shards, "--eval-shards") if data.eval_shards else index
+    for idx, flag in ((index, "--shards"), (eval_index, "--eval-shards")):
+        if data.attr not in idx.attr_cols:
+            raise ValueError(f"--attr {data.attr!r}: no such attribute column in the shards under {idx.root} "
+                             f"({flag}); their attribute columns are {idx.attr_cols}")
+    if data.eval_shards is None and data.test_fold is None:
+        raise ValueError("no evaluation set: pass --test-fold FOLD (a fold of --shards, left out of the external "
+                         "set) or --eval-shards DIR")
+    if data.test_fold is not None:
+        test_keys = fold_keys(eval_index, data.test_fold, "--test-fold")
+        test_desc = f"fold {data.test_fold!r} of {eval_index.root}"
+    else:
+        test_keys = set(eval_index.samples)
+        test_desc = f"all of {eval_index.root}"
+    # Evaluated samples of --shards itself never enter the external set.
+    shared = eval_index.root.resolve() == index.root.resolve()
+    ext_keys = set(index.samples) - test_keys if shared else set(index.samples)
+    without = "" if not shared else (f" without fold {data.test_fold!r}" if data.test_fold is not None
+                                     else " without the evaluation set")
+    ext_desc = f"{index.root}{without}"
+    if data.external_folds:
+        ext_keys &= set().union(*(fold_keys(index, f, "--external-fold") for f in data.external_folds))
+        ext_desc = f"folds {list(data.external_folds)} of {index.root}{without}"
+    # In index (write) order, so the data do not depend on set iteration order.
+    external = _groups(index, [k for k in index.samples if k in ext_keys], data.attr, data.attr_map,
+                       "external set")
+    test = _groups(eval_index, [k for k in eval_index.samples if k in test_keys], data.attr, data.attr_map,
+                   "evaluation set")
+    _check_set(external, "external set", ext_desc, data.attr, data.attr_map)
+    _check_set(test, "evaluation set", test_desc, data.attr, data.attr_map)
+    return Sets(index, eval_index, external, test, {"external": ext_desc, "test": test_desc})
+
+
+def set_summary(frame: pd.DataFrame, description: str) -> dict[str, Any]:
+    groups = {str(g): {"n": int((frame["a"] == g).sum()), "positives": int(frame.loc[frame["a"] == g, "y"].sum())}
+              for g in (0, 1)}
+    return {"samples": len(frame), "positives": int(frame["y"].sum()), "groups": groups, "description": description}

@@ -1,0 +1,91 @@
+"""BMFT ([PB]; docs/algorithm.md §3-5): hard mask, impair step, head zeroed, repair step. :func:`bmft` modifies
+the model **in place** and returns a :class:`~fastmask.methods.state.Result`.
+
+M = 1[R > percentile_rate(R over E)] from the bias on logits (head mask 0); impair step over all parameters with
+L = B only on the **unbalanced** external data (the authors' choice); the head set to 0; repair step on the head
+with L = WBCE + β·B ([PB] Eq. 5). Resumable as :func:`fastmask.methods.swift.swift`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fastmask.masking.masks import bmft_mask
+from fastmask.methods.configs import BmftConfig
+from fastmask.methods.engine import Frozen, begin, collapse_check, train_step
+from fastmask.methods.state import OnEpoch, Result, RunState
+from fastmask.util.profiling import phase
+
+
+def bmft(
+    model: nn.Module,
+    mask_loader: Iterable,
+    train_loader: Iterable,
+    *,
+    config: BmftConfig | None = None,
+    masks: Mapping[str, Tensor] | None = None,
+    progress: bool = False,
+    on_epoch: OnEpoch | None = None,
+    resume: RunState | None = None,
+) -> Result:
+    """Debias ``model`` in place with BMFT ([PB]; spec §3-5).
+
+    Args:
+        model: a binary classifier f = C∘E returning one logit per sample.
+        mask_loader: the external set D_e for the importance pass and (``impair_data="external"``, the reference)
+            the impair step.
+        train_loader: the group-balanced D_r for the repair step (and the impair step with
+            ``impair_data="balanced"``).
+        config: :class:`BmftConfig`.
+        masks: use these masks instead of the hard mask (e.g. :func:`fastmask.masks.manual_mask`).
+        progress: show tqdm progress bars.
+        on_epoch: called with a :class:`RunState` once the masks are ready and after every finished epoch (to
+            checkpoint the run, or to evaluate it per epoch; it must not draw from the global RNGs).
+        resume: a saved :class:`RunState`; ``model`` must hold the weights saved with it. The run continues after
+            its last finished epoch and ends as the uninterrupted run would (same data order given loaders in
+            the same position, same RNG draws).
+    """
+    config = config or BmftConfig()
+    device, head, head_params, feat_params, run, result = begin(
+        "bmft", ("impair", "repair"), model, mask_loader, config, masks,
+        lambda ib, il, feat, sharded: bmft_mask(ib, il, feat, rate=config.rate, inclusive=config.inclusive,
+                                                sharded=sharded, overwrite=True),
+        progress, on_epoch, resume)
+    masks = result.masks
+    was_training = model.training
+    impair_loader = mask_loader if config.impair_data == "external" else train_loader
+
+    # Impair: every parameter in the optimiser, the head's mask 0 (weight decay and momentum still reach it in
+    # "grad" mode, as in the reference); loss B only.
+    if not run.skip("impair"):
+        start, state = run.start("impair")
+        all_params = [*feat_params.items(), *head_params.items()]
+        with phase("fastmask.step1"), Frozen(model, (p for _, p in all_params)):
+            opt = config.impair.build(all_params, {n: masks[n] for n, _ in all_params}, config.mask_mode)
+            if state is not None:
+                opt.load_state_dict(state)
+            train_step("impair", model, head, impair_loader, opt, config.impair.epochs, 0.0, 1.0, config.bias,
+                       False, device, result.history, progress, start, lambda e: run.report("impair", e, result, opt))
+        collapse_check(result, "impair", model, impair_loader, device, config.collapse_threshold)
+
+    start, state = run.start("repair")
+    if start == 0:  # a resumed repair step already has the zeroed head in the model's weights
+        with phase("fastmask.head_reinit"), torch.no_grad():
+            for p in head_params.values():
+                p.zero_()
+            result.head_reset_fraction = 1.0
+
+    with phase("fastmask.step2"), Frozen(model, head_params.values()):
+        opt2 = config.repair.build(list(head_params.items()), None, config.mask_mode)
+        if state is not None:
+            opt2.load_state_dict(state)
+        train_step("repair", model, head, train_loader, opt2, config.repair.epochs, 1.0, config.beta, config.bias,
+                   config.step2_feature_eval, device, result.history, progress, start,
+                   lambda e: run.report("repair", e, result, opt2))
+    collapse_check(result, "repair", model, train_loader, device, config.collapse_threshold)
+    model.train(was_training)
+    return result
+

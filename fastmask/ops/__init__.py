@@ -1,0 +1,288 @@
+"""fastmask's per-parameter ops, public and functional: the layer every other part of fastmask computes with.
+
+Each op groups its tensors by (device, dtype), asks :func:`fastmask.ops.backend.resolve` which implementation runs
+that group, and makes one call per group: the fused backends then cover the group in one launch (Triton) or one
+parallel region (C++). Each call sits in an NVTX / profiler range named ``fastmask.<stem>``.
+
+The implementations share one signature per op: :mod:`fastmask.ops.reference` (the oracle),
+``torch.ops.fastmask.<name>`` (C++ / CUDA) and ``fastmask.kernels.<stem>.<name>`` (Triton); which backend has
+which op, and the files of each, is the op table :mod:`fastmask.ops.table`. This package imports only the
+kernels, the extension and :mod:`fastmask.util`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fastmask.ops import backend as _backend
+from fastmask.ops import fakes, radix, reference
+from fastmask.ops.table import op as _op
+from fastmask.util.profiling import phase
+
+MASK_MODES = ("grad", "update")
+
+
+def implementation(op: str, name: str) -> Callable:
+    """The callable of backend ``name`` for ``op`` (a backend the op table lists for it)."""
+    entry = _op(op)
+    if name not in entry.backends:
+        raise ValueError(f"backend {name!r} has no {op} kernel (the op table lists {list(entry.backends)})")
+    if name == "reference":
+        return getattr(reference, op)
+    if entry.uses is not None:  # a composed op runs its building block's kernels
+        kernel = implementation(entry.uses, name)
+        return lambda *args: getattr(radix, op)(*args, kernel)
+    if name in ("cpp", "cuda"):
+        return getattr(torch.ops.fastmask, op)
+    return getattr(importlib.import_module(f"fastmask.kernels.{entry.stem}"), op)
+
+
+def _resolved(op: str, device: torch.device, backend: str | None) -> Callable:
+    return implementation(op, _backend.resolve(op, device, backend))
+
+
+def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), in first-seen order."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    return groups
+
+
+def _pick(seq: Sequence, idx: list[int]) -> list:
+    return [seq[i] for i in idx]
+
+
+def fisher_accumulate_(
+    imp_bias: Sequence[Tensor],
+    imp_loss: Sequence[Tensor],
+    grad_bias: Sequence[Tensor],
+    grad_loss: Sequence[Tensor],
+    *,
+    backend: str | None = None,
+) -> None:
+    """I_b += g_b², I_l += g_l² for every tensor, in one pass over both (SWiFT Eqs. 7-8; docs/algorithm.md §3).
+
+    Importances are float32; gradients may be any float dtype and are grouped by their (device, dtype).
+    """
+    if not (len(imp_bias) == len(imp_loss) == len(grad_bias) == len(grad_loss)):
+        raise ValueError(
+            f"fisher_accumulate_: list lengths differ: imp_bias {len(imp_bias)}, imp_loss {len(imp_loss)}, "
+            f"grad_bias {len(grad_bias)}, grad_loss {len(grad_loss)}"
+        )
+    with phase(_op("fisher_accumulate_").profile_range):
+        for (device, _), idx in _groups(grad_bias).items():
+            fn = _resolved("fisher_accumulate_", device, backend)
+            fn(_pick(imp_bias, idx), _pick(imp_loss, idx), _pick(grad_bias, idx), _pick(grad_loss, idx))
+
+
+def soft_mask(
+    imp_bias: Sequence[Tensor],
+    imp_loss: Sequence[Tensor],
+    *,
+    eps: float = reference.NORM_EPS,
+    apply_tanh: bool = True,
+    backend: str | None = None,
+) -> list[Tensor]:
+    """Per-tensor M = tanh(Norm(I_b) / (Norm(I_l) + eps)) (SWiFT Eq. 9), or the raw ratio with apply_tanh=False
+    (BMFT's score). Norm is min-max per tensor with the max == min guard (docs/algorithm.md §4). Returns float32 masks."""
+    out: list[Tensor | None] = [None] * len(imp_bias)
+    with phase(_op("soft_mask").profile_range):
+        for (device, _), idx in _groups(imp_bias).items():
+            fn = _resolved("soft_mask", device, backend)
+            for i, m in zip(idx, fn(_pick(imp_bias, idx), _pick(imp_loss, idx), eps, apply_tanh), strict=True):
+                out[i] = m
+    return out  # type: ignore[return-value]
+
+
+def soft_mask_(
+    imp_bias: Sequence[Tensor],
+    imp_loss: Sequence[Tensor],
+    *,
+    eps: float = reference.NORM_EPS,
+    apply_tanh: bool = True,
+    backend: str | None = None,
+) -> None:
+    """:func:`soft_mask` written into ``imp_bias`` (dense float32 tensors, one per parameter, sharing no memory with
+    each other or with ``imp_loss``) instead of new tensors: the mask set then costs no memory beyond the two
+    importances, and no first-touch page faults."""
+    if len(imp_bias) != len(imp_loss):
+        raise ValueError(f"soft_mask_: list lengths differ: imp_bias {len(imp_bias)}, imp_loss {len(imp_loss)}")
+    with phase(_op("soft_mask_").profile_range):
+        for (device, _), idx in _groups(imp_bias).items():
+            fn = _resolved("soft_mask_", device, backend)
+            fn(_pick(imp_bias, idx), _pick(imp_loss, idx), eps, apply_tanh)
+
+
+def _scalar(x: float | Tensor, name: str) -> float:
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
+        return float(x.item())
+    return float(x)
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)
+
+
+def masked_adam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool = False,
+    mask_mode: str = "grad",
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """One masked Adam / AdamW step over all tensors (formula in :func:`fastmask.ops.reference.masked_adam_`).
+
+    Increments ``state_steps`` first and, when ``found_inf`` is set, takes the increment back on the skipped step,
+    as torch's fused Adam does. ``max_exp_avg_sqs`` may be empty unless ``amsgrad``.
+    """
+    mask_update = _mask_update(mask_mode)
+    if not amsgrad:
+        max_exp_avg_sqs = [torch.empty(0)] * len(params)
+    hyper = dict(
+        lr=_scalar(lr, "lr"), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
+        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, mask_update=mask_update,
+    )
+    with phase(_op("masked_adam_").profile_range):
+        torch._foreach_add_(list(state_steps), 1)
+        for (device, _), idx in _groups(params).items():
+            fn = _resolved("masked_adam_", device, backend)
+            inf = _on(found_inf, device)
+            fn(
+                _pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
+                _pick(max_exp_avg_sqs, idx), _pick(state_steps, idx), _pick(masks, idx), **hyper,
+                grad_scale=_on(grad_scale, device), found_inf=inf,
+            )
+        if found_inf is not None:
+            for s in state_steps:
+                s.sub_(found_inf.to(s.device, s.dtype))
+
+
+def masked_sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    masks: Sequence[Tensor | None],
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    mask_mode: str = "grad",
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str | None = None,
+) -> list[Tensor | None]:
+    """One masked SGD step over all tensors (formula in :func:`fastmask.ops.reference.masked_sgd_`).
+
+    ``momentum_buffers[i]`` is None for a tensor whose buffer does not exist yet (its first step): a buffer is
+    allocated and returned in its place, like torch.optim.SGD's ``momentum_buffer`` state. With momentum == 0 the
+    list is returned unchanged.
+    """
+    mask_update = _mask_update(mask_mode)
+    hyper = dict(
+        lr=_scalar(lr, "lr"), weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+        maximize=maximize, mask_update=mask_update,
+    )
+    buffers = list(momentum_buffers)
+    with phase(_op("masked_sgd_").profile_range):
+        for (device, _), idx in _groups(params).items():
+            fn = _resolved("masked_sgd_", device, backend)
+            scale, inf = _on(grad_scale, device), _on(found_inf, device)
+            if momentum == 0:
+                fn(_pick(params, idx), _pick(grads, idx), [], _pick(masks, idx), **hyper, first_step=False,
+                   grad_scale=scale, found_inf=inf)
+                continue
+            # torch.optim.SGD's first step initialises the buffer to d_p; a group may mix new and old buffers.
+            new = [i for i in idx if buffers[i] is None]
+            for first, sub in ((True, new), (False, [i for i in idx if buffers[i] is not None])):
+                if not sub:
+                    continue
+                if first:
+                    if found_inf is not None and bool(found_inf.item() != 0):
+                        continue  # a skipped first step creates no buffer, as in torch
+                    for i in sub:
+                        buffers[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+                fn(_pick(params, sub), _pick(grads, sub), _pick(buffers, sub), _pick(masks, sub), **hyper,
+                   first_step=first, grad_scale=scale, found_inf=inf)
+    return buffers
+
+
+def radix_histogram(tensors: Sequence[Tensor], prefixes: Sequence[int], prefix_bits: int, digit_bits: int, *,
+                    backend: str | None = None) -> Tensor:
+    """One pass of the percentile's radix selection (:mod:`fastmask.ops.radix`): int64 counts [len(prefixes),
+    2^digit_bits] of the elements whose top ``prefix_bits`` order-key bits equal ``prefixes[p]``, binned by their next
+    ``digit_bits`` bits (formula in :func:`fastmask.ops.reference.radix_histogram`)."""
+    device = _one_device(tensors, "radix_histogram")
+    with phase(_op("radix_histogram").profile_range):
+        return _resolved("radix_histogram", device, backend)(list(tensors), list(prefixes), prefix_bits, digit_bits)
+
+
+def percentile(tensors: Sequence[Tensor], q: float, method: str = "linear", *, backend: str | None = None) -> float:
+    """The q-th percentile of the elements of all ``tensors`` together, exactly as ``np.percentile`` over their
+    concatenation (BMFT's global threshold α, docs/algorithm.md §4), without making that concatenated copy: radix
+    selection (:mod:`fastmask.ops.radix`), one ``radix_histogram`` pass per 16 key bits. The reference backend is
+    the papers' way, ``np.percentile`` over the concatenation."""
+    device = _one_device(tensors, "percentile")
+    with phase(_op("percentile").profile_range):
+        return float(_resolved("percentile", device, backend)(list(tensors), float(q), method))
+
+
+def hard_mask(
+    tensors: Sequence[Tensor],
+    threshold: float,
+    *,
+    inclusive: bool = False,
+    layout: str = "bool",
+    backend: str | None = None,
+) -> list[Tensor]:
+    """M = 1[x > threshold] per tensor (``inclusive``: >=), BMFT Eq. 4; layout "bool", "uint8" or "packed"."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    with phase(_op("hard_mask").profile_range):
+        for (device, _), idx in _groups(tensors).items():
+            fn = _resolved("hard_mask", device, backend)
+            for i, m in zip(idx, fn(_pick(tensors, idx), float(threshold), inclusive, layout), strict=True):
+                out[i] = m
+    return out  # type: ignore[return-value]
+
+
+def _one_device(tensors: Sequence[Tensor], op: str) -> torch.device:
+    if not tensors:
+        raise ValueError(f"{op}: no tensors given")
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: tensors must share one device, got {sorted(map(str, devices))}")
+    return devices.pop()
+
+
+def _mask_update(mask_mode: str) -> bool:
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    return mask_mode == "update"
+
+
+fakes.register()

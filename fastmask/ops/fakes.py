@@ -1,0 +1,67 @@
+"""Fake (meta) kernels of every op declared in csrc/ops.cpp, for FakeTensor tracing (torch.compile, torch.export,
+``torch.library.opcheck``): each gives the output's metadata without computing it. The in-place ops return nothing,
+so their fakes only check that the lists line up. Registered once ``fastmask._C`` is loaded; which ops have a schema
+is the op table's ``schema`` column (a test checks that every one has a fake)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastmask.ops.backend import _extension_error
+
+
+def _same_lengths(op: str, **lists: Sequence) -> None:
+    lengths = {name: len(v) for name, v in lists.items() if len(v)}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{op}: list lengths differ: {lengths}")
+
+
+def register() -> None:
+    """Register the fakes (once, when the extension is built)."""
+    if _extension_error() is not None or getattr(register, "done", False):
+        return
+    register.done = True  # type: ignore[attr-defined]
+
+    @torch.library.register_fake("fastmask::fisher_accumulate_")
+    def _(imp_bias: list[Tensor], imp_loss: list[Tensor], grad_bias: list[Tensor], grad_loss: list[Tensor]) -> None:
+        _same_lengths("fisher_accumulate_", imp_bias=imp_bias, imp_loss=imp_loss, grad_bias=grad_bias,
+                      grad_loss=grad_loss)
+
+    @torch.library.register_fake("fastmask::soft_mask")
+    def _(imp_bias: list[Tensor], imp_loss: list[Tensor], eps: float = 1e-10, apply_tanh: bool = True) -> list[Tensor]:
+        _same_lengths("soft_mask", imp_bias=imp_bias, imp_loss=imp_loss)
+        return [torch.empty_like(b, dtype=torch.float32, memory_format=torch.contiguous_format) for b in imp_bias]
+
+    @torch.library.register_fake("fastmask::soft_mask_")
+    def _(imp_bias: list[Tensor], imp_loss: list[Tensor], eps: float = 1e-10, apply_tanh: bool = True) -> None:
+        _same_lengths("soft_mask_", imp_bias=imp_bias, imp_loss=imp_loss)
+
+    @torch.library.register_fake("fastmask::masked_adam_")
+    def _(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+          max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], masks: list[Tensor | None], *, lr: float,
+          beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool,
+          decoupled_weight_decay: bool, mask_update: bool, grad_scale: Tensor | None = None,
+          found_inf: Tensor | None = None) -> None:
+        _same_lengths("masked_adam_", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                      state_steps=state_steps, masks=masks)
+
+    @torch.library.register_fake("fastmask::masked_sgd_")
+    def _(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], masks: list[Tensor | None], *,
+          lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+          first_step: bool, mask_update: bool, grad_scale: Tensor | None = None,
+          found_inf: Tensor | None = None) -> None:
+        _same_lengths("masked_sgd_", params=params, grads=grads, momentum_buffers=momentum_buffers, masks=masks)
+
+    @torch.library.register_fake("fastmask::radix_histogram")
+    def _(tensors: list[Tensor], prefixes: list[int], prefix_bits: int, digit_bits: int) -> Tensor:
+        # Counts come back on the host: every pass's choice is made there.
+        return torch.empty((len(prefixes), 1 << digit_bits), dtype=torch.int64, device="cpu")
+
+    @torch.library.register_fake("fastmask::hard_mask")
+    def _(tensors: list[Tensor], threshold: float, inclusive: bool = False, layout: str = "bool") -> list[Tensor]:
+        if layout == "packed":
+            return [t.new_empty(((t.numel() + 7) // 8,), dtype=torch.uint8) for t in tensors]
+        return [t.new_empty(t.shape, dtype=torch.bool if layout == "bool" else torch.uint8) for t in tensors]
