@@ -1,4 +1,4 @@
-"""Fused diagonal-Fisher accumulation in Triton: I_b += g_b², I_l += g_l² (SWiFT Eqs. 7-8, spec §3).
+"""Fused diagonal-Fisher accumulation in Triton: I_b += g_b², I_l += g_l² (SWiFT Eqs. 7-8, docs/algorithm.md §3).
 
 One launch per call covers every tensor of the list (see :mod:`fastmask.kernels.multi_tensor`): each program
 takes one block of one tensor and updates both importances from both gradients in a single pass over the four

@@ -2,7 +2,7 @@
 
 Same signature and semantics as ``fastmask.ops.reference.masked_adam_`` (the oracle) and the C++ kernel
 ``torch.ops.fastmask.masked_adam_``: torch.optim.Adam's algorithm (Kingma & Ba, Alg. 1; AdamW's decoupled decay,
-Loshchilov & Hutter, Alg. 2) with the mask M of the SWiFT / BMFT step (spec §5, §8.9):
+Loshchilov & Hutter, Alg. 2) with the mask M of the SWiFT / BMFT step (docs/algorithm.md §5, §8.9):
 
     g ← g / grad_scale, −g if maximize;  "grad" mode: g ← M·g
     g ← g + λθ (L2)  or  θ' = θ(1 − lr·λ) (decoupled)

@@ -2,7 +2,7 @@
 
 Same signature and semantics as ``fastmask.ops.reference.masked_sgd_`` (the oracle) and the C++ kernel
 ``torch.ops.fastmask.masked_sgd_``: torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize) with the
-mask M of the SWiFT / BMFT step (spec §5, §8.10):
+mask M of the SWiFT / BMFT step (docs/algorithm.md §5, §8.10):
 
     g ← g / grad_scale, −g if maximize;  "grad" mode: g ← M·g
     d = g + λθ;  b ← d on the first step, else b ← μ·b + (1 − τ)·d;  d ← d + μ·b (Nesterov) or b

@@ -10,7 +10,8 @@ addresses in host memory, so the same launchers run under the interpreter on CPU
 
 Two table layouts serve two kinds of kernel:
 
-- :func:`launch_table` (fisher_accumulate, soft_mask): one program per block, pointers stored column by column, all in one
+- :func:`launch_table` (fisher_accumulate, soft_mask): one program per block, pointers stored column by column, all in
+  one
   host-to-device transfer;
 - :func:`address_table` and :func:`block_table` (the optimizer steps, launched by :func:`launch_optimizer`): an
   address table ``ptrs[T, R]`` of each tensor's R buffers (param, grad, state, mask; 0 for a missing one), and a

@@ -1,4 +1,4 @@
-"""SWiFT's soft mask in Triton (SWiFT Eq. 9, spec §4), two launches for the whole tensor list:
+"""SWiFT's soft mask in Triton (SWiFT Eq. 9, docs/algorithm.md §4), two launches for the whole tensor list:
 
 1. ``_minmax_kernel``: each program reduces one block of one tensor to the min and max of both importances and
    folds them into the tensor's slot of a float32 [4, T] buffer with atomic min / max (a NaN sets a per-tensor

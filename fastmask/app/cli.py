@@ -192,7 +192,8 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
         description="Compute the Fisher-importance mask on the external data, fine-tune in two steps (SWiFT soft "
         "mask or BMFT hard mask), and write the debiased weights and the mask (safetensors), report.json, "
         "report.md and plots. The run state is saved after every epoch under OUT/checkpoint; --resume continues "
-        "an interrupted run with the same result. Options left unset keep the method's defaults (spec §7-8).",
+        "an interrupted run with the same result. Options left unset keep the method's defaults "
+        "(docs/algorithm.md §7-8).",
     )
     _common_model(p)
     g = p.add_argument_group("data")
@@ -208,12 +209,13 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
                    help="draw the external set from this fold only (repeatable; default: all not evaluated on)")
     g.add_argument("--balance-replace", choices=("auto", "true", "false"), default="auto",
                    help="group balancing draws with replacement: auto (only where needed, default), true (the "
-                   "reference code), false")
+                   "the authors' code), false")
     _common_loader(p, g)
 
     g = p.add_argument_group("method (unset options keep the method's defaults)")
     g.add_argument("--method", required=True, choices=("swift", "bmft"))
-    g.add_argument("--seed", type=int, default=42, help="seed of the run and the data (default 42, the reference)")
+    g.add_argument("--seed", type=int, default=42,
+                   help="seed of the run and the data (default 42, as in the authors' code)")
     g.add_argument("--beta", type=float, help="β: SWiFT step 1 β·WBCE + (1-β)·B (default 0.1); BMFT repair "
                    "WBCE + β·B (default 0.1)")
     g.add_argument("--epochs1", type=int, help="epochs of step 1 / BMFT's impair step")
@@ -225,7 +227,7 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weight-decay", type=float, help="weight decay of both steps")
     g.add_argument("--mask-mode", choices=("grad", "update"), help="mask the gradient (reference) or the update")
     g.add_argument("--step2-feature-eval", action="store_true", default=None,
-                   help="feature extractor in eval mode during step 2 (spec §8.11)")
+                   help="feature extractor in eval mode during step 2 (docs/algorithm.md §8.11)")
     g.add_argument("--head", metavar="MODULE", help="module path of the head (default: the last nn.Linear)")
     g.add_argument("--bias-space", choices=("log", "prob", "logit"), help="bias function on log p, p or logits")
     g.add_argument("--bias-form", choices=("eodds_abs", "eodds_sum", "eodds_avgodds", "eopp", "spd"),
@@ -233,8 +235,8 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--bias-empty", choices=("zero", "skip"), help="empty group cells: zero-fill or skip the gap")
     g.add_argument("--collapse-threshold", type=float, help="collapse guard threshold (default 0.95)")
     g.add_argument("--faithful", action="store_true", default=None,
-                   help="reproduce the reference code: every quirk option must keep its reference value")
-    g.add_argument("--task", choices=("skin", "cxr"), help="SWiFT: the reference optimiser (skin SGD, cxr Adam)")
+                   help="reproduce the authors' code: every quirk option must keep the authors' value")
+    g.add_argument("--task", choices=("skin", "cxr"), help="SWiFT: the authors' optimiser (skin SGD, cxr Adam)")
     g.add_argument("--reinit-cmp", choices=("gt", "ge"), help="SWiFT head re-initialisation θ[M > γ] or θ[M >= γ]")
     g.add_argument("--reinit-scope", choices=("tensor", "head"), help="SWiFT: γ per head tensor or over the head")
     g.add_argument("--rate", type=float, help="BMFT: percentile rate of the hard mask (default 50)")
@@ -331,8 +333,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="SWiFT, BMFT and the baselines over several seeds: a mean ± std table (markdown, CSV) and a plot",
-        description="Run the chosen methods (baselines of spec §9, SWiFT, BMFT) on a benchmark over several seeds and "
-        "write table.md, table.csv, runs.csv and scatter.png (fairness against AUC) into --out.",
+        description="Run the chosen methods (baselines of docs/algorithm.md §9, SWiFT, BMFT) on a benchmark over "
+        "several seeds and write table.md, table.csv, runs.csv and scatter.png (fairness against AUC) into --out.",
     )
     p.add_argument("--methods", nargs="+", metavar="M",
                    help="method names (default: baseline swift bmft fullft-fdr llft diffgda random-mask hard-0.5), or "

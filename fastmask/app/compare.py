@@ -4,8 +4,8 @@ For every seed the data source gives a :class:`Fold` (the trained model every me
 D_e and D_r, and one or more test sets). Each method (:data:`fastmask.methods.registry.METHODS`) debiases a deep
 copy of the model with the source's configuration for it, and is evaluated on every test set with
 :func:`fastmask.fairness.metrics.evaluate` (AUC on p = σ(z), SPD and EOdds in the authors' code's definition on
-ŷ = 1[p > 0.5], docs/algorithm.md §6). Over the seeds each figure is reported as mean ± std, the **sample** standard deviation
-(ddof = 1), as the papers report 5-fold results.
+ŷ = 1[p > 0.5], docs/algorithm.md §6). Over the seeds each figure is reported as mean ± std, the **sample**
+standard deviation (ddof = 1), as the papers report 5-fold results.
 
 Outputs, each written atomically into the output folder: ``table.md`` (the table printed), ``table.csv`` (means
 and standard deviations as numbers), ``runs.csv`` (one row per method, seed and test set: the figures the table is
@@ -89,7 +89,7 @@ class DemoSource:
     Configurations: SWiFT and BMFT run with the demo's settings (``SWIFT_DEMO`` / ``BMFT_DEMO``); the mask ablations
     (random, hard at each fraction, manual) with the same settings, so that only the mask differs; LLFT with the
     demo's head step (Adam, lr 1e-2, 30 epochs, E in eval mode), the same as SWiFT's step 2. FullFT-*, DiffGda,
-    DiffPrune and FairPrune run with their defaults (spec §9 and the cited papers), untuned.
+    DiffPrune and FairPrune run with their defaults (docs/algorithm.md §9 and the cited papers), untuned.
     """
 
     name = "demo"
@@ -165,7 +165,7 @@ def compare(source: DataSource, methods: Sequence[str], seeds: Sequence[int], *,
             bar.set_postfix_str(f"seed {seed} {method}")
             model = copy.deepcopy(fold.model)
             mask_loader, train_loader = fold.loaders()
-            # A method's default configuration seeds with 42 (the reference's constant): give it the run's seed.
+            # A method's default configuration seeds with 42 (the authors' constant): give it the run's seed.
             config = _with_seed(source.config(method) or METHODS[method].config(), seed)
             start = time.perf_counter()
             result = METHODS[method](model, mask_loader, train_loader, config=config, progress=False)
@@ -238,7 +238,7 @@ def main(methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2),
     summary = summarise(rows)
     n = len(seeds)
     title = (f"fastmask compare on {source.description}; seeds {' '.join(map(str, seeds))}; mean ± std "
-             f"(sample std, n = {n}) over the seeds; EOdds = ½·|ΔFPR + ΔTPR| (reference code), SPD and EOdds at "
+             f"(sample std, n = {n}) over the seeds; EOdds = ½·|ΔFPR + ΔTPR| (the authors' code), SPD and EOdds at "
              "p > 0.5; collapse = collapse-guard firings / runs; s = mean seconds per run")
     table = format_table(summary, title)
     out_dir = Path(out)

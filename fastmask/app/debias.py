@@ -224,10 +224,10 @@ class _DebiasRun:
                     scores = self.evaluate(f"evaluate {state.step} epoch {state.epoch}")
                 self.epochs.append({"step": state.step, "epoch": state.epoch, **scores["overall"]})
         if self.writer:
-            SavedRun(spec=self.spec, model={k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()},
-                     run=state.to_state(), loaders={"mask": self.mask_loader.epoch, "train": self.train_loader.epoch},
-                     before=self.before, epochs=self.epochs, loader_log=self.loader_log,
-                     seconds=self.seconds()).save(self.state_path)
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
+            SavedRun(spec=self.spec, model=weights, run=state.to_state(),
+                     loaders={"mask": self.mask_loader.epoch, "train": self.train_loader.epoch}, before=self.before,
+                     epochs=self.epochs, loader_log=self.loader_log, seconds=self.seconds()).save(self.state_path)
         if (self.stop_after_epochs is not None and state.epoch > 0 and self.epochs_run >= self.stop_after_epochs
                 and self._epochs_left(state) > 0):
             raise RunStopped(state.step, state.epoch, self.epochs_run, self.state_path)

@@ -155,7 +155,7 @@ class DemoCNN(nn.Module):
 
 def train_erm(model: nn.Module, loader: Iterable, *, epochs: int = 30, lr: float = 1e-3,
               progress: bool = False) -> nn.Module:
-    """Plain ERM with the reference WBCE and Adam over ``loader``'s ``(x, y, a)`` batches (one pass per epoch):
+    """Plain ERM with the authors' WBCE and Adam over ``loader``'s ``(x, y, a)`` batches (one pass per epoch):
     the biased model the methods start from."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -189,7 +189,7 @@ def loaders(external: ShardIndex, seed: int, batch_size: int = 64) -> tuple[Shar
             stream(external, seed, batch_size=batch_size, keys=d_r))
 
 
-# The demo's settings: step 1 is the reference's (SGD, lr 1e-4, momentum 0.9, weight decay 5e-4, 10 epochs), a gentle
+# The demo's settings: step 1 is the authors' (SGD, lr 1e-4, momentum 0.9, weight decay 5e-4, 10 epochs), a gentle
 # update of E; step 2 trains the head well (Adam, lr 1e-2, 30 epochs) with E in eval mode, so the frozen E's
 # BatchNorm statistics do not drift. Every choice is a public pipeline option.
 SWIFT_DEMO = SwiftConfig(step2=StepConfig(epochs=30, lr=1e-2, optimizer="adam", weight_decay=0.0),

@@ -28,7 +28,8 @@ class DataSpec:
         external_folds: draw D_e from these folds only (default: every sample of ``shards`` not evaluated on).
         batch_size, image_size, center_crop, workers: loader settings (the papers: batch 64, 256 px skin, 224 CXR).
         seed: seed of the group balancing, the shuffling and the augmentation draws.
-        balance_replace: ``group_balance``'s ``replace``: ``"auto"`` (spec §8.4), True (the reference), False.
+        balance_replace: ``group_balance``'s ``replace``: ``"auto"`` (docs/algorithm.md §8.4), True (the authors'
+            code), False.
         strict: raise on a damaged sample instead of skipping and counting it.
     """
 

@@ -45,7 +45,8 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits
 
 
 def group_rows(table: pd.DataFrame, labels: Mapping[Any, str] | None = None) -> list[dict[str, Any]]:
-    """Rows of :func:`fastmask.fairness.metrics.group_table` as dicts with a ``group`` entry (and ``label`` if named)."""
+    """Rows of :func:`fastmask.fairness.metrics.group_table` as dicts with a ``group`` entry (and ``label`` if
+    named)."""
     rows = []
     for i, group in enumerate(table.index):
         rec: dict[str, Any] = {"group": jsonable(group)}

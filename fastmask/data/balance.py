@@ -1,6 +1,6 @@
-"""The group-balanced external set D_r and the multi-attribute reduction (spec §1, §8.4, §8.17).
+"""The group-balanced external set D_r and the multi-attribute reduction (docs/algorithm.md §1, §8.4, §8.17).
 
-:func:`group_balance` implements the reference code's ``dataset_balance(df, attr, 'target', downsample=1)``:
+:func:`group_balance` implements the authors' code's ``dataset_balance(df, attr, 'target', downsample=1)``:
 
 1. G0 = rows with a = 0, G1 = rows with a = 1; rows with any other attribute value are dropped (and counted).
 2. L = G0 and S = G1 if |G0| > |G1|, else L = G1 and S = G0 (a tie makes G1 the larger group).
@@ -8,12 +8,12 @@
 4. For each label c ∈ {0, 1}, n_c = |S ∩ {y = c}| rows are drawn from L ∩ {y = c}.
 5. D_r = concat(L-sample for y = 0, L-sample for y = 1, S), index reset.
 
-Both groups then have identical per-label counts and |D_r| = 2|S|. The reference draws with replacement from the
+Both groups then have identical per-label counts and |D_r| = 2|S|. The authors' code draws with replacement from the
 global NumPy RNG; here a seeded ``np.random.default_rng(seed)`` is used, and ``replace="auto"`` (the default, spec
 §8.4) draws without replacement whenever L has enough rows of the label, so no row is duplicated.
 
-:func:`extreme_groups` is SWiFT's multi-attribute reduction (spec §1 steps 3-4): keep the groups with the highest
-and the lowest AUC and recode them to a binary attribute, given the per-group AUCs
+:func:`extreme_groups` is SWiFT's multi-attribute reduction (docs/algorithm.md §1 steps 3-4): keep the groups with the
+highest and the lowest AUC and recode them to a binary attribute, given the per-group AUCs
 (:func:`fastmask.fairness.metrics.auc_by_group` computes them).
 """
 
@@ -48,14 +48,14 @@ def group_balance(
     replace: Literal["auto"] | bool = "auto",
     index_column: str = "source_index",
 ) -> pd.DataFrame:
-    """Group-balanced external set D_r (spec §1 steps 1-5, §8.4).
+    """Group-balanced external set D_r (docs/algorithm.md §1 steps 1-5, §8.4).
 
     Args:
         df: the external set D_e, one row per image.
         attr: the binary sensitive-attribute column (values 0 / 1; other values are dropped with a warning).
         target: the label column, values 0 / 1.
         seed: seed of the ``np.random.default_rng`` used for the draws; the same seed gives the same D_r.
-        replace: ``True`` draws uniformly with replacement, as the reference code does (faithful); ``False`` draws
+        replace: ``True`` draws uniformly with replacement, as the authors' code does (faithful); ``False`` draws
             without replacement and raises when L has fewer rows of a label than S; ``"auto"`` (default) draws
             without replacement when |L ∩ {y=c}| >= n_c and with replacement otherwise, per label.
         index_column: name of the added column holding each row's index value in ``df`` (to map rows back to keys).
@@ -115,7 +115,7 @@ def group_balance(
                 f"fewer than the {n_c} of the smaller group; use replace=True or 'auto'"
             )
         if with_replacement:
-            # Faithful step 4: uniform positions with replacement (the reference's np.random.randint).
+            # Faithful step 4: uniform positions with replacement (the authors' np.random.randint).
             pos = rng.integers(0, len(pool), size=n_c) if n_c else np.zeros(0, dtype=np.int64)
         else:
             pos = rng.choice(len(pool), size=n_c, replace=False)
@@ -128,7 +128,7 @@ def group_balance(
 
 
 def _extremes(aucs: Mapping[Hashable, float]) -> tuple[Hashable, Hashable]:
-    """(g_max, g_min): highest and lowest AUC, ties broken by the smallest group id (spec §8.17).
+    """(g_max, g_min): highest and lowest AUC, ties broken by the smallest group id (docs/algorithm.md §8.17).
 
     max() and min() return the first extreme they meet, so iterating over sorted ids breaks ties by the smallest
     id. g_min is chosen among the groups other than g_max, so equal AUCs still give two distinct groups.
@@ -140,7 +140,7 @@ def _extremes(aucs: Mapping[Hashable, float]) -> tuple[Hashable, Hashable]:
 
 
 def extreme_groups(df: pd.DataFrame, attr: str, auc_by_group: Mapping[Hashable, float]) -> pd.DataFrame:
-    """SWiFT's multi-attribute reduction (spec §1 "Multi-attribute reduction", steps 3-4).
+    """SWiFT's multi-attribute reduction (docs/algorithm.md §1 "Multi-attribute reduction", steps 3-4).
 
     g_max is the group with the highest AUC and g_min the one with the lowest (ties by the smallest group id).
     Only rows with ``attr`` in {g_max, g_min} are kept, and ``attr`` is recoded to 1 for g_min and 0 for g_max,

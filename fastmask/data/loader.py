@@ -548,7 +548,8 @@ def make_loader(
         urls_or_dir: a shard directory (with its ``*-index.json``), an index file, a :class:`ShardIndex`, or local
             tar paths (a list or a brace pattern such as ``"out/shard-{000000..000003}.tar"``; they are scanned).
         batch_size: samples per batch.
-        train: training mode: random flips / transpose (spec §1) and, by default, shuffling and ``drop_last``.
+        train: training mode: random flips / transpose (docs/algorithm.md §1) and, by default, shuffling and
+            ``drop_last``.
         image_size: output height and width.
         workers: DataLoader worker processes; 0 reads in this process.
         seed: base seed of shard order, shuffle buffer and augmentation (use the same on every rank).

@@ -1,6 +1,6 @@
-"""The papers' image transforms (spec §1 Transforms), with PIL and torch only.
+"""The papers' image transforms (docs/algorithm.md §1 Transforms), with PIL and torch only.
 
-The reference code uses albumentations; this module reproduces the same operations:
+The authors' code uses albumentations; this module reproduces the same operations:
 
 - training (skin): Resize(s, s) -> HorizontalFlip(p) -> VerticalFlip(p) -> Transpose(p) -> Normalize
 - test: Resize(s, s) -> Normalize, optionally after a centre crop of the original image (the CXR recipe crops

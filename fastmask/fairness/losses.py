@@ -1,10 +1,11 @@
-"""Training objectives of SWiFT and BMFT: the weighted BCE and the differentiable bias functions (spec §2, §8.1-8.2).
+"""Training objectives of SWiFT and BMFT: the weighted BCE and the differentiable bias functions (docs/algorithm.md
+§2, §8.1-8.2).
 
-Notation (spec §2): z are logits, y ∈ {0,1} labels, a ∈ {0,1} the sensitive attribute; for a vector v over the batch,
-m_{g,c}(v) is the mean of v over the samples with a = g and y = c, and m_g(v) the mean over a = g.
+Notation (docs/algorithm.md §2): z are logits, y ∈ {0,1} labels, a ∈ {0,1} the sensitive attribute; for a vector v
+over the batch, m_{g,c}(v) is the mean of v over the samples with a = g and y = c, and m_g(v) the mean over a = g.
 
-Presets:
-    SWIFT_BIAS      = BiasSpec("log", "eodds_abs")   SWiFT [PS] Eqs. 2-4 on log-probabilities (spec §8.1 default).
+Presets (SWIFT_BIAS is docs/algorithm.md §8.1's default):
+    SWIFT_BIAS      = BiasSpec("log", "eodds_abs")   SWiFT [PS] Eqs. 2-4 on log-probabilities.
     BMFT_BIAS       = BiasSpec("logit", "eodds_sum") BMFT code: `compute_empirical_bias(z, y, a, 'eodds')` (faithful).
     BMFT_PAPER_BIAS = BiasSpec("prob", "eopp")       BMFT [PB] Eq. 2, |m_{0,1}(p) − m_{1,1}(p)|.
 """
@@ -65,7 +66,7 @@ def _binary_vector(t: torch.Tensor, name: str, batch: int) -> torch.Tensor:
 
 
 def wbce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-batch weighted binary cross-entropy, exactly as the reference code computes it (spec §2).
+    """Per-batch weighted binary cross-entropy, exactly as the authors' code computes it (docs/algorithm.md §2).
 
     With n_p = Σy + 1e-10 and n_n = Σ(1 − y) over the batch, pos_weight w = n_n / n_p and scale s = n_p / (n_p + n_n):
 
@@ -97,7 +98,8 @@ def wbce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BiasSpec:
-    """Choice of bias function: the space of v, the form of the gap, and the empty-cell rule (spec §2, §8.1-8.2).
+    """Choice of bias function: the space of v, the form of the gap, and the empty-cell rule (docs/algorithm.md §2,
+    §8.1-8.2).
 
     Args:
         space: what v is: ``"logit"`` (v = z), ``"prob"`` (v = σ(z)) or ``"log"`` (v = log σ(z) via logsigmoid).
@@ -138,21 +140,22 @@ def bias_loss(
     form: Form = "eodds_abs",
     empty: Empty = "zero",
 ) -> torch.Tensor:
-    """Differentiable group-fairness gap of a batch (spec §2; defaults = SWiFT [PS] Eqs. 2-4, spec §8.1).
+    """Differentiable group-fairness gap of a batch (docs/algorithm.md §2; defaults = SWiFT [PS] Eqs. 2-4,
+    docs/algorithm.md §8.1).
 
     v is z (``space="logit"``), σ(z) (``"prob"``) or log σ(z) (``"log"``, computed with logsigmoid so that
     |z| = 100 stays finite). With m_{g,c} = m_{g,c}(v) and m_g = m_g(v):
 
     - ``"eodds_abs"`` ([PS] Eqs. 2-4): |m_{0,1} − m_{1,1}| + |m_{0,0} − m_{1,0}|  (no ½);
-    - ``"eodds_sum"`` (reference code ``eodds``): ½·|(m_{0,0} − m_{1,0}) + (m_{0,1} − m_{1,1})| (signed sum);
+    - ``"eodds_sum"`` (the authors' code ``eodds``): ½·|(m_{0,0} − m_{1,0}) + (m_{0,1} − m_{1,1})| (signed sum);
     - ``"eodds_avgodds"``: ½·(|m_{0,1} − m_{1,1}| + |m_{0,0} − m_{1,0}|);
     - ``"eopp"`` ([PB] Eq. 2 with ``space="prob"``): |m_{0,1} − m_{1,1}|;
     - ``"spd"``: |m_0 − m_1|.
 
-    Empty cells (spec §8.2): ``empty="zero"`` replaces an empty cell's mean by the constant 0, as the reference code
-    does (the gap is then compared against 0, and the constant carries no gradient); ``empty="skip"`` drops every gap
-    term that has an empty cell on either side. The result is always a tensor attached to z's graph, so
-    ``backward()`` works even when every term is constant (its gradient is then 0), and it is never NaN.
+    Empty cells (docs/algorithm.md §8.2): ``empty="zero"`` replaces an empty cell's mean by the constant 0, as the
+    authors' code does (the gap is then compared against 0, and the constant carries no gradient); ``empty="skip"``
+    drops every gap term that has an empty cell on either side. The result is always a tensor attached to z's graph,
+    so ``backward()`` works even when every term is constant (its gradient is then 0), and it is never NaN.
 
     Args:
         z: logits, shape (B,) or (B, 1), floating point.
@@ -228,9 +231,9 @@ def combined_loss(
     bias_weight: float,
     bias: BiasSpec = SWIFT_BIAS,
 ) -> torch.Tensor:
-    """Weighted objective ``wbce_weight · WBCE(z, y) + bias_weight · B(z, y, a)`` (spec §5).
+    """Weighted objective ``wbce_weight · WBCE(z, y) + bias_weight · B(z, y, a)`` (docs/algorithm.md §5).
 
-    The steps of spec §5 as (wbce_weight, bias_weight): SWiFT step 1 (β, 1 − β) ([PS] Eq. 10), SWiFT step 2
+    The steps of docs/algorithm.md §5 as (wbce_weight, bias_weight): SWiFT step 1 (β, 1 − β) ([PS] Eq. 10), SWiFT step 2
     (1 − β, β), BMFT impair (0, 1) and BMFT repair (1, β) ([PB] Eq. 5). A term whose weight is 0 is not computed.
 
     Args:

@@ -1,20 +1,20 @@
-"""Evaluation metrics of SWiFT and BMFT: accuracy, AUC and group-fairness gaps (spec §6, §8.3, §8.17).
+"""Evaluation metrics of SWiFT and BMFT: accuracy, AUC and group-fairness gaps (docs/algorithm.md §6, §8.3, §8.17).
 
 Every function takes labels y ∈ {0,1}, probabilities p = σ(z) ∈ [0,1] and the sensitive attribute a, as numpy arrays,
-torch tensors, pandas Series or lists, of shape (N,) or (N, 1). Hard predictions follow the reference code's
+torch tensors, pandas Series or lists, of shape (N,) or (N, 1). Hard predictions follow the authors' code's
 ``np.round(p)``: ŷ = 1 iff p > 0.5 (0.5 rounds to 0).
 
-The binary gaps (SPD, EOpp, EOdds) need a ⊆ {0,1}; an empty cell's rate is 0, as in the reference code, so a gap
+The binary gaps (SPD, EOpp, EOdds) need a ⊆ {0,1}; an empty cell's rate is 0, as in the authors' code, so a gap
 against a missing group compares with 0. With TPR_g = mean(ŷ | a=g, y=1) and FPR_g = mean(ŷ | a=g, y=0):
 
 - SPD = |m_0(ŷ) − m_1(ŷ)|
 - EOpp = |TPR_0 − TPR_1|
-- EOdds ``"code"`` (primary, spec §8.3) = ½·|(FPR_0 − FPR_1) + (TPR_0 − TPR_1)|, the signed sum;
+- EOdds ``"code"`` (primary, docs/algorithm.md §8.3) = ½·|(FPR_0 − FPR_1) + (TPR_0 − TPR_1)|, the signed sum;
   ``"max"`` = max(|ΔTPR|, |ΔFPR|) (fairlearn's ``equalized_odds_difference``); ``"mean"`` = ½·(|ΔTPR| + |ΔFPR|).
 
 The per-group functions (:func:`group_table`, :func:`auc_by_group`, :func:`worst_group_auc`, :func:`auc_gap`)
 accept any number of attribute values ([PS] Table 5: Min AUC and Gap = max_g AUC_g − min_g AUC_g, over the groups
-that contain both classes, spec §8.17).
+that contain both classes, docs/algorithm.md §8.17).
 """
 
 from __future__ import annotations
@@ -106,12 +106,12 @@ def _binary_inputs(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> tuple[np.ndarray
 
 
 def hard_predictions(p: ArrayLike) -> np.ndarray:
-    """Hard predictions ŷ = 1 iff p > 0.5, the reference code's ``np.round(p)`` (spec §6)."""
+    """Hard predictions ŷ = 1 iff p > 0.5, the authors' code's ``np.round(p)`` (docs/algorithm.md §6)."""
     return (_vector(p, "p") > THRESHOLD).astype(np.int64)
 
 
 def _rate(yhat: np.ndarray, mask: np.ndarray) -> float:
-    """mean(ŷ) over ``mask``; an empty cell gives 0 as in the reference code (spec §6)."""
+    """mean(ŷ) over ``mask``; an empty cell gives 0 as in the authors' code (docs/algorithm.md §6)."""
     return float(yhat[mask].mean()) if mask.any() else 0.0
 
 
@@ -123,7 +123,7 @@ def _gaps(yv: np.ndarray, yhat: np.ndarray, av: np.ndarray) -> tuple[float, floa
 
 
 def auc(y: ArrayLike, p: ArrayLike) -> float:
-    """Area under the ROC curve, ``sklearn.metrics.roc_auc_score(y, p)`` on probabilities (spec §6)."""
+    """Area under the ROC curve, ``sklearn.metrics.roc_auc_score(y, p)`` on probabilities (docs/algorithm.md §6)."""
     yv, pv = _labels_probs(y, p)
     if np.unique(yv).size < 2:
         raise ValueError(f"AUC needs both classes in y, but every label is {int(yv[0])}")
@@ -131,13 +131,13 @@ def auc(y: ArrayLike, p: ArrayLike) -> float:
 
 
 def acc(y: ArrayLike, p: ArrayLike) -> float:
-    """Accuracy mean(ŷ = y) with ŷ = 1 iff p > 0.5 (spec §6)."""
+    """Accuracy mean(ŷ = y) with ŷ = 1 iff p > 0.5 (docs/algorithm.md §6)."""
     yv, pv = _labels_probs(y, p)
     return float(np.mean(hard_predictions(pv) == yv))
 
 
 def spd(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> float:
-    """Statistical parity difference |m_0(ŷ) − m_1(ŷ)|, an empty group's rate being 0 (spec §6)."""
+    """Statistical parity difference |m_0(ŷ) − m_1(ŷ)|, an empty group's rate being 0 (docs/algorithm.md §6)."""
     _, yhat, av = _binary_inputs(y, p, a)
     return _spd(yhat, av)
 
@@ -147,15 +147,15 @@ def _spd(yhat: np.ndarray, av: np.ndarray) -> float:
 
 
 def eopp(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> float:
-    """Equal-opportunity gap |TPR_0 − TPR_1| with zero-filled empty cells (spec §6)."""
+    """Equal-opportunity gap |TPR_0 − TPR_1| with zero-filled empty cells (docs/algorithm.md §6)."""
     d_tpr, _ = _gaps(*_binary_inputs(y, p, a))
     return abs(d_tpr)
 
 
 def eodds(y: ArrayLike, p: ArrayLike, a: ArrayLike, *, definition: EOddsDefinition = "code") -> float:
-    """Equalized-odds gap in one of three definitions (spec §6, §8.3).
+    """Equalized-odds gap in one of three definitions (docs/algorithm.md §6, §8.3).
 
-    - ``"code"`` (reference code, the primary metric): ½·|(FPR_0 − FPR_1) + (TPR_0 − TPR_1)|;
+    - ``"code"`` (the authors' code, the primary metric): ½·|(FPR_0 − FPR_1) + (TPR_0 − TPR_1)|;
     - ``"max"`` (fairlearn ``equalized_odds_difference``): max(|TPR_0 − TPR_1|, |FPR_0 − FPR_1|);
     - ``"mean"``: ½·(|TPR_0 − TPR_1| + |FPR_0 − FPR_1|).
 
@@ -186,7 +186,7 @@ def group_table(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> pd.DataFrame:
 
     Columns: ``n``, ``positives`` (Σy), ``auc`` (NaN unless the group holds both classes), ``acc``, ``tpr``
     (NaN without positives), ``fpr`` (NaN without negatives) and ``positive_rate`` (mean ŷ). Unlike the gap
-    metrics, undefined rates are NaN here rather than the reference code's 0, so the table shows they are missing.
+    metrics, undefined rates are NaN here rather than the authors' code's 0, so the table shows they are missing.
     """
     yv, pv = _labels_probs(y, p)
     av = _groups(a, yv.shape[0])
@@ -212,7 +212,8 @@ def group_table(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> pd.DataFrame:
 
 
 def auc_by_group(y: ArrayLike, p: ArrayLike, groups: ArrayLike) -> dict[Hashable, float]:
-    """AUC_g for every group g that contains both classes, keyed by group id in sorted order (spec §8.17)."""
+    """AUC_g for every group g that contains both classes, keyed by group id in sorted order (docs/algorithm.md
+    §8.17)."""
     yv, pv = _labels_probs(y, p)
     gv = _groups(groups, yv.shape[0])
     out: dict[Hashable, float] = {}
@@ -231,18 +232,19 @@ def _aucs_or_raise(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> dict[Hashable, f
 
 
 def worst_group_auc(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> float:
-    """Min AUC = min_g AUC_g over the groups that contain both classes ([PS] Table 5, spec §8.17)."""
+    """Min AUC = min_g AUC_g over the groups that contain both classes ([PS] Table 5, docs/algorithm.md §8.17)."""
     return min(_aucs_or_raise(y, p, a).values())
 
 
 def auc_gap(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> float:
-    """Gap = max_g AUC_g − min_g AUC_g over the groups that contain both classes ([PS] Table 5, spec §8.17)."""
+    """Gap = max_g AUC_g − min_g AUC_g over the groups that contain both classes ([PS] Table 5, docs/algorithm.md
+    §8.17)."""
     values = _aucs_or_raise(y, p, a).values()
     return max(values) - min(values)
 
 
 def evaluate(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> dict[str, float]:
-    """All scalar metrics of spec §6 for a binary attribute, as Python floats.
+    """All scalar metrics of docs/algorithm.md §6 for a binary attribute, as Python floats.
 
     Keys: ``auc``, ``acc``, ``spd``, ``eopp``, ``eodds`` (the code definition), ``eodds_max``, ``eodds_mean``,
     ``worst_group_auc``, ``auc_gap``, ``positive_rate`` (mean ŷ, for the collapse guard) and

@@ -8,11 +8,11 @@ the squared **batch-mean** gradient, averaged over the N_b batches (the last par
 model in ``eval()`` mode (BatchNorm running statistics, no dropout).
 
 :func:`fisher_importance` does this with **one forward pass per batch**: both objectives are computed from the same
-logits and each is differentiated through the same graph (``torch.autograd.grad`` with ``retain_graph`` on the
-first). It never touches ``.grad``, so nothing accumulates across batches or objectives (the reference's CXR bug,
-docs/algorithm.md §8.8, cannot occur), and the squares are accumulated by the fused ``fastmask.ops.fisher_accumulate_``.
-:func:`fisher_importance_two_pass` is the reference loop of docs/algorithm.md §3 (one full pass per objective); it is the test
-oracle and the benchmark's baseline.
+logits and each is differentiated through the same graph (``torch.autograd.grad`` with ``retain_graph`` on the first).
+It never touches ``.grad``, so nothing accumulates across batches or objectives (the authors' CXR bug, docs/algorithm.md
+§8.8, cannot occur), and the squares are accumulated by the fused ``fastmask.ops.fisher_accumulate_``.
+:func:`fisher_importance_two_pass` is the authors' two-pass loop of docs/algorithm.md §3 (one full pass per objective);
+it is the test oracle and the benchmark's baseline.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def fisher_importance(
         loader: an iterable of batches (x, y, a, ...).
         bias: the bias objective B(z, y, a): a :class:`~fastmask.losses.BiasSpec` (SWiFT: ``SWIFT_BIAS``, on
             log-probabilities; BMFT: ``BMFT_BIAS``, on logits) or any callable with that signature.
-        loss: the task loss L(z, y); default the reference WBCE.
+        loss: the task loss L(z, y); default the authors' WBCE.
         device: where to run; default the device of the model's first parameter.
         progress: show a tqdm progress bar.
 
@@ -128,7 +128,7 @@ def fisher_importance_two_pass(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> tuple[Importances, Importances, int]:
-    """The reference loop of docs/algorithm.md §3: one full pass per objective, J = B first, then J = L.
+    """The authors' two-pass loop of docs/algorithm.md §3: one full pass per objective, J = B first, then J = L.
 
     Per batch: zero all gradients, forward, J, backward, I_J[θ] += (θ.grad)²; finally I_J /= N_b. Same arguments and
     result as :func:`fisher_importance`; the loader must give the same batches on both passes (no shuffling) for
@@ -143,7 +143,7 @@ def fisher_importance_two_pass(
         for objective in objectives:
             imp = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
             n_batches = 0
-            for batch in tqdm(loader, desc="importance (reference)", disable=not progress, leave=False):
+            for batch in tqdm(loader, desc="importance (two-pass)", disable=not progress, leave=False):
                 model.zero_grad(set_to_none=True)
                 x, y, a = unpack_batch(batch, dev)
                 objective(model(x), y, a).backward()

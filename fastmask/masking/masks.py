@@ -77,8 +77,9 @@ def _soft(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], apply_
 
 def importance_ratio(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], *, sharded: bool = False,
                      overwrite: bool = False) -> Masks:
-    """R_t = Norm(I_b,t) / (Norm(I_l,t) + 1e-10) per tensor (BMFT Eq. 3), with SWiFT's max == min guard (docs/algorithm.md §8.6:
-    BMFT's unguarded normalisation gives NaN for a constant tensor, which would zero the whole hard mask).
+    """R_t = Norm(I_b,t) / (Norm(I_l,t) + 1e-10) per tensor (BMFT Eq. 3), with SWiFT's max == min guard
+    (docs/algorithm.md §8.6: BMFT's unguarded normalisation gives NaN for a constant tensor, which would zero the whole
+    hard mask).
 
     ``sharded=True``: the importances are this rank's shards of the parameters (FSDP), and each tensor's min / max
     is taken over all ranks (:func:`fastmask.parallel.fsdp.sharded_soft_mask`); every rank must call it. The ranks'
@@ -92,7 +93,8 @@ def importance_ratio(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tens
 
 def swift_mask(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], *, sharded: bool = False,
               overwrite: bool = False) -> Masks:
-    """SWiFT soft mask M_t = tanh(R_t) for every tensor, head included ([PS] Eq. 9, docs/algorithm.md §4). float32 in [0, 1).
+    """SWiFT soft mask M_t = tanh(R_t) for every tensor, head included ([PS] Eq. 9, docs/algorithm.md §4). float32 in
+    [0, 1).
 
     Elements where Norm(I_l) = 0 < Norm(I_b) get M ≈ 1, elements where Norm(I_b) = 0 get 0; a 1-element tensor
     (the head bias) is not normalised (max == min) and keeps tanh of its raw ratio. ``sharded``, ``overwrite``: see
@@ -139,7 +141,7 @@ def bmft_mask(
         imp_bias, imp_loss: the importances I_B and I_L of every parameter.
         feature_names: the names of E's parameters (``split_head(model)[2]``); every other name is the head.
         rate: percentile rate in [0, 100].
-        inclusive: ``M = 1[R >= α]`` instead of the reference's strict ``>``.
+        inclusive: ``M = 1[R >= α]`` instead of the authors' strict ``>``.
         sharded: the importances are this rank's shards (FSDP); see :func:`importance_ratio`.
         overwrite: compute R into ``imp_bias``'s tensors (see :func:`importance_ratio`), which then hold R.
 
@@ -153,8 +155,8 @@ def bmft_mask(
 def fraction_mask(
     ratio: Mapping[str, Tensor], fraction: float, feature_names: Iterable[str], inclusive: bool = False
 ) -> Masks:
-    """SWiFT's hard-mask ablation (docs/algorithm.md §9): M = 1[R > q] with q the (1 − fraction)·100-th percentile of R over the
-    feature tensors, so that ≈ ``fraction`` of E is fine-tuned and the rest is fixed.
+    """SWiFT's hard-mask ablation (docs/algorithm.md §9): M = 1[R > q] with q the (1 − fraction)·100-th percentile of R
+    over the feature tensors, so that ≈ ``fraction`` of E is fine-tuned and the rest is fixed.
 
     The same threshold is applied to the head tensors, whose mask then drives SWiFT's partial head
     re-initialisation (θ[M > mean(M)] = 0). ``ratio`` comes from :func:`importance_ratio`.
@@ -170,8 +172,8 @@ def _named_tensors(params: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Ten
 
 def random_mask(params: nn.Module | Mapping[str, Tensor], seed: int = 0) -> Masks:
     """Random soft mask M ~ U[0, 1) per element (SWiFT's "random mask" baseline; uniform as [PS] describes it,
-    docs/algorithm.md §8.19, not the reference code's ``randn``). Deterministic for a given ``seed``; float32, on the parameters'
-    devices."""
+    docs/algorithm.md §8.19, not the authors' code's ``randn``). Deterministic for a given ``seed``; float32, on the
+    parameters' devices."""
     gen = torch.Generator().manual_seed(seed)
     return {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in _named_tensors(params).items()}
 
@@ -182,8 +184,8 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def manual_mask(
     model: nn.Module, kind: Literal["bn", "shallow_conv"], n_shallow: int = 1, head: str | None = None
 ) -> Masks:
-    """BMFT's manual masks (docs/algorithm.md §9): M = 1 on every BatchNorm parameter (``"bn"``) or on the parameters of the
-    first ``n_shallow`` convolution layers in module order (``"shallow_conv"``, BMFT's "Top"); 0 elsewhere, and
+    """BMFT's manual masks (docs/algorithm.md §9): M = 1 on every BatchNorm parameter (``"bn"``) or on the parameters of
+    the first ``n_shallow`` convolution layers in module order (``"shallow_conv"``, BMFT's "Top"); 0 elsewhere, and
     always 0 on the head (found as in :func:`fastmask.models.split_head`). bool masks."""
     if kind == "bn":
         chosen = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -31,11 +31,11 @@ def bmft(
     on_epoch: OnEpoch | None = None,
     resume: RunState | None = None,
 ) -> Result:
-    """Debias ``model`` in place with BMFT ([PB]; spec §3-5).
+    """Debias ``model`` in place with BMFT ([PB]; docs/algorithm.md §3-5).
 
     Args:
         model: a binary classifier f = C∘E returning one logit per sample.
-        mask_loader: the external set D_e for the importance pass and (``impair_data="external"``, the reference)
+        mask_loader: the external set D_e for the importance pass and (``impair_data="external"``, the authors' code)
             the impair step.
         train_loader: the group-balanced D_r for the repair step (and the impair step with
             ``impair_data="balanced"``).
@@ -59,7 +59,7 @@ def bmft(
     impair_loader = mask_loader if config.impair_data == "external" else train_loader
 
     # Impair: every parameter in the optimiser, the head's mask 0 (weight decay and momentum still reach it in
-    # "grad" mode, as in the reference); loss B only.
+    # "grad" mode, as in the authors' code); loss B only.
     if not run.skip("impair"):
         start, state = run.start("impair")
         all_params = [*feat_params.items(), *head_params.items()]

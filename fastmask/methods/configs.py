@@ -24,8 +24,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 @dataclass(frozen=True)
 class StepConfig:
-    """The optimiser and length of one fine-tuning step. The learning rate is constant: the reference creates a
-    cosine scheduler but never steps it (spec §8.12).
+    """The optimiser and length of one fine-tuning step. The learning rate is constant: the authors' code creates a
+    cosine scheduler but never steps it (docs/algorithm.md §8.12).
 
     Args:
         epochs: passes over the step's loader.
@@ -65,8 +65,8 @@ class StepConfig:
 
 
 def authors_step(task: Task, lr: float, epochs: int) -> StepConfig:
-    """The reference code's optimiser for ``task`` (spec §5): skin SGD(lr, momentum 0.9, weight decay 5e-4); CXR
-    Adam(lr, betas (0.9, 0.999), eps 1e-8, no weight decay)."""
+    """The authors' code's optimiser for ``task`` (docs/algorithm.md §5): skin SGD(lr, momentum 0.9, weight decay 5e-4);
+    CXR Adam(lr, betas (0.9, 0.999), eps 1e-8, no weight decay)."""
     if task == "skin":
         return StepConfig(epochs, lr, "sgd", momentum=0.9, weight_decay=5e-4)
     if task == "cxr":
@@ -75,12 +75,12 @@ def authors_step(task: Task, lr: float, epochs: int) -> StepConfig:
 
 
 def _check_faithful(config: Any, reference: Mapping[str, Any]) -> None:
-    """With faithful=True every quirk option must hold the reference value; name the first that does not."""
+    """With faithful=True every quirk option must hold the authors' value; name the first that does not."""
     for name, ref in reference.items():
         value = getattr(config, name)
         if value != ref:
             raise ValueError(
-                f"{type(config).__name__}(faithful=True) reproduces the reference code, which uses {name}={ref!r}; "
+                f"{type(config).__name__}(faithful=True) reproduces the authors' code, which uses {name}={ref!r}; "
                 f"got {name}={value!r}. Set faithful=False to use this option."
             )
 
@@ -96,30 +96,30 @@ def _check_common(config: Any) -> None:
 
 @dataclass
 class SwiftConfig:
-    """SWiFT's settings (spec §5, §7, §8). Defaults follow the reference code where it makes a modelling choice and
-    spec §8's resolution where it has a plain bug; ``faithful=True`` checks that every quirk option holds the
-    reference value.
+    """SWiFT's settings (docs/algorithm.md §5, §7, §8). Defaults follow the authors' code where it makes a modelling
+    choice and docs/algorithm.md §8's resolution where it has a plain bug; ``faithful=True`` checks that every quirk
+    option holds the authors' value.
 
     Args:
-        task: ``"skin"`` or ``"cxr"``: picks the reference optimiser of both steps when ``step1`` / ``step2`` are
+        task: ``"skin"`` or ``"cxr"``: picks the authors' optimiser of both steps when ``step1`` / ``step2`` are
             not given (skin SGD momentum 0.9, weight decay 5e-4; CXR Adam).
-        beta: β of [PS] Eq. 10 (reference ``--beta`` default 0.1; README 0.01): step 1 minimises
+        beta: β of [PS] Eq. 10 (authors' ``--beta`` default 0.1; README 0.01): step 1 minimises
             β·WBCE + (1 − β)·B, step 2 (1 − β)·WBCE + β·B.
-        bias: the bias function (default SWiFT [PS] Eqs. 2-4 on log-probabilities, spec §8.1).
+        bias: the bias function (default SWiFT [PS] Eqs. 2-4 on log-probabilities, docs/algorithm.md §8.1).
         step1: E's optimiser (default: the task's optimiser, lr 1e-4 = ``lr_forget``, 10 epochs).
         step2: the head's optimiser (default: the task's optimiser, lr 1e-3 = ``lr_base``, 10 epochs).
-        mask_mode: ``"grad"`` (reference: g ← M ⊙ g, so weight decay and momentum bypass the mask and Adam cancels a
-            constant mask, spec §8.9-8.10) or ``"update"`` (Δθ ← M ⊙ Δθ).
-        reinit_cmp: ``"gt"`` (reference: θ[M > γ] = 0, the head bias is never reset) or ``"ge"`` ([PS] Eq. 12).
-        reinit_scope: ``"tensor"`` (reference: γ = mean of each head tensor's mask) or ``"head"`` (γ = the mean over
+        mask_mode: ``"grad"`` (authors' code: g ← M ⊙ g, so weight decay and momentum bypass the mask and Adam cancels a
+            constant mask, docs/algorithm.md §8.9-8.10) or ``"update"`` (Δθ ← M ⊙ Δθ).
+        reinit_cmp: ``"gt"`` (authors' code: θ[M > γ] = 0, the head bias is never reset) or ``"ge"`` ([PS] Eq. 12).
+        reinit_scope: ``"tensor"`` (authors' code: γ = mean of each head tensor's mask) or ``"head"`` (γ = the mean over
             all head parameters, [PS] Eq. 12).
-        step2_feature_eval: run E in eval mode during step 2 (spec §8.11). Reference: False, so the frozen E's
-            BatchNorm statistics keep drifting during step 2.
+        step2_feature_eval: run E in eval mode during step 2 (docs/algorithm.md §8.11). Authors' code: False, so
+            the frozen E's BatchNorm statistics keep drifting during step 2.
         head: module path of the head (default: the last nn.Linear).
         seed: seeds Python's, NumPy's and torch's global RNGs (dropout, DataLoader shuffling) at the start; None
-            leaves them alone. Reference: 42.
+            leaves them alone. Authors' code: 42.
         collapse_threshold: share of predictions in one class at which the collapse guard fires.
-        faithful: require the reference value of every quirk option (``mask_mode``, ``reinit_cmp``,
+        faithful: require the authors' value of every quirk option (``mask_mode``, ``reinit_cmp``,
             ``reinit_scope``, ``step2_feature_eval`` and the task's optimiser type,
             momentum and weight decay in both steps).
     """
@@ -155,22 +155,22 @@ class SwiftConfig:
 
 @dataclass
 class BmftConfig:
-    """BMFT's settings (spec §4-5, §7, §8). Defaults as :class:`SwiftConfig`: the reference's modelling choices, and
-    spec §8's resolutions.
+    """BMFT's settings (docs/algorithm.md §4-5, §7, §8). Defaults as :class:`SwiftConfig`: the authors' modelling
+    choices, and docs/algorithm.md §8's resolutions.
 
     Args:
-        beta: β of the repair loss WBCE + β·B ([PB] Eq. 5; reference default 0.1, paper 0.02).
-        bias: the bias function (default: the reference's ``eodds`` on logits; [PB] Eq. 2 is ``BMFT_PAPER_BIAS``).
-        rate: the percentile **rate** of the hard mask; ≈ (100 − rate) % of E is fine-tuned (spec §8.13).
-        inclusive: hard mask 1[R >= α] instead of the reference's strict 1[R > α].
+        beta: β of the repair loss WBCE + β·B ([PB] Eq. 5; authors' default 0.1, paper 0.02).
+        bias: the bias function (default: the authors' ``eodds`` on logits; [PB] Eq. 2 is ``BMFT_PAPER_BIAS``).
+        rate: the percentile **rate** of the hard mask; ≈ (100 − rate) % of E is fine-tuned (docs/algorithm.md §8.13).
+        inclusive: hard mask 1[R >= α] instead of the authors' strict 1[R > α].
         impair: the impair step's optimiser (default SGD, lr 1e-4 = ``lr_forget``, momentum 0.9, weight decay 5e-4,
-            5 epochs (spec §8.14); faithful: 10 epochs as in the code).
+            5 epochs (docs/algorithm.md §8.14); faithful: 10 epochs as in the code).
         repair: the repair step's optimiser (default SGD lr 1e-3 = ``lr_base``, same epochs as ``impair``).
-        impair_data: ``"external"`` (reference: the impair step runs on the unbalanced ``mask_loader``) or
+        impair_data: ``"external"`` (authors' code: the impair step runs on the unbalanced ``mask_loader``) or
             ``"balanced"`` ([PB]: on ``train_loader``).
         mask_mode, step2_feature_eval, head, seed, collapse_threshold: as in :class:`SwiftConfig` (step 2 is the
             repair step).
-        faithful: require the reference value of every quirk option (``mask_mode``, ``impair_data``, ``inclusive``,
+        faithful: require the authors' value of every quirk option (``mask_mode``, ``impair_data``, ``inclusive``,
             ``step2_feature_eval``, SGD with momentum 0.9 and weight decay 5e-4 in both
             steps) and default to 10 + 10 epochs.
     """
@@ -224,7 +224,7 @@ def _check_faithful_steps(config: Any, names: tuple[str, str], task: Task | None
         for attr in ("optimizer", "weight_decay", *relevant):
             if getattr(step, attr) != getattr(ref, attr):
                 raise ValueError(
-                    f"{type(config).__name__}(faithful=True): the reference's {name} optimiser has "
+                    f"{type(config).__name__}(faithful=True): the authors' {name} optimiser has "
                     f"{attr}={getattr(ref, attr)!r}, got {getattr(step, attr)!r}. Set faithful=False to change it."
                 )
 

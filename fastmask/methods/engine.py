@@ -68,9 +68,9 @@ def train_step(
     start: int = 0,
     after_epoch: Callable[[int], None] | None = None,
 ) -> None:
-    """Epochs ``start + 1 .. epochs`` of step ``name``: zero-grad → forward → loss → backward → (masked) optimizer
-    step, the loss ``wbce_weight``·WBCE + ``bias_weight``·bias term (spec §5); ``after_epoch(e)`` after each, and a
-    {"step", "epoch", "loss", "positive_share"} row per epoch appended to ``history``."""
+    """Epochs ``start + 1 .. epochs`` of step ``name``: zero-grad → forward → loss → backward → (masked) optimizer step,
+    the loss ``wbce_weight``·WBCE + ``bias_weight``·bias term (docs/algorithm.md §5); ``after_epoch(e)`` after each, and
+    a {"step", "epoch", "loss", "positive_share"} row per epoch appended to ``history``."""
     for epoch in tqdm(range(start, epochs), desc=name, disable=not progress, leave=False, initial=start,
                       total=epochs):
         _set_modes(model, head, feature_eval)

@@ -38,10 +38,10 @@ def reinit_head(
     cmp: Literal["gt", "ge"] = "gt",
     scope: Literal["tensor", "head"] = "tensor",
 ) -> float:
-    """SWiFT's partial head re-initialisation ([PS] Eq. 12, spec §5 step 2): θ_t[M_t > γ] = 0.
+    """SWiFT's partial head re-initialisation ([PS] Eq. 12, docs/algorithm.md §5 step 2): θ_t[M_t > γ] = 0.
 
-    γ is the mean of M_t for each head tensor t (``scope="tensor"``, the reference) or the mean over every head
-    element (``scope="head"``, the paper); ``cmp="ge"`` uses ``>=`` (the paper) instead of the reference's ``>``.
+    γ is the mean of M_t for each head tensor t (``scope="tensor"``, the authors' code) or the mean over every head
+    element (``scope="head"``, the paper); ``cmp="ge"`` uses ``>=`` (the paper) instead of the authors' ``>``.
     With ``gt`` and ``tensor`` a 1-element tensor (the head bias) is never reset. Returns the share of head elements
     set to 0.
     """
@@ -84,15 +84,15 @@ def swift(
     on_epoch: OnEpoch | None = None,
     resume: RunState | None = None,
 ) -> Result:
-    """Debias ``model`` in place with SWiFT ([PS]; spec §3-5).
+    """Debias ``model`` in place with SWiFT ([PS]; docs/algorithm.md §3-5).
 
     Args:
         model: a binary classifier f = C∘E returning one logit per sample.
-        mask_loader: batches (x, y, a, ...) for the importance pass; the reference uses the **unbalanced** external
-            set D_e with test transforms (spec §1, §8.5).
-        train_loader: batches for both fine-tuning steps; the reference uses the group-balanced D_r
+        mask_loader: batches (x, y, a, ...) for the importance pass; the authors' code uses the **unbalanced** external
+            set D_e with test transforms (docs/algorithm.md §1, §8.5).
+        train_loader: batches for both fine-tuning steps; the authors' code uses the group-balanced D_r
             (:func:`fastmask.balance.group_balance`) with training augmentation.
-        config: :class:`SwiftConfig` (default: the reference settings for skin).
+        config: :class:`SwiftConfig` (default: the authors' settings for skin).
         masks: use these masks instead of computing them (e.g. :func:`fastmask.masks.random_mask`); keyed by
             parameter name, every parameter present.
         progress: show tqdm progress bars.

@@ -1,7 +1,8 @@
-"""Splitting a binary classifier f = C∘E into its head C and its feature extractor E (spec §5 notation, §8.20).
+"""Splitting a binary classifier f = C∘E into its head C and its feature extractor E (docs/algorithm.md §5 notation,
+§8.20).
 
 SWiFT and BMFT treat the two parts differently: the mask scales E's updates in step 1, the head is (partly)
-re-initialised and retrained in step 2, and BMFT's global percentile runs over E only. The reference code separates
+re-initialised and retrained in step 2, and BMFT's global percentile runs over E only. The authors' code separates
 them by matching ``"head"`` in parameter names; fastmask uses **module membership** instead, so a backbone layer that
 happens to be called ``head`` (timm's ``head.norm``, say) is never mistaken for the classifier, and no naming
 convention is imposed on the user's model.

@@ -89,8 +89,8 @@ def soft_mask(
     apply_tanh: bool = True,
     backend: str | None = None,
 ) -> list[Tensor]:
-    """Per-tensor M = tanh(Norm(I_b) / (Norm(I_l) + eps)) (SWiFT Eq. 9), or the raw ratio with apply_tanh=False
-    (BMFT's score). Norm is min-max per tensor with the max == min guard (docs/algorithm.md §4). Returns float32 masks."""
+    """Per-tensor M = tanh(Norm(I_b) / (Norm(I_l) + eps)) (SWiFT Eq. 9), or the raw ratio with apply_tanh=False (BMFT's
+    score). Norm is min-max per tensor with the max == min guard (docs/algorithm.md §4). Returns float32 masks."""
     out: list[Tensor | None] = [None] * len(imp_bias)
     with phase(_op("soft_mask").profile_range):
         for (device, _), idx in _groups(imp_bias).items():

@@ -6,7 +6,7 @@ messages, param groups, state keys and ``state_dict()``, plus a mask per paramet
 functional ops ``fastmask.ops.masked_adam_`` / ``masked_sgd_``, one call per param group, which run one fused launch
 per (device, dtype) on the backend fastmask/backend.py chooses. Without a mask they take torch's step.
 
-How the mask M enters the step (spec §5, §8.9-8.10), chosen by ``mask_mode``:
+How the mask M enters the step (docs/algorithm.md §5, §8.9-8.10), chosen by ``mask_mode``:
 
 - ``"grad"`` (default, the papers'): g ← M ⊙ g before the optimizer sees the gradient. SGD's weight decay and
   momentum still move masked-out entries. Adam divides by √v̂, so a constant M cancels out of m̂/√v̂ and the mask acts
@@ -48,7 +48,7 @@ class MaskedAdam(MaskedOptimizer, torch.optim.Adam):
         "update" mode: θ ← θ + M ⊙ Δθ, and m, v, v_max change only where M ≠ 0
 
     In "grad" mode a constant mask cancels out of m/√v (only eps keeps it), so a soft mask acts only where it is
-    near 0 (spec §8.9); "update" mode scales the step itself.
+    near 0 (docs/algorithm.md §8.9); "update" mode scales the step itself.
 
     Args:
         params (iterable): parameters or named parameters (``model.named_parameters()``) or param group dicts.
@@ -170,8 +170,8 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
         "grad" mode:   θ ← θ − γ d
         "update" mode: θ ← θ − γ M ⊙ d, and b changes only where M ≠ 0
 
-    In "grad" mode weight decay and momentum still move masked-out entries (the papers' behaviour, spec §8.10);
-    "update" mode freezes them.
+    In "grad" mode weight decay and momentum still move masked-out entries (the papers' behaviour, docs/algorithm.md
+    §8.10); "update" mode freezes them.
 
     Args:
         params (iterable): parameters or named parameters (``model.named_parameters()``) or param group dicts.

@@ -1,12 +1,12 @@
 """FSDP2-sharded SWiFT / BMFT: importances, masks and masked steps on each rank's parameter shards.
 
-Fine-tuning and importance. With torch.distributed.fsdp.fully_shard every parameter is a DTensor whose rank-local
-shard is a plain tensor, and backward() leaves each rank the reduce-scattered shard of the gradient (autograd.grad cannot be used: the forward
-runs on the gathered, unsharded parameters, not on the DTensors). FSDP averages over the ranks where the global-
-batch loss of fastmask needs the sum of the ranks' shares (:mod:`fastmask.parallel.ddp`), so the loss is scaled by the world size
-(exact for power-of-two worlds); the FSDP mesh is therefore one dimension over the whole process group (no HSDP).
-The masked optimizers then run on the local shards, which are views of the DTensors' storage: the fused kernels
-see plain tensors, and the update lands in the sharded parameters.
+Fine-tuning and importance. With torch.distributed.fsdp.fully_shard every parameter is a DTensor whose rank-local shard
+is a plain tensor, and backward() leaves each rank the reduce-scattered shard of the gradient (autograd.grad cannot be
+used: the forward runs on the gathered, unsharded parameters, not on the DTensors). FSDP averages over the ranks where
+the global batch's loss of fastmask needs the sum of the ranks' shares (:mod:`fastmask.parallel.ddp`), so the loss is
+scaled by the world size (exact for power-of-two worlds); the FSDP mesh is therefore one dimension over the whole
+process group (no HSDP). The masked optimizers then run on the local shards, which are views of the DTensors' storage:
+the fused kernels see plain tensors, and the update lands in the sharded parameters.
 
 Masks. When parameters are sharded, each rank holds only a piece of every importance tensor. SWiFT's Norm needs
 each tensor's min and max, which are global: every rank packs its local minima of all tensors (I_b's and I_l's) into one
@@ -86,8 +86,8 @@ def sharded_soft_mask(
     apply_tanh: bool = True,
     group: dist.ProcessGroup | None = None,
 ) -> list[Tensor]:
-    """SWiFT's soft mask M = tanh(Norm(I_b) / (Norm(I_l) + eps)) ([PS] Eq. 9, spec §4) of the LOCAL shards of the
-    importances, with each tensor's min and max taken over all ranks (:func:`global_min_max`); with
+    """SWiFT's soft mask M = tanh(Norm(I_b) / (Norm(I_l) + eps)) ([PS] Eq. 9, docs/algorithm.md §4) of the LOCAL shards
+    of the importances, with each tensor's min and max taken over all ranks (:func:`global_min_max`); with
     ``apply_tanh=False`` BMFT's ratio R = Norm(I_b) / (Norm(I_l) + eps) ([PB] Eq. 3).
 
     ``imp_bias[i]`` and ``imp_loss[i]`` are this rank's pieces of the same parameter (same shape; DTensors are

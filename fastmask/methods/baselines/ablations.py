@@ -32,9 +32,10 @@ class RandomMaskConfig(SwiftConfig):
 
 def random_mask_swift(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *,
                       config: RandomMaskConfig | None = None, progress: bool = False) -> Result:
-    """Random mask ([PS] §4.3 ablation; docs/algorithm.md §9, §8.19): the SWiFT pipeline (:func:`fastmask.methods.swift.swift`) with
-    the soft mask replaced by M ~ U[0, 1) per element (:func:`fastmask.masking.masks.random_mask`), head included (so the
-    head re-initialisation is random too). No importance pass: ``mask_loader`` is not read."""
+    """Random mask ([PS] §4.3 ablation; docs/algorithm.md §9, §8.19): the SWiFT pipeline
+    (:func:`fastmask.methods.swift.swift`) with the soft mask replaced by M ~ U[0, 1) per element
+    (:func:`fastmask.masking.masks.random_mask`), head included (so the head re-initialisation is random too). No
+    importance pass: ``mask_loader`` is not read."""
     config = config or RandomMaskConfig()
     seed = config.mask_seed if config.mask_seed is not None else (config.seed or 0)
     masks = random_mask(model, seed)
@@ -58,11 +59,11 @@ class HardMaskConfig(SwiftConfig):
 
 def hard_mask_swift(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *,
                     config: HardMaskConfig | None = None, progress: bool = False) -> Result:
-    """Hard-mask ablation ([PS] §5 ablation; docs/algorithm.md §9): the SWiFT pipeline with M = 1[R > q], R the importance ratio
-    Norm(I_B)/(Norm(I_L) + 1e-10) from the same importance pass as SWiFT (on ``mask_loader``), q the global
-    (1 − r)·100-th percentile of R over all non-head tensors (:func:`fastmask.ops.percentile`, as BMFT), so a fraction
-    r of E is fine-tuned in step 1 and the rest receives no gradient. The same threshold gives the head's mask, which
-    drives SWiFT's head re-initialisation (:func:`fastmask.masking.masks.fraction_mask`)."""
+    """Hard-mask ablation ([PS] §5 ablation; docs/algorithm.md §9): the SWiFT pipeline with M = 1[R > q], R the
+    importance ratio Norm(I_B)/(Norm(I_L) + 1e-10) from the same importance pass as SWiFT (on ``mask_loader``), q the
+    global (1 − r)·100-th percentile of R over all non-head tensors (:func:`fastmask.ops.percentile`, as BMFT), so a
+    fraction r of E is fine-tuned in step 1 and the rest receives no gradient. The same threshold gives the head's mask,
+    which drives SWiFT's head re-initialisation (:func:`fastmask.masking.masks.fraction_mask`)."""
     config = config or HardMaskConfig()
     seed_everything(config.seed)
     _, _, feat_params = split_head(model, config.head)
@@ -78,8 +79,8 @@ def hard_mask_swift(model: nn.Module, mask_loader: Iterable, train_loader: Itera
 
 @dataclass
 class ManualMaskConfig(BmftConfig):
-    """:class:`fastmask.methods.configs.BmftConfig` plus the manual mask: ``kind`` ``"bn"`` (every BatchNorm parameter) or
-    ``"shallow_conv"`` (the first ``n_shallow`` convolution layers, BMFT's "Top")."""
+    """:class:`fastmask.methods.configs.BmftConfig` plus the manual mask: ``kind`` ``"bn"`` (every BatchNorm parameter)
+    or ``"shallow_conv"`` (the first ``n_shallow`` convolution layers, BMFT's "Top")."""
 
     kind: Literal["bn", "shallow_conv"] = "bn"
     n_shallow: int = 1
@@ -87,10 +88,11 @@ class ManualMaskConfig(BmftConfig):
 
 def manual_mask_bmft(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *,
                      config: ManualMaskConfig | None = None, progress: bool = False) -> Result:
-    """BMFT's manual masks ([PB] §3.3 ablation; docs/algorithm.md §9): the BMFT pipeline (:func:`fastmask.methods.bmft.bmft`) with
-    the hard mask replaced by M = 1 on all BatchNorm parameters ("BN") or on the shallow convolution layers ("Top"),
-    0 elsewhere and on the head (:func:`fastmask.masking.masks.manual_mask`). The impair step (on ``mask_loader``) then moves
-    only those parameters' gradients; the head is zeroed and retrained on ``train_loader``. No importance pass."""
+    """BMFT's manual masks ([PB] §3.3 ablation; docs/algorithm.md §9): the BMFT pipeline
+    (:func:`fastmask.methods.bmft.bmft`) with the hard mask replaced by M = 1 on all BatchNorm parameters ("BN") or on
+    the shallow convolution layers ("Top"), 0 elsewhere and on the head (:func:`fastmask.masking.masks.manual_mask`).
+    The impair step (on ``mask_loader``) then moves only those parameters' gradients; the head is zeroed and retrained
+    on ``train_loader``. No importance pass."""
     config = config or ManualMaskConfig()
     masks = manual_mask(model, config.kind, config.n_shallow, head=config.head)
     result = bmft(model, mask_loader, train_loader, config=config, masks=masks, progress=progress)

@@ -295,15 +295,15 @@ def diffprune(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *
               progress: bool = False) -> Result:
     """DiffPrune, bias-gradient structured pruning (Marcinkevics et al. 2022, ``pruning.py``; docs/algorithm.md §9).
 
-    Units are the output channels of E's BatchNorm layers (:func:`prunable_layers`). A unit's saliency is
-    s·Σ a·∂μ/∂a over the saliency data (activation × gradient of the signed proxy μ, :func:`signed_proxy`; s = sign
-    of the unchanged model's validation bias), i.e. how much removing the unit is expected to shrink the bias
-    (Δμ ≈ −Σ a·∂μ/∂a). Step by step, the ``units_per_step`` unpruned units with the largest saliency are removed
-    (weight and bias 0), the saliencies recomputed when ``dynamic``; after each step the model is evaluated on the
-    validation data and the step with the smallest |bias| whose balanced accuracy is at least the lower bound is kept
-    (step 0 is the unchanged model). No training: the only parameters that change are the pruned channels', set to 0.
-    (Marcinkevics et al.'s code ranks by the gradient alone, over every activation position; docs/algorithm.md §9 and this
-    function use activation × gradient per channel.)
+    Units are the output channels of E's BatchNorm layers (:func:`prunable_layers`). A unit's saliency is s·Σ a·∂μ/∂a
+    over the saliency data (activation × gradient of the signed proxy μ, :func:`signed_proxy`; s = sign of the unchanged
+    model's validation bias), i.e. how much removing the unit is expected to shrink the bias (Δμ ≈ −Σ a·∂μ/∂a). Step by
+    step, the ``units_per_step`` unpruned units with the largest saliency are removed (weight and bias 0), the
+    saliencies recomputed when ``dynamic``; after each step the model is evaluated on the validation data and the step
+    with the smallest |bias| whose balanced accuracy is at least the lower bound is kept (step 0 is the unchanged
+    model). No training: the only parameters that change are the pruned channels', set to 0. (Marcinkevics et al.'s code
+    ranks by the gradient alone, over every activation position; docs/algorithm.md §9 and this function use activation ×
+    gradient per channel.)
 
     Data: saliencies on D_e (``mask_loader``; ``config.data="balanced"``: ``train_loader``); validation
     ``val_loader`` (default ``mask_loader``).

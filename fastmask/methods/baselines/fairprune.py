@@ -62,13 +62,13 @@ def _group_loss(group: int) -> Objective:
 
 def fairprune(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *,
               config: FairPruneConfig | None = None, progress: bool = False) -> Result:
-    """FairPrune (Wu et al. 2022; docs/algorithm.md §9): prune the weights that matter to the privileged group but little to the
-    unprivileged one.
+    """FairPrune (Wu et al. 2022; docs/algorithm.md §9): prune the weights that matter to the privileged group but
+    little to the unprivileged one.
 
     1. Per group g, the OBD saliency (LeCun et al. 1989) S_g(θ_i) = ½·θ_i²·H_ii^g with the Hessian diagonal
        approximated by the Fisher diagonal of the task loss on group g's samples, H_ii^g ≈ F_ii^g (the engine's
-       :func:`fastmask.masking.importance.fisher_importance`, WBCE restricted to a = g). S_g estimates how much group g's loss
-       grows when θ_i is set to 0.
+       :func:`fastmask.masking.importance.fisher_importance`, WBCE restricted to a = g). S_g estimates how much group
+       g's loss grows when θ_i is set to 0.
     2. The privileged group is the one with the higher accuracy (ŷ = 1[p > 0.5]) on the same data (a tie: group 0).
     3. Score = S_unpriv − β·S_priv. **Sign convention:** the ``ratio`` entries with the *smallest* score are pruned,
        i.e. weights whose removal costs the unprivileged group least while costing the privileged group most, so the

@@ -138,17 +138,17 @@ def _full_ft(method: str, model: nn.Module, loader: Iterable, config: FullFTConf
 
 def fullft_rw(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: FullFTConfig | None = None,
               progress: bool = False) -> Result:
-    """FullFT-RW ([PS] §4.3, docs/algorithm.md §9): fine-tune **all** parameters on the group-balanced ("re-weighted") D_r
-    (``train_loader``) with the task loss only, L = WBCE. ``mask_loader`` is not read."""
+    """FullFT-RW ([PS] §4.3, docs/algorithm.md §9): fine-tune **all** parameters on the group-balanced ("re-weighted")
+    D_r (``train_loader``) with the task loss only, L = WBCE. ``mask_loader`` is not read."""
     config = config or FullFTConfig()
     return _full_ft("fullft-rw", model, train_loader, config, 1.0, 0.0, progress)
 
 
 def fullft_reg(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: FullFTConfig | None = None,
                progress: bool = False) -> Result:
-    """FullFT-Reg ([PS] §4.3, [PB] §3.3 "Full FT", docs/algorithm.md §9): fine-tune **all** parameters on the **unbalanced**
-    external set D_e (``mask_loader``) with the fairness-regularised L = β·WBCE + (1 − β)·B ([PS] Eq. 10).
-    ``train_loader`` is not read."""
+    """FullFT-Reg ([PS] §4.3, [PB] §3.3 "Full FT", docs/algorithm.md §9): fine-tune **all** parameters on the
+    **unbalanced** external set D_e (``mask_loader``) with the fairness-regularised L = β·WBCE + (1 − β)·B ([PS] Eq.
+    10). ``train_loader`` is not read."""
     config = config or FullFTConfig()
     return _full_ft("fullft-reg", model, mask_loader, config, config.beta, 1.0 - config.beta, progress)
 
@@ -199,9 +199,9 @@ class LLFTConfig:
 
 def llft(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: LLFTConfig | None = None,
          progress: bool = False) -> Result:
-    """LLFT, last-layer fairness fine-tuning (Mao et al. 2023; [PB] §3.3; docs/algorithm.md §9): freeze the feature extractor E,
-    re-initialise the head C and train **only the head** on the group-balanced D_r (``train_loader``) with the
-    fairness-regularised L = WBCE + β·B. E stays bit-identical; ``mask_loader`` is not read."""
+    """LLFT, last-layer fairness fine-tuning (Mao et al. 2023; [PB] §3.3; docs/algorithm.md §9): freeze the feature
+    extractor E, re-initialise the head C and train **only the head** on the group-balanced D_r (``train_loader``) with
+    the fairness-regularised L = WBCE + β·B. E stays bit-identical; ``mask_loader`` is not read."""
     config = config or LLFTConfig()
     seed_everything(config.seed)
     head_module, head_params, _ = split_head(model, config.head)
