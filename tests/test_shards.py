@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fastmask.data.shards import ShardIndex, read_table, write_shards
+from fastmask.data.shards import ShardIndex, write_shards
+from fastmask.data.table import read_table
 from fastmask.data.tar import TarFormatError, iter_tar_members
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from fastmask.data.batch import attr_code
-from fastmask.data.shards import check_table, read_table, sample_keys
+from fastmask.data.table import check_table, read_table, sample_keys
 from fastmask.data.transforms import ImageTransform
 
 
