@@ -131,11 +131,11 @@ def test_fullft_data_and_loss(method, data, weights):
     ref = copy.deepcopy(model)
     res = registry.METHODS[method](model, ext, bal, config=FT.FullFTConfig(step=plain(1, lr=0.0), beta=0.3))
     used, unused = (bal, ext) if data == "balanced" else (ext, bal)
-    assert used.passes == 2 and unused.passes == 0  # one epoch, then the collapse check
+    assert used.passes == 3 and unused.passes == 0  # the guard's original score, one epoch, the guard's check
     w_l, w_b = weights
     expected = mean_loss(ref, used.batches, lambda z, y, a: w_l * wbce(z, y) + w_b * SWIFT_BIAS(z, y, a))
     assert res.history[0]["loss"] == pytest.approx(expected, rel=1e-6)
-    assert [c["step"] for c in res.checks] == [method]
+    assert [(c["step"], c["data"]) for c in res.checks] == [("original", data), (method, data)]
 
 
 @pytest.mark.parametrize("method", ["fullft-rw", "fullft-reg", "fullft-fdr"])
@@ -158,7 +158,7 @@ def test_llft_trains_only_the_head_on_balanced_data_with_e_in_eval_mode():
     res = FT.llft(model, ext, bal, config=FT.LLFTConfig(step=StepConfig(2, 0.1, "sgd", 0.9, 5e-4), reinit="zero"))
     # E's weights and BatchNorm statistics bit-identical (E frozen and in eval mode); only the head moved
     assert changed(before, model) == CNN_HEAD
-    assert ext.passes == 0 and bal.passes == 3
+    assert ext.passes == 0 and bal.passes == 1 + 3  # the guard's original score, two epochs, the guard's check
     assert res.head_reset_fraction == 1.0
 
 
@@ -251,7 +251,8 @@ def test_diffgda_loss_is_the_signed_proxy_with_the_initial_bias_sign_on_external
     # data="balanced" trains on D_r (validation stays on D_e)
     ext, bal = Loader(ds_ext), Loader(dataset(48, 6))
     BP.diffgda(linear(), ext, bal, config=BP.DiffGdaConfig(step=StepConfig(2, 0.0, "adam", 0.0, 0.0), data="balanced"))
-    assert bal.passes == 3 and ext.passes == 1 + 2  # initial evaluation + one per epoch
+    # the guard's original score, two epochs and the guard's check; initial evaluation + one per epoch
+    assert bal.passes == 1 + 3 and ext.passes == 1 + 2
 
 
 def test_diffgda_moves_all_parameters_and_keeps_the_least_biased_checkpoint_above_the_floor():
@@ -498,7 +499,8 @@ def test_manual_masks_run_bmft_and_move_only_the_chosen_layers(kind, moving):
     model = cnn()
     before = state(model)
     res = AB.manual_mask_bmft(model, ext, bal, config=AB.ManualMaskConfig(kind=kind, impair=plain(2), repair=plain(0)))
-    assert [h["step"] for h in res.history] == ["impair", "impair"] and ext.passes == 2 + 1
+    # the guard's original score, two epochs, the guard's check
+    assert [h["step"] for h in res.history] == ["impair", "impair"] and ext.passes == 1 + 2 + 1
     moved_params = changed(before, model) & CNN_PARAMS
     assert moved_params == moving | CNN_HEAD  # the chosen layers, and the head (zeroed)
     assert torch.count_nonzero(model[9].weight) == 0

@@ -109,7 +109,7 @@ def check_seed_targets(out):
     base, sw = out["methods"]["Baseline"], out["methods"]["SWiFT"]
     assert sw["eodds"] <= 0.7 * base["eodds"], (sw["eodds"], base["eodds"])  # at least 30 % below
     assert sw["auc"] >= base["auc"] - 0.03, (sw["auc"], base["auc"])  # no seed more than 0.03 below
-    assert out["collapse_warnings"] == {"BMFT": [], "SWiFT": []}
+    assert out["guard_warnings"] == {"BMFT": [], "SWiFT": []}
 
 
 def test_demo_seed0_schema_and_targets(tmp_path):

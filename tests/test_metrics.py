@@ -184,6 +184,7 @@ def test_evaluate_keys_and_values(seed):
         "auc_gap": max(aucs) - min(aucs),
         "positive_rate": yhat.mean(),
         "label_positive_rate": y.mean(),
+        "threshold": 0.5,
     }
     assert set(out) == set(expect)
     assert out == pytest.approx(expect, abs=1e-12)
@@ -216,3 +217,62 @@ def test_errors():
         M.worst_group_auc([0, 1, 1], p, [0, 1, 2])
     with pytest.raises(ValueError, match="missing values"):
         M.group_table(y, p, [0.0, float("nan"), 1.0])
+
+
+# ---- the decision threshold -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("t", [0.3, 0.625, 0.9])
+def test_every_metric_at_a_threshold_against_fairlearn(seed, t):
+    y, p, a = _random(seed, n=400)
+    yhat = (p > t).astype(int)
+    mf = MetricFrame(metrics={"tpr": true_positive_rate, "fpr": false_positive_rate}, y_true=y, y_pred=yhat,
+                     sensitive_features=a).by_group
+    out = M.evaluate(y, p, a, threshold=t)
+    assert out["acc"] == pytest.approx(accuracy_score(y, yhat), abs=1e-12)
+    assert out["spd"] == pytest.approx(demographic_parity_difference(y, yhat, sensitive_features=a), abs=1e-12)
+    assert out["eodds_max"] == pytest.approx(equalized_odds_difference(y, yhat, sensitive_features=a), abs=1e-12)
+    assert out["eopp"] == pytest.approx(abs(mf.loc[0, "tpr"] - mf.loc[1, "tpr"]), abs=1e-12)
+    assert out["positive_rate"] == pytest.approx(yhat.mean()) and out["threshold"] == t
+    assert out["auc"] == pytest.approx(roc_auc_score(y, p))  # AUC does not depend on it
+    assert M.acc(y, p, threshold=t) == out["acc"] and M.spd(y, p, a, threshold=t) == out["spd"]
+    assert M.group_table(y, p, a, threshold=t)["positive_rate"].tolist() == pytest.approx(
+        [yhat[a == g].mean() for g in (0, 1)])
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+        M.evaluate(y, p, a, threshold=1.5)
+
+
+def _cuts(p: np.ndarray) -> np.ndarray:
+    """Every distinct partition of the scores by a threshold: one cut below all, between each pair of neighbours,
+    and at the top (the independent oracle for choose_threshold)."""
+    u = np.unique(p)
+    return np.concatenate([[u[0] / 2], (u[:-1] + u[1:]) / 2, [u[-1]]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 60), seed=st.integers(0, 2**16), rule=st.sampled_from(["accuracy", "rate"]))
+def test_choose_threshold_is_the_best_cut(n, seed, rule):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    assume(0 < y.sum() < n)
+    p = np.round(rng.uniform(0, 1, n), int(rng.integers(1, 4)))  # ties on purpose
+    t = M.choose_threshold(y, p, rule)
+    if rule == "accuracy":
+        best = max(M.acc(y, p, threshold=c) for c in _cuts(p))
+        assert M.acc(y, p, threshold=t) == best
+    else:
+        best = min(abs((p > c).mean() - y.mean()) for c in _cuts(p))
+        assert abs((p > t).mean() - y.mean()) == pytest.approx(best, abs=1e-12)
+
+
+def test_choose_threshold_prefers_the_cut_closest_to_one_half():
+    # every cut between 0.2 and 0.8 separates the classes perfectly: the one kept is 0.5, the untuned threshold
+    y, p = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])
+    assert M.choose_threshold(y, p) == pytest.approx(0.5)
+    # a shifted model: every score of the negatives above 0.5, accuracy 1 needs t = 0.7
+    y, p = np.array([0, 0, 1, 1]), np.array([0.6, 0.65, 0.75, 0.9])
+    assert M.choose_threshold(y, p) == pytest.approx(0.7) and M.acc(y, p, threshold=0.7) == 1.0
+    assert (np.array([0.6, 0.65, 0.75, 0.9]) > M.choose_threshold(y, p, "rate")).mean() == 0.5
+    with pytest.raises(ValueError, match="threshold rule must be one of"):
+        M.choose_threshold(y, p, "f1")

@@ -109,9 +109,10 @@ def test_swift_losses_and_data_per_step():
     beta = 0.3
     res = swift(model, mask_loader, train_loader, config=SwiftConfig(beta=beta, step1=plain(1, lr=0.0),
                                                                       step2=plain(1, lr=0.0)))
-    # importance: one pass over the mask data; each step one pass, plus the collapse check after it
+    # importance: one pass over the mask data; the guard's score of the original model, then each step one pass plus
+    # the guard's check after it
     assert mask_loader.passes == 1
-    assert train_loader.passes == 4
+    assert train_loader.passes == 1 + 4
     with torch.no_grad():
         z = [ref(x) for x, *_ in train_loader.batches]
         l1 = sum(float(beta * wbce(zb, y) + (1 - beta) * SWIFT_BIAS(zb, y, a))
@@ -134,8 +135,8 @@ def test_bmft_impair_uses_external_data_and_bias_only_then_zeroes_head():
     ref = copy.deepcopy(model)
     before = snapshot(model)
     res = bmft(model, mask_loader, train_loader, config=BmftConfig(impair=plain(1, lr=0.0), repair=plain(0)))
-    assert mask_loader.passes == 3  # importance, impair, collapse check
-    assert train_loader.passes == 1  # repair has 0 epochs; its collapse check
+    assert mask_loader.passes == 4  # importance, the guard's original score, impair, the guard's check
+    assert train_loader.passes == 2  # the guard's original score; repair has 0 epochs; the guard's check
     with torch.no_grad():
         loss = sum(float(BMFT_BIAS(ref(x), y, a)) for x, y, a in mask_loader.batches) / 2
     assert res.history[0]["step"] == "impair" and res.history[0]["loss"] == pytest.approx(loss, rel=1e-6)
@@ -153,7 +154,7 @@ def test_bmft_impair_uses_external_data_and_bias_only_then_zeroes_head():
     model = linear()
     res = bmft(model, mask_loader, train_loader,
                config=BmftConfig(impair=plain(2), repair=plain(1), impair_data="balanced"))
-    assert mask_loader.passes == 1 and train_loader.passes == 2 + 1 + 1 + 1
+    assert mask_loader.passes == 1 and train_loader.passes == 1 + 2 + 1 + 1 + 1
     moved = model[1].weight.detach() != before["1.weight"]
     assert torch.equal(moved, res.masks["1.weight"] & moved)
     assert moved.any()
@@ -247,10 +248,10 @@ def test_collapse_guard_fires_on_degenerate_model(caplog):
     model = linear()
     with torch.no_grad():
         model[3].bias.fill_(100.0)  # every prediction positive; labels are half positive
-    with caplog.at_level(logging.WARNING, logger="fastmask.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="fastmask.methods.engine"):
         res = swift(model, loader(), loader(), config=SwiftConfig(step1=plain(1, lr=0.0), step2=plain(1, lr=0.0)))
-    assert [w.step for w in res.collapse_warnings] == ["step1", "step2"]
-    w = res.collapse_warnings[0]
+    assert [(w.kind, w.step) for w in res.guard_warnings] == [("collapse", "step1"), ("collapse", "step2")]
+    w = res.guard_warnings[0]
     assert w.positive_share == 1.0 and w.label_positive_rate == 0.5
     assert "collapse" in caplog.text and "100.0% of the predictions are positive" in caplog.text
 
@@ -263,8 +264,8 @@ def test_collapse_guard_silent_on_healthy_model_and_labels_matter():
         model[3].weight.fill_(5.0)
         model[3].bias.fill_(-2.5 * 0.96)
     res = swift(model, loader(), loader(), config=SwiftConfig(step1=plain(1, lr=0.0), step2=plain(1, lr=0.0)))
-    assert res.collapse_warnings == []
-    assert 0.2 < res.checks[0]["positive_share"] < 0.8
+    assert [w for w in res.guard_warnings if w.kind == "collapse"] == []
+    assert res.checks[0]["step"] == "original" and 0.2 < res.checks[1]["positive_share"] < 0.8
     # all-positive predictions on all-positive labels are not a collapse
     ds = dataset()
     pos = TensorDataset(ds.tensors[0], torch.ones(48), ds.tensors[2])
@@ -272,7 +273,7 @@ def test_collapse_guard_silent_on_healthy_model_and_labels_matter():
     with torch.no_grad():
         model[3].bias.fill_(100.0)
     res = swift(model, loader(pos), loader(pos), config=SwiftConfig(step1=plain(1, lr=0.0), step2=plain(1, lr=0.0)))
-    assert res.collapse_warnings == []
+    assert res.guard_warnings == []
 
 
 def test_phases_in_profiler_trace():
@@ -300,3 +301,37 @@ def test_seeded_runs_are_reproducible_and_state_restored():
         assert cfg["step1"]["epochs"] == 2 and cfg["bias"] == {"space": "log", "form": "eodds_abs", "empty": "zero"}
     for n in out[0]:
         assert torch.equal(out[0][n], out[1][n])
+
+
+def test_guard_warns_on_a_drifting_share_and_an_accuracy_drop_after_the_last_step_only():
+    """The relative guard: the original model's share and accuracy are the reference; after the last step a share
+    more than share_tolerance away from the label rate, or an accuracy more than max_acc_drop below the original's,
+    is a warning (kinds "share" and "accuracy"); after a first step only a collapse counts."""
+    from fastmask.methods.engine import GuardConfig, guard_before, guard_check
+    from fastmask.methods.state import Result
+
+    x = torch.linspace(-1, 1, 100).reshape(-1, 1)
+    y = (x[:, 0] > 0.5).float()  # 25 % positive
+    a = torch.arange(100) % 2
+    data = DataLoader(TensorDataset(x, y, a), batch_size=32)
+    model = nn.Sequential(nn.Linear(1, 1))
+    with torch.no_grad():  # z = 10 (x − 0.5): the original model is right everywhere
+        model[0].weight.fill_(10.0)
+        model[0].bias.fill_(-5.0)
+    res = Result("swift", None, {})
+    guard = GuardConfig(share_tolerance=0.10, max_acc_drop=0.02)
+    guard_before(res, {"balanced": data}, model, torch.device("cpu"))
+    assert res.checks == [{"step": "original", "data": "balanced", "positive_share": 0.25,
+                           "label_positive_rate": 0.25, "acc": 1.0}]
+    with torch.no_grad():  # now positive above x = 0: 50 % positive, accuracy 0.75
+        model[0].bias.fill_(0.0)
+    guard_check(res, "step1", "balanced", model, data, torch.device("cpu"), guard, last=False)
+    assert res.guard_warnings == []
+    guard_check(res, "step2", "balanced", model, data, torch.device("cpu"), guard)
+    assert [(w.kind, w.step) for w in res.guard_warnings] == [("share", "step2"), ("accuracy", "step2")]
+    assert res.guard_warnings[1].acc == pytest.approx(0.75)
+    # within tolerances: silent
+    quiet = Result("swift", None, {}, checks=list(res.checks[:1]))
+    guard_check(quiet, "step2", "balanced", model, data, torch.device("cpu"),
+                GuardConfig(share_tolerance=0.3, max_acc_drop=0.3))
+    assert quiet.guard_warnings == []

@@ -140,7 +140,7 @@ def _print_summary(args: argparse.Namespace, report: dict) -> None:
           f"SPD {b['spd']:.4f} -> {a['spd']:.4f} on {report['data']['sets']['test']['description']}")
     if report["loader"]["skipped"]:
         print(f"skipped {report['loader']['skipped']} damaged sample reads (see report.md)")
-    for w in report["collapse_warnings"]:
+    for w in report["guard_warnings"]:
         print(f"WARNING: {w['message']}")
     print(f"wrote {args.out}/report.md, report.json, weights.safetensors, mask.safetensors and the plots")
     gen = report["memory"]["mask_generation"]

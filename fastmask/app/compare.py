@@ -154,8 +154,8 @@ def check_arguments(methods: Sequence[str] | None, seeds: Sequence[int], data: s
 def compare(source: DataSource, methods: Sequence[str], seeds: Sequence[int], *,
             progress: bool = False) -> list[dict[str, Any]]:
     """Run ``methods`` on ``source`` for every seed; one row per (method, seed, test set) with every metric of
-    :func:`fastmask.metrics.evaluate`, ``seconds`` (the method's run time) and ``collapse_warnings`` (how often the
-    collapse guard fired)."""
+    :func:`fastmask.metrics.evaluate`, ``seconds`` (the method's run time), ``guard_warnings`` (how often the guard
+    warned) and ``collapses`` (how many of those were collapses to one class)."""
     check_arguments(methods, seeds)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(seeds) * len(methods), desc="compare", disable=not progress)
@@ -174,7 +174,8 @@ def compare(source: DataSource, methods: Sequence[str], seeds: Sequence[int], *,
                 metrics = evaluate(*score(model, loader)[:3])
                 rows.append({"method": method, "label": METHODS[method].label, "seed": seed, "test_set": test_name,
                              **{k: metrics[k] for k in (*TABLE_METRICS, *EXTRA_METRICS)},
-                             "seconds": seconds, "collapse_warnings": len(result.collapse_warnings)})
+                             "seconds": seconds, "guard_warnings": len(result.guard_warnings),
+                             "collapses": sum(w.kind == "collapse" for w in result.guard_warnings)})
             bar.update()
     bar.close()
     return rows
@@ -183,7 +184,7 @@ def compare(source: DataSource, methods: Sequence[str], seeds: Sequence[int], *,
 def summarise(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Mean and sample standard deviation (ddof = 1; NaN for one seed) of every metric over the seeds, one row per
     (method, test set) in first-seen order. Columns ``<metric>_mean`` / ``<metric>_std``, ``n_seeds``,
-    ``seconds_mean`` and ``collapse_warnings`` (total)."""
+    ``seconds_mean``, ``guard_warnings`` and ``collapses`` (totals)."""
     df = pd.DataFrame(list(rows))
     if df.empty:
         raise ValueError("summarise: no rows")
@@ -194,7 +195,8 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     out.columns = [f"{m}_{stat}" for m, stat in out.columns]
     out.insert(0, "n_seeds", grouped["seed"].nunique())
     out["seconds_mean"] = grouped["seconds"].mean()
-    out["collapse_warnings"] = grouped["collapse_warnings"].sum()
+    out["guard_warnings"] = grouped["guard_warnings"].sum()
+    out["collapses"] = grouped["collapses"].sum()
     return out.reset_index()
 
 
@@ -214,7 +216,7 @@ def format_table(summary: pd.DataFrame, title: str) -> str:
         cells = [str(first["label"])]
         for t in tests:
             cells += [_cell(part.at[t, f"{m}_mean"], part.at[t, f"{m}_std"]) for m in TABLE_METRICS]
-        cells += [f"{int(part['collapse_warnings'].iloc[0])}/{int(first['n_seeds'])}", f"{first['seconds_mean']:.1f}"]
+        cells += [f"{int(part['collapses'].iloc[0])}/{int(first['n_seeds'])}", f"{first['seconds_mean']:.1f}"]
         rows.append(cells)
     return f"{title}\n\n{markdown_table(header, rows)}"
 

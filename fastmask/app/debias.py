@@ -289,7 +289,7 @@ class _DebiasRun:
             "epochs": self.epochs,
             "history": result.history,
             "checks": result.checks,
-            "collapse_warnings": [w.to_state() for w in result.collapse_warnings],
+            "guard_warnings": [w.to_state() for w in result.guard_warnings],
             "head_reset_fraction": result.head_reset_fraction,
             "n_importance_batches": result.n_importance_batches,
             "mask": mask,

@@ -202,7 +202,7 @@ def run(seed: int = 0, *, progress: bool = True, swift_config: SwiftConfig = SWI
         bmft_config: BmftConfig = BMFT_DEMO, batch_size: int = 64) -> dict[str, Any]:
     """The whole benchmark for one seed.
 
-    Returns ``{"seed", "seconds", "methods": {method: test metrics}, "collapse_warnings": {method: [messages]},
+    Returns ``{"seed", "seconds", "methods": {method: test metrics}, "guard_warnings": {method: [messages]},
     "results": {method: pipeline Result}}``.
     """
     start = time.perf_counter()
@@ -222,7 +222,7 @@ def run(seed: int = 0, *, progress: bool = True, swift_config: SwiftConfig = SWI
         "seed": seed,
         "seconds": time.perf_counter() - start,
         "methods": {m: {k: v[k] for k in METRICS} for m, v in methods.items()},
-        "collapse_warnings": {m: [w.message for w in r.collapse_warnings] for m, r in results.items()},
+        "guard_warnings": {m: [w.message for w in r.guard_warnings] for m, r in results.items()},
         "results": results,
     }
 
@@ -253,11 +253,11 @@ def main(seed: int = 0, json_path: str | os.PathLike | None = None, progress: bo
     for name, metrics in out["methods"].items():
         print()
         print(format_table(name, metrics))
-    for name, messages in out["collapse_warnings"].items():
+    for name, messages in out["guard_warnings"].items():
         for msg in messages:
             print(f"WARNING ({name}): {msg}")
     print(f"\n{out['seconds']:.1f} s")
-    summary = {k: out[k] for k in ("seed", "seconds", "methods", "collapse_warnings")}
+    summary = {k: out[k] for k in ("seed", "seconds", "methods", "guard_warnings")}
     if json_path is not None:
         atomic_write_bytes(json_path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     return summary

@@ -97,8 +97,8 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
         _group_table_md(after["groups"]),
         "",
     ]
-    if report["collapse_warnings"]:
-        out += ["## Collapse guard", ""] + [f"- **warning**: {w['message']}" for w in report["collapse_warnings"]]
+    if report["guard_warnings"]:
+        out += ["## Guard", ""] + [f"- **warning**: {w['message']}" for w in report["guard_warnings"]]
         out.append("")
     plots = report["outputs"]["plots"]
     if report["epochs"]:

@@ -1,16 +1,20 @@
 """Evaluation metrics of SWiFT and BMFT: accuracy, AUC and group-fairness gaps (docs/algorithm.md §6, §8.3, §8.17).
 
 Every function takes labels y ∈ {0,1}, probabilities p = σ(z) ∈ [0,1] and the sensitive attribute a, as numpy arrays,
-torch tensors, pandas Series or lists, of shape (N,) or (N, 1). Hard predictions follow the authors' code's
-``np.round(p)``: ŷ = 1 iff p > 0.5 (0.5 rounds to 0).
+torch tensors, pandas Series or lists, of shape (N,) or (N, 1). Hard predictions are ŷ = 1 iff p > t, with the decision
+threshold t = 0.5 by default: the authors' code's ``np.round(p)`` (0.5 rounds to 0). A model debiased with a
+validation-chosen global threshold (:func:`choose_threshold`; one t for everyone, so no attribute is needed at
+inference) is scored at its own t.
 
 The binary gaps (SPD, EOpp, EOdds) need a ⊆ {0,1}; an empty cell's rate is 0, as in the authors' code, so a gap
 against a missing group compares with 0. With TPR_g = mean(ŷ | a=g, y=1) and FPR_g = mean(ŷ | a=g, y=0):
 
 - SPD = |m_0(ŷ) − m_1(ŷ)|
 - EOpp = |TPR_0 − TPR_1|
-- EOdds ``"code"`` (primary, docs/algorithm.md §8.3) = ½·|(FPR_0 − FPR_1) + (TPR_0 − TPR_1)|, the signed sum;
-  ``"max"`` = max(|ΔTPR|, |ΔFPR|) (fairlearn's ``equalized_odds_difference``); ``"mean"`` = ½·(|ΔTPR| + |ΔFPR|).
+- EOdds ``"mean"`` = ½·(|ΔTPR| + |ΔFPR|); ``"max"`` = max(|ΔTPR|, |ΔFPR|) (fairlearn's
+  ``equalized_odds_difference``); ``"code"`` = ½·|(FPR_0 − FPR_1) + (TPR_0 − TPR_1)|, the signed sum the authors' code
+  reports (docs/algorithm.md §8.3). Opposite-signed TPR and FPR gaps cancel in the signed sum, so fastmask never
+  reports it alone: :func:`evaluate` returns all three, and every summary shows the mean and max forms beside it.
 
 The per-group functions (:func:`group_table`, :func:`auc_by_group`, :func:`worst_group_auc`, :func:`auc_gap`)
 accept any number of attribute values ([PS] Table 5: Min AUC and Gap = max_g AUC_g − min_g AUC_g, over the groups
@@ -40,6 +44,7 @@ __all__ = [
     "worst_group_auc",
     "auc_gap",
     "evaluate",
+    "choose_threshold",
 ]
 
 THRESHOLD = 0.5
@@ -99,15 +104,23 @@ def _groups(a: ArrayLike, n: int) -> np.ndarray:
     return av
 
 
-def _binary_inputs(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _binary_inputs(y: ArrayLike, p: ArrayLike, a: ArrayLike,
+                   threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     yv, pv = _labels_probs(y, p)
     av = _check_binary(_groups(a, yv.shape[0]), "a (the binary gaps need a sensitive attribute with values 0/1)")
-    return yv, hard_predictions(pv), av
+    return yv, hard_predictions(pv, threshold), av
 
 
-def hard_predictions(p: ArrayLike) -> np.ndarray:
-    """Hard predictions ŷ = 1 iff p > 0.5, the authors' code's ``np.round(p)`` (docs/algorithm.md §6)."""
-    return (_vector(p, "p") > THRESHOLD).astype(np.int64)
+def _check_threshold(threshold: float) -> float:
+    if not 0.0 <= threshold <= 1.0:  # also rejects NaN
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    return float(threshold)
+
+
+def hard_predictions(p: ArrayLike, threshold: float = THRESHOLD) -> np.ndarray:
+    """Hard predictions ŷ = 1 iff p > ``threshold``; the default 0.5 is the authors' code's ``np.round(p)``
+    (docs/algorithm.md §6)."""
+    return (_vector(p, "p") > _check_threshold(threshold)).astype(np.int64)
 
 
 def _rate(yhat: np.ndarray, mask: np.ndarray) -> float:
@@ -130,15 +143,15 @@ def auc(y: ArrayLike, p: ArrayLike) -> float:
     return float(roc_auc_score(yv, pv))
 
 
-def acc(y: ArrayLike, p: ArrayLike) -> float:
-    """Accuracy mean(ŷ = y) with ŷ = 1 iff p > 0.5 (docs/algorithm.md §6)."""
+def acc(y: ArrayLike, p: ArrayLike, *, threshold: float = THRESHOLD) -> float:
+    """Accuracy mean(ŷ = y) with ŷ = 1 iff p > ``threshold`` (docs/algorithm.md §6)."""
     yv, pv = _labels_probs(y, p)
-    return float(np.mean(hard_predictions(pv) == yv))
+    return float(np.mean(hard_predictions(pv, threshold) == yv))
 
 
-def spd(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> float:
+def spd(y: ArrayLike, p: ArrayLike, a: ArrayLike, *, threshold: float = THRESHOLD) -> float:
     """Statistical parity difference |m_0(ŷ) − m_1(ŷ)|, an empty group's rate being 0 (docs/algorithm.md §6)."""
-    _, yhat, av = _binary_inputs(y, p, a)
+    _, yhat, av = _binary_inputs(y, p, a, threshold)
     return _spd(yhat, av)
 
 
@@ -146,16 +159,18 @@ def _spd(yhat: np.ndarray, av: np.ndarray) -> float:
     return abs(_rate(yhat, av == 0) - _rate(yhat, av == 1))
 
 
-def eopp(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> float:
+def eopp(y: ArrayLike, p: ArrayLike, a: ArrayLike, *, threshold: float = THRESHOLD) -> float:
     """Equal-opportunity gap |TPR_0 − TPR_1| with zero-filled empty cells (docs/algorithm.md §6)."""
-    d_tpr, _ = _gaps(*_binary_inputs(y, p, a))
+    d_tpr, _ = _gaps(*_binary_inputs(y, p, a, threshold))
     return abs(d_tpr)
 
 
-def eodds(y: ArrayLike, p: ArrayLike, a: ArrayLike, *, definition: EOddsDefinition = "code") -> float:
+def eodds(y: ArrayLike, p: ArrayLike, a: ArrayLike, *, definition: EOddsDefinition = "code",
+          threshold: float = THRESHOLD) -> float:
     """Equalized-odds gap in one of three definitions (docs/algorithm.md §6, §8.3).
 
-    - ``"code"`` (the authors' code, the primary metric): ½·|(FPR_0 − FPR_1) + (TPR_0 − TPR_1)|;
+    - ``"code"`` (the signed sum the authors' code reports; opposite gaps cancel in it, so report it only beside the
+      other two): ½·|(FPR_0 − FPR_1) + (TPR_0 − TPR_1)|;
     - ``"max"`` (fairlearn ``equalized_odds_difference``): max(|TPR_0 − TPR_1|, |FPR_0 − FPR_1|);
     - ``"mean"``: ½·(|TPR_0 − TPR_1| + |FPR_0 − FPR_1|).
 
@@ -163,7 +178,7 @@ def eodds(y: ArrayLike, p: ArrayLike, a: ArrayLike, *, definition: EOddsDefiniti
     """
     if definition not in ("code", "max", "mean"):
         raise ValueError(f"definition must be one of ['code', 'max', 'mean'], got {definition!r}")
-    return _eodds_from_gaps(*_gaps(*_binary_inputs(y, p, a)), definition)
+    return _eodds_from_gaps(*_gaps(*_binary_inputs(y, p, a, threshold)), definition)
 
 
 def _eodds_from_gaps(d_tpr: float, d_fpr: float, definition: EOddsDefinition) -> float:
@@ -181,7 +196,7 @@ def _sorted_groups(av: np.ndarray) -> list[Hashable]:
         raise ValueError("a must hold values of one sortable type (group ids are ordered to break ties)") from err
 
 
-def group_table(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> pd.DataFrame:
+def group_table(y: ArrayLike, p: ArrayLike, a: ArrayLike, *, threshold: float = THRESHOLD) -> pd.DataFrame:
     """Per-group metrics, one row per attribute value (sorted), any number of groups.
 
     Columns: ``n``, ``positives`` (Σy), ``auc`` (NaN unless the group holds both classes), ``acc``, ``tpr``
@@ -190,7 +205,7 @@ def group_table(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> pd.DataFrame:
     """
     yv, pv = _labels_probs(y, p)
     av = _groups(a, yv.shape[0])
-    yhat = hard_predictions(pv)
+    yhat = hard_predictions(pv, threshold)
     rows = []
     groups = _sorted_groups(av)
     for g in groups:
@@ -243,17 +258,17 @@ def auc_gap(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> float:
     return max(values) - min(values)
 
 
-def evaluate(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> dict[str, float]:
-    """All scalar metrics of docs/algorithm.md §6 for a binary attribute, as Python floats.
+def evaluate(y: ArrayLike, p: ArrayLike, a: ArrayLike, *, threshold: float = THRESHOLD) -> dict[str, float]:
+    """All scalar metrics of docs/algorithm.md §6 for a binary attribute, as Python floats, with ŷ = 1[p > threshold].
 
-    Keys: ``auc``, ``acc``, ``spd``, ``eopp``, ``eodds`` (the code definition), ``eodds_max``, ``eodds_mean``,
-    ``worst_group_auc``, ``auc_gap``, ``positive_rate`` (mean ŷ, for the collapse guard) and
-    ``label_positive_rate`` (mean y).
+    Keys: ``auc``, ``acc``, ``spd``, ``eopp``, ``eodds`` (the code definition, the signed sum), ``eodds_max``,
+    ``eodds_mean``, ``worst_group_auc``, ``auc_gap``, ``positive_rate`` (mean ŷ), ``label_positive_rate`` (mean y)
+    and ``threshold``.
 
     Raises:
         ValueError: y holds one class only, no group holds both classes, a is not 0/1, or p is not in [0, 1].
     """
-    yv, yhat, av = _binary_inputs(y, p, a)
+    yv, yhat, av = _binary_inputs(y, p, a, threshold)
     pv = _vector(p, "p").astype(np.float64)
     d_tpr, d_fpr = _gaps(yv, yhat, av)
     aucs = _aucs_or_raise(yv, pv, av)
@@ -269,4 +284,40 @@ def evaluate(y: ArrayLike, p: ArrayLike, a: ArrayLike) -> dict[str, float]:
         "auc_gap": max(aucs.values()) - min(aucs.values()),
         "positive_rate": float(yhat.mean()),
         "label_positive_rate": float(yv.mean()),
+        "threshold": float(threshold),
     }
+
+
+ThresholdRule = Literal["accuracy", "rate"]
+THRESHOLD_RULES = ("accuracy", "rate")
+
+
+def choose_threshold(y: ArrayLike, p: ArrayLike, rule: ThresholdRule = "accuracy") -> float:
+    """A global decision threshold t (ŷ = 1 iff p > t) chosen from labelled scores, one for everyone: it needs no
+    attribute at inference.
+
+    The candidates are the midpoints between consecutive distinct scores, and one cut below the smallest and one at
+    the largest score (everyone positive, everyone negative). ``rule``:
+
+    - ``"accuracy"``: the t of the highest accuracy mean(ŷ = y);
+    - ``"rate"``: the t whose share of ŷ = 1 is closest to the label rate mean(y).
+
+    Ties go to the candidate closest to 0.5 (the untuned threshold), then to the smaller one.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {list(THRESHOLD_RULES)}, got {rule!r}")
+    yv, pv = _labels_probs(y, p)
+    u = np.unique(pv)
+    # cuts[j] separates u[:j] (ŷ = 0) from u[j:] (ŷ = 1), j = 0 .. len(u)
+    cuts = np.concatenate([[max(0.0, u[0] - (u[1] - u[0] if len(u) > 1 else 0.5) / 2)], (u[:-1] + u[1:]) / 2, [u[-1]]])
+    below = np.searchsorted(np.sort(pv), u, side="right")  # elements <= u[j]
+    n = len(yv)
+    negatives_le = np.concatenate([[0], np.searchsorted(np.sort(pv[yv == 0]), u, side="right")])
+    positives_le = np.concatenate([[0], np.searchsorted(np.sort(pv[yv == 1]), u, side="right")])
+    if rule == "accuracy":
+        score = (negatives_le + (yv.sum() - positives_le)) / n  # negatives below the cut + positives above it
+    else:
+        predicted_positive = 1.0 - np.concatenate([[0], below]) / n
+        score = -np.abs(predicted_positive - yv.mean())
+    best = np.flatnonzero(score == score.max())
+    return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])

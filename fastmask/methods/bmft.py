@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fastmask.masking.masks import bmft_mask
 from fastmask.methods.configs import BmftConfig
-from fastmask.methods.engine import Frozen, begin, collapse_check, train_step
+from fastmask.methods.engine import Frozen, begin, guard_check, train_step
 from fastmask.methods.state import OnEpoch, Result, RunState
 from fastmask.util.profiling import phase
 
@@ -49,14 +49,15 @@ def bmft(
             the same position, same RNG draws).
     """
     config = config or BmftConfig()
+    impair_loader = mask_loader if config.impair_data == "external" else train_loader
+    impair_data = "external" if config.impair_data == "external" else "balanced"
     device, head, head_params, feat_params, run, result = begin(
         "bmft", ("impair", "repair"), model, mask_loader, config, masks,
         lambda ib, il, feat, sharded: bmft_mask(ib, il, feat, rate=config.rate, inclusive=config.inclusive,
                                                 sharded=sharded, overwrite=True),
-        progress, on_epoch, resume)
+        progress, on_epoch, resume, {impair_data: impair_loader, "balanced": train_loader})
     masks = result.masks
     was_training = model.training
-    impair_loader = mask_loader if config.impair_data == "external" else train_loader
 
     # Impair: every parameter in the optimiser, the head's mask 0 (weight decay and momentum still reach it in
     # "grad" mode, as in the authors' code); loss B only.
@@ -69,7 +70,7 @@ def bmft(
                 opt.load_state_dict(state)
             train_step("impair", model, head, impair_loader, opt, config.impair.epochs, 0.0, 1.0, config.bias,
                        False, device, result.history, progress, start, lambda e: run.report("impair", e, result, opt))
-        collapse_check(result, "impair", model, impair_loader, device, config.collapse_threshold)
+        guard_check(result, "impair", impair_data, model, impair_loader, device, config, last=False)
 
     start, state = run.start("repair")
     if start == 0:  # a resumed repair step already has the zeroed head in the model's weights
@@ -85,7 +86,7 @@ def bmft(
         train_step("repair", model, head, train_loader, opt2, config.repair.epochs, 1.0, config.beta, config.bias,
                    config.step2_feature_eval, device, result.history, progress, start,
                    lambda e: run.report("repair", e, result, opt2))
-    collapse_check(result, "repair", model, train_loader, device, config.collapse_threshold)
+    guard_check(result, "repair", "balanced", model, train_loader, device, config)
     model.train(was_training)
     return result
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from fastmask.fairness.losses import BMFT_BIAS, SWIFT_BIAS, BiasSpec
 from fastmask.masking.importance import Objective
+from fastmask.methods.engine import GuardConfig
 from fastmask.optim import MaskedAdam, MaskedAdamW, MaskedSGD
 from fastmask.parallel import fsdp
 
@@ -86,16 +87,15 @@ def _check_faithful(config: Any, reference: Mapping[str, Any]) -> None:
 
 
 def _check_common(config: Any) -> None:
+    GuardConfig.__post_init__(config)
     if config.mask_mode not in ("grad", "update"):
         raise ValueError(f"mask_mode must be 'grad' or 'update', got {config.mask_mode!r}")
-    if not 0.5 < config.collapse_threshold <= 1.0:
-        raise ValueError(f"collapse_threshold must be in (0.5, 1], got {config.collapse_threshold}")
     if not isinstance(config.bias, BiasSpec) and not callable(config.bias):
         raise TypeError(f"bias must be a BiasSpec or a callable (z, y, a) -> loss, got {type(config.bias).__name__}")
 
 
 @dataclass
-class SwiftConfig:
+class SwiftConfig(GuardConfig):
     """SWiFT's settings (docs/algorithm.md §5, §7, §8). Defaults follow the authors' code where it makes a modelling
     choice and docs/algorithm.md §8's resolution where it has a plain bug; ``faithful=True`` checks that every quirk
     option holds the authors' value.
@@ -118,7 +118,8 @@ class SwiftConfig:
         head: module path of the head (default: the last nn.Linear).
         seed: seeds Python's, NumPy's and torch's global RNGs (dropout, DataLoader shuffling) at the start; None
             leaves them alone. Authors' code: 42.
-        collapse_threshold: share of predictions in one class at which the collapse guard fires.
+        collapse_threshold, share_tolerance, max_acc_drop: the guard's tolerances (keyword-only;
+            :class:`~fastmask.methods.engine.GuardConfig`).
         faithful: require the authors' value of every quirk option (``mask_mode``, ``reinit_cmp``,
             ``reinit_scope``, ``step2_feature_eval`` and the task's optimiser type,
             momentum and weight decay in both steps).
@@ -135,7 +136,6 @@ class SwiftConfig:
     step2_feature_eval: bool = False
     head: str | None = None
     seed: int | None = 42
-    collapse_threshold: float = 0.95
     faithful: bool = False
 
     def __post_init__(self) -> None:
@@ -154,7 +154,7 @@ class SwiftConfig:
 
 
 @dataclass
-class BmftConfig:
+class BmftConfig(GuardConfig):
     """BMFT's settings (docs/algorithm.md §4-5, §7, §8). Defaults as :class:`SwiftConfig`: the authors' modelling
     choices, and docs/algorithm.md §8's resolutions.
 
@@ -168,7 +168,7 @@ class BmftConfig:
         repair: the repair step's optimiser (default SGD lr 1e-3 = ``lr_base``, same epochs as ``impair``).
         impair_data: ``"external"`` (authors' code: the impair step runs on the unbalanced ``mask_loader``) or
             ``"balanced"`` ([PB]: on ``train_loader``).
-        mask_mode, step2_feature_eval, head, seed, collapse_threshold: as in :class:`SwiftConfig` (step 2 is the
+        mask_mode, step2_feature_eval, head, seed, and the guard's tolerances: as in :class:`SwiftConfig` (step 2 is the
             repair step).
         faithful: require the authors' value of every quirk option (``mask_mode``, ``impair_data``, ``inclusive``,
             ``step2_feature_eval``, SGD with momentum 0.9 and weight decay 5e-4 in both
@@ -186,7 +186,6 @@ class BmftConfig:
     step2_feature_eval: bool = False
     head: str | None = None
     seed: int | None = 42
-    collapse_threshold: float = 0.95
     faithful: bool = False
 
     def __post_init__(self) -> None:

@@ -1,11 +1,22 @@
 """The training engine SWiFT, BMFT and the baselines share: seeding, freezing, one fine-tuning step's epochs, the
-collapse guard, the mask checks, and a run's progress through its steps (what a resumed run skips, the
-``on_epoch`` reports).
+guard, the mask checks, and a run's progress through its steps (what a resumed run skips, the ``on_epoch`` reports).
 
-The collapse guard: SWiFT's log-probability bias is minimised by predicting one class for everyone (EOdds 0, a
-useless model). After each step the engine predicts on that step's data in eval mode and, when one class takes
-``collapse_threshold`` (95 %) or more of the predictions while its share of the labels is below that, logs a
-warning and records a :class:`~fastmask.methods.state.CollapseWarning` in the result.
+The guard (docs/algorithm.md §5): a bias term is minimised by predicting one class for everyone (EOdds 0, a useless
+model), and a debiased model may drift to predicting positive far more or less often than the labels are, losing
+accuracy while its gaps look small. Before training the engine scores the original model on each step's data; after
+each step it scores the model there again (eval mode, ŷ = 1[p > 0.5]) and records a
+:class:`~fastmask.methods.state.GuardWarning`, and logs it, when
+
+- ``"collapse"`` (the severe case, after every step): one class takes ``collapse_threshold`` (95 %) or more of the
+  predictions while its share of the labels is below that;
+- ``"share"`` (after the last step): the share of positive predictions parts from the label rate by more than
+  ``share_tolerance`` (0.10);
+- ``"accuracy"`` (after the last step): accuracy fell more than ``max_acc_drop`` (0.02) below the original model's on
+  the same data.
+
+The last two judge the model a run delivers: after a first step the head is still to be re-initialised (SWiFT) or
+zeroed (BMFT, whose impair step minimises the bias alone and is meant to cost accuracy), so shares and accuracy in
+between say little about the result.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,13 +35,37 @@ from tqdm import tqdm
 from fastmask.data.batch import unpack_batch
 from fastmask.fairness.losses import BiasSpec, combined_loss
 from fastmask.masking.importance import Objective, fisher_importance
-from fastmask.methods.state import CollapseWarning, OnEpoch, Result, RunState, rng_state, set_rng_state
+from fastmask.methods.state import GuardWarning, OnEpoch, Result, RunState, rng_state, set_rng_state
 from fastmask.model.head import split_head
 from fastmask.model.scoring import model_device, score
 from fastmask.parallel import ddp, fsdp
 from fastmask.util.profiling import phase, ranged
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class GuardConfig:
+    """The guard's tolerances, a part of every configuration of a method that fine-tunes.
+
+    Args:
+        collapse_threshold: the severe case: one class takes at least this share of the predictions while less of
+            the labels are in it.
+        share_tolerance: the largest allowed |share of positive predictions − label rate|.
+        max_acc_drop: the largest allowed fall of accuracy below the original model's on the same data.
+    """
+
+    collapse_threshold: float = 0.95
+    share_tolerance: float = 0.10
+    max_acc_drop: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.collapse_threshold <= 1.0:
+            raise ValueError(f"collapse_threshold must be in (0.5, 1], got {self.collapse_threshold}")
+        if not 0.0 <= self.share_tolerance <= 1.0:
+            raise ValueError(f"share_tolerance must be in [0, 1], got {self.share_tolerance}")
+        if not 0.0 <= self.max_acc_drop <= 1.0:
+            raise ValueError(f"max_acc_drop must be in [0, 1], got {self.max_acc_drop}")
 
 
 def seed_everything(seed: int | None) -> None:
@@ -97,28 +132,47 @@ def train_step(
             after_epoch(epoch + 1)
 
 
-def _positive_share(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[float, float]:
-    """(share of predictions with p > 0.5, share of positive labels) in eval mode over ``loader``, over every
-    rank's samples under torchrun."""
+def _check_scores(model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
+    """Share of predictions with p > 0.5, share of positive labels and accuracy in eval mode over ``loader``, over
+    every rank's samples under torchrun."""
     s = score(model, loader, device)
-    pos, lab, n = ddp.all_reduce_counts([float((s.p > 0.5).sum()), float(s.y.sum()), len(s.y)], device)
-    return pos / n, lab / n
+    yhat = s.p > 0.5
+    pos, lab, right, n = ddp.all_reduce_counts(
+        [float(yhat.sum()), float(s.y.sum()), float((yhat == s.y).sum()), len(s.y)], device)
+    return {"positive_share": pos / n, "label_positive_rate": lab / n, "acc": right / n}
 
 
-def collapse_check(result: Result, step: str, model: nn.Module, loader: Iterable, device: torch.device,
-                   threshold: float) -> None:
-    """The collapse guard after ``step``: record the positive-prediction and positive-label shares over ``loader`` in
-    ``result.checks``, and warn (log and ``result.collapse_warnings``) when at least ``threshold`` of the predictions
-    fall in one class while less than ``threshold`` of the labels do."""
-    share, label_rate = _positive_share(model, loader, device)
-    result.checks.append({"step": step, "positive_share": share, "label_positive_rate": label_rate})
+def guard_before(result: Result, loaders: Mapping[str, Iterable], model: nn.Module, device: torch.device) -> None:
+    """The guard's reference: the original model's scores on each named loader (the data its checks will read),
+    recorded in ``result.checks`` as steps ``"original"``."""
+    for data, loader in loaders.items():
+        result.checks.append({"step": "original", "data": data, **_check_scores(model, loader, device)})
+
+
+def guard_check(result: Result, step: str, data: str, model: nn.Module, loader: Iterable, device: torch.device,
+                guard: GuardConfig, last: bool = True) -> None:
+    """The guard after ``step`` (the run's ``last`` step or not) on the loader named ``data``: record the shares and
+    the accuracy in ``result.checks`` and warn (log and ``result.guard_warnings``) as the module docstring says."""
+    now = _check_scores(model, loader, device)
+    result.checks.append({"step": step, "data": data, **now})
+    share, label_rate, acc = now["positive_share"], now["label_positive_rate"], now["acc"]
+    found = []
     for cls, pred, lab in (("positive", share, label_rate), ("negative", 1 - share, 1 - label_rate)):
-        if pred >= threshold and lab < threshold:
-            msg = (f"collapse guard: after {step}, {pred:.1%} of the predictions are {cls} while {lab:.1%} of the "
-                   f"labels are; the model may have collapsed to one class (lower the step's learning rate or raise "
-                   f"the WBCE weight)")
-            log.warning(msg)
-            result.collapse_warnings.append(CollapseWarning(step, share, label_rate, msg))
+        if pred >= guard.collapse_threshold and lab < guard.collapse_threshold:
+            found.append(("collapse", f"{pred:.1%} of the predictions are {cls} while {lab:.1%} of the labels are; "
+                                      "the model may have collapsed to one class"))
+    if last and not found and abs(share - label_rate) > guard.share_tolerance:
+        found.append(("share", f"{share:.1%} of the predictions are positive while {label_rate:.1%} of the labels "
+                               f"are (more than {guard.share_tolerance:.0%} apart)"))
+    original = next((c for c in result.checks if c["step"] == "original" and c.get("data") == data), None)
+    if last and original is not None and original["acc"] - acc > guard.max_acc_drop:
+        found.append(("accuracy", f"accuracy {acc:.3f} is {original['acc'] - acc:.3f} below the original model's "
+                                  f"{original['acc']:.3f} (more than {guard.max_acc_drop})"))
+    for kind, what in found:
+        msg = (f"guard ({kind}): after {step}, on the {data} data, {what}; lower the step's learning rate or raise "
+               "the WBCE weight")
+        log.warning(msg)
+        result.guard_warnings.append(GuardWarning(kind, step, share, label_rate, acc, msg))
 
 
 class Frozen:
@@ -201,10 +255,11 @@ def resumed(resume: RunState | None, masks: Mapping[str, Tensor] | None, config:
 
 def begin(method: str, steps: tuple[str, str], model: nn.Module, mask_loader: Iterable, config: Any,
           masks: Mapping[str, Tensor] | None, build_mask: Callable, progress: bool, on_epoch: OnEpoch | None,
-          resume: RunState | None) -> tuple:
-    """What SWiFT and BMFT share before their first step: seeding, the head / feature-extractor split, and the masks
+          resume: RunState | None, guard_loaders: Mapping[str, Iterable]) -> tuple:
+    """What SWiFT and BMFT share before their first step: seeding, the head / feature-extractor split, the masks
     (importance pass + ``build_mask(I_b, I_l, feature_names, sharded)``, which may overwrite I_b: the importances are
-    dropped once the masks exist), or the state of a resumed run."""
+    dropped once the masks exist) and the guard's scores of the original model on ``guard_loaders``, all before the
+    first ``on_epoch`` report; or the state of a resumed run."""
     seed_everything(config.seed)
     device = model_device(model)
     head, head_params, feat_params = split_head(model, config.head)
@@ -221,6 +276,7 @@ def begin(method: str, steps: tuple[str, str], model: nn.Module, mask_loader: It
                 masks = build_mask(ib, il, list(feat_params), fsdp.is_sharded(model))
         masks = checked_masks(masks, model)
         result = Result(method, config, dict(masks), n_importance_batches=n_imp)
+        guard_before(result, guard_loaders, model, device)
         run.report(steps[0], 0, result, None)
     return device, head, head_params, feat_params, run, result
 

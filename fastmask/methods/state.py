@@ -1,6 +1,6 @@
 """What a SWiFT / BMFT run produces and where it stands: :class:`Result`, :class:`RunState` (with one
-``to_state`` / ``from_state`` pair each, the plain-data form a checkpoint stores), the collapse guard's
-:class:`CollapseWarning`, and the global RNG states a resumed run restores.
+``to_state`` / ``from_state`` pair each, the plain-data form a checkpoint stores), the guard's :class:`GuardWarning`,
+and the global RNG states a resumed run restores.
 """
 
 from __future__ import annotations
@@ -16,20 +16,24 @@ from torch import Tensor
 
 
 @dataclass
-class CollapseWarning:
-    """One firing of the collapse guard: after ``step``, ``positive_share`` of the predictions were positive while
-    ``label_positive_rate`` of the labels were."""
+class GuardWarning:
+    """One firing of the guard (:mod:`fastmask.methods.engine`): after ``step``, ``positive_share`` of the
+    predictions were positive while ``label_positive_rate`` of the labels were, at accuracy ``acc``. ``kind``:
+    ``"collapse"`` (one class took nearly every prediction), ``"share"`` (the positive share parted from the label
+    rate) or ``"accuracy"`` (accuracy fell below the original model's beyond the budget)."""
 
+    kind: str
     step: str
     positive_share: float
     label_positive_rate: float
+    acc: float
     message: str
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> CollapseWarning:
+    def from_state(cls, state: Mapping[str, Any]) -> GuardWarning:
         return cls(**state)
 
 
@@ -43,9 +47,9 @@ class Result:
         masks: the mask of every parameter, keyed by ``model.named_parameters()`` names.
         history: one dict per epoch: ``step``, ``epoch``, ``loss`` (mean over batches) and ``positive_share`` (share
             of the step's training predictions with p > 0.5).
-        checks: one dict per step: ``step``, ``positive_share`` and ``label_positive_rate`` in eval mode on the
-            step's data (what the collapse guard looked at).
-        collapse_warnings: the collapse guard's findings (empty when healthy).
+        checks: what the guard looked at: one dict per step and before training (``step`` ``"original"``): ``step``,
+            ``data`` (which data), ``positive_share``, ``label_positive_rate`` and ``acc`` in eval mode.
+        guard_warnings: the guard's findings (empty when healthy).
         n_importance_batches: batches seen by the importance pass (0 when masks were given).
         head_reset_fraction: share of the head's elements set to 0 by the re-initialisation.
         details: what a baseline decided (the selected checkpoint or pruning step and its validation trajectory,
@@ -57,7 +61,7 @@ class Result:
     masks: dict[str, Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)
-    collapse_warnings: list[CollapseWarning] = field(default_factory=list)
+    guard_warnings: list[GuardWarning] = field(default_factory=list)
     n_importance_batches: int = 0
     head_reset_fraction: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
@@ -71,7 +75,7 @@ class Result:
         it back)."""
         return {"method": self.method, "masks": {n: m.detach().to("cpu", copy=True) for n, m in self.masks.items()},
                 "history": self.history, "checks": self.checks,
-                "collapse_warnings": [w.to_state() for w in self.collapse_warnings],
+                "guard_warnings": [w.to_state() for w in self.guard_warnings],
                 "n_importance_batches": self.n_importance_batches, "head_reset_fraction": self.head_reset_fraction,
                 "details": self.details}
 
@@ -80,7 +84,7 @@ class Result:
         """The result :meth:`to_state` saved, with ``config`` (the caller checks it is the run's); masks on the CPU."""
         return cls(state["method"], config, dict(state["masks"]), history=list(state["history"]),
                    checks=list(state["checks"]),
-                   collapse_warnings=[CollapseWarning.from_state(w) for w in state["collapse_warnings"]],
+                   guard_warnings=[GuardWarning.from_state(w) for w in state["guard_warnings"]],
                    n_importance_batches=state["n_importance_batches"],
                    head_reset_fraction=state["head_reset_fraction"], details=dict(state.get("details", {})))
 
@@ -96,7 +100,7 @@ class RunState:
     Attributes:
         step: the step in progress (SWiFT ``"step1"`` / ``"step2"``, BMFT ``"impair"`` / ``"repair"``).
         epoch: epochs of ``step`` finished.
-        result: the result so far (masks, history, checks, collapse warnings, head_reset_fraction).
+        result: the result so far (masks, history, checks, guard warnings, head_reset_fraction).
         optimizer: the step's optimizer state (None when no epoch of the step has run).
         rng: the global RNG states (``random``, ``numpy``, ``torch``, and ``cuda`` when CUDA is initialised).
     """

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fastmask.masking.masks import swift_mask
 from fastmask.methods.configs import SwiftConfig, check_reinit
-from fastmask.methods.engine import Frozen, begin, collapse_check, train_step
+from fastmask.methods.engine import Frozen, begin, guard_check, train_step
 from fastmask.methods.state import OnEpoch, Result, RunState
 from fastmask.parallel import ddp, fsdp
 from fastmask.util.profiling import phase
@@ -106,7 +106,7 @@ def swift(
     device, head, head_params, feat_params, run, result = begin(
         "swift", ("step1", "step2"), model, mask_loader, config, masks,
         lambda ib, il, feat, sharded: swift_mask(ib, il, sharded=sharded, overwrite=True),
-        progress, on_epoch, resume)
+        progress, on_epoch, resume, {"balanced": train_loader})
     masks = result.masks
     was_training = model.training
 
@@ -119,7 +119,7 @@ def swift(
             train_step("step1", model, head, train_loader, opt, config.step1.epochs, config.beta, 1 - config.beta,
                        config.bias, False, device, result.history, progress, start,
                        lambda e: run.report("step1", e, result, opt))
-        collapse_check(result, "step1", model, train_loader, device, config.collapse_threshold)
+        guard_check(result, "step1", "balanced", model, train_loader, device, config, last=False)
 
     start, state = run.start("step2")
     if start == 0:  # a resumed step 2 already has its re-initialised head in the model's weights
@@ -133,7 +133,7 @@ def swift(
         train_step("step2", model, head, train_loader, opt2, config.step2.epochs, 1 - config.beta, config.beta,
                    config.bias, config.step2_feature_eval, device, result.history, progress, start,
                    lambda e: run.report("step2", e, result, opt2))
-    collapse_check(result, "step2", model, train_loader, device, config.collapse_threshold)
+    guard_check(result, "step2", "balanced", model, train_loader, device, config)
     model.train(was_training)
     return result
 

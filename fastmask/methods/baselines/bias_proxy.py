@@ -196,8 +196,8 @@ def diffgda(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, 
     result = Result("diffgda", config, {})
     loader = mask_loader if config.data == "external" else train_loader
     finetune(model, loader, all_named(model), config.step, wbce_weight=0.0, bias_weight=1.0, bias=objective,
-             head=config.head, name="diffgda", result=result, after_epoch=lambda e: select.consider(e),
-             progress=progress)
+             head=config.head, name="diffgda", result=result, data=config.data,
+             after_epoch=lambda e: select.consider(e), progress=progress)
     select.restore("diffgda")
     result.details = select.details("epoch")
     return result

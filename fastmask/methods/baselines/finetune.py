@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from fastmask.fairness.losses import SWIFT_BIAS, BiasSpec
 from fastmask.masking.importance import Objective
 from fastmask.methods.configs import StepConfig
-from fastmask.methods.engine import Frozen, collapse_check, seed_everything, train_step
+from fastmask.methods.engine import Frozen, GuardConfig, guard_before, guard_check, seed_everything, train_step
 from fastmask.methods.state import Result
 from fastmask.model.head import split_head
 from fastmask.model.scoring import model_device
@@ -36,7 +36,8 @@ def finetune(
     head: str | None = None,
     name: str = "finetune",
     result: Result | None = None,
-    collapse_threshold: float = 0.95,
+    data: str = "training",
+    guard: GuardConfig | None = None,
     after_epoch: Callable[[int], None] | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
@@ -54,9 +55,11 @@ def finetune(
         masks: per-parameter masks for the masked optimizer (None: plain optimizer).
         feature_eval: run everything but the head in eval mode (docs/algorithm.md §8.11), e.g. when E is frozen.
         head: module path of the head (default: the last nn.Linear); used by ``feature_eval``.
-        name: the step's name in the history and in the collapse check.
-        result: when given, the epochs are appended to ``result.history`` and the collapse guard runs on
-            ``loader`` after the step (recorded in ``result.checks`` / ``collapse_warnings``).
+        name: the step's name in the history and in the guard's checks.
+        result: when given, the epochs are appended to ``result.history`` and the guard
+            (:mod:`fastmask.methods.engine`) scores ``loader``, named ``data`` in the checks, before and after the
+            step, with the tolerances of ``guard`` (default :class:`~fastmask.methods.engine.GuardConfig`()); it
+            records in ``result.checks`` and ``result.guard_warnings``.
         after_epoch: called with the epoch number (1-based) after every epoch, e.g. to evaluate a checkpoint.
 
     Returns:
@@ -68,6 +71,8 @@ def finetune(
     first = len(history)
     was_training = model.training
     optimizer_masks = None if masks is None else {n: masks[n] for n in params}
+    if result is not None:
+        guard_before(result, {data: loader}, model, device)
     with phase("fastmask.finetune"), Frozen(model, params.values()):
         opt = step.build(list(params.items()), optimizer_masks, mask_mode)
         # One epoch per call so that a checkpoint can be evaluated between epochs; the optimizer (and its state)
@@ -79,7 +84,7 @@ def finetune(
             if after_epoch is not None:
                 after_epoch(epoch)
     if result is not None:
-        collapse_check(result, name, model, loader, device, collapse_threshold)
+        guard_check(result, name, data, model, loader, device, guard or GuardConfig())
     model.train(was_training)
     return history[first:]
 
@@ -103,7 +108,7 @@ def baseline(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *,
 
 
 @dataclass
-class FullFTConfig:
+class FullFTConfig(GuardConfig):
     """Settings of the full fine-tuning baselines (docs/algorithm.md §9).
 
     Args:
@@ -111,7 +116,7 @@ class FullFTConfig:
             weight decay 5e-4), 20 epochs.
         beta: β of [PS] Eq. 10, L = β·WBCE + (1 − β)·B (FullFT-Reg, FullFT-FDR; ignored by FullFT-RW).
         bias: the bias function B (default SWiFT's [PS] Eqs. 2-4 on log-probabilities).
-        head, seed, collapse_threshold: as in :class:`fastmask.methods.configs.SwiftConfig`.
+        head, seed, and the guard's tolerances: as in :class:`fastmask.methods.configs.SwiftConfig`.
     """
 
     step: StepConfig = StepConfig(20, 1e-3, "sgd", momentum=0.9, weight_decay=5e-4)
@@ -119,20 +124,20 @@ class FullFTConfig:
     bias: BiasSpec | Objective = SWIFT_BIAS
     head: str | None = None
     seed: int | None = 42
-    collapse_threshold: float = 0.95
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
 
 
-def _full_ft(method: str, model: nn.Module, loader: Iterable, config: FullFTConfig, wbce_weight: float,
+def _full_ft(method: str, model: nn.Module, loader: Iterable, data: str, config: FullFTConfig, wbce_weight: float,
              bias_weight: float, progress: bool) -> Result:
     seed_everything(config.seed)
     result = Result(method, config, {})
     finetune(model, loader, all_named(model), config.step, wbce_weight=wbce_weight, bias_weight=bias_weight,
-             bias=config.bias, head=config.head, name=method, result=result,
-             collapse_threshold=config.collapse_threshold, progress=progress)
+             bias=config.bias, head=config.head, name=method, result=result, data=data, guard=config,
+             progress=progress)
     return result
 
 
@@ -141,7 +146,7 @@ def fullft_rw(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *
     """FullFT-RW ([PS] §4.3, docs/algorithm.md §9): fine-tune **all** parameters on the group-balanced ("re-weighted")
     D_r (``train_loader``) with the task loss only, L = WBCE. ``mask_loader`` is not read."""
     config = config or FullFTConfig()
-    return _full_ft("fullft-rw", model, train_loader, config, 1.0, 0.0, progress)
+    return _full_ft("fullft-rw", model, train_loader, "balanced", config, 1.0, 0.0, progress)
 
 
 def fullft_reg(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: FullFTConfig | None = None,
@@ -150,7 +155,7 @@ def fullft_reg(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, 
     **unbalanced** external set D_e (``mask_loader``) with the fairness-regularised L = β·WBCE + (1 − β)·B ([PS] Eq.
     10). ``train_loader`` is not read."""
     config = config or FullFTConfig()
-    return _full_ft("fullft-reg", model, mask_loader, config, config.beta, 1.0 - config.beta, progress)
+    return _full_ft("fullft-reg", model, mask_loader, "external", config, config.beta, 1.0 - config.beta, progress)
 
 
 def fullft_fdr(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: FullFTConfig | None = None,
@@ -159,14 +164,14 @@ def fullft_fdr(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, 
     §9): fine-tune **all** parameters on the group-balanced D_r (``train_loader``) with
     L = β·WBCE + (1 − β)·B ([PS] Eq. 10). ``mask_loader`` is not read."""
     config = config or FullFTConfig()
-    return _full_ft("fullft-fdr", model, train_loader, config, config.beta, 1.0 - config.beta, progress)
+    return _full_ft("fullft-fdr", model, train_loader, "balanced", config, config.beta, 1.0 - config.beta, progress)
 
 
 # ---- LLFT --------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class LLFTConfig:
+class LLFTConfig(GuardConfig):
     """Settings of :func:`llft`.
 
     Args:
@@ -178,7 +183,7 @@ class LLFTConfig:
             repair step) or ``"none"`` (keep the trained head, as SWiFT's unused ``fisher_mask_debiasing``).
         feature_eval: run the frozen E in eval mode (default True: the last layer is fitted on fixed features, so
             E's BatchNorm statistics must not drift).
-        head, seed, collapse_threshold: as in :class:`fastmask.methods.configs.SwiftConfig`.
+        head, seed, and the guard's tolerances: as in :class:`fastmask.methods.configs.SwiftConfig`.
     """
 
     step: StepConfig = StepConfig(20, 1e-3, "sgd", momentum=0.9, weight_decay=5e-4)
@@ -188,9 +193,9 @@ class LLFTConfig:
     feature_eval: bool = True
     head: str | None = None
     seed: int | None = 42
-    collapse_threshold: float = 0.95
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.reinit not in ("reset", "zero", "none"):
             raise ValueError(f"reinit must be 'reset', 'zero' or 'none', got {self.reinit!r}")
         if self.beta < 0:
@@ -219,5 +224,5 @@ def llft(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, con
     result = Result("llft", config, {}, head_reset_fraction=0.0 if config.reinit == "none" else 1.0)
     finetune(model, train_loader, head_params, config.step, wbce_weight=1.0, bias_weight=config.beta,
              bias=config.bias, feature_eval=config.feature_eval, head=config.head, name="llft", result=result,
-             collapse_threshold=config.collapse_threshold, progress=progress)
+             data="balanced", guard=config, progress=progress)
     return result
