@@ -63,7 +63,7 @@ def debias_argv(data: Data, out: Path, method: str = "swift", *extra: str, attr:
     return ["debias", "--model", "cli_helpers:TinyCNN", "--weights", str(data.weights), "--shards", str(data.shards),
             "--attr", attr, *fold, "--method", method, "--epochs1", "2", "--epochs2", "2",
             "--lr1", "1e-2", "--lr2", "1e-2", "--batch-size", "16", "--image-size", "12", "--seed", "3",
-            "--no-progress", "--out", str(out), *BY_METHOD[method], *extra]
+            "--no-progress", "--select", "none", "--out", str(out), *BY_METHOD[method], *extra]
 
 
 # BMFT runs with a loader worker process: each pass then draws a DataLoader seed from torch's RNG, which the resumed

@@ -64,8 +64,8 @@ def debias_argv(env: Env, *extra: str, shards: str = "shards", weights: str | No
                 model: str = "cli_helpers:TinyCNN", out: str = "out", method: str = "swift") -> list[str]:
     argv = ["debias", "--model", model, "--weights", str(env.root / weights) if weights else str(env.weights),
             "--shards", str(env.root / shards), "--method", method, "--epochs1", "1", "--epochs2", "1",
-            "--batch-size", "8", "--image-size", "12", "--no-progress", "--no-epoch-eval", "--out",
-            str(env.root / out)]
+            "--batch-size", "8", "--image-size", "12", "--no-progress", "--no-epoch-eval", "--select", "none",
+            "--out", str(env.root / out)]
     if "--attr" not in extra:
         argv += ["--attr", "tint"]
     if "--test-fold" not in extra and "--no-test-fold" not in extra:

@@ -53,7 +53,7 @@ def test_trace_has_every_phase_and_op(data: Path, tmp_path: Path, method: str, c
     argv = ["debias", "--model", "cli_helpers:TinyCNN", "--weights", str(data / "weights.pt"), "--shards",
             str(data / "shards"), "--attr", "tint", "--test-fold", "test", "--method", method, "--epochs1", "1",
             "--epochs2", "1", "--batch-size", "16", "--image-size", "12", "--no-progress", "--no-epoch-eval",
-            "--out", str(tmp_path / "out"), "--profile", str(tmp_path / "prof"), *extra]
+            "--select", "none", "--out", str(tmp_path / "out"), "--profile", str(tmp_path / "prof"), *extra]
     assert main(argv) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     mem = report["memory"]

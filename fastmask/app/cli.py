@@ -8,7 +8,8 @@ the handler that receives the parsed arguments and returns the exit code. The wo
 ``fastmask --help`` stays fast.
 
 Bad input ends with one line on stderr, ``fastmask <command>: error: <message>``, and exit status 1.
-``fastmask debias --stop-after-epochs N`` exits with status 75 (EX_TEMPFAIL, "try again") when it stopped before
+``fastmask debias`` exits with status 3 when no candidate configuration met the budgets on the validation part (the
+model is written unchanged), and with 75 (EX_TEMPFAIL, "try again") when ``--stop-after-epochs N`` stopped it before
 the end, so a job script can loop on ``--resume``.
 """
 
@@ -20,10 +21,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["build_parser", "main", "EXIT_STOPPED"]
+__all__ = ["build_parser", "main", "EXIT_STOPPED", "EXIT_UNCHANGED"]
 
 #: Exit status of a debias run stopped by --stop-after-epochs (sysexits.h EX_TEMPFAIL).
 EXIT_STOPPED = 75
+#: Exit status of a debias run whose selection found no candidate within the budgets (the model is unchanged).
+EXIT_UNCHANGED = 3
 # The errors that a user's input causes (a bad file, column, option or value): one line, no traceback.
 _USER_ERRORS = (ValueError, OSError, ImportError)
 
@@ -119,14 +122,34 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
 _ONLY = {"swift": ("task", "reinit_cmp", "reinit_scope"), "bmft": ("rate", "inclusive", "impair_data")}
 
 
+_SELECTION_ONLY = ("grid_lr1", "grid_lr2", "grid_beta", "gap", "max_auc_drop", "max_acc_drop", "share_tolerance",
+                   "val_fraction")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _config(args: argparse.Namespace) -> Any:
     from fastmask.methods.configs import method_config
 
     other = "bmft" if args.method == "swift" else "swift"
     for name in _ONLY[other]:
         if getattr(args, name) is not None:
-            raise ValueError(f"--{name.replace('_', '-')} is a {other.upper()} option, not one of --method "
-                             f"{args.method}")
+            raise ValueError(f"{_flag(name)} is a {other.upper()} option, not one of --method {args.method}")
+    if args.select == "grid":
+        for name, grid_flag in (("lr1", "--grid-lr1"), ("lr2", "--grid-lr2"), ("beta", "--grid-beta")):
+            if getattr(args, name) is not None:
+                raise ValueError(f"{_flag(name)} sets one fixed configuration: pass --select none with it, or give "
+                                 f"the values to choose among with {grid_flag}")
+    else:
+        for name in _SELECTION_ONLY:
+            if getattr(args, name) is not None:
+                raise ValueError(f"{_flag(name)} sets how a configuration is selected; it does nothing with "
+                                 "--select none")
+        if args.threshold is not None and not isinstance(args.threshold, float):
+            raise ValueError(f"--threshold {args.threshold} is chosen on the validation part, which --select none "
+                             "has not: give a number (default 0.5)")
     options = {name: getattr(args, name) for name in (
         "epochs1", "epochs2", "lr1", "lr2", "optimizer", "momentum", "weight_decay", "bias_space", "bias_form",
         "bias_empty", "beta", "mask_mode", "step2_feature_eval", "head", "collapse_threshold", "faithful",
@@ -134,10 +157,37 @@ def _config(args: argparse.Namespace) -> Any:
     return method_config(args.method, seed=args.seed, **options)
 
 
+def _plan(args: argparse.Namespace) -> Any:
+    """The selection plan of the command line, or None for --select none."""
+    from fastmask.methods.selection import DEFAULT_GRIDS, Plan, SelectionRule, grid
+
+    if args.select == "none":
+        return None
+    defaults = DEFAULT_GRIDS[args.method]
+    candidates = grid(lr1=args.grid_lr1 or sorted({c.lr1 for c in defaults}),
+                      lr2=args.grid_lr2 or sorted({c.lr2 for c in defaults}),
+                      beta=args.grid_beta or sorted({c.beta for c in defaults}))
+    rule = {k: getattr(args, k) for k in ("gap", "max_auc_drop", "max_acc_drop", "share_tolerance", "threshold")
+            if getattr(args, k) is not None}
+    return Plan(candidates=candidates, rule=SelectionRule(**rule))
+
+
+def _threshold(text: str) -> float | str:
+    if text in ("accuracy", "rate"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected accuracy, rate or a number in [0, 1], got {text!r}") from None
+
+
 def _print_summary(args: argparse.Namespace, report: dict) -> None:
+    from fastmask.app.report import verdict
+    from fastmask.app.tables import headline
+
     b, a = report["before"]["overall"], report["after"]["overall"]
-    print(f"{args.method.upper()}: AUC {b['auc']:.4f} -> {a['auc']:.4f}, EOdds {b['eodds']:.4f} -> {a['eodds']:.4f}, "
-          f"SPD {b['spd']:.4f} -> {a['spd']:.4f} on {report['data']['sets']['test']['description']}")
+    print(verdict(report))
+    print(f"on {report['data']['sets']['test']['description']}: {headline(b, a)}")
     if report["loader"]["skipped"]:
         print(f"skipped {report['loader']['skipped']} damaged sample reads (see report.md)")
     for w in report["guard_warnings"]:
@@ -164,7 +214,8 @@ def _run_debias(args: argparse.Namespace) -> int:
                     test_fold=args.test_fold, eval_shards=args.eval_shards,
                     external_folds=tuple(args.external_fold or ()), batch_size=args.batch_size,
                     image_size=args.image_size, center_crop=args.center_crop, workers=args.workers, seed=args.seed,
-                    balance_replace=replace, strict=args.strict)
+                    balance_replace=replace, strict=args.strict,
+                    **({"val_fraction": args.val_fraction} if args.val_fraction is not None else {}))
     try:
         # one trace per rank under torchrun (trace-rank<R>.json), else trace.json
         rank = f"-rank{ddp.dist.get_rank()}" if ddp.is_active() else ""
@@ -173,7 +224,8 @@ def _run_debias(args: argparse.Namespace) -> int:
                             config=_config(args), trust_pickle=args.trust_pickle, library=args.arch_library,
                             device=device, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                             epoch_eval=not args.no_epoch_eval, keep_checkpoint=args.keep_checkpoint,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, selection=_plan(args),
+                            threshold=args.threshold if isinstance(args.threshold, float) else 0.5)
     except RunStopped as stop:
         if ddp.is_writer():
             print(f"fastmask debias: {stop}")
@@ -182,7 +234,8 @@ def _run_debias(args: argparse.Namespace) -> int:
         _print_summary(args, report)
     if trace_path is not None:
         print(f"wrote the profiler trace {trace_path} (open it in chrome://tracing or ui.perfetto.dev)")
-    return 0
+    selection = report["selection"]
+    return EXIT_UNCHANGED if selection is not None and selection["chosen"] is None else 0
 
 
 def _add_debias(sub: argparse._SubParsersAction) -> None:
@@ -243,14 +296,43 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--inclusive", action="store_true", default=None, help="BMFT: hard mask R >= α instead of R > α")
     g.add_argument("--impair-data", choices=("external", "balanced"), help="BMFT: data of the impair step")
 
+    g = p.add_argument_group(
+        "selection (the default: every candidate of a small grid is tried on a part of the external set held out "
+        "for it, and the rule below chooses; docs/algorithm.md §10)")
+    g.add_argument("--select", choices=("grid", "none"), default="grid",
+                   help="grid: choose the configuration on held-out data (default); none: run one fixed "
+                   "configuration (the method's defaults and the options above) on all of the external set")
+    g.add_argument("--val-fraction", type=float, metavar="F",
+                   help="share of the external set held out, stratified by group and label (default 0.25)")
+    g.add_argument("--grid-lr1", type=float, nargs="+", metavar="LR",
+                   help="candidate learning rates of step 1 / impair (default 1e-4 1e-3)")
+    g.add_argument("--grid-lr2", type=float, nargs="+", metavar="LR",
+                   help="candidate learning rates of step 2 / repair (default 1e-3 1e-2)")
+    g.add_argument("--grid-beta", type=float, nargs="+", metavar="B", help="candidate values of β (default 0.1 0.5)")
+    g.add_argument("--gap", choices=("eodds_mean", "eodds_max", "eopp", "spd"),
+                   help="the fairness gap to minimise (default eodds_mean, ½(|ΔTPR| + |ΔFPR|))")
+    g.add_argument("--max-auc-drop", type=float, metavar="D",
+                   help="largest admissible fall of validation AUC below the original model's (default 0.01)")
+    g.add_argument("--max-acc-drop", type=float, metavar="D",
+                   help="largest admissible fall of validation accuracy below the original model's (default 0.02)")
+    g.add_argument("--share-tolerance", type=float, metavar="D",
+                   help="largest admissible distance of the positive-prediction share from the label rate "
+                   "(default 0.10)")
+    g.add_argument("--threshold", type=_threshold, metavar="T",
+                   help="the decision threshold saved with the weights: accuracy (the one of the highest validation "
+                   "accuracy, the default when selecting), rate (positive share = label rate), or a number (the "
+                   f"default with --select none: 0.5). No candidate within the budgets: exit status "
+                   f"{EXIT_UNCHANGED}, the model written unchanged")
+
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run saved in OUT/checkpoint (starts afresh when there is none)")
+                   help="continue the run saved in OUT/checkpoint (starts afresh when there is none; --select none)")
     g.add_argument("--stop-after-epochs", type=int, metavar="N",
-                   help=f"run at most N epochs in this invocation, then save and exit with status {EXIT_STOPPED}")
+                   help=f"run at most N epochs in this invocation, then save and exit with status {EXIT_STOPPED} "
+                   "(--select none)")
     g.add_argument("--no-epoch-eval", action="store_true",
-                   help="do not evaluate after every epoch (no per-epoch plot)")
+                   help="do not evaluate after every epoch (no per-epoch plot; --select none)")
     g.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after the run finished")
     g.add_argument("--profile", metavar="DIR",
                    help="write a torch.profiler Chrome trace of the run to DIR/trace.json (trace-rank<R>.json per rank "
@@ -270,10 +352,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                    fold=args.fold, batch_size=args.batch_size, image_size=args.image_size,
                    center_crop=args.center_crop, workers=args.workers, trust_pickle=args.trust_pickle,
                    library=args.arch_library, device=args.device, strict=args.strict,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, threshold=args.threshold)
     o = res["overall"]
-    print(f"AUC {o['auc']:.4f}, ACC {o['acc']:.4f} on {o['n']} samples; wrote "
-          + ", ".join(f"{args.out}/{name}" for name in res["outputs"].values()))
+    print(f"AUC {o['auc']:.4f}, ACC {o['acc']:.4f}, positive share {o['positive_rate']:.3f} (labels "
+          f"{o['label_positive_rate']:.3f}) at decision threshold {res['threshold']:.4f} on {o['n']} samples")
+    for attr, r in res["attributes"].items():
+        if r.get("gaps"):
+            g = r["gaps"]
+            print(f"{attr}: EOdds mean {g['eodds_mean']:.4f}, max {g['eodds_max']:.4f}, code (signed sum) "
+                  f"{g['eodds']:.4f}")
+    print("wrote " + ", ".join(f"{args.out}/{name}" for name in res["outputs"].values()))
     return 0
 
 
@@ -291,6 +379,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--attr", action="append", metavar="COL", help="attribute(s) to group by (default: all)")
     g.add_argument("--fold", metavar="FOLD", help="evaluate on this fold only")
     _common_loader(p, g)
+    p.add_argument("--threshold", type=float, metavar="T",
+                   help="decision threshold, ŷ = 1[p > T] (default: the one `fastmask debias` saved with the weights, "
+                   "else 0.5)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_run_evaluate)
 

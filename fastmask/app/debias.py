@@ -28,16 +28,18 @@ import torch
 from torch import nn
 
 import fastmask
-from fastmask.app.plots import plot_epochs, plot_mask_layers
+from fastmask.app.plots import plot_epochs, plot_mask_layers, plot_selection
 from fastmask.app.report import evaluation_scores, mask_layer_stats, write_debias_report
 from fastmask.app.run_state import CHECKPOINT, SavedRun, file_sha256, index_digest
-from fastmask.app.sets import DataSpec, select, set_summary
+from fastmask.app.sets import DataSpec, read_sets, set_summary
 from fastmask.data.balance import group_balance
 from fastmask.data.loader import ShardLoader, make_loader
+from fastmask.data.splits import stratified_split
 from fastmask.fairness.losses import BiasSpec
 from fastmask.masking.masks import mask_fraction, save_masks
 from fastmask.methods.configs import BmftConfig, SwiftConfig
 from fastmask.methods.registry import METHODS
+from fastmask.methods.selection import Plan, Selection, select
 from fastmask.methods.state import Result, RunState
 from fastmask.model.head import find_head_name, split_head
 from fastmask.model.scoring import score
@@ -52,9 +54,11 @@ OUTPUTS = {
     "report_json": "report.json",
     "report_md": "report.md",
 }
-PLOTS = {"mask": "mask_layers.png", "epochs": "epochs.png"}
+PLOTS = {"mask": "mask_layers.png", "epochs": "epochs.png", "selection": "selection.png"}
 #: The steps of each method, in order.
 STEPS = {"swift": ("step1", "step2"), "bmft": ("impair", "repair")}
+#: Selection with the default grid and rule.
+DEFAULT_PLAN = Plan()
 
 
 class RunStopped(Exception):
@@ -82,6 +86,8 @@ def debias(
     epoch_eval: bool = True,
     keep_checkpoint: bool = False,
     progress: bool = True,
+    selection: Plan | None = DEFAULT_PLAN,
+    threshold: float = 0.5,
 ) -> dict[str, Any]:
     """Debias ``model`` (with ``weights``) on shards and write weights, mask, reports and plots to ``out``.
 
@@ -100,9 +106,14 @@ def debias(
         epoch_eval: evaluate on the evaluation set after every epoch (the per-epoch plot).
         keep_checkpoint: keep ``out/checkpoint`` after the run finished (by default it is removed).
         progress: show progress bars.
+        selection: choose the configuration on a held-out part of D_e (``data.val_fraction``) among the plan's
+            candidates, each a change of ``config`` (:mod:`fastmask.methods.selection`); None runs ``config``
+            itself on all of D_e (then ``resume``, ``stop_after_epochs`` and ``epoch_eval`` apply).
+        threshold: without selection, the decision threshold the debiased model is evaluated and saved with.
 
     Returns:
-        The content of ``report.json``.
+        The content of ``report.json``; its ``selection`` entry says what was chosen, and is ``chosen: null`` when
+        no candidate met the budgets (the model is then written unchanged, with threshold 0.5).
 
     Raises:
         ValueError / FileNotFoundError: bad inputs; the message names the file, column, attribute value, group or
@@ -114,9 +125,13 @@ def debias(
         raise ValueError(f"stop_after_epochs must be >= 1, got {stop_after_epochs}")
     if not isinstance(config.bias, BiasSpec):
         raise ValueError("debias records its configuration: config.bias must be a BiasSpec")
+    if selection is not None and (resume or stop_after_epochs is not None):
+        raise ValueError("--resume and --stop-after-epochs continue one fixed configuration (--select none); a "
+                         "selection of the configuration starts afresh")
     run = _DebiasRun(model=model, weights=weights, data=data, out=Path(out), method=method, config=config,
                      trust_pickle=trust_pickle, library=library, device=device, resume=resume,
-                     stop_after_epochs=stop_after_epochs, epoch_eval=epoch_eval, progress=progress)
+                     stop_after_epochs=stop_after_epochs, epoch_eval=epoch_eval and selection is None,
+                     progress=progress, plan=selection, threshold=threshold)
     report = run.execute()
     if run.writer and not keep_checkpoint and run.state_path.exists():
         run.state_path.unlink()
@@ -131,10 +146,12 @@ class _DebiasRun:
 
     def __init__(self, *, model: str, weights: str | os.PathLike, data: DataSpec, out: Path, method: str,
                  config: SwiftConfig | BmftConfig, trust_pickle: bool, library: Library, device: str | None,
-                 resume: bool, stop_after_epochs: int | None, epoch_eval: bool, progress: bool) -> None:
+                 resume: bool, stop_after_epochs: int | None, epoch_eval: bool, progress: bool,
+                 plan: Plan | None, threshold: float) -> None:
         self.started = time.perf_counter()
+        self.threshold = threshold
         self.model_spec, self.weights, self.data, self.out = model, weights, data, out
-        self.method, self.config = method, config
+        self.method, self.config, self.plan = method, config, plan
         self.stop_after_epochs, self.epoch_eval, self.progress = stop_after_epochs, epoch_eval, progress
         out.mkdir(parents=True, exist_ok=True)
         self.state_path = out / CHECKPOINT
@@ -148,22 +165,32 @@ class _DebiasRun:
         self.net = load_model(model, weights, trust_pickle=trust_pickle, library=library).to(self.device)
         self.head_name = config.head or find_head_name(self.net)
         _, self.head_params, self.feat_params = split_head(self.net, self.head_name)
-        self.sets = select(data)
-        self.balanced = group_balance(self.sets.external, "a", "y", seed=data.seed, replace=data.balance_replace)
+        self.sets = read_sets(data)
+        # Selecting a configuration holds out a validation part of D_e; the mask and the steps see the rest.
+        self.fit, self.val = self.sets.external, None
+        if plan is not None:
+            ext = self.sets.external
+            fit_i, val_i = stratified_split(ext["y"].to_numpy(), ext["a"].to_numpy(), data.val_fraction, data.seed)
+            self.fit, self.val = ext.iloc[fit_i], ext.iloc[val_i]
+        self.balanced = group_balance(self.fit, "a", "y", seed=data.seed, replace=data.balance_replace)
         common = {"batch_size": data.batch_size, "image_size": data.image_size, "workers": data.workers,
                   "seed": data.seed, "attr": data.attr, "attr_map": data.attr_map, "center_crop": data.center_crop,
                   "strict": data.strict}
         self.loader_log: list[dict[str, Any]] = []
         # Importance on the unbalanced D_e with test transforms, shuffled (docs/algorithm.md §1); both steps on D_r,
         # augmented.
-        self.mask_loader = make_loader(self.sets.index, train=False, shuffle=True, keys=list(self.sets.external.index),
-                                       **common)
+        self.mask_loader = make_loader(self.sets.index, train=False, shuffle=True, keys=list(self.fit.index), **common)
         self.train_loader = make_loader(self.sets.index, train=True, keys=self.balanced["source_index"], **common)
         # Under torchrun the mask and train loaders split the data by rank; every rank evaluates the whole
         # evaluation set (same numbers everywhere) and only rank 0 writes files.
         eval_loader = make_loader(self.sets.eval_index, train=False, keys=list(self.sets.test.index),
                                   return_keys=True, rank=0, world_size=1, **common)
         self.eval_loader = _Tracked(eval_loader, "evaluation", self.loader_log)
+        self.val_loader = None
+        if self.val is not None:
+            val_loader = make_loader(self.sets.index, train=False, shuffle=False, keys=list(self.val.index), rank=0,
+                                     world_size=1, **common)
+            self.val_loader = _Tracked(val_loader, "validation", self.loader_log)
         self.writer = ddp.is_writer()
         # What the run depends on: the shard paths may change between invocations, their content (the index) may
         # not.
@@ -172,6 +199,7 @@ class _DebiasRun:
             "data": {k: v for k, v in asdict(data).items() if k not in ("shards", "eval_shards")},
             "weights_sha256": file_sha256(weights), "shards_index": index_digest(self.sets.index),
             "eval_index": index_digest(self.sets.eval_index), "epoch_eval": epoch_eval,
+            "selection": None if plan is None else asdict(plan),
         })
         self.epochs_run = 0
         # Memory account: one stretch for the mask generation (importance pass + mask), one per epoch of each step;
@@ -179,10 +207,10 @@ class _DebiasRun:
         self.meter = PeakMemory(self.device)
         self.memory_laps: dict[str, Any] = {"mask_generation": None, "epochs": []}
 
-    def evaluate(self, desc: str) -> dict[str, Any]:
-        """Overall and per-group scores of the model on the evaluation set."""
+    def evaluate(self, desc: str, threshold: float = 0.5) -> dict[str, Any]:
+        """Overall and per-group scores of the model on the evaluation set at the decision ``threshold``."""
         y, p, a, _ = score(self.net, self.eval_loader, self.device, progress=self.progress, desc=desc)
-        return evaluation_scores(y, p, a, self.data.attr_map)
+        return evaluation_scores(y, p, a, self.data.attr_map, threshold)
 
     def _resume_state(self) -> RunState | None:
         if self.saved is None:
@@ -233,30 +261,44 @@ class _DebiasRun:
             raise RunStopped(state.step, state.epoch, self.epochs_run, self.state_path)
 
     def execute(self) -> dict[str, Any]:
-        """Run the method (or resume it), evaluate, write the outputs; the content of ``report.json``."""
+        """Run the method (or resume it) or select its configuration, evaluate, write the outputs; the content of
+        ``report.json``."""
         resume = self._resume_state()
         mask_loader = _Tracked(self.mask_loader, "mask", self.loader_log)
         train_loader = _Tracked(self.train_loader, "train", self.loader_log)
         self.meter.start()
+        selection = None
         try:
-            result = METHODS[self.method].run(self.net, mask_loader, train_loader, config=self.config,
-                                              progress=self.progress, on_epoch=self.on_epoch, resume=resume)
+            if self.plan is None:
+                result = METHODS[self.method].run(self.net, mask_loader, train_loader, config=self.config,
+                                                  progress=self.progress, on_epoch=self.on_epoch, resume=resume)
+            else:
+                selection = select(self.net, self.method, mask_loader, train_loader, self.val_loader,
+                                   config=self.config, candidates=self.plan.candidates, rule=self.plan.rule,
+                                   progress=self.progress)
+                result = selection.result or Result(self.method, self.config, selection.masks)
         finally:
-            self.meter.stop()
-        after = self.evaluate("evaluate after")
-        report = self._report(result, after)
+            lap = self.meter.stop()
+        if selection is not None:
+            self.memory_laps["selection"] = lap
+        threshold = selection.threshold if selection is not None else self.threshold
+        after = self.evaluate("evaluate after", threshold)
+        report = self._report(result, after, selection)
         if self.writer:
             save_weights(self.net, self.out / OUTPUTS["weights"],
-                         metadata={"format": "fastmask-weights", "method": self.method})
+                         metadata={"format": "fastmask-weights", "method": self.method, "threshold": repr(threshold)})
             save_masks(result.masks, self.out / OUTPUTS["mask"])
             plot_mask_layers(report["mask"]["layers"], self.out / PLOTS["mask"], hard=report["mask"]["kind"] == "hard")
             if report["outputs"]["plots"]["epochs"]:
                 plot_epochs(self.epochs, self.out / PLOTS["epochs"],
                             title=f"{self.method.upper()} on {self.sets.descriptions['test']}")
+            if selection is not None:
+                plot_selection(selection.to_dict(), self.out / PLOTS["selection"],
+                               title=f"{self.method.upper()}: every candidate and epoch on the validation part")
             write_debias_report(self.out, report)
         return jsonable(report)
 
-    def _report(self, result: Result, after: dict[str, Any]) -> dict[str, Any]:
+    def _report(self, result: Result, after: dict[str, Any], selection: Selection | None) -> dict[str, Any]:
         hard = all(m.dtype == torch.bool for m in result.masks.values())
         mask: dict[str, Any] = {"kind": "hard" if hard else "soft",
                                 "layers": mask_layer_stats(result.masks, self.head_params)}
@@ -280,8 +322,13 @@ class _DebiasRun:
                 "external": set_summary(sets.external, sets.descriptions["external"]),
                 "balanced": {**set_summary(bal_groups, "group-balanced from the external set (docs/algorithm.md §1)"),
                              "with_replacement": self.balanced.attrs.get("replace")},
+                "validation": None if self.val is None else set_summary(
+                    self.val, f"held out of the external set ({self.data.val_fraction:.0%}, stratified by group and "
+                    "label) to choose the configuration"),
                 "test": set_summary(sets.test, sets.descriptions["test"]),
             }},
+            "selection": None if selection is None else selection.to_dict(),
+            "threshold": after["overall"]["threshold"],
             "loader": _loader_summary(self.loader_log),
             "before": before,
             "after": after,
@@ -295,7 +342,8 @@ class _DebiasRun:
             "mask": mask,
             "memory": _memory_account(self.net, self.memory_laps),
             "outputs": {**OUTPUTS, "plots": {"mask": PLOTS["mask"],
-                                             "epochs": PLOTS["epochs"] if len(self.epochs) > 1 else None}},
+                                             "epochs": PLOTS["epochs"] if len(self.epochs) > 1 else None,
+                                             "selection": PLOTS["selection"] if selection is not None else None}},
         }
 
 
@@ -336,9 +384,10 @@ def _loader_summary(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _memory_account(net: nn.Module, laps: Mapping[str, Any]) -> dict[str, Any]:
-    """Peak memory of the mask generation and of each fine-tuning step (the largest of its epochs) against the
-    parameter bytes (see :mod:`fastmask.util.memory` for what is measured and what is not)."""
+    """Peak memory of the mask generation and of each fine-tuning step (the largest of its epochs), or of the whole
+    selection, against the parameter bytes (see :mod:`fastmask.util.memory` for what is measured and what is not)."""
     param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    selection = laps.get("selection")
     steps: dict[str, Any] = {}
     for step, epoch, lap in laps["epochs"]:
         if step not in steps or lap.peak_bytes > steps[step]["peak_bytes"]:
@@ -347,7 +396,8 @@ def _memory_account(net: nn.Module, laps: Mapping[str, Any]) -> dict[str, Any]:
     return {"parameters": sum(p.numel() for p in net.parameters()), "parameter_bytes": param_bytes,
             "mask_generation": gen.to_dict(param_bytes) if gen is not None else None,
             "steps": steps,
-            "epochs": [{"step": s, "epoch": e, **lap.to_dict(param_bytes)} for s, e, lap in laps["epochs"]]}
+            "epochs": [{"step": s, "epoch": e, **lap.to_dict(param_bytes)} for s, e, lap in laps["epochs"]],
+            "selection": selection.to_dict(param_bytes) if selection is not None else None}
 
 
 def _diff(a: float | None, b: float | None) -> float | None:

@@ -17,7 +17,7 @@ from fastmask.app.sets import fold_keys, load_index
 from fastmask.data.loader import make_loader
 from fastmask.fairness.metrics import acc, auc, auc_gap, eodds, eopp, group_table, spd, worst_group_auc
 from fastmask.model.scoring import score
-from fastmask.model.weights import Library, load_model
+from fastmask.model.weights import Library, load_model, saved_threshold
 from fastmask.util.files import jsonable
 
 
@@ -38,14 +38,20 @@ def evaluate(
     device: str | None = None,
     strict: bool = False,
     progress: bool = True,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Per-group metrics of ``model`` on shards (all, or one ``fold``) for each attribute in ``attrs`` (default:
     all of the shards' attributes), written as ``metrics.md``, ``groups.csv`` and ``metrics.json`` in ``out``.
 
     Per attribute: :func:`fastmask.fairness.metrics.group_table` over its raw values (any number of groups), the
     worst-group AUC and AUC gap over the groups holding both classes, and for a two-valued attribute the gaps SPD,
-    EOpp and EOdds (code, max, mean) between its two values. Returns the content of ``metrics.json``.
+    EOpp and EOdds (mean, max, code) between its two values. Hard predictions are ŷ = 1[p > ``threshold``]; None
+    takes the threshold ``fastmask debias`` saved with the weights, else 0.5. Returns the content of
+    ``metrics.json``.
     """
+    if threshold is None:
+        saved = saved_threshold(weights) if weights is not None else None
+        threshold = 0.5 if saved is None else saved
     index = load_index(os.fspath(shards), "--shards")
     names = list(attrs) if attrs else index.attr_cols
     missing = [a for a in names if a not in index.attr_cols]
@@ -78,8 +84,9 @@ def evaluate(
         "shards": os.fspath(shards),
         "fold": fold,
         "description": description,
-        "overall": {"n": len(y), "positives": n_pos, "auc": auc(y, p), "acc": acc(y, p),
-                    "positive_rate": float((p > 0.5).mean()), "label_positive_rate": float(y.mean())},
+        "threshold": threshold,
+        "overall": {"n": len(y), "positives": n_pos, "auc": auc(y, p), "acc": acc(y, p, threshold=threshold),
+                    "positive_rate": float((p > threshold).mean()), "label_positive_rate": float(y.mean())},
         "attributes": {},
         "loader": loader.stats.to_dict(),
     }
@@ -89,7 +96,7 @@ def evaluate(
             raw = raw.astype(np.int64) if all(isinstance(v, int) for v in raw) else raw.astype(str)
         except (TypeError, ValueError):
             raw = raw.astype(str)
-        res: dict[str, Any] = {"groups": group_rows(group_table(y, p, raw))}
+        res: dict[str, Any] = {"groups": group_rows(group_table(y, p, raw, threshold=threshold))}
         try:
             res["worst_group_auc"], res["auc_gap"] = worst_group_auc(y, p, raw), auc_gap(y, p, raw)
         except ValueError:  # no group holds both classes
@@ -99,9 +106,10 @@ def evaluate(
             # The gaps are symmetric in the two groups, so which one is coded 1 does not matter.
             codes = (raw == groups[1]).astype(np.int64)
             res["gap_groups"] = groups
-            res["gaps"] = {"spd": spd(y, p, codes), "eopp": eopp(y, p, codes), "eodds": eodds(y, p, codes),
-                           "eodds_max": eodds(y, p, codes, definition="max"),
-                           "eodds_mean": eodds(y, p, codes, definition="mean")}
+            res["gaps"] = {"eodds_mean": eodds(y, p, codes, definition="mean", threshold=threshold),
+                           "eodds_max": eodds(y, p, codes, definition="max", threshold=threshold),
+                           "eodds": eodds(y, p, codes, threshold=threshold),
+                           "spd": spd(y, p, codes, threshold=threshold), "eopp": eopp(y, p, codes, threshold=threshold)}
         evaluation["attributes"][attr] = res
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

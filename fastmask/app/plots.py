@@ -136,3 +136,35 @@ def plot_compare(summary: pd.DataFrame, path: str | os.PathLike, title: str, met
 
 def _nan0(x: float) -> float:
     return 0.0 if pd.isna(x) else float(x)
+
+
+def plot_selection(selection: Mapping[str, Any], path: str | os.PathLike, title: str = "") -> None:
+    """Every candidate and epoch of a selection (:meth:`fastmask.methods.selection.Selection.to_dict`) on the
+    validation part: the rule's fairness gap (y) against AUC (x), one colour per candidate, admissible epochs filled
+    and the others hollow, the chosen one a star, the original model a black diamond, and the AUC budget as a dashed
+    line (admissible epochs also meet the accuracy and share budgets, which the marker shows, not the axes)."""
+    rule, original, rows = selection["rule"], selection["original"], selection["rows"]
+    gap = rule["gap"]
+    fig = _figure(8.0, 5.5)
+    ax = fig.add_subplot()
+    for i, _ in enumerate(selection["candidates"]):
+        mine = [r for r in rows if r["candidate"] == i]
+        for admissible in (True, False):
+            pts = [r for r in mine if r["admissible"] is admissible]
+            if pts:
+                ax.scatter([r["auc"] for r in pts], [r[gap] for r in pts], s=22, color=f"C{i % 10}",
+                           facecolors=f"C{i % 10}" if admissible else "none",
+                           label=f"candidate {i}" if admissible or not any(r["admissible"] for r in mine) else None)
+    ax.scatter([original["auc"]], [original[gap]], marker="D", color="black", s=50, label="original (0.5)", zorder=3)
+    if selection["chosen"] is not None:
+        c = selection["chosen"]
+        ax.scatter([c["auc"]], [c[gap]], marker="*", color="gold", edgecolors="black", s=260, zorder=4,
+                   label="chosen")
+    ax.axvline(original["auc"] - rule["max_auc_drop"], color="grey", ls="--", lw=1,
+               label=f"AUC budget (−{rule['max_auc_drop']})")
+    ax.set_xlabel("validation AUC")
+    ax.set_ylabel(f"validation {METRIC_NAMES.get(gap, gap)} (lower is fairer)")
+    ax.set_title(title or "selection on the validation part")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    _save_png(fig, path)

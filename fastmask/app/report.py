@@ -20,18 +20,19 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from fastmask.app.tables import GROUP_COLUMNS, METRIC_NAMES, group_rows, markdown_table
+from fastmask.app.tables import GROUP_COLUMNS, METRIC_NAMES, group_rows, headline, markdown_table
 from fastmask.fairness.metrics import evaluate, group_table
 from fastmask.util.files import jsonable, write_json, write_text
 
 
-def evaluation_scores(y: np.ndarray, p: np.ndarray, a: np.ndarray,
-                      attr_map: Mapping[str, int] | None) -> dict[str, Any]:
-    """The scores a debias report shows for one evaluation: every scalar metric of
+def evaluation_scores(y: np.ndarray, p: np.ndarray, a: np.ndarray, attr_map: Mapping[str, int] | None,
+                      threshold: float = 0.5) -> dict[str, Any]:
+    """The scores a debias report shows for one evaluation at the decision ``threshold``: every scalar metric of
     :func:`fastmask.fairness.metrics.evaluate` (``overall``) and the per-group table (``groups``, labelled with the
     attribute values mapped to each group)."""
     labels = {g: ", ".join(v for v, c in attr_map.items() if c == g) for g in (0, 1)} if attr_map else None
-    return {"overall": evaluate(y, p, a), "groups": group_rows(group_table(y, p, a), labels)}
+    return {"overall": evaluate(y, p, a, threshold=threshold),
+            "groups": group_rows(group_table(y, p, a, threshold=threshold), labels)}
 
 
 def mask_layer_stats(masks: Mapping[str, Tensor], head: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -65,6 +66,44 @@ def _group_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
                                      *(r[c] for c in GROUP_COLUMNS)] for r in rows))
 
 
+def verdict(report: Mapping[str, Any]) -> str:
+    """What happened, in one sentence."""
+    selection = report.get("selection")
+    if selection is None:
+        return f"{report['method'].upper()} with one fixed configuration."
+    if selection["chosen"] is None:
+        return (f"No candidate of {report['method'].upper()} met the budgets on the validation part: the model is "
+                "unchanged.")
+    c = selection["chosen"]
+    return (f"{report['method'].upper()} selected on the validation part: candidate {c['candidate']} (step-1 lr "
+            f"{c['lr1']:g}, step-2 lr {c['lr2']:g}, β {c['beta']:g}) after {c['step']} epoch {c['epoch']}, decision "
+            f"threshold {c['threshold']:.4f}.")
+
+
+def _selection_md(selection: Mapping[str, Any], plot: str | None) -> list[str]:
+    rule, original = selection["rule"], selection["original"]
+    out = ["## Selection", "",
+           f"Every candidate started from the original weights and was scored on the validation part after every "
+           f"epoch, at the decision threshold chosen there ({rule['threshold']!r}). An epoch is admissible when its "
+           f"AUC is at most {rule['max_auc_drop']} and its ACC at most {rule['max_acc_drop']} below the original "
+           f"model's (AUC {original['auc']:.4f}, ACC {original['acc']:.4f} at 0.5) and its positive share within "
+           f"{rule['share_tolerance']} of the label rate; the admissible epoch with the smallest {rule['gap']} was "
+           f"chosen. Candidates stopped as hopeless (AUC more than {rule['stop_auc_drop']} below the original's): "
+           f"{selection['stopped'] or 'none'}. Selection took {selection['seconds']:.1f} s.", ""]
+    if plot:
+        out += [f"![every candidate and epoch: gap against AUC, with the budgets]({plot})", ""]
+    def verdict(r: Mapping[str, Any]) -> str:
+        return "chosen" if r == selection["chosen"] else ("yes" if r["admissible"] else "no")
+
+    rows = ([r["candidate"], f"{r['lr1']:g}", f"{r['lr2']:g}", f"{r['beta']:g}", r["step"], r["epoch"],
+             r["threshold"], r["auc"], r["acc"], r["positive_rate"], r["label_positive_rate"], r["eodds_mean"],
+             r["eodds_max"], r["eodds"], verdict(r), "; ".join(r["why"])] for r in selection["rows"])
+    out += [markdown_table(["cand.", "lr1", "lr2", "β", "step", "epoch", "threshold", "AUC", "ACC", "positive share",
+                            "label rate", "EOdds (mean)", "EOdds (max)", "EOdds (code)", "admissible",
+                            "budgets broken"], rows), ""]
+    return out
+
+
 def render_debias_markdown(report: Mapping[str, Any]) -> str:
     """``report.md`` from the ``report.json`` content written by :func:`fastmask.app.debias.debias`."""
     data, model = report["data"], report["model"]
@@ -79,14 +118,17 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
         f"- evaluation set: {data['sets']['test']['description']}, {data['sets']['test']['samples']} samples",
         f"- run time: {report['seconds']:.1f} s",
         "",
+        f"**{verdict(report)}** On the evaluation set: {headline(before['overall'], after['overall'])}.",
+        "",
         "## Before and after",
         "",
         markdown_table(["metric", "before", "after", "change"],
                        ([METRIC_NAMES[k], before["overall"][k], after["overall"][k], report["change"][k]]
                         for k in METRIC_NAMES)),
         "",
-        f"EOdds (code) = ½·|ΔFPR + ΔTPR| between the groups of `{data['attr']}`; SPD, EOpp and both other EOdds "
-        "forms as in `fastmask.metrics`.",
+        f"Between the groups of `{data['attr']}`, with ŷ = 1[p > decision threshold]: EOdds (mean) = ½·(|ΔTPR| + "
+        "|ΔFPR|), EOdds (max) = max(|ΔTPR|, |ΔFPR|), EOdds (code) = ½·|ΔFPR + ΔTPR|, the signed sum the authors' "
+        "code reports, in which opposite gaps cancel (docs/algorithm.md §6).",
         "",
         f"### Per group of `{data['attr']}`, before",
         "",
@@ -101,13 +143,16 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
         out += ["## Guard", ""] + [f"- **warning**: {w['message']}" for w in report["guard_warnings"]]
         out.append("")
     plots = report["outputs"]["plots"]
+    if report.get("selection"):
+        out += _selection_md(report["selection"], plots.get("selection"))
     if report["epochs"]:
         out += ["## Fairness and AUC per epoch", ""]
         if plots.get("epochs"):
             out += [f"![fairness and AUC per epoch]({plots['epochs']})", ""]
-        out += [markdown_table(["step", "epoch", "AUC", "worst-group AUC", "EOdds (code)", "SPD", "EOpp", "ACC"],
-                               ([e["step"], e["epoch"], e["auc"], e["worst_group_auc"], e["eodds"], e["spd"],
-                                 e["eopp"], e["acc"]] for e in report["epochs"])), ""]
+        out += [markdown_table(["step", "epoch", "AUC", "ACC", "positive share", "EOdds (mean)", "EOdds (max)",
+                                "EOdds (code)", "worst-group AUC"],
+                               ([e["step"], e["epoch"], e["auc"], e["acc"], e["positive_rate"], e["eodds_mean"],
+                                 e["eodds_max"], e["eodds"], e["worst_group_auc"]] for e in report["epochs"])), ""]
     mask = report["mask"]
     out += ["## Mask", "", f"![mask per layer]({plots['mask']})", ""]
     if mask["kind"] == "hard":
@@ -120,14 +165,15 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
     out += ["## Training", "",
             markdown_table(["step", "epoch", "loss", "positive share"],
                            ([h["step"], h["epoch"], h["loss"], h["positive_share"]] for h in report["history"])),
-            "", "Collapse-guard checks (eval mode, on each step's data):", "",
-            markdown_table(["step", "positive share", "label positive rate"],
-                           ([c["step"], c["positive_share"], c["label_positive_rate"]] for c in report["checks"])),
+            "", "The guard's checks (eval mode, p > 0.5; the original model first):", "",
+            markdown_table(["step", "data", "positive share", "label rate", "ACC"],
+                           ([c["step"], c.get("data"), c["positive_share"], c["label_positive_rate"], c.get("acc")]
+                            for c in report["checks"])),
             ""]
     sets = data["sets"]
     out += ["## Data", "",
             markdown_table(["set", "samples", "description"],
-                           ([name, s["samples"], s["description"]] for name, s in sets.items())), ""]
+                           ([name, s["samples"], s["description"]] for name, s in sets.items() if s is not None)), ""]
     loader = report["loader"]
     if loader["skipped"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(loader["by_reason"].items()))
@@ -162,10 +208,11 @@ def render_evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
         "",
         f"- model: `{evaluation['model']}`, weights `{evaluation['weights']}`",
         f"- data: {evaluation['description']}, {overall['n']} samples ({overall['positives']} positive)",
+        f"- decision threshold: ŷ = 1[p > {evaluation['threshold']:.4f}]",
         "",
         "## Overall",
         "",
-        markdown_table(["AUC", "ACC", "positive rate", "label positive rate"],
+        markdown_table(["AUC", "ACC", "positive share", "label rate"],
                        [[overall["auc"], overall["acc"], overall["positive_rate"], overall["label_positive_rate"]]]),
         "",
     ]
@@ -176,9 +223,9 @@ def render_evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
             extra.append(f"worst-group AUC {res['worst_group_auc']:.4f}, AUC gap {res['auc_gap']:.4f}")
         if res.get("gaps"):
             g = res["gaps"]
-            extra.append(f"between groups {res['gap_groups'][0]} and {res['gap_groups'][1]}: SPD {g['spd']:.4f}, "
-                         f"EOpp {g['eopp']:.4f}, EOdds code {g['eodds']:.4f} / max {g['eodds_max']:.4f} / mean "
-                         f"{g['eodds_mean']:.4f}")
+            extra.append(f"between groups {res['gap_groups'][0]} and {res['gap_groups'][1]}: EOdds mean "
+                         f"{g['eodds_mean']:.4f}, max {g['eodds_max']:.4f}, code (signed sum, opposite gaps cancel) "
+                         f"{g['eodds']:.4f}; SPD {g['spd']:.4f}, EOpp {g['eopp']:.4f}")
         out += [f"- {e}" for e in extra] + ([""] if extra else [])
     skipped = evaluation["loader"]["skipped"]
     if skipped:

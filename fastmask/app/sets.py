@@ -31,6 +31,8 @@ class DataSpec:
         balance_replace: ``group_balance``'s ``replace``: ``"auto"`` (docs/algorithm.md §8.4), True (the authors'
             code), False.
         strict: raise on a damaged sample instead of skipping and counting it.
+        val_fraction: the share of D_e held out, stratified by (group, label), to choose the configuration on
+            (:func:`fastmask.data.splits.stratified_split`); used only when a configuration is selected.
     """
 
     shards: str
@@ -46,6 +48,7 @@ class DataSpec:
     seed: int = 42
     balance_replace: Literal["auto"] | bool = "auto"
     strict: bool = False
+    val_fraction: float = 0.25
 
 
 @dataclass
@@ -117,7 +120,7 @@ def _check_set(frame: pd.DataFrame, name: str, description: str, attr: str,
                              f"({description}); both groups are needed")
 
 
-def select(data: DataSpec) -> Sets:
+def read_sets(data: DataSpec) -> Sets:
     index = load_index(data.shards, "--shards")
     eval_index = load_index(data.eval_shards, "--eval-shards") if data.eval_shards else index
     for idx, flag in ((index, "--shards"), (eval_index, "--eval-shards")):

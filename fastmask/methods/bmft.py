@@ -13,11 +13,27 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from fastmask.masking.importance import fisher_importance
 from fastmask.masking.masks import bmft_mask
 from fastmask.methods.configs import BmftConfig
 from fastmask.methods.engine import Frozen, begin, guard_check, train_step
 from fastmask.methods.state import OnEpoch, Result, RunState
+from fastmask.model.head import split_head
+from fastmask.parallel import fsdp
 from fastmask.util.profiling import phase
+
+
+def bmft_masks(model: nn.Module, mask_loader: Iterable, config: BmftConfig,
+               progress: bool = False) -> tuple[dict[str, Tensor], int]:
+    """BMFT's hard masks of ``model`` ([PB] Eqs. 3-4; docs/algorithm.md §3-4): the importances I_B
+    (``config.bias``) and I_L over ``mask_loader``, R written over I_B, M = 1[R > α] on the feature extractor
+    (α its ``config.rate`` percentile) and 0 on the head; with the number of batches read. For an FSDP2-sharded
+    model, the masks of this rank's shards (α over every rank's)."""
+    _, _, feat_params = split_head(model, config.head)
+    ib, il, n = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
+    with phase("fastmask.mask"):
+        return bmft_mask(ib, il, list(feat_params), rate=config.rate, inclusive=config.inclusive,
+                         sharded=fsdp.is_sharded(model), overwrite=True), n
 
 
 def bmft(
@@ -52,10 +68,8 @@ def bmft(
     impair_loader = mask_loader if config.impair_data == "external" else train_loader
     impair_data = "external" if config.impair_data == "external" else "balanced"
     device, head, head_params, feat_params, run, result = begin(
-        "bmft", ("impair", "repair"), model, mask_loader, config, masks,
-        lambda ib, il, feat, sharded: bmft_mask(ib, il, feat, rate=config.rate, inclusive=config.inclusive,
-                                                sharded=sharded, overwrite=True),
-        progress, on_epoch, resume, {impair_data: impair_loader, "balanced": train_loader})
+        "bmft", ("impair", "repair"), model, mask_loader, config, masks, bmft_masks, progress, on_epoch, resume,
+        {impair_data: impair_loader, "balanced": train_loader})
     masks = result.masks
     was_training = model.training
 

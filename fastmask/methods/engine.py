@@ -34,12 +34,12 @@ from tqdm import tqdm
 
 from fastmask.data.batch import unpack_batch
 from fastmask.fairness.losses import BiasSpec, combined_loss
-from fastmask.masking.importance import Objective, fisher_importance
+from fastmask.masking.importance import Objective
 from fastmask.methods.state import GuardWarning, OnEpoch, Result, RunState, rng_state, set_rng_state
 from fastmask.model.head import split_head
 from fastmask.model.scoring import model_device, score
 from fastmask.parallel import ddp, fsdp
-from fastmask.util.profiling import phase, ranged
+from fastmask.util.profiling import ranged
 
 log = logging.getLogger(__name__)
 
@@ -254,12 +254,12 @@ def resumed(resume: RunState | None, masks: Mapping[str, Tensor] | None, config:
 
 
 def begin(method: str, steps: tuple[str, str], model: nn.Module, mask_loader: Iterable, config: Any,
-          masks: Mapping[str, Tensor] | None, build_mask: Callable, progress: bool, on_epoch: OnEpoch | None,
+          masks: Mapping[str, Tensor] | None, build_masks: Callable, progress: bool, on_epoch: OnEpoch | None,
           resume: RunState | None, guard_loaders: Mapping[str, Iterable]) -> tuple:
     """What SWiFT and BMFT share before their first step: seeding, the head / feature-extractor split, the masks
-    (importance pass + ``build_mask(I_b, I_l, feature_names, sharded)``, which may overwrite I_b: the importances are
-    dropped once the masks exist) and the guard's scores of the original model on ``guard_loaders``, all before the
-    first ``on_epoch`` report; or the state of a resumed run."""
+    (``build_masks(model, mask_loader, config, progress) -> (masks, batches read)``, unless ``masks`` are given) and
+    the guard's scores of the original model on ``guard_loaders``, all before the first ``on_epoch`` report; or the
+    state of a resumed run."""
     seed_everything(config.seed)
     device = model_device(model)
     head, head_params, feat_params = split_head(model, config.head)
@@ -271,9 +271,7 @@ def begin(method: str, steps: tuple[str, str], model: nn.Module, mask_loader: It
     if result is None:
         n_imp = 0
         if masks is None:
-            ib, il, n_imp = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
-            with phase("fastmask.mask"):  # FSDP2: ib, il and the masks are this rank's shards
-                masks = build_mask(ib, il, list(feat_params), fsdp.is_sharded(model))
+            masks, n_imp = build_masks(model, mask_loader, config, progress)
         masks = checked_masks(masks, model)
         result = Result(method, config, dict(masks), n_importance_batches=n_imp)
         guard_before(result, guard_loaders, model, device)

@@ -23,12 +23,23 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from fastmask.masking.importance import fisher_importance
 from fastmask.masking.masks import swift_mask
 from fastmask.methods.configs import SwiftConfig, check_reinit
 from fastmask.methods.engine import Frozen, begin, guard_check, train_step
 from fastmask.methods.state import OnEpoch, Result, RunState
 from fastmask.parallel import ddp, fsdp
 from fastmask.util.profiling import phase
+
+
+def swift_masks(model: nn.Module, mask_loader: Iterable, config: SwiftConfig,
+                progress: bool = False) -> tuple[dict[str, Tensor], int]:
+    """SWiFT's soft masks of ``model`` ([PS] Eq. 9; docs/algorithm.md §3-4): the importances I_B (``config.bias``)
+    and I_L over ``mask_loader``, then M = tanh(R) written over I_B (the importances are dropped once the masks
+    exist); with the number of batches read. For an FSDP2-sharded model, the masks of this rank's shards."""
+    ib, il, n = fisher_importance(model, mask_loader, bias=config.bias, progress=progress)
+    with phase("fastmask.mask"):
+        return swift_mask(ib, il, sharded=fsdp.is_sharded(model), overwrite=True), n
 
 
 @torch.no_grad()
@@ -104,9 +115,8 @@ def swift(
     """
     config = config or SwiftConfig()
     device, head, head_params, feat_params, run, result = begin(
-        "swift", ("step1", "step2"), model, mask_loader, config, masks,
-        lambda ib, il, feat, sharded: swift_mask(ib, il, sharded=sharded, overwrite=True),
-        progress, on_epoch, resume, {"balanced": train_loader})
+        "swift", ("step1", "step2"), model, mask_loader, config, masks, swift_masks, progress, on_epoch, resume,
+        {"balanced": train_loader})
     masks = result.masks
     was_training = model.training
 

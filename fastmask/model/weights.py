@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
@@ -122,6 +122,26 @@ def build_model(spec: str, *, library: Library = "auto") -> nn.Module:
     if ":" in spec:
         return _from_callable(spec)
     return _from_architecture(spec, library)
+
+
+def saved_threshold(path: str | os.PathLike) -> float | None:
+    """The decision threshold ``fastmask debias`` saved with the weights in ``path`` (safetensors metadata), or None
+    for any other file."""
+    path = Path(path)
+    if not path.is_file() or not _is_safetensors(path):
+        return None
+    try:
+        with safe_open(os.fspath(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if meta.get("format") != "fastmask-weights" or "threshold" not in meta:
+        return None
+    try:
+        return float(meta["threshold"])
+    except ValueError:
+        raise ValueError(f"weights file {path}: its saved decision threshold {meta['threshold']!r} is not a "
+                         "number") from None
 
 
 def _is_safetensors(path: Path) -> bool:
