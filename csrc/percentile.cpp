@@ -2,7 +2,7 @@
 //
 // percentile(tensors, q, method) equals np.percentile(np.concatenate([t.ravel() for t in tensors]), q, method=method)
 // — BMFT's global threshold alpha over the importance ratios (spec §4, BMFT hard mask) — without the concatenated
-// copy: radix selection over order-preserving keys of the float bit patterns (csrc/percentile_keys.h). Each pass
+// copy: radix selection over order-preserving keys of the float bit patterns (csrc/order_keys.h). Each pass
 // streams every tensor once and builds a histogram of the next 16 key bits of the elements that share the prefix
 // found so far, so fp16 / bf16 take one pass, fp32 two and fp64 four; memory is one histogram per thread, whatever n.
 #include "percentile.h"

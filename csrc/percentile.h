@@ -1,6 +1,6 @@
 // What the CPU (csrc/percentile.cpp) and CUDA (csrc/cuda/percentile_cuda.cpp) percentile / hard-mask ops share:
 // numpy's rank plan and interpolation formula, threshold rounding, input checks, and the radix-select driver. The
-// devices differ only in how one histogram pass over the keys (csrc/percentile_keys.h) is computed.
+// devices differ only in how one histogram pass over the keys (csrc/order_keys.h) is computed.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -10,7 +10,7 @@
 #include <string_view>
 #include <vector>
 
-#include "percentile_keys.h"
+#include "order_keys.h"
 
 namespace fastmask {
 namespace percentile {

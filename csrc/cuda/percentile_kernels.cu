@@ -10,7 +10,7 @@
 #include <climits>
 #include <cstdint>
 
-#include "../percentile_keys.h"
+#include "../order_keys.h"
 
 namespace {
 
