@@ -1,10 +1,7 @@
-// CPU kernels of fastmask::percentile, fastmask::radix_histogram and fastmask::hard_mask (schemas in csrc/ops.cpp).
-//
-// percentile(tensors, q, method) equals np.percentile(np.concatenate([t.ravel() for t in tensors]), q, method=method)
-// — BMFT's global threshold alpha over the importance ratios (spec §4, BMFT hard mask) — without the concatenated
-// copy: radix selection over order-preserving keys of the float bit patterns (csrc/order_keys.h). Each pass
-// streams every tensor once and builds a histogram of the next 16 key bits of the elements that share the prefix
-// found so far, so fp16 / bf16 take one pass, fp32 two and fp64 four; memory is one histogram per thread, whatever n.
+// CPU kernels of fastmask::radix_histogram and fastmask::hard_mask (schemas in csrc/ops.cpp). radix_histogram is one
+// pass of the percentile's radix selection (driver: fastmask/ops/radix.py) over order-preserving keys of the float
+// bit patterns (csrc/order_keys.h): it streams every tensor once and builds a histogram of the next digit_bits key
+// bits of the elements that share a prefix; memory is one histogram per thread, whatever n.
 #include "percentile.h"
 
 #include <ATen/Parallel.h>
@@ -26,46 +23,6 @@ namespace percentile {
 // ---------------------------------------------------------------------------------------------------------------
 // Shared with the CUDA glue (declared in percentile.h).
 
-Method parse_method(std::string_view method) {
-  if (method == "linear") return Method::kLinear;
-  if (method == "lower") return Method::kLower;
-  if (method == "higher") return Method::kHigher;
-  if (method == "nearest") return Method::kNearest;
-  if (method == "midpoint") return Method::kMidpoint;
-  TORCH_CHECK_VALUE(false, "fastmask.percentile: method must be one of 'linear', 'lower', 'higher', 'nearest', ",
-                    "'midpoint', got '", std::string(method), "'");
-}
-
-Plan make_plan(int64_t n, double q, Method method) {
-  // Written to match numpy/lib/_function_base_impl.py (_quantile, _get_indexes, _get_gamma, _QuantileMethods) step
-  // by step, in float64 as numpy computes it: the ranks and gamma must come out bit for bit the same.
-  TORCH_CHECK_VALUE(q >= 0.0 && q <= 100.0, "fastmask.percentile: q must be in [0, 100], got ", q);
-  TORCH_CHECK_VALUE(n > 0, "fastmask.percentile: the tensors hold no elements");
-  const int64_t last = n - 1;
-  double v = static_cast<double>(last) * (q / 100.0);
-  const auto index = [last](double x) { return std::min(last, static_cast<int64_t>(x)); };
-  switch (method) {
-    case Method::kLower:
-      return {index(std::floor(v)), index(std::floor(v)), 0.0, false};
-    case Method::kHigher:
-      return {index(std::ceil(v)), index(std::ceil(v)), 0.0, false};
-    case Method::kNearest:  // np.around: round half to even
-      return {index(std::nearbyint(v)), index(std::nearbyint(v)), 0.0, false};
-    case Method::kMidpoint:
-      v = 0.5 * (std::floor(v) + std::ceil(v));
-      break;
-    case Method::kLinear:
-      break;
-  }
-  // numpy moves both neighbours to index -1 (the maximum) when v >= n - 1, and gamma is then v - (-1).
-  const bool above = v >= static_cast<double>(last);
-  const double previous = above ? -1.0 : std::floor(v);
-  double gamma = v - previous;
-  if (method == Method::kMidpoint) gamma = std::fmod(v, 1.0) == 0.0 ? 0.0 : 0.5;
-  const int64_t lo = above ? last : static_cast<int64_t>(previous);
-  return {lo, above ? last : lo + 1, gamma, true};
-}
-
 namespace {
 
 // x rounded to float with round-to-odd: converting that float to a narrower format (fp16) with round-to-nearest then
@@ -84,50 +41,7 @@ float to_float_round_odd(double x) {
 
 c10::Half half_from_double(double x) { return c10::Half(to_float_round_odd(x)); }
 
-// numpy's float16 ufuncs compute each operation in float32 and round the result to float16.
-c10::Half half_op(float r) { return c10::Half(r); }
-
 }  // namespace
-
-double lerp_like_numpy(at::ScalarType dtype, double a, double b, double gamma) {
-  // numpy's _lerp: diff = b - a; out = a + diff * t, replaced by b - diff * (1 - t) where t >= 0.5. t is a Python
-  // float, so (NEP 50) it is cast to the array's dtype; 1 - t is computed in float64 first. Each line below is one
-  // numpy operation, kept separate so no compiler contraction (FMA) can merge two roundings into one.
-  switch (dtype) {
-    case at::kDouble: {
-      const double diff = b - a;
-      if (gamma >= 0.5) {
-        const double scaled = diff * (1.0 - gamma);
-        return b - scaled;
-      }
-      const double scaled = diff * gamma;
-      return a + scaled;
-    }
-    case at::kFloat:
-    case at::kBFloat16: {
-      const float fa = static_cast<float>(a), fb = static_cast<float>(b);
-      const float diff = fb - fa;
-      if (gamma >= 0.5) {
-        const float scaled = diff * static_cast<float>(1.0 - gamma);
-        return static_cast<double>(fb - scaled);
-      }
-      const float scaled = diff * static_cast<float>(gamma);
-      return static_cast<double>(fa + scaled);
-    }
-    case at::kHalf: {
-      const float fa = static_cast<float>(a), fb = static_cast<float>(b);
-      const float diff = static_cast<float>(half_op(fb - fa));
-      if (gamma >= 0.5) {
-        const float scaled = static_cast<float>(half_op(diff * static_cast<float>(half_from_double(1.0 - gamma))));
-        return static_cast<double>(static_cast<float>(half_op(fb - scaled)));
-      }
-      const float scaled = static_cast<float>(half_op(diff * static_cast<float>(half_from_double(gamma))));
-      return static_cast<double>(static_cast<float>(half_op(fa + scaled)));
-    }
-    default:
-      TORCH_CHECK(false, "fastmask.percentile: unsupported dtype ", dtype);
-  }
-}
 
 double round_threshold(at::ScalarType dtype, double threshold) {
   switch (dtype) {
@@ -143,12 +57,6 @@ double round_threshold(at::ScalarType dtype, double threshold) {
 
 int key_bits(at::ScalarType dtype) { return static_cast<int>(c10::elementSize(dtype)) * 8; }
 
-std::vector<int> split_digits(int bits, int max_digit) {
-  std::vector<int> digits;
-  for (int left = bits; left > 0; left -= max_digit) digits.push_back(std::min(left, max_digit));
-  return digits;
-}
-
 keys::Format key_format(at::ScalarType dtype) {
   switch (dtype) {
     case at::kHalf:
@@ -159,31 +67,6 @@ keys::Format key_format(at::ScalarType dtype) {
       return keys::Format::kFloat;
     default:
       return keys::Format::kDouble;
-  }
-}
-
-double decode_key(at::ScalarType dtype, uint64_t key) {
-  switch (dtype) {
-    case at::kHalf: {
-      const uint16_t bits = keys::from_key(static_cast<uint16_t>(key));
-      return static_cast<double>(static_cast<float>(c10::Half(bits, c10::Half::from_bits())));
-    }
-    case at::kBFloat16: {
-      const uint16_t bits = keys::from_key(static_cast<uint16_t>(key));
-      return static_cast<double>(static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits())));
-    }
-    case at::kFloat: {
-      const uint32_t bits = keys::from_key(static_cast<uint32_t>(key));
-      float f;
-      std::memcpy(&f, &bits, sizeof f);
-      return static_cast<double>(f);
-    }
-    default: {
-      const uint64_t bits = keys::from_key(key);
-      double d;
-      std::memcpy(&d, &bits, sizeof d);
-      return d;
-    }
   }
 }
 
@@ -310,7 +193,6 @@ constexpr int kBlock = 256;  // keys computed (vectorised) before they are count
 // The first pass counts every element. Runs of equal keys (duplicates, constant tensors) would serialise on one
 // counter's load-increment-store, so even and odd elements go to two copies of the histogram, summed at the flush.
 constexpr int64_t kFirstPassCopies = 2;
-constexpr int kCpuDigit = 16;  // 65536 bins: 256 KiB of uint32 per thread and row, resident in L2
 
 // The inputs as one virtual array: data pointers and prefix offsets, O(number of tensors) memory.
 struct Inputs {
@@ -329,7 +211,7 @@ Inputs inputs_of(const std::vector<at::Tensor>& ts) {
   return in;
 }
 
-// One radix pass's constants (see radix_select): bin = (key >> dshift) & dmask, for the keys whose top bits
+// One radix pass's constants: bin = (key >> dshift) & dmask, for the keys whose top bits
 // (key >> pshift) equal pre0 (row 0) or pre1 (row 1); every key in the first pass.
 template <typename U>
 struct Pass {
@@ -402,7 +284,7 @@ inline bool any_nan(const U* __restrict p, int64_t n, U inf) {
   return nan;
 }
 
-// One histogram pass (see radix_select). Returns rows x 2^digit_bits int64 counts; when check_nan, *nan_tensor is
+// One histogram pass. Returns rows x 2^digit_bits int64 counts; when check_nan, *nan_tensor is
 // set to the lowest index of a tensor holding a NaN (or -1).
 template <typename U>
 std::vector<int64_t> histogram_pass(const Inputs& in, keys::Format fmt, const std::vector<uint64_t>& prefixes,
@@ -476,21 +358,6 @@ std::vector<int64_t> histogram_cpu(const std::vector<at::Tensor>& ts, const Inpu
   }
   if (nan_tensor >= 0) raise_nan(nan_tensor, ts[static_cast<size_t>(nan_tensor)], op);
   return h;
-}
-
-at::Tensor percentile_cpu(at::TensorList tensors, double q, std::string_view method) {
-  const char* op = "fastmask.percentile";
-  const auto ts = checked_contiguous(tensors, op);
-  const auto dtype = ts[0].scalar_type();
-  const Inputs in = inputs_of(ts);
-  const Plan plan = make_plan(in.offsets.back(), q, parse_method(method));
-  const auto found = radix_select(split_digits(key_bits(dtype), kCpuDigit), {plan.lo, plan.hi},
-                                  [&](const std::vector<uint64_t>& prefixes, int prefix_bits, int digit_bits) {
-                                    return histogram_cpu(ts, in, prefixes, prefix_bits, digit_bits, op);
-                                  });
-  const double a = decode_key(dtype, found[0]);
-  const double r = plan.interpolate ? lerp_like_numpy(dtype, a, decode_key(dtype, found[1]), plan.gamma) : a;
-  return at::scalar_tensor(r, at::TensorOptions().dtype(at::kDouble));
 }
 
 at::Tensor radix_histogram_cpu(at::TensorList tensors, at::IntArrayRef prefixes, int64_t prefix_bits,
@@ -611,7 +478,6 @@ std::vector<at::Tensor> hard_mask_cpu(at::TensorList tensors, double threshold, 
 }  // namespace fastmask
 
 TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
-  m.impl("percentile", &fastmask::percentile::percentile_cpu);
   m.impl("radix_histogram", &fastmask::percentile::radix_histogram_cpu);
   m.impl("hard_mask", &fastmask::percentile::hard_mask_cpu);
 }

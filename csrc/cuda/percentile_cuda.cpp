@@ -1,7 +1,6 @@
-// Torch glue of the CUDA percentile ops (built only with FASTMASK_BUILD_CUDA=1): fastmask::percentile,
-// radix_histogram and hard_mask for CUDA tensors. The kernels are in percentile_kernels.cu; the radix-select driver,
-// numpy's rank plan and interpolation and the threshold keys are the CPU op's (csrc/percentile.h), so both devices
-// give the same answer. Each pass is one launch over all tensors plus one copy of a 2^11-bin histogram to the host.
+// Torch glue of the CUDA ops radix_histogram and hard_mask (built only with FASTMASK_BUILD_CUDA=1). The kernels are
+// in percentile_kernels.cu; the input checks and threshold keys are the CPU op's (csrc/percentile.h), so both devices
+// give the same answer. A radix_histogram pass is one launch over all tensors.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -23,8 +22,6 @@ int fastmask_hard_mask_cuda(const void* const* in, void* const* out, const int64
 namespace fastmask {
 namespace percentile {
 namespace {
-
-constexpr int kCudaDigit = 11;  // the kernels' shared-memory histograms hold 2^11 bins per row
 
 void check_launch(int err, const char* op) {
   TORCH_CHECK(err == 0, op, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -78,25 +75,6 @@ at::Tensor histogram_device(const std::vector<at::Tensor>& ts, const DeviceList&
   return out;
 }
 
-at::Tensor percentile_cuda(at::TensorList tensors, double q, std::string_view method) {
-  const char* op = "fastmask.percentile";
-  const auto ts = checked_contiguous(tensors, op);
-  const c10::cuda::CUDAGuard guard(ts[0].device());
-  const auto dtype = ts[0].scalar_type();
-  const DeviceList d = device_list(ts);
-  const Plan plan = make_plan(d.total, q, parse_method(method));
-  const auto found = radix_select(split_digits(key_bits(dtype), kCudaDigit), {plan.lo, plan.hi},
-                                  [&](const std::vector<uint64_t>& prefixes, int prefix_bits, int digit_bits) {
-                                    const at::Tensor h =
-                                        histogram_device(ts, d, prefixes, prefix_bits, digit_bits, op).cpu();
-                                    return std::vector<int64_t>(h.data_ptr<int64_t>(),
-                                                                h.data_ptr<int64_t>() + h.numel());
-                                  });
-  const double a = decode_key(dtype, found[0]);
-  const double r = plan.interpolate ? lerp_like_numpy(dtype, a, decode_key(dtype, found[1]), plan.gamma) : a;
-  return at::scalar_tensor(r, at::TensorOptions().dtype(at::kDouble).device(ts[0].device()));
-}
-
 at::Tensor radix_histogram_cuda(at::TensorList tensors, at::IntArrayRef prefixes, int64_t prefix_bits,
                                 int64_t digit_bits) {
   const char* op = "fastmask.radix_histogram";
@@ -146,7 +124,6 @@ std::vector<at::Tensor> hard_mask_cuda(at::TensorList tensors, double threshold,
 }  // namespace fastmask
 
 TORCH_LIBRARY_IMPL(fastmask, CUDA, m) {
-  m.impl("percentile", &fastmask::percentile::percentile_cuda);
   m.impl("radix_histogram", &fastmask::percentile::radix_histogram_cuda);
   m.impl("hard_mask", &fastmask::percentile::hard_mask_cuda);
 }

@@ -1,6 +1,5 @@
-// CUDA kernels of fastmask::percentile / radix_histogram / hard_mask: pure CUDA with extern "C" host launchers (no
-// torch headers), so CI compiles this file with plain nvcc. The torch glue is csrc/cuda/percentile_cuda.cpp; the
-// selection driver and numpy's formulas are shared with the CPU kernels (csrc/percentile.h).
+// CUDA kernels of fastmask::radix_histogram / hard_mask: pure CUDA with extern "C" host launchers (no torch
+// headers), so CI compiles this file with plain nvcc. The torch glue is csrc/cuda/percentile_cuda.cpp.
 //
 // The input tensors are one virtual concatenation: a device array of data pointers plus element offsets (T + 1).
 // Each block walks a contiguous range of global element indices and tracks the tensor it is in, so a pass reads
