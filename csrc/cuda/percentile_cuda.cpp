@@ -1,5 +1,5 @@
 // Torch glue of the CUDA ops radix_histogram and hard_mask (built only with FASTMASK_BUILD_CUDA=1). The kernels are
-// in percentile_kernels.cu; the input checks and threshold keys are the CPU op's (csrc/percentile.h), so both devices
+// in percentile_kernels.cu; the input checks and threshold keys are the CPU op's (csrc/radix.h), so both devices
 // give the same answer. A radix_histogram pass is one launch over all tensors.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -7,7 +7,7 @@
 
 #include <climits>
 
-#include "../percentile.h"
+#include "../radix.h"
 
 extern "C" {
 int fastmask_radix_histogram_cuda(const void* const* ptrs, const int64_t* offsets, int64_t ntensors, int64_t total,
@@ -20,7 +20,7 @@ int fastmask_hard_mask_cuda(const void* const* in, void* const* out, const int64
 }
 
 namespace fastmask {
-namespace percentile {
+namespace radix {
 namespace {
 
 void check_launch(int err, const char* op) {
@@ -120,10 +120,10 @@ std::vector<at::Tensor> hard_mask_cuda(at::TensorList tensors, double threshold,
 }
 
 }  // namespace
-}  // namespace percentile
+}  // namespace radix
 }  // namespace fastmask
 
 TORCH_LIBRARY_IMPL(fastmask, CUDA, m) {
-  m.impl("radix_histogram", &fastmask::percentile::radix_histogram_cuda);
-  m.impl("hard_mask", &fastmask::percentile::hard_mask_cuda);
+  m.impl("radix_histogram", &fastmask::radix::radix_histogram_cuda);
+  m.impl("hard_mask", &fastmask::radix::hard_mask_cuda);
 }

@@ -167,7 +167,7 @@ int fastmask_radix_histogram_cuda(const void* const* ptrs, const int64_t* offset
 
 // Hard masks for every tensor in one launch. offsets / total count elements (byte layouts) or output bytes
 // (packed, ceil(numel / 8) per tensor); numels are the tensors' element counts. key is the order key of the
-// threshold at the comparison width (fastmask::percentile::mask_threshold). Returns a cudaError_t.
+// threshold at the comparison width (fastmask::radix::mask_threshold). Returns a cudaError_t.
 int fastmask_hard_mask_cuda(const void* const* in, void* const* out, const int64_t* offsets, const int64_t* numels,
                             int64_t ntensors, int64_t total, int format, uint64_t key, int inclusive, int packed,
                             cudaStream_t stream) {

@@ -1,6 +1,8 @@
-// What the CPU (csrc/percentile.cpp) and CUDA (csrc/cuda/percentile_cuda.cpp) radix_histogram / hard_mask ops share:
-// threshold rounding, input checks, key widths and formats. The devices differ only in how a pass over the keys
-// (csrc/order_keys.h) is computed.
+// What radix_histogram and hard_mask share, on both devices (CPU kernels in csrc/radix_histogram.cpp and
+// csrc/hard_mask.cpp, CUDA glue in csrc/cuda/radix_histogram_cuda.cpp and csrc/cuda/hard_mask_cuda.cpp): input checks
+// and the error messages that name a tensor, key widths and formats of the order keys (csrc/order_keys.h), threshold
+// rounding, mask layouts and the threshold's key. The devices differ only in how a pass over the keys is computed.
+// Definitions in csrc/radix.cpp.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -12,7 +14,7 @@
 #include "order_keys.h"
 
 namespace fastmask {
-namespace percentile {
+namespace radix {
 
 // The threshold as numpy compares it against an array of this dtype: rounded to nearest into float16 (Half),
 // float32 (Float, BFloat16 through its float32 upcast) or kept (Double).
@@ -45,5 +47,5 @@ struct MaskThreshold {
 };
 MaskThreshold mask_threshold(at::ScalarType dtype, double threshold, bool inclusive);
 
-}  // namespace percentile
+}  // namespace radix
 }  // namespace fastmask
