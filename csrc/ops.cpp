@@ -1,6 +1,8 @@
-// Every fastmask op's schema, declared once. The CPU kernels register in csrc/<op>.cpp with
-// TORCH_LIBRARY_IMPL(fastmask, CPU, m); the CUDA kernels in csrc/cuda/<op>_cuda.cpp. Python reaches them as
-// torch.ops.fastmask.<name> after `import fastmask._C` (fastmask/ops.py does that and picks the backend).
+// Every fastmask op's schema, declared once. The CPU kernel of op <op> registers in csrc/<op>.cpp with
+// TORCH_LIBRARY_IMPL(fastmask, CPU, m), its CUDA kernel (if any) in csrc/cuda/<op>_cuda.cpp, with the kernels
+// themselves in csrc/cuda/<op>_kernels.cu; <op> is the op's name without the trailing _ of in-place ops (soft_mask_
+// shares csrc/soft_mask.cpp with soft_mask). Python reaches them as torch.ops.fastmask.<name> after
+// `import fastmask._C` (fastmask/ops/backend.py does that and picks the backend).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -33,13 +35,12 @@ TORCH_LIBRARY(fastmask, m) {
       "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, *, "
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
       "bool first_step, bool mask_update, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // The q-th percentile (q in [0, 100]) of every element of `tensors` taken together, equal to np.percentile over
-  // their concatenation (methods linear, lower, higher, nearest, midpoint), as a 0-d float64 tensor; BMFT's global
-  // threshold (spec §4). Radix selection over the floats' bit patterns, no concatenated copy. NaN raises.
-  m.def("percentile(Tensor[] tensors, float q, str method=\"linear\") -> Tensor");
-  // One pass of that selection, exposed so it can run across ranks (fastmask.distributed): int64 counts of shape
-  // [len(prefixes), 2^digit_bits]; row p bins the elements whose top prefix_bits order-key bits equal prefixes[p]
-  // by their next digit_bits key bits.
+  // One pass of the percentile's radix selection (np.percentile over the concatenation of the tensors, BMFT's global
+  // threshold, spec §4), whose driver is Python: fastmask/ops/radix.py picks each pass's prefixes and digit width,
+  // decodes the selected keys and interpolates as numpy does; summed by all-reduce, the same pass serves a process
+  // group. int64 counts of shape [len(prefixes), 2^digit_bits]: row p bins the elements whose top prefix_bits
+  // order-key bits (csrc/order_keys.h) equal prefixes[p] by their next digit_bits key bits. The first pass
+  // (prefix_bits=0) reads every element and raises on NaN, naming the tensor.
   m.def("radix_histogram(Tensor[] tensors, int[] prefixes, int prefix_bits, int digit_bits) -> Tensor");
   // Hard masks x > threshold (x >= threshold when inclusive), per tensor, as numpy compares: layout "bool",
   // "uint8" (0 / 1) or "packed" (ceil(numel / 8) bytes, np.packbits(bitorder="little") order).

@@ -1,5 +1,6 @@
-// Order-preserving unsigned keys for IEEE floats: the radix / histogram selection behind fastmask::percentile works
-// on these keys instead of the values, so one pass is a plain integer histogram over the bit patterns.
+// Order-preserving unsigned keys for IEEE floats: the percentile's radix selection (one radix_histogram pass at a
+// time, driven by fastmask/ops/radix.py) works on these keys instead of the values, so one pass is a plain integer
+// histogram over the bit patterns; hard_mask compares them against the threshold's key.
 //
 // key(x) = bits(x) | sign_bit   when x's sign bit is clear,
 //          ~bits(x)             when it is set.
@@ -7,8 +8,9 @@
 // std::sort with a sign-aware tie-break), and NaNs fall outside [key(-inf), key(+inf)]. The map is a bijection, so the
 // selected key decodes back to the exact value.
 //
-// Torch-free on purpose: the CPU kernels (csrc/percentile.cpp) and the pure-CUDA kernels
-// (csrc/cuda/percentile_kernels.cu, compiled by plain nvcc) both include it.
+// Torch-free on purpose: the CPU kernels (csrc/radix_histogram.cpp, csrc/hard_mask.cpp, through csrc/radix.h) and the
+// pure-CUDA kernels (csrc/cuda/radix_histogram_kernels.cu, csrc/cuda/hard_mask_kernels.cu, compiled by plain nvcc)
+// all include it.
 #pragma once
 #include <cstdint>
 
