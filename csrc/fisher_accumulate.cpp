@@ -1,5 +1,5 @@
-// CPU kernel of fastmask::fisher_accumulate_: I_b += g_b^2 and I_l += g_l^2 (SWiFT Eqs. 7-8, spec §3), for every
-// tensor of the list in one OpenMP pass. The importances are float32 accumulators; gradients may be float32,
+// CPU kernel of fastmask::fisher_accumulate_: I_b += g_b^2 and I_l += g_l^2 (SWiFT Eqs. 7-8, docs/algorithm.md §3),
+// for every tensor of the list in one OpenMP pass. The importances are float32 accumulators; gradients may be float32,
 // float16, bfloat16 or float64 and are squared in float32 after rounding to float32, as the reference's
 // `ib.add_(gb.float().square())` does, so the results are bit-identical to it.
 #include <torch/library.h>

@@ -13,7 +13,7 @@
 // kernels fuse a multiply-add (lerp, add(alpha=), addcmul), so float32 results match torch.optim.Adam / SGD
 // (foreach=False) to the last bit or so. mask_update=False multiplies g by the mask M first (the papers' "grad"
 // mode); mask_update=True takes the unmasked step and applies θ ← θ + M·(θ_new − θ), leaving parameter and state of
-// entries with M == 0 bit for bit as they were (spec §8.9-8.10).
+// entries with M == 0 bit for bit as they were (docs/algorithm.md §8.9-8.10).
 //
 // This header must be the first include of a kernel file: multiply-adds are contracted only where written as
 // std::fma (where torch fuses), never behind our back, and the #pragma below must precede every include so that all

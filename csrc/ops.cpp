@@ -36,8 +36,8 @@ TORCH_LIBRARY(fastmask, m) {
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
       "bool first_step, bool mask_update, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // One pass of the percentile's radix selection (np.percentile over the concatenation of the tensors, BMFT's global
-  // threshold, spec §4), whose driver is Python: fastmask/ops/radix.py picks each pass's prefixes and digit width,
-  // decodes the selected keys and interpolates as numpy does; summed by all-reduce, the same pass serves a process
+  // threshold, docs/algorithm.md §4), whose driver is Python: fastmask/ops/radix.py picks each pass's prefixes and
+  // digit width, decodes the selected keys and interpolates as numpy does; summed by all-reduce, the same pass serves a process
   // group. int64 counts of shape [len(prefixes), 2^digit_bits]: row p bins the elements whose top prefix_bits
   // order-key bits (csrc/order_keys.h) equal prefixes[p] by their next digit_bits key bits. The first pass
   // (prefix_bits=0) reads every element and raises on NaN, naming the tensor.

@@ -1,4 +1,5 @@
-// CPU kernels of fastmask::soft_mask and its in-place form soft_mask_ (SWiFT Eq. 9, spec §4): per tensor t,
+// CPU kernels of fastmask::soft_mask and its in-place form soft_mask_ (SWiFT Eq. 9, docs/algorithm.md §4), per
+// tensor t:
 //     Norm(x) = (x - min_t x) / ((max_t x - min_t x) + eps), or x itself when max_t x == min_t x,
 //     R = Norm(I_b) / (Norm(I_l) + eps),   M = tanh(R) (apply_tanh) or R (BMFT's score).
 // The arithmetic is the reference's, in float32 and in its order (subtract, add eps, divide — never a reciprocal),

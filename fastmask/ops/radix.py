@@ -3,7 +3,7 @@
 
 np.percentile of n values is lerp(sorted[lo], sorted[hi], γ) (or sorted[lo] for the non-interpolating methods),
 with lo, hi and γ from numpy's own float64 formulas (:func:`plan`). The two order statistics are found on
-order-preserving integer keys of the floats' bit patterns (``csrc/percentile_keys.h``; a total order in which
+order-preserving integer keys of the floats' bit patterns (``csrc/order_keys.h``; a total order in which
 -0.0 comes just before +0.0): each pass is one ``radix_histogram`` over the next 16 key bits of the elements that
 share the prefix found so far, and picks the bin holding each target rank (:func:`select`). fp16 / bf16 take one
 pass, fp32 two, fp64 four; the only memory is the histogram. The chosen keys decode back to exact values, which

@@ -111,7 +111,7 @@ def percentile(tensors: Sequence[Tensor], q: float, method: str = "linear") -> T
 
 
 def _order_keys(t: Tensor) -> np.ndarray:
-    """The order keys of ``t``'s elements (csrc/percentile_keys.h): bits | sign bit for a clear sign bit, ~bits
+    """The order keys of ``t``'s elements (csrc/order_keys.h): bits | sign bit for a clear sign bit, ~bits
     otherwise, so that x < y implies key(x) < key(y) for non-NaN values (-0.0 just below +0.0); as uint64."""
     width = key_bits(t.dtype)
     as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
@@ -126,7 +126,7 @@ def radix_histogram(tensors: Sequence[Tensor], prefixes: Sequence[int], prefix_b
     """One pass of the percentile's radix selection (:mod:`fastmask.ops.radix`): int64 counts of shape
     [len(prefixes), 2^digit_bits], row p binning the elements whose top ``prefix_bits`` order-key bits equal
     ``prefixes[p]`` by their next ``digit_bits`` bits. The first pass (``prefix_bits == 0``) reads every element and
-    raises on NaN, naming the tensor. Keys as in csrc/percentile_keys.h; counts on the CPU."""
+    raises on NaN, naming the tensor. Keys as in csrc/order_keys.h; counts on the CPU."""
     op = "fastmask.radix_histogram"
     if not tensors:
         raise ValueError(f"{op}: expected at least one tensor, got an empty list")
