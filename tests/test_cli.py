@@ -235,9 +235,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, runs, tmp_
 
 
 def test_a_crash_inside_the_first_epoch_resumes_from_the_saved_mask(data, runs, tmp_path, monkeypatch):
-    from fastmask.app import debias as workflow
+    from fastmask.app.sets import Tracked
 
-    real_iter = workflow._Tracked.__iter__
+    real_iter = Tracked.__iter__
     passes = []
 
     def crash_in_training(self):
@@ -248,12 +248,12 @@ def test_a_crash_inside_the_first_epoch_resumes_from_the_saved_mask(data, runs, 
         return real_iter(self)
 
     out = tmp_path / "crashed"
-    monkeypatch.setattr(workflow._Tracked, "__iter__", crash_in_training)
+    monkeypatch.setattr(Tracked, "__iter__", crash_in_training)
     with pytest.raises(KeyboardInterrupt):
         main(debias_argv(data, out, "swift"))
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     assert (state["run"]["step"], state["run"]["epoch"], state["run"]["optimizer"]) == ("step1", 0, None)
-    monkeypatch.setattr(workflow._Tracked, "__iter__", real_iter)
+    monkeypatch.setattr(Tracked, "__iter__", real_iter)
     assert main(debias_argv(data, out, "swift", "--resume")) == 0
     a, b = load_file(runs["swift"] / "weights.safetensors"), load_file(out / "weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -383,3 +383,119 @@ def test_file_py_callable(tmp_path):
     (tmp_path / "netdef.py").write_text("import torch\ndef make():\n    return torch.nn.Linear(3, 1)\n")
     model = build_model(f"{tmp_path / 'netdef.py'}:make")
     assert isinstance(model, torch.nn.Linear) and model.out_features == 1
+
+
+# ---- selection (the default of debias) ------------------------------------------------------------------------------
+
+
+def selection_argv(data: Data, out: Path, *extra: str) -> list[str]:
+    return ["debias", "--model", "cli_helpers:TinyCNN", "--weights", str(data.weights), "--shards", str(data.shards),
+            "--attr", "tint", "--test-fold", "test", "--method", "swift", "--epochs1", "2", "--epochs2", "2",
+            "--batch-size", "16", "--image-size", "12", "--seed", "3", "--no-progress", "--grid-lr1", "1e-3", "1e-2",
+            "--grid-lr2", "1e-2", "--grid-beta", "0.1", "--out", str(out), *extra]
+
+
+def test_debias_selects_on_held_out_data_and_evaluate_uses_the_saved_threshold(data, tmp_path, capsys):
+    out = tmp_path / "sel"
+    code = main(selection_argv(data, out))
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    sel = report["selection"]
+    assert code == (0 if sel["chosen"] is not None else 3)
+    # the validation part: ~25 % of each (group, label) cell of the external set, never trained on
+    ext = data.table[data.table["fold"] == "ext"]
+    cells = ext.groupby(["tint", "target"]).size()
+    assert report["data"]["sets"]["validation"]["samples"] == sum(min(n - 1, max(1, round(0.25 * n))) for n in cells)
+    assert report["data"]["sets"]["external"]["samples"] == len(ext)
+    assert {r["candidate"] for r in sel["rows"]} | set(sel["stopped"]) == {0, 1}
+    assert all(len(r["why"]) == (not r["admissible"]) or r["why"] for r in sel["rows"])
+    # the threshold saved with the weights is the report's, and the report's test figures are computed at it
+    from safetensors import safe_open
+
+    with safe_open(str(out / "weights.safetensors"), "pt") as f:
+        t = float(f.metadata()["threshold"])
+    assert t == report["threshold"] == (sel["chosen"]["threshold"] if sel["chosen"] else 0.5)
+    test = data.table[data.table["fold"] == "test"]
+    y = test["target"].to_numpy()
+    p = oracle_probs(out / "weights.safetensors", data, test)
+    yhat = (p > t).astype(float)
+    after = report["after"]["overall"]
+    assert after["acc"] == pytest.approx((yhat == y).mean()) and after["auc"] == pytest.approx(roc_auc_score(y, p))
+    assert after["positive_rate"] == pytest.approx(yhat.mean())
+    # every summary shows AUC, ACC, the positive share and the gap in its mean and max forms beside the signed sum
+    for text in ("AUC", "ACC", "positive share", "EOdds mean", "max", "code (signed sum)"):
+        assert text in printed
+    md = (out / "report.md").read_text()
+    assert "## Selection" in md and "EOdds (mean)" in md and (out / "selection.png").stat().st_size > 0
+    # `fastmask evaluate` scores at the saved threshold unless told otherwise
+    assert main(["evaluate", "--model", "cli_helpers:TinyCNN", "--weights", str(out / "weights.safetensors"),
+                 "--shards", str(data.shards), "--fold", "test", "--attr", "tint", "--image-size", "12",
+                 "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["threshold"] == t and metrics["overall"]["acc"] == pytest.approx((yhat == y).mean())
+    assert main(["evaluate", "--model", "cli_helpers:TinyCNN", "--weights", str(out / "weights.safetensors"),
+                 "--shards", str(data.shards), "--fold", "test", "--image-size", "12", "--no-progress",
+                 "--threshold", "0.5", "--out", str(tmp_path / "eval05")]) == 0
+    assert json.loads((tmp_path / "eval05" / "metrics.json").read_text())["overall"]["acc"] == pytest.approx(
+        ((p > 0.5) == y).mean())
+
+
+def test_no_admissible_candidate_leaves_the_model_unchanged_with_its_own_exit_status(data, tmp_path, capsys):
+    out = tmp_path / "none"
+    code = main(selection_argv(data, out, "--max-auc-drop", "0", "--max-acc-drop", "0", "--share-tolerance", "0"))
+    assert code == 3
+    assert "the model is unchanged" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["selection"]["chosen"] is None and report["threshold"] == 0.5
+    written, original = load_file(out / "weights.safetensors"), torch.load(data.weights, weights_only=True)
+    assert written.keys() == original.keys() and all(torch.equal(written[k], original[k]) for k in written)
+
+
+# ---- compare on the user's model and shards ---------------------------------------------------------------------
+
+
+def test_compare_on_shards_selects_every_method_and_scores_it_right(data, tmp_path, capsys):
+    """`fastmask compare` on the shards written by `fastmask shards` and the TinyCNN weights: every method (SWiFT,
+    a baseline, the Baseline) selected from its own grid on held-out data, per seed; the rows are the written models'
+    scores on the test fold at their thresholds (the Baseline's recomputed here from the PNG files), the table is
+    the mean ± std of the rows, every output is written."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", "cli_helpers:TinyCNN", "--weights", str(data.weights), "--shards", str(data.shards),
+            "--attr", "tint", "--test-fold", "test", "--methods", "baseline", "swift", "llft", "--seeds", "0", "1",
+            "--batch-size", "16", "--image-size", "12", "--no-progress", "--out", str(out), "--json",
+            str(tmp_path / "cmp.json")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    runs = pd.read_csv(out / "runs.csv")
+    assert list(runs.method) == ["baseline", "swift", "llft"] * 2 and set(runs.test_set) == {"test"}
+    assert list(runs.seed) == [0, 0, 0, 1, 1, 1]
+    # the Baseline is the original model at its threshold (selected on validation, or 0.5 when left unchanged)
+    test = data.table[data.table["fold"] == "test"]
+    y, a = test["target"].to_numpy(), test["tint"].to_numpy()
+    p = oracle_probs(data.weights, data, test)
+    for _, row in runs[runs.method == "baseline"].iterrows():
+        yhat = (p > row.threshold).astype(float)
+        assert row.auc == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+        assert row.acc == pytest.approx((yhat == y).mean(), abs=1e-12)
+        assert row.positive_rate == pytest.approx(yhat.mean(), abs=1e-12)
+        d_tpr, d_fpr = (yhat[(a == 0) & (y == c)].mean() - yhat[(a == 1) & (y == c)].mean() for c in (1, 0))
+        assert row.eodds_mean == pytest.approx(0.5 * (abs(d_tpr) + abs(d_fpr)), abs=1e-12)
+        assert row.eodds_max == pytest.approx(max(abs(d_tpr), abs(d_fpr)), abs=1e-12)
+        assert row.unchanged == (row.chosen == "none (unchanged)")
+    # each method's chosen candidate is one of its own grid (or none), with the step and epoch it was taken after
+    from fastmask.methods.registry import METHODS
+
+    for method in ("swift", "llft"):
+        described = {c.describe() for c in METHODS[method].grid}
+        for chosen in runs[runs.method == method].chosen:
+            assert chosen == "none (unchanged)" or chosen.split(" after ")[0] in described, chosen
+    # the table: mean ± std over the two seeds of the rows, for the headline figures
+    table = pd.read_csv(out / "table.csv")
+    for method, group in runs.groupby("method"):
+        row = table[table.method == method].iloc[0]
+        for m in ("auc", "acc", "positive_rate", "eodds_mean", "eodds_max", "eodds"):
+            assert row[f"{m}_mean"] == pytest.approx(group[m].mean(), abs=1e-12)
+            assert row[f"{m}_std"] == pytest.approx(group[m].std(ddof=1), abs=1e-12, nan_ok=True)
+    assert (out / "table.md").read_text() in printed and (out / "scatter.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "cmp.json").read_text())
+    assert saved["data"] == "shards" and saved["rule"]["gap"] == "eodds_mean" and saved["skipped"] == 0

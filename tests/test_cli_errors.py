@@ -41,6 +41,9 @@ def env(tmp_path_factory) -> Env:
     # Variants of the data: external rows of one class only; a test fold without tint group 1.
     write_shards(root, table[(table["fold"] == "test") | (table["target"] == 0)], "oneclass")
     write_shards(root, table.assign(tint=table["tint"].where(table["fold"] == "ext", 0)), "nogroup")
+    # an external (group 1, label 0) cell of one sample: too small to split into fitting and validation parts
+    cell = table.index[(table["fold"] == "ext") & (table["tint"] == 1) & (table["target"] == 0)]
+    write_shards(root, table.drop(cell[1:]), "tiny")
     # Bad tables and checkpoints.
     bad = table.copy()
     bad.loc[3, "target"] = 2
@@ -134,6 +137,17 @@ CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
     ("debias: option of the other method", lambda e: debias_argv(e, "--rate", "70"), ["--rate", "BMFT"]),
     ("debias: faithful with a non-reference option", lambda e: debias_argv(e, "--faithful", "--mask-mode", "update"),
      ["faithful", "mask_mode", "'grad'"]),
+    # selection (debias_argv passes --select none; a later --select grid wins)
+    ("debias: a fixed learning rate while selecting", lambda e: debias_argv(e, "--select", "grid", "--lr1", "1e-3"),
+     ["--lr1", "--select none", "--grid-lr1"]),
+    ("debias: a grid without selection", lambda e: debias_argv(e, "--grid-lr1", "1e-3"),
+     ["--grid-lr1", "--select none"]),
+    ("debias: a validation-chosen threshold without selection", lambda e: debias_argv(e, "--threshold", "accuracy"),
+     ["--threshold accuracy", "validation", "--select none"]),
+    ("debias: resume while selecting", lambda e: debias_argv(e, "--select", "grid", "--resume"),
+     ["--resume", "--select none", "selection"]),
+    ("debias: a validation part too small to split", lambda e: debias_argv(e, "--select", "grid", shards="tiny"),
+     ["cell group", "too few to split", "--select none"]),
 ]
 
 

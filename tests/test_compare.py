@@ -1,6 +1,8 @@
-"""`fastmask compare`: the per-seed figures against an independent evaluation (sklearn AUC, hand-computed SPD), the
-mean ± std computed from the per-seed rows, every output written, fresh data and a fresh model copy per method, the
-run's seed reaching each method, argument errors, and the command line on the demo benchmark."""
+"""`fastmask compare`: the per-seed figures against an independent evaluation (sklearn AUC, hand-computed rates and
+gaps), the mean ± std computed from the per-seed rows, every output written, fresh data and a fresh model copy per
+method, the run's seed reaching each method, every method selected by the same rule on held-out data, argument
+errors, and the command line on the demo benchmark. The end-to-end run on shards written by `fastmask shards` is in
+test_cli.py."""
 
 import io
 import json
@@ -21,7 +23,8 @@ from fastmask.methods.baselines.finetune import FullFTConfig
 from fastmask.methods.configs import StepConfig
 from fastmask.methods.state import Result
 
-METRICS = ("auc", "spd", "eodds")
+METRICS = ("auc", "acc", "positive_rate", "eodds_mean", "eodds_max", "eodds", "spd")
+TABLE = ("auc", "acc", "positive_rate", "eodds_mean", "eodds_max", "eodds")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,9 +57,10 @@ class TinySource:
         model = tiny_model(seed)
         self.models[seed] = model
 
-        def loaders():
+        def loaders(hold_out):
             self.loader_calls += 1
-            return DataLoader(data(32, 10 + seed), batch_size=16), DataLoader(data(32, 20 + seed), batch_size=16)
+            val = DataLoader(data(32, 50 + seed), batch_size=16) if hold_out else None
+            return DataLoader(data(32, 10 + seed), batch_size=16), DataLoader(data(32, 20 + seed), batch_size=16), val
 
         tests = {"in": DataLoader(data(40, 30 + seed), batch_size=16),
                  "shift": DataLoader(data(40, 40 + seed, shift=1.0), batch_size=16)}
@@ -65,36 +69,34 @@ class TinySource:
     def config(self, method):
         return {"fullft-rw": FullFTConfig(step=StepConfig(2, 0.05, "sgd", 0.0, 0.0))}.get(method)
 
+    def skipped(self):
+        return 0
+
 
 @pytest.fixture
-def tiny(monkeypatch):
-    sources = []
-
-    def make():
-        sources.append(TinySource())
-        return sources[-1]
-
-    monkeypatch.setitem(compare.SOURCES, "tiny", make)
-    return sources
+def tiny():
+    return TinySource()
 
 
-def independent_metrics(model, ds):
+def independent_metrics(model, ds, threshold=0.5):
     x, y, a = (t.numpy() for t in ds.tensors)
     with torch.no_grad():
         p = torch.sigmoid(model(torch.as_tensor(x)).reshape(-1)).double().numpy()
-    yhat = (p > 0.5).astype(float)
+    yhat = (p > threshold).astype(float)
 
     def rate(sel):
         return yhat[sel].mean() if sel.any() else 0.0
 
     d_tpr = rate((a == 0) & (y == 1)) - rate((a == 1) & (y == 1))
     d_fpr = rate((a == 0) & (y == 0)) - rate((a == 1) & (y == 0))
-    return {"auc": roc_auc_score(y, p), "spd": abs(rate(a == 0) - rate(a == 1)), "eodds": 0.5 * abs(d_tpr + d_fpr)}
+    return {"auc": roc_auc_score(y, p), "acc": (yhat == y).mean(), "positive_rate": yhat.mean(),
+            "eodds_mean": 0.5 * (abs(d_tpr) + abs(d_fpr)), "eodds_max": max(abs(d_tpr), abs(d_fpr)),
+            "eodds": 0.5 * abs(d_tpr + d_fpr), "spd": abs(rate(a == 0) - rate(a == 1))}
 
 
 def test_table_csv_plot_and_json_from_the_per_seed_rows(tmp_path, tiny, capsys):
     out = tmp_path / "cmp"
-    report = compare.main(methods=["baseline", "fullft-rw"], seeds=[0, 1], out=out, data="tiny",
+    report = compare.main(tiny, methods=["baseline", "fullft-rw"], seeds=[0, 1], out=out, rule=None,
                           json_path=tmp_path / "r.json", progress=False)
     files = {name: out / name for name in ("table.md", "table.csv", "runs.csv", "scatter.png")}
     assert all(p.is_file() for p in files.values())
@@ -124,17 +126,19 @@ def test_table_csv_plot_and_json_from_the_per_seed_rows(tmp_path, tiny, capsys):
             mean, std = values.mean(), np.sqrt(((values - values.mean()) ** 2).sum() / (len(values) - 1))
             assert row[f"{m}_mean"] == pytest.approx(mean, abs=1e-12)
             assert row[f"{m}_std"] == pytest.approx(std, abs=1e-12)
-    # the markdown row of each method: AUC, SPD, EOdds as "mean ± std" for "in" then "shift"
+    # the markdown row of each method: the headline figures as "mean ± std" for "in" then "shift"; no seed left
+    # unchanged (nothing was selected), no collapse
     for method, label in (("baseline", "Baseline"), ("fullft-rw", "FullFT-RW")):
         line = next(x for x in md.splitlines() if x.startswith(f"| {label} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         want = []
         for test in ("in", "shift"):
             g = runs[(runs.method == method) & (runs.test_set == test)]
-            want += [f"{g[m].mean():.4f} ± {g[m].std(ddof=1):.4f}" for m in METRICS]
-        assert cells[1:7] == want
-        assert cells[7] == "0/2"
-    assert "| Method | AUC (in) | SPD (in) | EOdds (in) | AUC (shift) | SPD (shift) | EOdds (shift) |" in md
+            want += [f"{g[m].mean():.4f} ± {g[m].std(ddof=1):.4f}" for m in TABLE]
+        assert cells[1:13] == want
+        assert cells[13:15] == ["0/2", "0/2"]
+    assert ("| Method | AUC (in) | ACC (in) | positive share (in) | EOdds (mean) (in) | EOdds (max) (in) | "
+            "EOdds (code, signed sum) (in) | AUC (shift) |") in md
 
     png = files["scatter.png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -155,7 +159,7 @@ class SpyConfig:
 def test_each_method_gets_the_run_seed_fresh_loaders_and_its_own_model_copy(tmp_path, tiny, monkeypatch):
     seen = []
 
-    def spy(model, mask_loader, train_loader, *, config=None, progress=False):
+    def spy(model, mask_loader, train_loader, *, config=None, progress=False, on_epoch=None):
         seen.append((config.seed, len(list(mask_loader)), len(list(train_loader))))
         with torch.no_grad():
             for p in model.parameters():
@@ -163,10 +167,9 @@ def test_each_method_gets_the_run_seed_fresh_loaders_and_its_own_model_copy(tmp_
         return Result("spy", config, {})
 
     monkeypatch.setitem(registry.METHODS, "spy", registry.Method("spy", "Spy", spy, SpyConfig))
-    compare.main(methods=["spy", "baseline"], seeds=[3, 5], out=tmp_path, data="tiny", progress=False)
+    compare.main(tiny, methods=["spy", "baseline"], seeds=[3, 5], out=tmp_path, rule=None, progress=False)
     assert seen == [(3, 2, 2), (5, 2, 2)]  # the default config's seed 42 replaced by the run's seed
-    source = tiny[0]
-    assert source.loader_calls == 4  # once per method and seed
+    assert tiny.loader_calls == 4  # once per method and seed
     runs = pd.read_csv(tmp_path / "runs.csv")
     row = runs[(runs.method == "baseline") & (runs.seed == 3) & (runs.test_set == "in")].iloc[0]
     assert row.auc == pytest.approx(independent_metrics(tiny_model(3), data(40, 33))["auc"], abs=1e-12)
@@ -175,32 +178,62 @@ def test_each_method_gets_the_run_seed_fresh_loaders_and_its_own_model_copy(tmp_
 
 
 def test_one_seed_prints_means_without_std(tmp_path, tiny):
-    compare.main(methods=["baseline"], seeds=[0], out=tmp_path, data="tiny", progress=False)
+    compare.main(tiny, methods=["baseline"], seeds=[0], out=tmp_path, rule=None, progress=False)
     line = next(x for x in (tmp_path / "table.md").read_text().splitlines() if x.startswith("| Baseline |"))
     assert "±" not in line
     table = pd.read_csv(tmp_path / "table.csv")
     assert table.auc_std.isna().all() and (table.n_seeds == 1).all()
 
 
+def test_every_method_is_selected_by_the_same_rule_on_held_out_data(tmp_path, tiny):
+    """With the default rule each method tries its own grid on the validation loader and the model it delivers is
+    scored on the test sets at its selected threshold: the rows equal an independent evaluation of the model that
+    the same selection, repeated alone, leaves behind."""
+    from fastmask.methods.selection import SelectionRule, select
+
+    rule = SelectionRule(max_auc_drop=0.5, max_acc_drop=0.5, share_tolerance=0.5)
+    rows = compare.compare(tiny, ["baseline", "fullft-rw", "fairprune"], [0], rule=rule)
+    for method in ("fullft-rw", "fairprune"):
+        model = tiny_model(0)
+        mask, train, val = TinySource().fold(0).loaders(True)
+        config = tiny.config(method) or registry.METHODS[method].config()
+        config = compare._with_seed(config, 0)
+        sel = select(model, method, mask, train, val, config=config, rule=rule)
+        for row in (r for r in rows if r["method"] == method):
+            ds = data(40, 30) if row["test_set"] == "in" else data(40, 40, shift=1.0)
+            expected = independent_metrics(model, ds, sel.threshold)
+            assert row["threshold"] == sel.threshold
+            for m in METRICS:
+                assert row[m] == pytest.approx(expected[m], abs=1e-12), (method, m)
+            assert row["unchanged"] is (sel.chosen is None)
+            assert row["chosen"].startswith(sel.candidates[sel.chosen["candidate"]].describe())
+    assert tiny.loader_calls == 3  # every method asked for the loaders with a validation part
+
+
 def test_argument_errors_name_the_culprit(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown method 'nope'"):
-        compare.check_arguments(["swift", "nope"], [0])
+        compare.check_methods(["swift", "nope"], [0])
     with pytest.raises(ValueError, match="seeds must be distinct"):
-        compare.check_arguments(None, [1, 1])
+        compare.check_methods(None, [1, 1])
     with pytest.raises(ValueError, match="at least one seed"):
-        compare.check_arguments(None, [])
-    with pytest.raises(ValueError, match="unknown data source 'mine'"):
-        compare.check_arguments(None, [0], "mine")
-    assert compare.check_arguments(["all"], [0]) == list(registry.METHODS)
-    assert compare.check_arguments(None, [0]) == list(compare.DEFAULT_METHODS)
-    assert cli.main(["compare", "--methods", "nope", "--out", str(tmp_path)]) == 1
-    assert "fastmask compare: error: unknown method 'nope'" in capsys.readouterr().err
+        compare.check_methods(None, [])
+    assert compare.check_methods(["all"], [0]) == list(registry.METHODS)
+    assert compare.check_methods(None, [0]) == list(compare.DEFAULT_METHODS)
+    for argv, message in (
+            (["--methods", "nope"], "unknown method 'nope'"),
+            (["--model", "m:f"], "--model goes with --shards"),
+            (["--shards", str(tmp_path)], "--shards needs --model, --weights, --attr"),
+            (["--select", "none", "--gap", "spd"], "--gap sets how a configuration is selected"),
+            (["--select", "none", "--threshold", "rate"], "--threshold rate is chosen on the validation part")):
+        assert cli.main(["compare", *argv, "--out", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"fastmask compare: error: {message}") and err.count("\n") == 1, err
 
 
 def test_cli_on_the_demo_benchmark(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["compare", "--methods", "baseline", "llft", "--seeds", "0", "--out", str(out),
-                     "--no-progress"]) == 0
+    assert cli.main(["compare", "--methods", "baseline", "llft", "--seeds", "0", "--select", "none", "--out",
+                     str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "| Baseline |" in printed and "| LLFT |" in printed
     runs = pd.read_csv(out / "runs.csv")

@@ -1,6 +1,7 @@
-"""`fastmask demo` end to end: the JSON schema and the issue's targets (SWiFT cuts EOdds by >= 30 % without levelling
-down or collapsing); and its streaming data path: the shards deliver the tinted digits, labels and tints, D_r is
-group-balanced, the loaders are seeded."""
+"""`fastmask demo` end to end: the JSON schema and the targets (with selection on, SWiFT and BMFT at least halve the
+mean-form EOdds gap on average, and on every seed keep test AUC within 0.01 and ACC within 0.02 of the original or
+leave the model unchanged, without collapsing); and its streaming data path: the shards deliver the tinted digits,
+labels and tints, the validation part is a stratified hold-out, D_r is group-balanced, the loaders are seeded."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from fastmask.app.demo import digits_benchmark, loaders, stream
+from fastmask.app.demo import digits_benchmark, parts, stream
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
@@ -53,26 +54,35 @@ def test_shards_deliver_the_tinted_digits(splits):
     assert set(zip(y.long().tolist(), a.tolist(), strict=True)) == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
-def test_loaders_mask_set_once_and_balanced_d_r(splits):
-    mask_loader, train_loader = loaders(splits.external, seed=5, batch_size=64)
-    keys = set(splits.external.samples)
+def test_parts_hold_out_a_stratified_validation_part_and_balance_the_rest(splits):
+    mask_loader, train_loader, val_loader = parts(splits.external, seed=5, val_fraction=0.25, batch_size=64)
+    keys = list(splits.external.samples)
     x, y, a = collect(mask_loader)
-    assert len(x) == len(keys)  # D_e: every external sample once per epoch
+    _, y_v, a_v = collect(val_loader)
+    assert len(x) + len(y_v) == len(keys)  # every external sample once per epoch, in one part or the other
     groups = Counter(zip(a.tolist(), y.long().tolist(), strict=True))
+    held = Counter(zip(a_v.tolist(), y_v.long().tolist(), strict=True))
+    for cell, n in held.items():  # stratified by (tint, label): about a quarter of every cell held out
+        assert abs(n - 0.25 * (n + groups[cell])) <= 1, cell
     _, y_r, a_r = collect(train_loader)
     balanced = Counter(zip(a_r.tolist(), y_r.long().tolist(), strict=True))
-    # D_r (spec §1 steps 1-5): the smaller tint group S whole, as many rows per label drawn from the larger one
+    # D_r (docs/algorithm.md §1 steps 1-5) from the fitting part: the smaller tint group S whole, as many rows per
+    # label drawn from the larger one
     small = min((0, 1), key=lambda g: groups[(g, 0)] + groups[(g, 1)])
     for label in (0, 1):
         assert balanced[(0, label)] == balanced[(1, label)] == groups[(small, label)]
+    # without a hold-out the mask loader reads all of D_e
+    mask_all, _, none = parts(splits.external, seed=5, val_fraction=0.0)
+    assert none is None and len(collect(mask_all).__next__()) == len(keys)
 
 
 def test_loaders_are_seeded(splits):
-    first = [batches(loader) for loader in loaders(splits.external, seed=7)]
-    again = [batches(loader) for loader in loaders(splits.external, seed=7)]
-    other = [batches(loader) for loader in loaders(splits.external, seed=8)]
-    for b1, b2, b3 in zip(first, again, other, strict=True):
+    first = [batches(loader) for loader in parts(splits.external, seed=7)]
+    again = [batches(loader) for loader in parts(splits.external, seed=7)]
+    other = [batches(loader) for loader in parts(splits.external, seed=8)[:2]]
+    for b1, b2 in zip(first, again, strict=True):
         assert all(torch.equal(t1, t2) for u, v in zip(b1, b2, strict=True) for t1, t2 in zip(u, v, strict=True))
+    for b1, b3 in zip(first, other, strict=False):
         assert not torch.equal(b1[0][0], b3[0][0])  # another seed, another order
 
 
@@ -84,7 +94,7 @@ def test_close_removes_the_shards():
     assert not os.path.exists(root)
 
 METHODS = {"Baseline", "BMFT", "SWiFT"}
-METRICS = {"auc", "acc", "spd", "eodds", "worst_group_auc"}
+METRICS = {"auc", "acc", "positive_rate", "eodds_mean", "eodds_max", "eodds", "worst_group_auc", "threshold"}
 
 
 def run_demo(seed, tmp_path):
@@ -93,36 +103,44 @@ def run_demo(seed, tmp_path):
         [sys.executable, "-m", "fastmask", "demo", "--seed", str(seed), "--json", str(path), "--no-progress"],
         capture_output=True, text=True, check=True, timeout=600,
     )
-    return json.loads(path.read_text()), proc.stdout
+    return json.loads(path.read_text()), proc.stdout, proc.stderr
 
 
 def check_schema(out, seed):
     assert out["seed"] == seed
     assert isinstance(out["seconds"], float) and out["seconds"] > 0
-    assert set(out["methods"]) == METHODS
+    assert set(out["methods"]) == METHODS and set(out["selected"]) == METHODS - {"Baseline"}
     for name, metrics in out["methods"].items():
         assert set(metrics) == METRICS, name
         assert all(isinstance(v, float) and 0 <= v <= 1 for v in metrics.values()), name
 
 
 def check_seed_targets(out):
-    base, sw = out["methods"]["Baseline"], out["methods"]["SWiFT"]
-    assert sw["eodds"] <= 0.7 * base["eodds"], (sw["eodds"], base["eodds"])  # at least 30 % below
-    assert sw["auc"] >= base["auc"] - 0.03, (sw["auc"], base["auc"])  # no seed more than 0.03 below
+    """On every seed, each method keeps test AUC within 0.01 and ACC within 0.02 of the original model, or says it
+    left the model unchanged (then its figures are the original's); the chosen run raised no guard warning."""
+    base = out["methods"]["Baseline"]
+    for name in ("BMFT", "SWiFT"):
+        m = out["methods"][name]
+        if out["selected"][name] is None:
+            assert m == base, name
+        else:
+            assert m["auc"] >= base["auc"] - 0.01 and m["acc"] >= base["acc"] - 0.02, (name, m, base)
     assert out["guard_warnings"] == {"BMFT": [], "SWiFT": []}
 
 
 def test_demo_seed0_schema_and_targets(tmp_path):
-    out, stdout = run_demo(0, tmp_path)
+    out, stdout, stderr = run_demo(0, tmp_path)
     check_schema(out, 0)
     check_seed_targets(out)
-    # the averaged targets, checked here on one seed (the slow test averages seeds 0-2)
-    base, sw = out["methods"]["Baseline"], out["methods"]["SWiFT"]
-    assert sw["auc"] >= base["auc"] - 0.01 and sw["acc"] >= base["acc"] - 0.02
-    for name in METHODS:  # one table per method
-        assert f"{name} (test split)" in stdout
-    assert stdout.count("| AUC | ACC | SPD | EOdds | worst-group AUC |") == 3
-    assert "WARNING" not in stdout
+    # the averaged target, checked here on one seed (the slow test averages seeds 0-2): the mean-form gap halved
+    base = out["methods"]["Baseline"]
+    for name in ("BMFT", "SWiFT"):
+        assert out["methods"][name]["eodds_mean"] <= 0.5 * base["eodds_mean"], name
+    # one table, every method a row, the gap in all three forms beside AUC, ACC and the positive share
+    assert ("| method | AUC | ACC | positive share | EOdds (mean) | EOdds (max) | EOdds (code, signed sum) | "
+            "worst-group AUC | threshold |") in stdout
+    assert all(f"| {name} |" in stdout for name in METHODS)
+    assert "WARNING" not in stdout and "guard" not in stderr
 
 
 @pytest.mark.slow
@@ -131,6 +149,6 @@ def test_demo_three_seeds_targets(tmp_path):
     for seed, out in enumerate(outs):
         check_schema(out, seed)
         check_seed_targets(out)
-    d_auc = [o["methods"]["SWiFT"]["auc"] - o["methods"]["Baseline"]["auc"] for o in outs]
-    d_acc = [o["methods"]["SWiFT"]["acc"] - o["methods"]["Baseline"]["acc"] for o in outs]
-    assert sum(d_auc) / 3 >= -0.01 and sum(d_acc) / 3 >= -0.02
+    for name in ("BMFT", "SWiFT"):
+        before = sum(o["methods"]["Baseline"]["eodds_mean"] for o in outs)
+        assert sum(o["methods"][name]["eodds_mean"] for o in outs) <= 0.5 * before, name

@@ -1,7 +1,8 @@
 """Selection (fastmask.methods.selection): the chosen epoch is the admissible one of smallest gap and the model ends
 holding it; candidates branch off a shared first step exactly as if each had run alone; hopeless candidates stop; with
-no admissible candidate the model is unchanged; a partially collapsing candidate is flagged by the guard and rejected.
-On an imbalanced tabular set with an MLP (a spurious attribute feature), every oracle recomputed independently."""
+no admissible candidate the model is unchanged; a partially collapsing candidate is flagged by the guard and rejected;
+the baselines are selected by the same rule. On an imbalanced tabular set with an MLP (a spurious attribute feature),
+every oracle recomputed independently."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ from fastmask.data.balance import group_balance
 from fastmask.data.splits import stratified_split
 from fastmask.fairness.losses import wbce
 from fastmask.fairness.metrics import choose_threshold, evaluate
+from fastmask.methods.baselines.fairprune import FairPruneConfig
+from fastmask.methods.baselines.finetune import LLFTConfig
 from fastmask.methods.configs import BmftConfig, StepConfig, SwiftConfig
-from fastmask.methods.selection import Candidate, SelectionRule, grid, select
+from fastmask.methods.grids import Candidate, grid, two_step_grid
+from fastmask.methods.registry import METHODS
+from fastmask.methods.selection import SelectionRule, select
 from fastmask.model.scoring import score
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,6 +87,14 @@ def make_problem():
     return model, loaders, (y[val], a[val])
 
 
+def swift_grid(lr1, lr2, beta) -> tuple[Candidate, ...]:
+    return two_step_grid(("step1", "step2"), lr1=lr1, beta=beta, lr2=lr2)
+
+
+def swift_candidate(lr1: float, lr2: float, beta: float) -> Candidate:
+    return Candidate.of({"step1.lr": lr1, "beta": beta, "step2.lr": lr2})
+
+
 def fast(**kw) -> SwiftConfig:
     return SwiftConfig(step1=StepConfig(3, 1e-3, "adam", weight_decay=0.0),
                        step2=StepConfig(3, 1e-2, "adam", weight_decay=0.0), step2_feature_eval=True, **kw)
@@ -101,7 +114,7 @@ def test_the_chosen_epoch_is_the_admissible_one_of_smallest_gap_and_the_model_ho
     model, loaders, _ = problem
     original = copy.deepcopy(model)
     mask, train, val = loaders()
-    cands = grid(lr1=(1e-4, 1e-3), lr2=(1e-3, 1e-2), beta=(0.1,))
+    cands = swift_grid(lr1=(1e-4, 1e-3), lr2=(1e-3, 1e-2), beta=(0.1,))
     sel = select(model, "swift", mask, train, val, config=fast(), candidates=cands,
                  rule=SelectionRule(stop_auc_drop=1.0))
     assert len(sel.rows) == 4 * (3 + 3) and sel.stopped == []
@@ -127,7 +140,7 @@ def test_branches_equal_candidates_run_alone(problem):
     """The second candidate of a branch resumes from the state after the shared first step: its rows equal those of
     a selection that runs it alone."""
     model, loaders, _ = problem
-    pair = (Candidate(1e-3, 1e-2, 0.1), Candidate(1e-3, 3e-2, 0.1))
+    pair = (swift_candidate(1e-3, 1e-2, 0.1), swift_candidate(1e-3, 3e-2, 0.1))
     together = select(copy.deepcopy(model), "swift", *loaders(), config=fast(), candidates=pair)
     alone = select(copy.deepcopy(model), "swift", *loaders(), config=fast(), candidates=pair[1:])
     keys = ("step", "epoch", "auc", "acc", "eodds_mean", "eodds_max", "threshold")
@@ -137,7 +150,7 @@ def test_branches_equal_candidates_run_alone(problem):
     bm = select(copy.deepcopy(model), "bmft", *loaders(),
                 config=BmftConfig(impair=StepConfig(2, 1e-3, "adam", weight_decay=0.0),
                                   repair=StepConfig(2, 1e-2, "adam", weight_decay=0.0)),
-                candidates=(Candidate(1e-3, 1e-2, 0.1), Candidate(1e-3, 1e-2, 0.5)))
+                candidates=two_step_grid(("impair", "repair"), lr1=(1e-3,), beta=(0.1, 0.5), lr2=(1e-2,)))
     first = [r for r in bm.rows if r["step"] == "impair"]
     assert [r["candidate"] for r in first] == [0, 0, 1, 1]
     assert [r["auc"] for r in first[:2]] == [r["auc"] for r in first[2:]]
@@ -147,14 +160,18 @@ def test_a_hopeless_candidate_stops_and_with_no_admissible_epoch_the_model_is_un
     model, loaders, _ = problem
     original = copy.deepcopy(model.state_dict())
     m = copy.deepcopy(model)
-    wreck = (Candidate(3.0, 1e-2, 0.1), Candidate(3.0, 3e-2, 0.1))  # SWiFT step 1 at lr 3: the features are gone
+    wreck = swift_grid((3.0,), (1e-2, 3e-2), (0.1,))  # SWiFT step 1 at lr 3: the features are gone
     sel = select(m, "swift", *loaders(), config=fast(), candidates=wreck)
     assert sel.stopped == [0, 1] and sel.chosen is None and sel.result is None and sel.threshold == 0.5
     assert all(torch.equal(v, original[k]) for k, v in m.state_dict().items())
-    assert all(r["step"] == "step1" for r in sel.rows)  # candidate 1 shared the hopeless first step
+    # each stopped after the second epoch of step 2 (after the first its head is fresh), candidate 1 after branching
+    # off the shared first step
+    judged = [(r["candidate"], r["epoch"]) for r in sel.rows if r["step"] == "step2"]
+    assert judged == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert [r["candidate"] for r in sel.rows if r["step"] == "step1"] == [0, 0, 0, 1, 1, 1]
     # budgets nothing can meet: no choice, the model unchanged
     m = copy.deepcopy(model)
-    sel = select(m, "swift", *loaders(), config=fast(), candidates=grid((1e-3,), (1e-2,), (0.1,)),
+    sel = select(m, "swift", *loaders(), config=fast(), candidates=swift_grid((1e-3,), (1e-2,), (0.1,)),
                  rule=SelectionRule(share_tolerance=0.0, max_acc_drop=0.0, max_auc_drop=0.0))
     assert sel.chosen is None and all(not r["admissible"] for r in sel.rows)
     assert all(torch.equal(v, original[k]) for k, v in m.state_dict().items())
@@ -168,7 +185,7 @@ def test_a_partial_collapse_is_flagged_by_the_guard_and_rejected(problem):
     assert 0.2 < y_val.mean() < 0.3
     drift = SwiftConfig(step1=StepConfig(3, 3e-2, "sgd", momentum=0.9), step2=StepConfig(2, 1e-3, "sgd"),
                         beta=0.0)
-    sel = select(copy.deepcopy(model), "swift", *loaders(), config=drift, candidates=(Candidate(3e-2, 1e-3, 0.0),),
+    sel = select(copy.deepcopy(model), "swift", *loaders(), config=drift, candidates=(Candidate(),),
                  rule=SelectionRule(threshold=0.5, stop_auc_drop=1.0))
     share_breaks = [r for r in sel.rows if any("positive share" in w for w in r["why"])]
     assert share_breaks and not any(r["admissible"] for r in sel.rows) and sel.chosen is None
@@ -198,3 +215,56 @@ def test_evaluate_at_the_chosen_threshold_matches_the_independent_oracle(problem
     t = choose_threshold(s.y, s.p)
     m = evaluate(s.y, s.p, s.a, threshold=t)
     assert m["acc"] == pytest.approx(independent_scores(model, val, t)["acc"])
+
+
+def test_a_baseline_is_selected_by_the_same_rule_over_its_own_grid(problem):
+    """LLFT (one step, epochs reported) and FairPrune (no epochs: its final model is scored) through the same
+    :func:`select`: every row judged by the same budgets, the chosen one the admissible row of smallest gap, and the
+    model holding it."""
+    model, loaders, _ = problem
+    mask, train, val = loaders()
+    orig = independent_scores(model, val, 0.5)
+    llft = LLFTConfig(step=StepConfig(3, 1e-2, "adam", weight_decay=0.0))
+    for method, config, cands, n_rows in (
+            ("llft", llft, grid({"step.lr": (3e-3, 3e-2), "beta": (0.1,)}), 2 * 3),
+            ("fairprune", FairPruneConfig(), grid({"ratio": (0.0, 0.02, 0.3)}), 3)):
+        m = copy.deepcopy(model)
+        sel = select(m, method, mask, train, val, config=config, candidates=cands,
+                     rule=SelectionRule(stop_auc_drop=1.0))
+        assert len(sel.rows) == n_rows
+        for r in sel.rows:
+            ok = (orig["auc"] - r["auc"] <= 0.01 and orig["acc"] - r["acc"] <= 0.02
+                  and abs(r["positive_rate"] - r["label_positive_rate"]) <= 0.10)
+            assert r["admissible"] is ok, (method, r)
+        if method == "fairprune":
+            assert [r["epoch"] for r in sel.rows] == [None] * 3 and sel.rows[0]["step"] == "final"
+            assert sel.rows[0]["auc"] == pytest.approx(orig["auc"])  # ratio 0 prunes nothing
+        admissible = [r for r in sel.rows if r["admissible"]]
+        assert admissible, method
+        best = min(admissible, key=lambda r: (r["eodds_mean"], -r["auc"]))
+        assert sel.chosen == best
+        again = independent_scores(m, val, "accuracy")
+        assert again["eodds_mean"] == pytest.approx(best["eodds_mean"], abs=1e-12)
+        assert again["auc"] == pytest.approx(best["auc"], abs=1e-12)
+
+
+def test_every_tunable_method_has_a_grid_of_the_same_size_that_applies_to_its_configuration():
+    """The same tuning budget for every method in a comparison: each grid has GRID_SIZE candidates, and every
+    candidate changes fields its configuration has (an unknown one is an error naming it)."""
+    from fastmask.methods.grids import GRID_SIZE
+
+    for name, m in METHODS.items():
+        if name == "baseline":
+            assert m.grid == ()
+            continue
+        assert len(m.grid) == GRID_SIZE, name
+        config = m.config()
+        for c in m.grid:
+            changed = c.apply(config)
+            for path, value in c.settings:
+                obj = changed
+                for key in path.split("."):
+                    obj = getattr(obj, key)
+                assert obj == value, (name, path)
+    with pytest.raises(ValueError, match="'step3.lr'.*no field 'step3'"):
+        Candidate.of({"step3.lr": 1e-3}).apply(SwiftConfig())

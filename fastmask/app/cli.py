@@ -50,12 +50,12 @@ def _attr_pair(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"--attr-map {text!r}: group {group!r} is not an integer") from None
 
 
-def _common_model(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, metavar="SPEC",
+def _common_model(p: argparse.ArgumentParser, required: bool = True, title: str = "model") -> None:
+    g = p.add_argument_group(title)
+    g.add_argument("--model", required=required, metavar="SPEC",
                    help="'module:callable' (or 'file.py:callable') returning the nn.Module, or a torchvision / timm "
                    "architecture name (built with one output logit and no pretrained weights; nothing is downloaded)")
-    g.add_argument("--weights", required=True, metavar="PATH",
+    g.add_argument("--weights", required=required, metavar="PATH",
                    help="the model's state dict: safetensors, or a torch.save file read with weights_only=True")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow a pickled checkpoint that needs torch.load(weights_only=False); this runs code stored "
@@ -116,14 +116,96 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_shards)
 
 
+# ---- debias and compare: shared options ----------------------------------------------------------------------------
+
+
+def _external_data(p: argparse.ArgumentParser, required: bool = True, title: str = "data") -> None:
+    """The data options of ``debias`` and ``compare``: the shards, the attribute, the evaluation and external sets."""
+    g = p.add_argument_group(title)
+    g.add_argument("--shards", required=required, metavar="DIR", help="shards written by `fastmask shards`")
+    g.add_argument("--attr", required=required, metavar="COL", help="the sensitive attribute to debias")
+    g.add_argument("--attr-map", type=_attr_pair, action="append", metavar="VALUE=GROUP",
+                   help="map an attribute value to group 0 or 1 (repeat for each value; default: values are 0/1)")
+    g.add_argument("--test-fold", metavar="FOLD",
+                   help="evaluate on this fold (of --eval-shards if given, else of --shards, and then left out of "
+                   "the external set)")
+    g.add_argument("--eval-shards", metavar="DIR", help="evaluate on these shards")
+    g.add_argument("--external-fold", action="append", metavar="FOLD",
+                   help="draw the external set from this fold only (repeatable; default: all not evaluated on)")
+    g.add_argument("--balance-replace", choices=("auto", "true", "false"), default="auto",
+                   help="group balancing draws with replacement: auto (only where needed, default), true (the "
+                   "the authors' code), false")
+    _common_loader(p, g)
+
+
+def _data_spec(args: argparse.Namespace, seed: int) -> Any:
+    """The :class:`~fastmask.app.sets.DataSpec` of the data options."""
+    from fastmask.app.sets import DataSpec
+
+    replace = {"auto": "auto", "true": True, "false": False}[args.balance_replace]
+    return DataSpec(shards=args.shards, attr=args.attr, attr_map=dict(args.attr_map) if args.attr_map else None,
+                    test_fold=args.test_fold, eval_shards=args.eval_shards,
+                    external_folds=tuple(args.external_fold or ()), batch_size=args.batch_size,
+                    image_size=args.image_size, center_crop=args.center_crop, workers=args.workers, seed=seed,
+                    balance_replace=replace, strict=args.strict,
+                    **({"val_fraction": args.val_fraction} if args.val_fraction is not None else {}))
+
+
+def _selection_options(p: argparse.ArgumentParser, what: str) -> argparse._ArgumentGroup:
+    """--select, --val-fraction and the rule's options of ``debias`` and ``compare``; ``what`` says what is
+    selected."""
+    g = p.add_argument_group(
+        f"selection (the default: {what} chosen on a part of the external set held out for it, by the rule below; "
+        "docs/algorithm.md §10)")
+    g.add_argument("--select", choices=("grid", "none"), default="grid",
+                   help="grid: choose the configuration on held-out data (default); none: run one fixed "
+                   "configuration (the method's defaults and the options given) on all of the external set")
+    g.add_argument("--val-fraction", type=float, metavar="F",
+                   help="share of the external set held out, stratified by group and label (default 0.25)")
+    g.add_argument("--gap", choices=("eodds_mean", "eodds_max", "eopp", "spd"),
+                   help="the fairness gap to minimise (default eodds_mean, ½(|ΔTPR| + |ΔFPR|))")
+    g.add_argument("--max-auc-drop", type=float, metavar="D",
+                   help="largest admissible fall of validation AUC below the original model's (default 0.01)")
+    g.add_argument("--max-acc-drop", type=float, metavar="D",
+                   help="largest admissible fall of validation accuracy below the original model's (default 0.02)")
+    g.add_argument("--share-tolerance", type=float, metavar="D",
+                   help="largest admissible distance of the positive-prediction share from the label rate "
+                   "(default 0.10)")
+    g.add_argument("--threshold", type=_threshold, metavar="T",
+                   help="the decision threshold: accuracy (the one of the highest validation accuracy, the default "
+                   "when selecting), rate (positive share = label rate), or a number (the default with --select "
+                   "none: 0.5)")
+    return g
+
+
+_RULE_OPTIONS = ("gap", "max_auc_drop", "max_acc_drop", "share_tolerance", "threshold")
+
+
+def _rule(args: argparse.Namespace) -> Any:
+    """The selection rule of the command line, or None for --select none (after checking that no selection option
+    was given with it)."""
+    from fastmask.methods.selection import SelectionRule
+
+    if args.select == "none":
+        for name in (*_SELECTION_ONLY, *(n for n in ("grid_lr1", "grid_lr2", "grid_beta") if hasattr(args, n))):
+            if getattr(args, name) is not None:
+                raise ValueError(f"{_flag(name)} sets how a configuration is selected; it does nothing with "
+                                 "--select none")
+        if args.threshold is not None and not isinstance(args.threshold, float):
+            raise ValueError(f"--threshold {args.threshold} is chosen on the validation part, which --select none "
+                             "has not: give a number (default 0.5)")
+        return None
+    return SelectionRule(**{k: getattr(args, k) for k in _RULE_OPTIONS if getattr(args, k) is not None})
+
+
 # ---- debias -------------------------------------------------------------------------------------------------------
 
 # Options that only one method has; the pipeline configs reject the others.
 _ONLY = {"swift": ("task", "reinit_cmp", "reinit_scope"), "bmft": ("rate", "inclusive", "impair_data")}
 
 
-_SELECTION_ONLY = ("grid_lr1", "grid_lr2", "grid_beta", "gap", "max_auc_drop", "max_acc_drop", "share_tolerance",
-                   "val_fraction")
+# Options that only a selection reads (the grid's of debias are added where present).
+_SELECTION_ONLY = ("gap", "max_auc_drop", "max_acc_drop", "share_tolerance", "val_fraction")
 
 
 def _flag(name: str) -> str:
@@ -142,14 +224,6 @@ def _config(args: argparse.Namespace) -> Any:
             if getattr(args, name) is not None:
                 raise ValueError(f"{_flag(name)} sets one fixed configuration: pass --select none with it, or give "
                                  f"the values to choose among with {grid_flag}")
-    else:
-        for name in _SELECTION_ONLY:
-            if getattr(args, name) is not None:
-                raise ValueError(f"{_flag(name)} sets how a configuration is selected; it does nothing with "
-                                 "--select none")
-        if args.threshold is not None and not isinstance(args.threshold, float):
-            raise ValueError(f"--threshold {args.threshold} is chosen on the validation part, which --select none "
-                             "has not: give a number (default 0.5)")
     options = {name: getattr(args, name) for name in (
         "epochs1", "epochs2", "lr1", "lr2", "optimizer", "momentum", "weight_decay", "bias_space", "bias_form",
         "bias_empty", "beta", "mask_mode", "step2_feature_eval", "head", "collapse_threshold", "faithful",
@@ -159,17 +233,23 @@ def _config(args: argparse.Namespace) -> Any:
 
 def _plan(args: argparse.Namespace) -> Any:
     """The selection plan of the command line, or None for --select none."""
-    from fastmask.methods.selection import DEFAULT_GRIDS, Plan, SelectionRule, grid
+    from fastmask.methods.grids import two_step_grid
+    from fastmask.methods.registry import METHODS
+    from fastmask.methods.selection import Plan
 
-    if args.select == "none":
+    rule = _rule(args)
+    if rule is None:
         return None
-    defaults = DEFAULT_GRIDS[args.method]
-    candidates = grid(lr1=args.grid_lr1 or sorted({c.lr1 for c in defaults}),
-                      lr2=args.grid_lr2 or sorted({c.lr2 for c in defaults}),
-                      beta=args.grid_beta or sorted({c.beta for c in defaults}))
-    rule = {k: getattr(args, k) for k in ("gap", "max_auc_drop", "max_acc_drop", "share_tolerance", "threshold")
-            if getattr(args, k) is not None}
-    return Plan(candidates=candidates, rule=SelectionRule(**rule))
+    method = METHODS[args.method]
+    defaults = [c.as_dict() for c in method.grid]
+
+    def values(given: list[float] | None, path: str) -> list[float]:
+        return given or sorted({d[path] for d in defaults})
+
+    first, second = method.steps
+    candidates = two_step_grid(method.steps, lr1=values(args.grid_lr1, f"{first}.lr"),
+                               beta=values(args.grid_beta, "beta"), lr2=values(args.grid_lr2, f"{second}.lr"))
+    return Plan(candidates=candidates, rule=rule)
 
 
 def _threshold(text: str) -> float | str:
@@ -201,7 +281,6 @@ def _print_summary(args: argparse.Namespace, report: dict) -> None:
 
 def _run_debias(args: argparse.Namespace) -> int:
     from fastmask.app.debias import RunStopped, debias
-    from fastmask.app.sets import DataSpec
     from fastmask.parallel import ddp
     from fastmask.util.profiling import trace
 
@@ -209,13 +288,7 @@ def _run_debias(args: argparse.Namespace) -> int:
     if ddp.init_from_env():  # under torchrun: one rank per process, rank 0 writes the outputs
         device = device or str(ddp.local_device())
 
-    replace = {"auto": "auto", "true": True, "false": False}[args.balance_replace]
-    data = DataSpec(shards=args.shards, attr=args.attr, attr_map=dict(args.attr_map) if args.attr_map else None,
-                    test_fold=args.test_fold, eval_shards=args.eval_shards,
-                    external_folds=tuple(args.external_fold or ()), batch_size=args.batch_size,
-                    image_size=args.image_size, center_crop=args.center_crop, workers=args.workers, seed=args.seed,
-                    balance_replace=replace, strict=args.strict,
-                    **({"val_fraction": args.val_fraction} if args.val_fraction is not None else {}))
+    data = _data_spec(args, args.seed)
     try:
         # one trace per rank under torchrun (trace-rank<R>.json), else trace.json
         rank = f"-rank{ddp.dist.get_rank()}" if ddp.is_active() else ""
@@ -249,21 +322,7 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
         "(docs/algorithm.md §7-8).",
     )
     _common_model(p)
-    g = p.add_argument_group("data")
-    g.add_argument("--shards", required=True, metavar="DIR", help="shards written by `fastmask shards`")
-    g.add_argument("--attr", required=True, metavar="COL", help="the sensitive attribute to debias")
-    g.add_argument("--attr-map", type=_attr_pair, action="append", metavar="VALUE=GROUP",
-                   help="map an attribute value to group 0 or 1 (repeat for each value; default: values are 0/1)")
-    g.add_argument("--test-fold", metavar="FOLD",
-                   help="evaluate on this fold (of --eval-shards if given, else of --shards, and then left out of "
-                   "the external set)")
-    g.add_argument("--eval-shards", metavar="DIR", help="evaluate on these shards")
-    g.add_argument("--external-fold", action="append", metavar="FOLD",
-                   help="draw the external set from this fold only (repeatable; default: all not evaluated on)")
-    g.add_argument("--balance-replace", choices=("auto", "true", "false"), default="auto",
-                   help="group balancing draws with replacement: auto (only where needed, default), true (the "
-                   "the authors' code), false")
-    _common_loader(p, g)
+    _external_data(p)
 
     g = p.add_argument_group("method (unset options keep the method's defaults)")
     g.add_argument("--method", required=True, choices=("swift", "bmft"))
@@ -296,33 +355,14 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--inclusive", action="store_true", default=None, help="BMFT: hard mask R >= α instead of R > α")
     g.add_argument("--impair-data", choices=("external", "balanced"), help="BMFT: data of the impair step")
 
-    g = p.add_argument_group(
-        "selection (the default: every candidate of a small grid is tried on a part of the external set held out "
-        "for it, and the rule below chooses; docs/algorithm.md §10)")
-    g.add_argument("--select", choices=("grid", "none"), default="grid",
-                   help="grid: choose the configuration on held-out data (default); none: run one fixed "
-                   "configuration (the method's defaults and the options above) on all of the external set")
-    g.add_argument("--val-fraction", type=float, metavar="F",
-                   help="share of the external set held out, stratified by group and label (default 0.25)")
+    g = _selection_options(p, "every candidate of a small grid of learning rates and β is tried,")
     g.add_argument("--grid-lr1", type=float, nargs="+", metavar="LR",
                    help="candidate learning rates of step 1 / impair (default 1e-4 1e-3)")
     g.add_argument("--grid-lr2", type=float, nargs="+", metavar="LR",
                    help="candidate learning rates of step 2 / repair (default 1e-3 1e-2)")
     g.add_argument("--grid-beta", type=float, nargs="+", metavar="B", help="candidate values of β (default 0.1 0.5)")
-    g.add_argument("--gap", choices=("eodds_mean", "eodds_max", "eopp", "spd"),
-                   help="the fairness gap to minimise (default eodds_mean, ½(|ΔTPR| + |ΔFPR|))")
-    g.add_argument("--max-auc-drop", type=float, metavar="D",
-                   help="largest admissible fall of validation AUC below the original model's (default 0.01)")
-    g.add_argument("--max-acc-drop", type=float, metavar="D",
-                   help="largest admissible fall of validation accuracy below the original model's (default 0.02)")
-    g.add_argument("--share-tolerance", type=float, metavar="D",
-                   help="largest admissible distance of the positive-prediction share from the label rate "
-                   "(default 0.10)")
-    g.add_argument("--threshold", type=_threshold, metavar="T",
-                   help="the decision threshold saved with the weights: accuracy (the one of the highest validation "
-                   "accuracy, the default when selecting), rate (positive share = label rate), or a number (the "
-                   f"default with --select none: 0.5). No candidate within the budgets: exit status "
-                   f"{EXIT_UNCHANGED}, the model written unchanged")
+    g.description = (f"No candidate within the budgets: exit status {EXIT_UNCHANGED}, the model written unchanged "
+                     "(with threshold 0.5).")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -414,30 +454,53 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     from fastmask.app import compare  # imported here so that `fastmask --help` stays fast
 
-    methods = compare.check_arguments(args.methods, args.seeds, args.data)
-    compare.main(methods=methods, seeds=args.seeds, out=args.out, data=args.data, json_path=args.json,
-                 progress=not args.no_progress, threads=args.threads)
+    methods = compare.check_methods(args.methods, args.seeds)
+    rule = _rule(args)
+    if args.shards is None:
+        for name in ("model", "weights", "attr"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"{_flag(name)} goes with --shards (the user's data); without --shards compare runs "
+                                 "on the demo benchmark, which brings its own model")
+        source: Any = compare.DemoSource(**({"val_fraction": args.val_fraction} if args.val_fraction else {}))
+    else:
+        missing = [_flag(n) for n in ("model", "weights", "attr") if getattr(args, n) is None]
+        if missing:
+            raise ValueError(f"--shards needs {', '.join(missing)}")
+        source = compare.ShardSource(model=args.model, weights=args.weights, data=_data_spec(args, args.seeds[0]),
+                                     trust_pickle=args.trust_pickle, library=args.arch_library, device=args.device)
+    threads = args.threads if args.threads is not None else (1 if args.shards is None else None)
+    compare.main(source, methods=methods, seeds=args.seeds, out=args.out, rule=rule, json_path=args.json,
+                 progress=not args.no_progress, threads=threads)
     return 0
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
-        help="SWiFT, BMFT and the baselines over several seeds: a mean ± std table (markdown, CSV) and a plot",
-        description="Run the chosen methods (baselines of docs/algorithm.md §9, SWiFT, BMFT) on a benchmark over "
-        "several seeds and write table.md, table.csv, runs.csv and scatter.png (fairness against AUC) into --out.",
+        help="SWiFT, BMFT and the baselines over several seeds, each tuned the same way: a mean ± std table and a "
+        "plot",
+        description="Run the chosen methods (SWiFT, BMFT, the baselines of docs/algorithm.md §9) over several seeds, "
+        "each selected on a validation part of the external set from its own grid of the same size by the same "
+        "rule, and write table.md, table.csv, runs.csv and scatter.png (the gap against AUC) into --out. The data: "
+        "the demo benchmark by default, or your model and shards (--model, --weights, --shards, --attr and the "
+        "evaluation set, as for `fastmask debias`).",
     )
     p.add_argument("--methods", nargs="+", metavar="M",
                    help="method names (default: baseline swift bmft fullft-fdr llft diffgda random-mask hard-0.5), or "
                    "'all': baseline swift bmft fullft-rw fullft-reg fullft-fdr llft diffgda diffprune fairprune "
                    "random-mask hard-0.1 hard-0.3 hard-0.5 hard-0.7 hard-0.9 manual-bn manual-top")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N", help="seeds (default 0 1 2)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N",
+                   help="seeds (default 0 1 2): of the validation part, the balancing, the shuffling and the methods")
     p.add_argument("--out", metavar="DIR", default="fastmask-compare", help="output folder (default fastmask-compare)")
-    p.add_argument("--data", default="demo", help="data source (default and, for now, only: demo)")
     p.add_argument("--json", metavar="PATH", help="also write every run's metrics and the summary as JSON to PATH")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as fastmask demo)")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op threads (default: 1 on the demo, whose tiny CNN runs fastest so; torch's "
+                   "own default on your data)")
+    _common_model(p, required=False, title="model (with --shards; default: the demo's)")
+    _external_data(p, required=False, title="data (default: the demo benchmark)")
+    _selection_options(p, "each method's configuration (its own grid of the same size)")
     p.set_defaults(func=_run_compare)
+
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo, _add_shards, _add_debias, _add_evaluate, _add_compare,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -31,10 +31,7 @@ import fastmask
 from fastmask.app.plots import plot_epochs, plot_mask_layers, plot_selection
 from fastmask.app.report import evaluation_scores, mask_layer_stats, write_debias_report
 from fastmask.app.run_state import CHECKPOINT, SavedRun, file_sha256, index_digest
-from fastmask.app.sets import DataSpec, read_sets, set_summary
-from fastmask.data.balance import group_balance
-from fastmask.data.loader import ShardLoader, make_loader
-from fastmask.data.splits import stratified_split
+from fastmask.app.sets import DataSpec, Tracked, loader_summary, parts, read_sets, set_summary
 from fastmask.fairness.losses import BiasSpec
 from fastmask.masking.masks import mask_fraction, save_masks
 from fastmask.methods.configs import BmftConfig, SwiftConfig
@@ -55,8 +52,6 @@ OUTPUTS = {
     "report_md": "report.md",
 }
 PLOTS = {"mask": "mask_layers.png", "epochs": "epochs.png", "selection": "selection.png"}
-#: The steps of each method, in order.
-STEPS = {"swift": ("step1", "step2"), "bmft": ("impair", "repair")}
 #: Selection with the default grid and rule.
 DEFAULT_PLAN = Plan()
 
@@ -119,7 +114,7 @@ def debias(
         ValueError / FileNotFoundError: bad inputs; the message names the file, column, attribute value, group or
             option at fault. :class:`RunStopped`: see ``stop_after_epochs``.
     """
-    if method not in STEPS or not isinstance(config, SwiftConfig if method == "swift" else BmftConfig):
+    if method not in ("swift", "bmft") or not isinstance(config, SwiftConfig if method == "swift" else BmftConfig):
         raise ValueError(f"method {method!r} needs a {'SwiftConfig' if method == 'swift' else 'BmftConfig'}")
     if stop_after_epochs is not None and stop_after_epochs < 1:
         raise ValueError(f"stop_after_epochs must be >= 1, got {stop_after_epochs}")
@@ -166,31 +161,13 @@ class _DebiasRun:
         self.head_name = config.head or find_head_name(self.net)
         _, self.head_params, self.feat_params = split_head(self.net, self.head_name)
         self.sets = read_sets(data)
-        # Selecting a configuration holds out a validation part of D_e; the mask and the steps see the rest.
-        self.fit, self.val = self.sets.external, None
-        if plan is not None:
-            ext = self.sets.external
-            fit_i, val_i = stratified_split(ext["y"].to_numpy(), ext["a"].to_numpy(), data.val_fraction, data.seed)
-            self.fit, self.val = ext.iloc[fit_i], ext.iloc[val_i]
-        self.balanced = group_balance(self.fit, "a", "y", seed=data.seed, replace=data.balance_replace)
-        common = {"batch_size": data.batch_size, "image_size": data.image_size, "workers": data.workers,
-                  "seed": data.seed, "attr": data.attr, "attr_map": data.attr_map, "center_crop": data.center_crop,
-                  "strict": data.strict}
+        run_parts = parts(self.sets, data, hold_out=plan is not None)
+        self.fit, self.val, self.balanced = run_parts.fit, run_parts.val, run_parts.balanced
+        self.mask_loader, self.train_loader = run_parts.mask, run_parts.train
         self.loader_log: list[dict[str, Any]] = []
-        # Importance on the unbalanced D_e with test transforms, shuffled (docs/algorithm.md §1); both steps on D_r,
-        # augmented.
-        self.mask_loader = make_loader(self.sets.index, train=False, shuffle=True, keys=list(self.fit.index), **common)
-        self.train_loader = make_loader(self.sets.index, train=True, keys=self.balanced["source_index"], **common)
-        # Under torchrun the mask and train loaders split the data by rank; every rank evaluates the whole
-        # evaluation set (same numbers everywhere) and only rank 0 writes files.
-        eval_loader = make_loader(self.sets.eval_index, train=False, keys=list(self.sets.test.index),
-                                  return_keys=True, rank=0, world_size=1, **common)
-        self.eval_loader = _Tracked(eval_loader, "evaluation", self.loader_log)
-        self.val_loader = None
-        if self.val is not None:
-            val_loader = make_loader(self.sets.index, train=False, shuffle=False, keys=list(self.val.index), rank=0,
-                                     world_size=1, **common)
-            self.val_loader = _Tracked(val_loader, "validation", self.loader_log)
+        self.eval_loader = Tracked(run_parts.evaluation, "evaluation", self.loader_log)
+        self.val_loader = None if run_parts.validation is None else Tracked(run_parts.validation, "validation",
+                                                                             self.loader_log)
         self.writer = ddp.is_writer()
         # What the run depends on: the shard paths may change between invocations, their content (the index) may
         # not.
@@ -229,7 +206,7 @@ class _DebiasRun:
         return RunState.from_state(saved.run, self.config)
 
     def _epochs_left(self, state: RunState) -> int:
-        steps = STEPS[self.method]
+        steps = METHODS[self.method].steps
         later = steps[steps.index(state.step) + 1:]
         return (getattr(self.config, state.step).epochs - state.epoch
                 + sum(getattr(self.config, name).epochs for name in later))
@@ -264,8 +241,8 @@ class _DebiasRun:
         """Run the method (or resume it) or select its configuration, evaluate, write the outputs; the content of
         ``report.json``."""
         resume = self._resume_state()
-        mask_loader = _Tracked(self.mask_loader, "mask", self.loader_log)
-        train_loader = _Tracked(self.train_loader, "train", self.loader_log)
+        mask_loader = Tracked(self.mask_loader, "mask", self.loader_log)
+        train_loader = Tracked(self.train_loader, "train", self.loader_log)
         self.meter.start()
         selection = None
         try:
@@ -329,7 +306,7 @@ class _DebiasRun:
             }},
             "selection": None if selection is None else selection.to_dict(),
             "threshold": after["overall"]["threshold"],
-            "loader": _loader_summary(self.loader_log),
+            "loader": loader_summary(self.loader_log),
             "before": before,
             "after": after,
             "change": {k: _diff(after["overall"][k], before["overall"][k]) for k in before["overall"]},
@@ -345,42 +322,6 @@ class _DebiasRun:
                                              "epochs": PLOTS["epochs"] if len(self.epochs) > 1 else None,
                                              "selection": PLOTS["selection"] if selection is not None else None}},
         }
-
-
-class _Tracked:
-    """A loader that logs its :class:`~fastmask.data.stats.LoaderStats` after every complete pass (for the report)."""
-
-    def __init__(self, loader: ShardLoader, name: str, log: list[dict[str, Any]]) -> None:
-        self.loader, self.name, self.log = loader, name, log
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        yield from self.loader
-        self.log.append({"loader": self.name, **self.loader.stats.to_dict()})
-
-
-def _loader_summary(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    by_loader: dict[str, dict[str, int]] = {}
-    by_reason: dict[str, int] = {}
-    damaged: dict[tuple, dict[str, Any]] = {}
-    for entry in log:
-        agg = by_loader.setdefault(entry["loader"], {"passes": 0, "samples": 0, "skipped": 0})
-        agg["passes"] += 1
-        agg["samples"] += entry["samples"]
-        agg["skipped"] += entry["skipped"]
-        for reason, n in entry["by_reason"].items():
-            by_reason[reason] = by_reason.get(reason, 0) + n
-        for r in entry["records"]:
-            where = (entry["loader"], r["shard"], r["key"], r["reason"])
-            if where in damaged:
-                damaged[where]["samples"] += r["samples"]
-            else:
-                damaged[where] = {"loader": entry["loader"], "shard": r["shard"], "key": r["key"],
-                                  "reason": r["reason"], "samples": r["samples"], "detail": r["detail"]}
-    return {"skipped": sum(by_reason.values()), "by_reason": by_reason, "by_loader": by_loader,
-            "damaged": list(damaged.values())}
 
 
 def _memory_account(net: nn.Module, laps: Mapping[str, Any]) -> dict[str, Any]:

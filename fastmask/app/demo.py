@@ -6,10 +6,13 @@ images, so an ERM-trained CNN learns to read the tint as well as the shape; in t
 is independent of the label. On the test split the biased model then predicts "positive" more often for blue digits
 of either class: a large equalised-odds gap.
 
-The demo trains that biased CNN with ERM, then debiases copies of it with BMFT and SWiFT through the public API
-(:func:`fastmask.methods.bmft.bmft`, :func:`fastmask.methods.swift.swift`,
-:func:`fastmask.data.balance.group_balance`), and reports AUC, ACC, SPD, EOdds (the authors' code's definition) and
-the worst-group AUC on the test split.
+The demo trains that biased CNN with ERM, then debiases copies of it with BMFT and SWiFT as a user would, through
+the public API: a validation part held out of the external set (:func:`fastmask.data.splits.stratified_split`), the
+group-balanced D_r drawn from the rest (:func:`fastmask.data.balance.group_balance`), and each method's default
+configuration selected on the validation part (:func:`fastmask.methods.selection.select`, its default grid and
+rule). It reports, on the test split at each model's decision threshold, AUC, accuracy, the share of positive
+predictions, the equalised-odds gap in its mean and max forms beside the authors' code's signed sum, and the
+worst-group AUC.
 """
 
 from __future__ import annotations
@@ -31,24 +34,25 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from fastmask.app.tables import markdown_table
+from fastmask.app.tables import HEADLINE, METRIC_NAMES, markdown_table
 from fastmask.data.balance import group_balance
 from fastmask.data.image_table import ImageTableDataset
 from fastmask.data.loader import ShardLoader, make_loader
 from fastmask.data.shards import ShardIndex, write_shards
+from fastmask.data.splits import stratified_split
 from fastmask.fairness.losses import wbce
 from fastmask.fairness.metrics import evaluate
-from fastmask.methods.bmft import bmft
-from fastmask.methods.configs import BmftConfig, StepConfig, SwiftConfig
-from fastmask.methods.state import Result
-from fastmask.methods.swift import swift
+from fastmask.methods.grids import Candidate
+from fastmask.methods.registry import METHODS
+from fastmask.methods.selection import Selection, select
 from fastmask.model.scoring import score as score_model
 from fastmask.util.files import atomic_write_bytes
 
 __all__ = ["DigitsSplits", "tinted_images", "digits_benchmark", "stream", "DemoCNN", "train_erm", "score",
-           "prepare", "loaders", "run", "format_table", "main", "SWIFT_DEMO", "BMFT_DEMO", "METRICS"]
+           "prepare", "parts", "run", "format_table", "main", "METRICS"]
 
-METRICS = ("auc", "acc", "spd", "eodds", "worst_group_auc")
+#: The demo table's columns: the headline (:mod:`fastmask.app.tables`) and the worst-group AUC.
+METRICS = (*HEADLINE, "worst_group_auc")
 
 # Share of training images whose tint agrees with the label.
 AGREEMENT = 0.9
@@ -167,9 +171,11 @@ def train_erm(model: nn.Module, loader: Iterable, *, epochs: int = 30, lr: float
     return model.eval()
 
 
-def score(model: nn.Module, loader: Iterable) -> dict[str, float]:
-    """:func:`fastmask.fairness.metrics.evaluate` of the model's predictions p = σ(z) (eval mode) over ``loader``."""
-    return evaluate(*score_model(model, loader)[:3])
+def score(model: nn.Module, loader: Iterable, threshold: float = 0.5) -> dict[str, float]:
+    """:func:`fastmask.fairness.metrics.evaluate` of the model's predictions p = σ(z) (eval mode) over ``loader``,
+    ŷ = 1[p > ``threshold``]."""
+    s = score_model(model, loader)
+    return evaluate(s.y, s.p, s.a, threshold=threshold)
 
 
 def prepare(seed: int, *, progress: bool = False, batch_size: int = 64) -> tuple[DigitsSplits, DemoCNN]:
@@ -180,59 +186,66 @@ def prepare(seed: int, *, progress: bool = False, batch_size: int = 64) -> tuple
     return splits, train_erm(DemoCNN(), stream(splits.train, seed, batch_size=batch_size), progress=progress)
 
 
-def loaders(external: ShardIndex, seed: int, batch_size: int = 64) -> tuple[ShardLoader, ShardLoader]:
-    """(mask_loader over the unbalanced external set D_e, train_loader over the group-balanced D_r), both streamed
-    from the external shards with test transforms and shuffled from ``seed``; D_r is selected by key with
-    :func:`group_balance` on the shard index's metadata table, as a user would."""
-    d_r = group_balance(external.table(), "tint", "target", seed=seed)["source_index"]
-    return (stream(external, seed, batch_size=batch_size),
-            stream(external, seed, batch_size=batch_size, keys=d_r))
+def parts(external: ShardIndex, seed: int, val_fraction: float = 0.25,
+          batch_size: int = 64) -> tuple[ShardLoader, ShardLoader, ShardLoader | None]:
+    """(mask_loader, train_loader, val_loader) over the external shards, as a user would build them: a validation
+    part of ``val_fraction`` held out, stratified by (tint, label) (none when 0: ``val_loader`` is None); the mask
+    loader over the unbalanced rest, the train loader over the group-balanced D_r drawn from it
+    (:func:`group_balance` on the shard index's metadata table, applied by key). Test transforms, seeded."""
+    table = external.table()
+    fit, val = table, None
+    if val_fraction > 0:
+        fit_i, val_i = stratified_split(table["target"].to_numpy(), table["tint"].to_numpy(), val_fraction, seed)
+        fit, val = table.iloc[fit_i], table.iloc[val_i]
+    d_r = group_balance(fit, "tint", "target", seed=seed)["source_index"]
+    val_loader = None if val is None else stream(external, seed, batch_size=512, shuffle=False, keys=val.index)
+    return (stream(external, seed, batch_size=batch_size, keys=fit.index),
+            stream(external, seed, batch_size=batch_size, keys=d_r), val_loader)
 
 
-# The demo's settings: step 1 is the authors' (SGD, lr 1e-4, momentum 0.9, weight decay 5e-4, 10 epochs), a gentle
-# update of E; step 2 trains the head well (Adam, lr 1e-2, 30 epochs) with E in eval mode, so the frozen E's
-# BatchNorm statistics do not drift. Every choice is a public pipeline option.
-SWIFT_DEMO = SwiftConfig(step2=StepConfig(epochs=30, lr=1e-2, optimizer="adam", weight_decay=0.0),
-                         step2_feature_eval=True)
-BMFT_DEMO = BmftConfig(repair=StepConfig(epochs=30, lr=1e-2, optimizer="adam", weight_decay=0.0),
-                       step2_feature_eval=True)
+#: The methods of the demo: table name -> registry name.
+DEMO_METHODS = {"BMFT": "bmft", "SWiFT": "swift"}
 
 
-def run(seed: int = 0, *, progress: bool = True, swift_config: SwiftConfig = SWIFT_DEMO,
-        bmft_config: BmftConfig = BMFT_DEMO, batch_size: int = 64) -> dict[str, Any]:
-    """The whole benchmark for one seed.
+def run(seed: int = 0, *, progress: bool = True, batch_size: int = 64) -> dict[str, Any]:
+    """The whole benchmark for one seed: each method's default configuration selected on the validation part.
 
-    Returns ``{"seed", "seconds", "methods": {method: test metrics}, "guard_warnings": {method: [messages]},
-    "results": {method: pipeline Result}}``.
+    Returns ``{"seed", "seconds", "methods": {method: test metrics at its threshold}, "selected": {method: what
+    was chosen, or None when the model was left unchanged}, "guard_warnings": {method: [messages of the chosen
+    run]}, "selections": {method: Selection}}``.
     """
     start = time.perf_counter()
     splits, baseline = prepare(seed, progress=progress, batch_size=batch_size)
     try:
-        mask_loader, train_loader = loaders(splits.external, seed, batch_size)
+        mask_loader, train_loader, val_loader = parts(splits.external, seed, batch_size=batch_size)
         test_loader = stream(splits.test_shards, seed, batch_size=512, shuffle=False)
         methods = {"Baseline": score(baseline, test_loader)}
-        results: dict[str, Result] = {}
-        for name, fn, cfg in (("BMFT", bmft, bmft_config), ("SWiFT", swift, swift_config)):
+        selections: dict[str, Selection] = {}
+        for name, method in DEMO_METHODS.items():
             model = copy.deepcopy(baseline)
-            results[name] = fn(model, mask_loader, train_loader, config=replace(cfg, seed=seed), progress=progress)
-            methods[name] = score(model, test_loader)
+            config = replace(METHODS[method].config(), seed=seed)
+            selections[name] = select(model, method, mask_loader, train_loader, val_loader, config=config,
+                                      progress=progress)
+            methods[name] = score(model, test_loader, selections[name].threshold)
     finally:
         splits.close()
     return {
         "seed": seed,
         "seconds": time.perf_counter() - start,
-        "methods": {m: {k: v[k] for k in METRICS} for m, v in methods.items()},
-        "guard_warnings": {m: [w.message for w in r.guard_warnings] for m, r in results.items()},
-        "results": results,
+        "methods": {m: {k: v[k] for k in (*METRICS, "threshold")} for m, v in methods.items()},
+        "selected": {m: None if s.chosen is None else {"candidate": s.candidates[s.chosen["candidate"]].as_dict(),
+                                                        "step": s.chosen["step"], "epoch": s.chosen["epoch"]}
+                     for m, s in selections.items()},
+        "guard_warnings": {m: [w.message for w in (s.result.guard_warnings if s.result else [])]
+                           for m, s in selections.items()},
+        "selections": selections,
     }
 
 
-HEADERS = {"auc": "AUC", "acc": "ACC", "spd": "SPD", "eodds": "EOdds", "worst_group_auc": "worst-group AUC"}
-
-
-def format_table(name: str, metrics: dict[str, float]) -> str:
-    """One method's test metrics as a markdown table."""
-    return f"{name} (test split)\n" + markdown_table([HEADERS[k] for k in METRICS], [[metrics[k] for k in METRICS]])
+def format_table(methods: dict[str, dict[str, float]]) -> str:
+    """The test metrics of every method, one row each, as a markdown table."""
+    return markdown_table(["method", *(METRIC_NAMES[k] for k in METRICS), "threshold"],
+                          [[name, *(m[k] for k in METRICS), m["threshold"]] for name, m in methods.items()])
 
 
 def main(seed: int = 0, json_path: str | os.PathLike | None = None, progress: bool = True,
@@ -249,15 +262,22 @@ def main(seed: int = 0, json_path: str | os.PathLike | None = None, progress: bo
         out = run(seed, progress=progress)
     finally:
         torch.set_num_threads(previous)
-    print(f"fastmask demo: digits >= 5, tint attribute (agreement {AGREEMENT:.0%} in training), seed {seed}")
-    for name, metrics in out["methods"].items():
-        print()
-        print(format_table(name, metrics))
+    print(f"fastmask demo: digits >= 5, tint attribute (agreement {AGREEMENT:.0%} in training), seed {seed}; "
+          "BMFT and SWiFT selected on a validation part of the external set; test split, EOdds (mean) = "
+          "½(|ΔTPR| + |ΔFPR|), (max) = max(|ΔTPR|, |ΔFPR|), (code) = ½·|ΔTPR + ΔFPR| (opposite gaps cancel in it)")
+    print()
+    print(format_table(out["methods"]))
+    for name, chosen in out["selected"].items():
+        if chosen is None:
+            print(f"{name}: no candidate met the budgets on the validation part; the model is unchanged")
+        else:
+            settings = Candidate.of(chosen["candidate"]).describe()
+            print(f"{name}: selected {settings}, after {chosen['step']} epoch {chosen['epoch']}")
     for name, messages in out["guard_warnings"].items():
         for msg in messages:
             print(f"WARNING ({name}): {msg}")
     print(f"\n{out['seconds']:.1f} s")
-    summary = {k: out[k] for k in ("seed", "seconds", "methods", "guard_warnings")}
+    summary = {k: out[k] for k in ("seed", "seconds", "methods", "selected", "guard_warnings")}
     if json_path is not None:
         atomic_write_bytes(json_path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     return summary

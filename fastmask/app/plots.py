@@ -102,10 +102,11 @@ _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "p", "h", "d")
 ZOOM_AUC = 0.02
 
 
-def plot_compare(summary: pd.DataFrame, path: str | os.PathLike, title: str, metrics: Mapping[str, str]) -> None:
-    """Fairness against AUC: per test set, EOdds and SPD (y, lower is fairer; ``metrics`` names them) against AUC
-    (x), one point per method with ± std error bars, and EOdds zoomed on the methods within ``ZOOM_AUC`` of the best
-    mean AUC (where the competitive methods crowd). Each method has its own marker and colour, the Baseline a star."""
+def plot_compare(summary: pd.DataFrame, path: str | os.PathLike, title: str) -> None:
+    """The fairness gap against AUC: per test set, EOdds in its mean and max forms (y, lower is fairer) against AUC
+    (x), one point per method with ± std error bars, and the mean form zoomed on the methods within ``ZOOM_AUC`` of
+    the best mean AUC (where the competitive methods crowd). Each method has its own marker and colour, the Baseline
+    a star. The signed sum is not plotted: opposite gaps cancel in it."""
     tests = list(dict.fromkeys(summary["test_set"]))
     methods = list(dict.fromkeys(summary["method"]))
     style = {m: ("*", "C0", 13) if m == "baseline" else (_MARKERS[i % len(_MARKERS)], f"C{i % 10}", 7)
@@ -116,8 +117,8 @@ def plot_compare(summary: pd.DataFrame, path: str | os.PathLike, title: str, met
         part = summary[summary["test_set"] == test]
         best = part["auc_mean"].max()
         near = part[part["auc_mean"] >= best - ZOOM_AUC]
-        panels = (("eodds", part, "all methods"), ("spd", part, "all methods"),
-                  ("eodds", near, f"zoom: AUC within {ZOOM_AUC} of the best"))
+        panels = (("eodds_mean", part, "all methods"), ("eodds_max", part, "all methods"),
+                  ("eodds_mean", near, f"zoom: AUC within {ZOOM_AUC} of the best"))
         for ax, (metric, shown, what) in zip(row, panels, strict=True):
             for _, r in shown.iterrows():
                 marker, colour, size = style[r["method"]]
@@ -125,8 +126,8 @@ def plot_compare(summary: pd.DataFrame, path: str | os.PathLike, title: str, met
                             yerr=_nan0(r[f"{metric}_std"]), fmt=marker, color=colour, markersize=size, capsize=2,
                             elinewidth=0.8, alpha=0.9, label=r["label"])
             ax.set_xlabel("AUC (higher is better)")
-            ax.set_ylabel(f"{metrics[metric]} (lower is fairer)")
-            ax.set_title(f"{metrics[metric]} vs AUC, {test} ({what})")
+            ax.set_ylabel(f"{METRIC_NAMES[metric]} (lower is fairer)")
+            ax.set_title(f"{METRIC_NAMES[metric]} vs AUC, {test} ({what})")
             ax.grid(alpha=0.3)
         handles, labels = row[0].get_legend_handles_labels()
         row[2].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))

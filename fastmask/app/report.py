@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fastmask.app.tables import GROUP_COLUMNS, METRIC_NAMES, group_rows, headline, markdown_table
 from fastmask.fairness.metrics import evaluate, group_table
+from fastmask.methods.grids import Candidate
 from fastmask.util.files import jsonable, write_json, write_text
 
 
@@ -75,9 +76,15 @@ def verdict(report: Mapping[str, Any]) -> str:
         return (f"No candidate of {report['method'].upper()} met the budgets on the validation part: the model is "
                 "unchanged.")
     c = selection["chosen"]
-    return (f"{report['method'].upper()} selected on the validation part: candidate {c['candidate']} (step-1 lr "
-            f"{c['lr1']:g}, step-2 lr {c['lr2']:g}, β {c['beta']:g}) after {c['step']} epoch {c['epoch']}, decision "
-            f"threshold {c['threshold']:.4f}.")
+    when = f"after {c['step']} epoch {c['epoch']}" if c["epoch"] is not None else "as the run left it"
+    return (f"{report['method'].upper()} selected on the validation part: candidate {c['candidate']} "
+            f"({Candidate.of(c['settings']).describe()}) {when}, decision threshold {c['threshold']:.4f}.")
+
+
+def _value(v: Any) -> Any:
+    """A setting as tables show it: a float in its shortest form (a learning rate of 3e-05 stays readable)."""
+    return f"{v:g}" if isinstance(v, float) else v
+
 
 
 def _selection_md(selection: Mapping[str, Any], plot: str | None) -> list[str]:
@@ -95,10 +102,11 @@ def _selection_md(selection: Mapping[str, Any], plot: str | None) -> list[str]:
     def verdict(r: Mapping[str, Any]) -> str:
         return "chosen" if r == selection["chosen"] else ("yes" if r["admissible"] else "no")
 
-    rows = ([r["candidate"], f"{r['lr1']:g}", f"{r['lr2']:g}", f"{r['beta']:g}", r["step"], r["epoch"],
-             r["threshold"], r["auc"], r["acc"], r["positive_rate"], r["label_positive_rate"], r["eodds_mean"],
-             r["eodds_max"], r["eodds"], verdict(r), "; ".join(r["why"])] for r in selection["rows"])
-    out += [markdown_table(["cand.", "lr1", "lr2", "β", "step", "epoch", "threshold", "AUC", "ACC", "positive share",
+    paths = list(dict.fromkeys(k for c in selection["candidates"] for k in c))
+    rows = ([r["candidate"], *(_value(r["settings"].get(k)) for k in paths), r["step"], r["epoch"], r["threshold"],
+             r["auc"], r["acc"], r["positive_rate"], r["label_positive_rate"], r["eodds_mean"], r["eodds_max"],
+             r["eodds"], verdict(r), "; ".join(r["why"])] for r in selection["rows"])
+    out += [markdown_table(["cand.", *paths, "step", "epoch", "threshold", "AUC", "ACC", "positive share",
                             "label rate", "EOdds (mean)", "EOdds (max)", "EOdds (code)", "admissible",
                             "budgets broken"], rows), ""]
     return out

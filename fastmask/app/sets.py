@@ -1,6 +1,8 @@
-"""Which samples play which part in ``fastmask debias``: the evaluation set (a fold of the shards, or other
-shards) and the external set D_e (the rest), read from the shard index with the sensitive attribute coded 0 / 1.
-Errors name the command-line flag, the sample and the value at fault."""
+"""Which samples play which part in ``fastmask debias`` and ``fastmask compare``: the evaluation set (a fold of the
+shards, or other shards) and the external set D_e (the rest), read from the shard index with the sensitive attribute
+coded 0 / 1 (:func:`read_sets`); and the loaders of one run over them (:func:`parts`): D_e split into a fitting and
+a validation part when a configuration is selected, the group-balanced D_r drawn from the fitting part. Errors name
+the command-line flag, the sample and the value at fault."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from fastmask.data.balance import group_balance
 from fastmask.data.batch import attr_code
+from fastmask.data.loader import ShardLoader, make_loader
 from fastmask.data.shards import ShardIndex
+from fastmask.data.splits import stratified_split
 
 
 @dataclass(frozen=True)
@@ -159,3 +164,84 @@ def set_summary(frame: pd.DataFrame, description: str) -> dict[str, Any]:
     groups = {str(g): {"n": int((frame["a"] == g).sum()), "positives": int(frame.loc[frame["a"] == g, "y"].sum())}
               for g in (0, 1)}
     return {"samples": len(frame), "positives": int(frame["y"].sum()), "groups": groups, "description": description}
+
+
+@dataclass
+class Parts:
+    """The parts of one run: the samples (``fit``, the validation part ``val`` or None, ``balanced`` D_r, each
+    indexed by key) and the loaders over them."""
+
+    fit: pd.DataFrame
+    val: pd.DataFrame | None
+    balanced: pd.DataFrame
+    mask: ShardLoader
+    train: ShardLoader
+    validation: ShardLoader | None
+    evaluation: ShardLoader
+
+
+def parts(sets: Sets, data: DataSpec, *, hold_out: bool) -> Parts:
+    """The loaders of a run over ``sets`` with the settings of ``data`` (its seed included).
+
+    With ``hold_out`` a validation part of D_e (``data.val_fraction``, stratified by group and label) is set aside
+    to choose a configuration on; the mask and the steps see the rest. As in the authors' code (docs/algorithm.md
+    §1) the mask loader reads the **unbalanced** fitting part with test transforms, shuffled; the train loader the
+    group-balanced D_r drawn from it, with the training augmentation. Under torchrun those two split the data by
+    rank, while every rank reads the whole validation and evaluation sets (the same numbers everywhere).
+    """
+    fit, val = sets.external, None
+    if hold_out:
+        ext = sets.external
+        fit_i, val_i = stratified_split(ext["y"].to_numpy(), ext["a"].to_numpy(), data.val_fraction, data.seed)
+        fit, val = ext.iloc[fit_i], ext.iloc[val_i]
+    balanced = group_balance(fit, "a", "y", seed=data.seed, replace=data.balance_replace)
+    common = {"batch_size": data.batch_size, "image_size": data.image_size, "workers": data.workers,
+              "seed": data.seed, "attr": data.attr, "attr_map": data.attr_map, "center_crop": data.center_crop,
+              "strict": data.strict}
+    whole = {"rank": 0, "world_size": 1, **common}
+    return Parts(
+        fit=fit, val=val, balanced=balanced,
+        mask=make_loader(sets.index, train=False, shuffle=True, keys=list(fit.index), **common),
+        train=make_loader(sets.index, train=True, keys=balanced["source_index"], **common),
+        validation=None if val is None else make_loader(sets.index, train=False, shuffle=False,
+                                                        keys=list(val.index), **whole),
+        evaluation=make_loader(sets.eval_index, train=False, keys=list(sets.test.index), return_keys=True, **whole),
+    )
+
+
+class Tracked:
+    """A loader that logs its :class:`~fastmask.data.stats.LoaderStats` after every complete pass (for the report)."""
+
+    def __init__(self, loader: ShardLoader, name: str, log: list[dict[str, Any]]) -> None:
+        self.loader, self.name, self.log = loader, name, log
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from self.loader
+        self.log.append({"loader": self.name, **self.loader.stats.to_dict()})
+
+
+def loader_summary(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What :class:`Tracked` loaders logged, summed: ``skipped`` (damaged sample reads), by reason, by loader, and
+    one entry per damaged sample."""
+    by_loader: dict[str, dict[str, int]] = {}
+    by_reason: dict[str, int] = {}
+    damaged: dict[tuple, dict[str, Any]] = {}
+    for entry in log:
+        agg = by_loader.setdefault(entry["loader"], {"passes": 0, "samples": 0, "skipped": 0})
+        agg["passes"] += 1
+        agg["samples"] += entry["samples"]
+        agg["skipped"] += entry["skipped"]
+        for reason, n in entry["by_reason"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+        for r in entry["records"]:
+            where = (entry["loader"], r["shard"], r["key"], r["reason"])
+            if where in damaged:
+                damaged[where]["samples"] += r["samples"]
+            else:
+                damaged[where] = {"loader": entry["loader"], "shard": r["shard"], "key": r["key"],
+                                  "reason": r["reason"], "samples": r["samples"], "detail": r["detail"]}
+    return {"skipped": sum(by_reason.values()), "by_reason": by_reason, "by_loader": by_loader,
+            "damaged": list(damaged.values())}

@@ -1,36 +1,43 @@
 """Debiasing without hand tuning: a handful of configurations tried on held-out external data, chosen by a stated
-rule (docs/algorithm.md §10).
+rule (docs/algorithm.md §10). One function, :func:`select`, for every method of the registry
+(:data:`fastmask.methods.registry.METHODS`), so that in a comparison each gets the same rule and the same budget.
 
 The papers tuned their learning rates and β per data set by looking at the results; :func:`select` does that on a
 validation part of the external set, which the caller holds out (:func:`fastmask.data.splits.stratified_split`):
 
-1. The mask is computed once, on the fitting part: it depends on neither the learning rates, β nor the epochs.
-2. Every candidate of the grid (:class:`Candidate`: the two steps' learning rates and β) starts from the original
-   weights and runs the method on the fitting part. Candidates whose first steps are the same (the same first
-   learning rate, and for SWiFT the same β) share it: the second steps branch off the run state saved after it
-   (the same weights, optimizer state and random-number state), as a resumed run would continue.
-3. After every epoch the validation part is scored: a global decision threshold is chosen on it (``rule.threshold``;
-   one for everyone, so no attribute is needed at inference), then AUC, accuracy, the share of positive predictions
-   and the fairness gap in every form.
-4. The rule (:class:`SelectionRule`): an epoch is *admissible* when its validation AUC is at most ``max_auc_drop``
-   below the original model's, its accuracy at most ``max_acc_drop`` below the original's (at the original's
-   threshold, 0.5), and its positive share within ``share_tolerance`` of the label rate (the guard, relative; a
-   collapse to one class is far outside it). Among all admissible epochs of all candidates the smallest gap wins
-   (``rule.gap``, by default the mean of |ΔTPR| and |ΔFPR|; never the signed sum, in which opposite gaps cancel);
-   ties go to the higher AUC. A candidate whose validation AUC has fallen more than ``stop_auc_drop`` below the
-   original's after an epoch is hopeless and stops (not after the first epoch of a head step, whose head is fresh).
-5. When no epoch is admissible the model is left as it was, and the selection says so (``chosen`` is None).
+1. Every candidate of the grid (:class:`~fastmask.methods.grids.Candidate`, a change of the method's
+   configuration; by default the method's grid, :data:`~fastmask.methods.grids.DEFAULT_GRIDS`) starts from the
+   original weights and runs the method on the fitting part. For SWiFT and BMFT the mask is computed once (it
+   depends on neither the learning rates, β nor the epochs), and candidates whose first steps are the same share
+   it: their second steps branch off the run state saved after it (the same weights, optimizer state and
+   random-number state), as a resumed run would continue.
+2. After every epoch the validation part is scored (after the run, for a method without epochs): a global
+   decision threshold is chosen on it (``rule.threshold``; one for everyone, so no attribute is needed at
+   inference), then AUC, accuracy, the share of positive predictions and the fairness gap in every form.
+3. The rule (:class:`SelectionRule`): an epoch is *admissible* when its validation AUC is at most
+   ``max_auc_drop`` below the original model's, its accuracy at most ``max_acc_drop`` below the original's (at the
+   original's threshold, 0.5), and its positive share within ``share_tolerance`` of the label rate (the guard,
+   relative; a collapse to one class is far outside it). Among all admissible epochs of all candidates the smallest
+   gap wins (``rule.gap``, by default the mean of |ΔTPR| and |ΔFPR|; never the signed sum, in which opposite gaps
+   cancel); ties go to the higher AUC. Every epoch is a model the method passed through, and the chosen row says
+   which (an epoch of SWiFT's first step is a model whose head was not re-initialised yet). A candidate whose
+   validation AUC is more than ``stop_auc_drop`` below the original's after an epoch of its last step is hopeless
+   and stops: from the second epoch on, since after the first the head may be fresh, and never in a first step,
+   which may cost accuracy by design (BMFT's impair step minimises the bias alone) and is shared by other candidates.
+4. When no epoch is admissible the model is left as it was, and the selection says so (``chosen`` is None).
 
-Every candidate and epoch is a row of :attr:`Selection.rows`; the report shows them all.
+Every candidate and epoch is a row of :attr:`Selection.rows`; the report shows them all. The guard's findings on the
+candidates' training data are recorded in their results rather than logged one by one (the rule judges every epoch
+on the validation part); the chosen result holds the run as it stood at the chosen epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import itertools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -38,21 +45,16 @@ import torch
 from torch import nn
 
 from fastmask.fairness.metrics import THRESHOLD_RULES, choose_threshold, evaluate
-from fastmask.methods.bmft import bmft, bmft_masks
-from fastmask.methods.configs import BmftConfig, SwiftConfig
 from fastmask.methods.engine import seed_everything
+from fastmask.methods.grids import Candidate
+from fastmask.methods.registry import METHODS, Method
 from fastmask.methods.state import Result, RunState
-from fastmask.methods.swift import swift, swift_masks
 from fastmask.model.scoring import model_device, score
 
 log = logging.getLogger(__name__)
 
 #: The fairness gaps the rule may minimise (keys of :func:`fastmask.fairness.metrics.evaluate`).
 GAPS = ("eodds_mean", "eodds_max", "eopp", "spd")
-#: Each method's two steps, its run and mask functions, its configuration type, and whether β enters its first step
-#: (SWiFT's step 1 minimises β·WBCE + (1 − β)·B; BMFT's impair step the bias alone).
-_METHODS = {"swift": (("step1", "step2"), swift, swift_masks, SwiftConfig, True),
-            "bmft": (("impair", "repair"), bmft, bmft_masks, BmftConfig, False)}
 
 
 @dataclass(frozen=True)
@@ -96,37 +98,8 @@ class SelectionRule:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """One configuration: the learning rates of the two steps (SWiFT step 1 and 2, BMFT impair and repair) and β."""
-
-    lr1: float
-    lr2: float
-    beta: float
-
-    def apply(self, method: str, config: SwiftConfig | BmftConfig) -> SwiftConfig | BmftConfig:
-        """``config`` with this candidate's learning rates and β."""
-        first, second = _METHODS[method][0]
-        return replace(config, beta=self.beta, **{first: replace(getattr(config, first), lr=self.lr1),
-                                                  second: replace(getattr(config, second), lr=self.lr2)})
-
-
-def grid(lr1: Sequence[float], lr2: Sequence[float], beta: Sequence[float]) -> tuple[Candidate, ...]:
-    """Every combination, first step's learning rate slowest, so candidates sharing a first step are neighbours."""
-    return tuple(Candidate(a, c, b) for a, b, c in itertools.product(lr1, beta, lr2))
-
-
-#: The default grids: 2 × 2 × 2 = 8 candidates each, around the authors' learning rates (SWiFT: step 1 10⁻⁴, step 2
-#: 10⁻³; BMFT: impair 10⁻⁴, repair 10⁻³) one decade up, and β at the authors' 0.1 and at 0.5 (more weight on the
-#: task loss in SWiFT's step 1 and on the bias in its step 2; more on the bias in BMFT's repair step).
-DEFAULT_GRIDS: dict[str, tuple[Candidate, ...]] = {
-    "swift": grid(lr1=(1e-4, 1e-3), lr2=(1e-3, 1e-2), beta=(0.1, 0.5)),
-    "bmft": grid(lr1=(1e-4, 1e-3), lr2=(1e-3, 1e-2), beta=(0.1, 0.5)),
-}
-
-
-@dataclass(frozen=True)
 class Plan:
-    """What to choose among and how: the ``candidates`` (None: the method's :data:`DEFAULT_GRIDS`) and the
+    """What to choose among and how: the ``candidates`` (None: the method's default grid) and the
     :class:`SelectionRule`."""
 
     candidates: tuple[Candidate, ...] | None = None
@@ -138,17 +111,17 @@ class Selection:
     """What :func:`select` tried and chose.
 
     Attributes:
-        method: ``"swift"`` or ``"bmft"``.
+        method: the method's registry name.
         rule: the :class:`SelectionRule`.
         candidates: the grid, in the order tried.
         original: the original model's validation scores (at threshold 0.5).
-        rows: one dict per candidate and epoch: ``candidate`` (index), ``lr1``, ``lr2``, ``beta``, ``step``,
-            ``epoch``, ``threshold``, every metric of :func:`~fastmask.fairness.metrics.evaluate`, ``admissible``
-            and ``why`` (the budgets it broke).
+        rows: one dict per candidate and epoch: ``candidate`` (index), ``settings`` (its {path: value}), ``step``,
+            ``epoch`` (None for the final model of a method without epochs), ``threshold``, every metric of
+            :func:`~fastmask.fairness.metrics.evaluate`, ``admissible`` and ``why`` (the budgets it broke).
         chosen: the chosen row, or None when no epoch was admissible (the model is then unchanged).
         result: the chosen candidate's run (masks, history, guard checks), or None.
         stopped: the indices of the candidates stopped early as hopeless.
-        masks: the masks every candidate used (computed once on the fitting part).
+        masks: the masks every candidate used when they were computed once (SWiFT, BMFT), else empty.
         seconds: wall time of the selection.
     """
 
@@ -169,10 +142,10 @@ class Selection:
         return float(self.chosen["threshold"]) if self.chosen is not None else 0.5
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the run result, as plain data (for report.json)."""
-        return {"method": self.method, "rule": asdict(self.rule), "candidates": [asdict(c) for c in self.candidates],
-                "original": self.original, "rows": self.rows, "chosen": self.chosen, "stopped": self.stopped,
-                "threshold": self.threshold, "seconds": self.seconds}
+        """Everything but the run result and the masks, as plain data (for report.json)."""
+        return {"method": self.method, "rule": asdict(self.rule),
+                "candidates": [c.as_dict() for c in self.candidates], "original": self.original, "rows": self.rows,
+                "chosen": self.chosen, "stopped": self.stopped, "threshold": self.threshold, "seconds": self.seconds}
 
 
 class _Hopeless(Exception):
@@ -180,7 +153,8 @@ class _Hopeless(Exception):
 
 
 def _val_scores(model: nn.Module, loader: Iterable, device: torch.device, threshold: str | float) -> dict[str, Any]:
-    s = score(model, loader, device)
+    with torch.random.fork_rng(devices=[]):  # scoring must not move the run's random numbers
+        s = score(model, loader, device)
     t = choose_threshold(s.y, s.p, threshold) if isinstance(threshold, str) else float(threshold)
     return evaluate(s.y, s.p, s.a, threshold=t)
 
@@ -198,6 +172,73 @@ def _judge(row: dict[str, Any], original: dict[str, float], rule: SelectionRule)
     return why
 
 
+@contextlib.contextmanager
+def _guard_recorded_only() -> Iterator[None]:
+    """The engine's guard warnings are not logged while candidates run (each is in its run's result)."""
+    engine_log = logging.getLogger("fastmask.methods.engine")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("guard (")
+
+    engine_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        engine_log.removeFilter(drop)
+
+
+def _shares_first_step(method: Method, candidate: Candidate) -> tuple:
+    """What ``candidate`` sets that the first step reads: candidates equal in it share their first step."""
+    def later(path: str) -> bool:
+        return any(path == p or (p.endswith(".") and path.startswith(p)) for p in method.last_step_only)
+
+    return tuple((k, v) for k, v in candidate.settings if not later(k))
+
+
+class _Search:
+    """The state of one :func:`select` call: the rows, the best admissible epoch so far and its weights."""
+
+    def __init__(self, model: nn.Module, method: Method, val_loader: Iterable, selection: Selection) -> None:
+        self.model, self.method, self.val_loader, self.selection = model, method, val_loader, selection
+        self.device = model_device(model)
+        self.best: dict[str, Any] | None = None
+        self.best_weights: dict[str, Any] | None = None
+        self.best_result: Result | None = None
+
+    def consider(self, index: int, step: str, epoch: int | None, result: Result) -> dict[str, Any]:
+        """Score and judge the model as candidate ``index`` left it after ``epoch`` of ``step``; keep it (its weights
+        and its ``result`` as it stands, the masks shared) when it is the best admissible so far."""
+        sel, rule = self.selection, self.selection.rule
+        row = {"candidate": index, "settings": sel.candidates[index].as_dict(), "step": step, "epoch": epoch,
+               **_val_scores(self.model, self.val_loader, self.device, rule.threshold)}
+        row["why"] = _judge(row, sel.original, rule)
+        row["admissible"] = not row["why"]
+        sel.rows.append(row)
+        if row["admissible"] and (self.best is None or (row[rule.gap], -row["auc"])
+                                  < (self.best[rule.gap], -self.best["auc"])):
+            self.best, self.best_weights = row, copy.deepcopy(self.model.state_dict())
+            self.best_result = replace(result, history=list(result.history), checks=list(result.checks),
+                                       guard_warnings=list(result.guard_warnings), details=dict(result.details))
+        return row
+
+    def watch(self, index: int, snapshot: dict[str, Any] | None, first_epochs: int):
+        """The ``on_epoch`` callback of candidate ``index``: consider every epoch, stop the hopeless, and save the
+        run state after the first step's last epoch into ``snapshot`` for the candidates that branch off it."""
+        steps, rule, original = self.method.steps, self.selection.rule, self.selection.original
+
+        def on_epoch(state: RunState) -> None:
+            if snapshot is not None and state.step == steps[0] and state.epoch == first_epochs:
+                snapshot["weights"] = copy.deepcopy(self.model.state_dict())
+                snapshot["state"] = state.to_state()
+            if state.epoch == 0:
+                return
+            row = self.consider(index, state.step, state.epoch, state.result)
+            last_step = state.step == steps[-1]
+            if last_step and state.epoch >= 2 and original["auc"] - row["auc"] > rule.stop_auc_drop:
+                raise _Hopeless
+        return on_epoch
+
+
 def select(
     model: nn.Module,
     method: str,
@@ -205,102 +246,82 @@ def select(
     train_loader: Iterable,
     val_loader: Iterable,
     *,
-    config: SwiftConfig | BmftConfig | None = None,
+    config: Any | None = None,
     candidates: Sequence[Candidate] | None = None,
     rule: SelectionRule | None = None,
     progress: bool = False,
 ) -> Selection:
-    """Debias ``model`` in place with the configuration of ``candidates`` (default :data:`DEFAULT_GRIDS`) that the
+    """Debias ``model`` in place with the configuration of ``candidates`` (default: the method's grid) that the
     ``rule`` chooses on ``val_loader`` (module docstring), or leave it unchanged when none is admissible.
 
     Args:
         model: the classifier (one logit per sample).
-        method: ``"swift"`` or ``"bmft"``.
-        mask_loader: the fitting part of the external set, unbalanced (the mask, and BMFT's impair step).
+        method: a name of :data:`fastmask.methods.registry.METHODS` (``"swift"``, ``"bmft"``, a baseline).
+        mask_loader: the fitting part of the external set, unbalanced (the mask, BMFT's impair step, the baselines
+            that read D_e).
         train_loader: the fitting part, group-balanced (the fine-tuning steps).
         val_loader: the validation part, unbalanced, every (group, label) cell present; never trained on.
-        config: the method's settings; each candidate changes its learning rates and β.
-        candidates: the grid.
+        config: the method's settings (default: its default configuration); each candidate changes some of them.
+        candidates: the grid (a method with nothing to tune runs once, as configured).
         rule: :class:`SelectionRule`.
         progress: progress bars.
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {list(_METHODS)}, got {method!r}")
-    steps, run_method, build_masks, config_type, beta_in_first = _METHODS[method]
-    config = config or config_type()
-    if not isinstance(config, config_type):
-        raise TypeError(f"method {method!r} needs a {config_type.__name__}, got {type(config).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    m = METHODS[method]
+    config = config if config is not None else m.config()
     rule = rule or SelectionRule()
-    candidates = tuple(candidates if candidates is not None else DEFAULT_GRIDS[method])
+    candidates = tuple(candidates if candidates is not None else (m.grid or (Candidate(),)))
     if not candidates:
         raise ValueError("select: the grid holds no candidate")
+    configs = [c.apply(config) for c in candidates]  # an unknown setting fails here, before any work
     started = time.perf_counter()
-    device = model_device(model)
     original_weights = copy.deepcopy(model.state_dict())
-    original = _val_scores(model, val_loader, device, 0.5)
-    selection = Selection(method, rule, candidates, original)
-    seed_everything(config.seed)  # as a run seeds before its importance pass
-    masks, n_batches = build_masks(model, mask_loader, config, progress)
-    selection.masks = masks
-    best: dict[str, Any] = {"row": None, "weights": None, "candidate": None}
-    results: dict[int, Result] = {}
-
-    def watch(index: int, candidate: Candidate, snapshot: dict[str, Any]):
-        """The epoch callback of candidate ``index``: score, judge, keep the best, stop the hopeless, and save the
-        run state after the first step (``snapshot``) for the candidates that branch off it."""
-        def on_epoch(state: RunState) -> None:
-            results[index] = state.result
-            if state.step == steps[0] and state.epoch == getattr(state.result.config, steps[0]).epochs:
-                snapshot["weights"] = copy.deepcopy(model.state_dict())
-                snapshot["state"] = state.to_state()
-            if state.epoch == 0:
-                return
-            with torch.random.fork_rng(devices=[]):  # scoring must not move the run's random numbers
-                scores = _val_scores(model, val_loader, device, rule.threshold)
-            row = {"candidate": index, **asdict(candidate), "step": state.step, "epoch": state.epoch, **scores}
-            row["why"] = _judge(row, original, rule)
-            row["admissible"] = not row["why"]
-            selection.rows.append(row)
-            if row["admissible"] and (best["row"] is None or (row[rule.gap], -row["auc"])
-                                      < (best["row"][rule.gap], -best["row"]["auc"])):
-                best.update(row=row, weights=copy.deepcopy(model.state_dict()), candidate=index)
-            fresh_head = state.step == steps[1] and state.epoch == 1
-            if original["auc"] - row["auc"] > rule.stop_auc_drop and not fresh_head:
-                raise _Hopeless
-        return on_epoch
-
-    branches: dict[tuple[float, ...], list[int]] = {}
+    selection = Selection(method, rule, candidates, _val_scores(model, val_loader, model_device(model), 0.5))
+    search = _Search(model, m, val_loader, selection)
+    n_batches = 0
+    if m.masks is not None:  # the mask once; candidates sharing a first step branch off it
+        seed_everything(config.seed)  # as a run seeds before its importance pass
+        selection.masks, n_batches = m.masks(model, mask_loader, config, progress)
+    branches: dict[tuple, list[int]] = {}
     for i, c in enumerate(candidates):
-        branches.setdefault((c.lr1, c.beta) if beta_in_first else (c.lr1,), []).append(i)
+        key = _shares_first_step(m, c) if m.masks is not None else (i,)
+        branches.setdefault(key, []).append(i)
     for members in branches.values():
         snapshot: dict[str, Any] = {}
         for k, i in enumerate(members):
-            cand_config = candidates[i].apply(method, config)
-            if k == 0:
-                model.load_state_dict(original_weights)
-                run = {"masks": masks}
-            elif "state" in snapshot:  # branch off the state after the shared first step
+            run: dict[str, Any] = {}
+            if m.masks is not None and k == 0:
+                run = {"masks": selection.masks}
+            elif m.masks is not None:  # the first step is never stopped, so its state was saved
                 model.load_state_dict(snapshot["weights"])
-                run = {"resume": RunState.from_state(snapshot["state"], cand_config)}
-                shared = [r for r in selection.rows if r["candidate"] == members[0] and r["step"] == steps[0]]
-                selection.rows += [{**r, "candidate": i, **asdict(candidates[i])} for r in shared]
-            else:  # the shared first step was hopeless
-                selection.stopped.append(i)
-                continue
+                run = {"resume": RunState.from_state(snapshot["state"], configs[i])}
+                shared = [r for r in selection.rows if r["candidate"] == members[0] and r["step"] == m.steps[0]]
+                selection.rows += [{**r, "candidate": i, "settings": candidates[i].as_dict()} for r in shared]
+            if "resume" not in run:
+                model.load_state_dict(original_weights)
+            first_epochs = getattr(configs[i], m.steps[0]).epochs if m.masks is not None else 0
+            before = len(selection.rows)
             try:
-                run_method(model, mask_loader, train_loader, config=cand_config, progress=progress,
-                           on_epoch=watch(i, candidates[i], snapshot), **run)
+                with _guard_recorded_only():
+                    result = m.run(model, mask_loader, train_loader, config=configs[i], progress=progress,
+                                   on_epoch=search.watch(i, snapshot if m.masks else None, first_epochs), **run)
             except _Hopeless:
                 selection.stopped.append(i)
                 log.info("selection: candidate %d (%s) stopped: validation AUC more than %s below the original's",
-                         i, candidates[i], rule.stop_auc_drop)
-    if best["row"] is None:
+                         i, candidates[i].describe(), rule.stop_auc_drop)
+                continue
+            if len(selection.rows) == before:
+                search.consider(i, "final", None, result)  # no epoch reported: the run's final model
+    if search.best is None:
         model.load_state_dict(original_weights)
-        log.warning("selection: no candidate met the budgets on the validation part; the model is left unchanged")
+        log.warning("selection: no candidate of %s met the budgets on the validation part; the model is left "
+                    "unchanged", method)
     else:
-        model.load_state_dict(best["weights"])
-        selection.chosen = best["row"]
-        selection.result = results[best["candidate"]]
-        selection.result.n_importance_batches = n_batches
+        model.load_state_dict(search.best_weights)
+        selection.chosen = search.best
+        selection.result = search.best_result
+        if n_batches:
+            selection.result.n_importance_batches = n_batches
     selection.seconds = time.perf_counter() - started
     return selection

@@ -14,7 +14,7 @@ from fastmask.masking.masks import fraction_mask, importance_ratio, manual_mask,
 from fastmask.methods.bmft import bmft
 from fastmask.methods.configs import BmftConfig, SwiftConfig
 from fastmask.methods.engine import checked_masks, seed_everything
-from fastmask.methods.state import Result
+from fastmask.methods.state import OnEpoch, Result
 from fastmask.methods.swift import swift
 from fastmask.model.head import split_head
 from fastmask.util.profiling import phase
@@ -31,7 +31,8 @@ class RandomMaskConfig(SwiftConfig):
 
 
 def random_mask_swift(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *,
-                      config: RandomMaskConfig | None = None, progress: bool = False) -> Result:
+                      config: RandomMaskConfig | None = None, progress: bool = False,
+                      on_epoch: OnEpoch | None = None) -> Result:
     """Random mask ([PS] §4.3 ablation; docs/algorithm.md §9, §8.19): the SWiFT pipeline
     (:func:`fastmask.methods.swift.swift`) with the soft mask replaced by M ~ U[0, 1) per element
     (:func:`fastmask.masking.masks.random_mask`), head included (so the head re-initialisation is random too). No
@@ -39,7 +40,7 @@ def random_mask_swift(model: nn.Module, mask_loader: Iterable, train_loader: Ite
     config = config or RandomMaskConfig()
     seed = config.mask_seed if config.mask_seed is not None else (config.seed or 0)
     masks = random_mask(model, seed)
-    result = swift(model, mask_loader, train_loader, config=config, masks=masks, progress=progress)
+    result = swift(model, mask_loader, train_loader, config=config, masks=masks, progress=progress, on_epoch=on_epoch)
     return _renamed(result, "random-mask", mask_seed=seed)
 
 
@@ -58,7 +59,8 @@ class HardMaskConfig(SwiftConfig):
 
 
 def hard_mask_swift(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *,
-                    config: HardMaskConfig | None = None, progress: bool = False) -> Result:
+                    config: HardMaskConfig | None = None, progress: bool = False,
+                    on_epoch: OnEpoch | None = None) -> Result:
     """Hard-mask ablation ([PS] §5 ablation; docs/algorithm.md §9): the SWiFT pipeline with M = 1[R > q], R the
     importance ratio Norm(I_B)/(Norm(I_L) + 1e-10) from the same importance pass as SWiFT (on ``mask_loader``), q the
     global (1 − r)·100-th percentile of R over all non-head tensors (:func:`fastmask.ops.percentile`, as BMFT), so a
@@ -71,7 +73,7 @@ def hard_mask_swift(model: nn.Module, mask_loader: Iterable, train_loader: Itera
     with phase("fastmask.mask"):
         masks = fraction_mask(importance_ratio(ib, il), config.fraction, list(feat_params), config.inclusive)
     checked_masks(masks, model)
-    result = swift(model, mask_loader, train_loader, config=config, masks=masks, progress=progress)
+    result = swift(model, mask_loader, train_loader, config=config, masks=masks, progress=progress, on_epoch=on_epoch)
     result.n_importance_batches = n_imp
     selected = sum(int(masks[n].sum()) for n in feat_params) / sum(p.numel() for p in feat_params.values())
     return _renamed(result, f"hard-{config.fraction:g}", selected_fraction=selected)
@@ -87,7 +89,8 @@ class ManualMaskConfig(BmftConfig):
 
 
 def manual_mask_bmft(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *,
-                     config: ManualMaskConfig | None = None, progress: bool = False) -> Result:
+                     config: ManualMaskConfig | None = None, progress: bool = False,
+                     on_epoch: OnEpoch | None = None) -> Result:
     """BMFT's manual masks ([PB] §3.3 ablation; docs/algorithm.md §9): the BMFT pipeline
     (:func:`fastmask.methods.bmft.bmft`) with the hard mask replaced by M = 1 on all BatchNorm parameters ("BN") or on
     the shallow convolution layers ("Top"), 0 elsewhere and on the head (:func:`fastmask.masking.masks.manual_mask`).
@@ -95,7 +98,7 @@ def manual_mask_bmft(model: nn.Module, mask_loader: Iterable, train_loader: Iter
     on ``train_loader``. No importance pass."""
     config = config or ManualMaskConfig()
     masks = manual_mask(model, config.kind, config.n_shallow, head=config.head)
-    result = bmft(model, mask_loader, train_loader, config=config, masks=masks, progress=progress)
+    result = bmft(model, mask_loader, train_loader, config=config, masks=masks, progress=progress, on_epoch=on_epoch)
     return _renamed(result, f"manual-{config.kind}", kind=config.kind, n_shallow=config.n_shallow)
 
 

@@ -20,7 +20,7 @@ from fastmask.fairness.metrics import hard_predictions
 from fastmask.methods.baselines.finetune import all_named, finetune
 from fastmask.methods.configs import StepConfig
 from fastmask.methods.engine import seed_everything
-from fastmask.methods.state import Result
+from fastmask.methods.state import OnEpoch, Result
 from fastmask.model.head import split_head
 from fastmask.model.scoring import model_device, score
 from fastmask.util.profiling import phase
@@ -170,7 +170,7 @@ class DiffGdaConfig(SelectionConfig):
 
 
 def diffgda(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: DiffGdaConfig | None = None,
-            val_loader: Iterable | None = None, progress: bool = False) -> Result:
+            val_loader: Iterable | None = None, progress: bool = False, on_epoch: OnEpoch | None = None) -> Result:
     """DiffGda, bias gradient descent/ascent (Marcinkevics et al. 2022, ``biasGrad.py``; docs/algorithm.md §9).
 
     All parameters are trained (train mode) with Adam on s·μ(z, y, a), where μ is the **signed** differentiable proxy
@@ -197,7 +197,7 @@ def diffgda(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, 
     loader = mask_loader if config.data == "external" else train_loader
     finetune(model, loader, all_named(model), config.step, wbce_weight=0.0, bias_weight=1.0, bias=objective,
              head=config.head, name="diffgda", result=result, data=config.data,
-             after_epoch=lambda e: select.consider(e), progress=progress)
+             after_epoch=lambda e: select.consider(e), on_epoch=on_epoch, progress=progress)
     select.restore("diffgda")
     result.details = select.details("epoch")
     return result
@@ -292,7 +292,7 @@ def _unit_saliency(model: nn.Module, layers: list[tuple[str, nn.Module]], loader
 
 def diffprune(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *,
               config: DiffPruneConfig | None = None, val_loader: Iterable | None = None,
-              progress: bool = False) -> Result:
+              progress: bool = False, on_epoch: OnEpoch | None = None) -> Result:
     """DiffPrune, bias-gradient structured pruning (Marcinkevics et al. 2022, ``pruning.py``; docs/algorithm.md §9).
 
     Units are the output channels of E's BatchNorm layers (:func:`prunable_layers`). A unit's saliency is s·Σ a·∂μ/∂a
@@ -306,7 +306,7 @@ def diffprune(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *
     gradient per channel.)
 
     Data: saliencies on D_e (``mask_loader``; ``config.data="balanced"``: ``train_loader``); validation
-    ``val_loader`` (default ``mask_loader``).
+    ``val_loader`` (default ``mask_loader``). No epochs: ``on_epoch`` is never called.
     """
     config = config or DiffPruneConfig()
     seed_everything(config.seed)

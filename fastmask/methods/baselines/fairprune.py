@@ -14,7 +14,7 @@ from fastmask.fairness.losses import wbce
 from fastmask.fairness.metrics import hard_predictions
 from fastmask.masking.importance import Objective, fisher_importance
 from fastmask.methods.engine import seed_everything
-from fastmask.methods.state import Result
+from fastmask.methods.state import OnEpoch, Result
 from fastmask.model.head import split_head
 from fastmask.model.scoring import score
 from fastmask.util.profiling import phase
@@ -61,7 +61,8 @@ def _group_loss(group: int) -> Objective:
 
 
 def fairprune(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *,
-              config: FairPruneConfig | None = None, progress: bool = False) -> Result:
+              config: FairPruneConfig | None = None, progress: bool = False,
+              on_epoch: OnEpoch | None = None) -> Result:
     """FairPrune (Wu et al. 2022; docs/algorithm.md §9): prune the weights that matter to the privileged group but
     little to the unprivileged one.
 
@@ -80,7 +81,7 @@ def fairprune(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *
        set to 0 (ties by index). No fine-tuning follows; nothing else changes.
 
     Data: D_e (``mask_loader``; ``config.data="balanced"``: ``train_loader``). One-shot: Wu et al. tune the ratio
-    and β; iterated pruning is not implemented.
+    and β; iterated pruning is not implemented. No epochs: ``on_epoch`` is never called.
     """
     config = config or FairPruneConfig()
     seed_everything(config.seed)

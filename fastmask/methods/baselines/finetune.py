@@ -15,7 +15,7 @@ from fastmask.fairness.losses import SWIFT_BIAS, BiasSpec
 from fastmask.masking.importance import Objective
 from fastmask.methods.configs import StepConfig
 from fastmask.methods.engine import Frozen, GuardConfig, guard_before, guard_check, seed_everything, train_step
-from fastmask.methods.state import Result
+from fastmask.methods.state import OnEpoch, Result, RunState, rng_state
 from fastmask.model.head import split_head
 from fastmask.model.scoring import model_device
 from fastmask.util.profiling import phase
@@ -39,6 +39,7 @@ def finetune(
     data: str = "training",
     guard: GuardConfig | None = None,
     after_epoch: Callable[[int], None] | None = None,
+    on_epoch: OnEpoch | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """One fine-tuning step on the pipeline's loop (:func:`fastmask.methods.engine.train_step`): only ``params`` are
@@ -61,6 +62,9 @@ def finetune(
             step, with the tolerances of ``guard`` (default :class:`~fastmask.methods.engine.GuardConfig`()); it
             records in ``result.checks`` and ``result.guard_warnings``.
         after_epoch: called with the epoch number (1-based) after every epoch, e.g. to evaluate a checkpoint.
+        on_epoch: called after every epoch (after ``after_epoch``) with a :class:`~fastmask.methods.state.RunState`
+            of step ``name`` (a report: a fine-tuning baseline cannot be resumed from it), as SWiFT and BMFT report
+            their epochs; :func:`fastmask.methods.selection.select` scores the model there.
 
     Returns:
         The step's history entries (one per epoch).
@@ -83,6 +87,8 @@ def finetune(
             history[-1]["epoch"] = epoch
             if after_epoch is not None:
                 after_epoch(epoch)
+            if on_epoch is not None:
+                on_epoch(RunState(name, epoch, result or Result(name, None, {}), opt.state_dict(), rng_state()))
     if result is not None:
         guard_check(result, name, data, model, loader, device, guard or GuardConfig())
     model.train(was_training)
@@ -102,8 +108,9 @@ class BaselineConfig:
 
 
 def baseline(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: BaselineConfig | None = None,
-             progress: bool = False) -> Result:
-    """Baseline ([PS] §4.3, docs/algorithm.md §9): the pretrained ERM model, unchanged. Reads no data."""
+             progress: bool = False, on_epoch: OnEpoch | None = None) -> Result:
+    """Baseline ([PS] §4.3, docs/algorithm.md §9): the pretrained ERM model, unchanged. Reads no data and has no
+    epochs (``on_epoch`` is never called)."""
     return Result("baseline", config or BaselineConfig(), {})
 
 
@@ -132,39 +139,41 @@ class FullFTConfig(GuardConfig):
 
 
 def _full_ft(method: str, model: nn.Module, loader: Iterable, data: str, config: FullFTConfig, wbce_weight: float,
-             bias_weight: float, progress: bool) -> Result:
+             bias_weight: float, progress: bool, on_epoch: OnEpoch | None) -> Result:
     seed_everything(config.seed)
     result = Result(method, config, {})
     finetune(model, loader, all_named(model), config.step, wbce_weight=wbce_weight, bias_weight=bias_weight,
              bias=config.bias, head=config.head, name=method, result=result, data=data, guard=config,
-             progress=progress)
+             on_epoch=on_epoch, progress=progress)
     return result
 
 
 def fullft_rw(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: FullFTConfig | None = None,
-              progress: bool = False) -> Result:
+              progress: bool = False, on_epoch: OnEpoch | None = None) -> Result:
     """FullFT-RW ([PS] §4.3, docs/algorithm.md §9): fine-tune **all** parameters on the group-balanced ("re-weighted")
     D_r (``train_loader``) with the task loss only, L = WBCE. ``mask_loader`` is not read."""
     config = config or FullFTConfig()
-    return _full_ft("fullft-rw", model, train_loader, "balanced", config, 1.0, 0.0, progress)
+    return _full_ft("fullft-rw", model, train_loader, "balanced", config, 1.0, 0.0, progress, on_epoch)
 
 
 def fullft_reg(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: FullFTConfig | None = None,
-               progress: bool = False) -> Result:
+               progress: bool = False, on_epoch: OnEpoch | None = None) -> Result:
     """FullFT-Reg ([PS] §4.3, [PB] §3.3 "Full FT", docs/algorithm.md §9): fine-tune **all** parameters on the
     **unbalanced** external set D_e (``mask_loader``) with the fairness-regularised L = β·WBCE + (1 − β)·B ([PS] Eq.
     10). ``train_loader`` is not read."""
     config = config or FullFTConfig()
-    return _full_ft("fullft-reg", model, mask_loader, "external", config, config.beta, 1.0 - config.beta, progress)
+    return _full_ft("fullft-reg", model, mask_loader, "external", config, config.beta, 1.0 - config.beta, progress,
+                    on_epoch)
 
 
 def fullft_fdr(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: FullFTConfig | None = None,
-               progress: bool = False) -> Result:
+               progress: bool = False, on_epoch: OnEpoch | None = None) -> Result:
     """FullFT-FDR (Le et al. 2023, fairness via data balancing and regularisation; BMFT's ``FullFT_RWReg``; spec
     §9): fine-tune **all** parameters on the group-balanced D_r (``train_loader``) with
     L = β·WBCE + (1 − β)·B ([PS] Eq. 10). ``mask_loader`` is not read."""
     config = config or FullFTConfig()
-    return _full_ft("fullft-fdr", model, train_loader, "balanced", config, config.beta, 1.0 - config.beta, progress)
+    return _full_ft("fullft-fdr", model, train_loader, "balanced", config, config.beta, 1.0 - config.beta, progress,
+                    on_epoch)
 
 
 # ---- LLFT --------------------------------------------------------------------------------------------------------
@@ -203,7 +212,7 @@ class LLFTConfig(GuardConfig):
 
 
 def llft(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: LLFTConfig | None = None,
-         progress: bool = False) -> Result:
+         progress: bool = False, on_epoch: OnEpoch | None = None) -> Result:
     """LLFT, last-layer fairness fine-tuning (Mao et al. 2023; [PB] §3.3; docs/algorithm.md §9): freeze the feature
     extractor E, re-initialise the head C and train **only the head** on the group-balanced D_r (``train_loader``) with
     the fairness-regularised L = WBCE + β·B. E stays bit-identical; ``mask_loader`` is not read."""
@@ -224,5 +233,5 @@ def llft(model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, con
     result = Result("llft", config, {}, head_reset_fraction=0.0 if config.reinit == "none" else 1.0)
     finetune(model, train_loader, head_params, config.step, wbce_weight=1.0, bias_weight=config.beta,
              bias=config.bias, feature_eval=config.feature_eval, head=config.head, name="llft", result=result,
-             data="balanced", guard=config, progress=progress)
+             data="balanced", guard=config, on_epoch=on_epoch, progress=progress)
     return result
