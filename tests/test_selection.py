@@ -116,8 +116,8 @@ def test_the_chosen_epoch_is_the_admissible_one_of_smallest_gap_and_the_model_ho
     mask, train, val = loaders()
     cands = swift_grid(lr1=(1e-4, 1e-3), lr2=(1e-3, 1e-2), beta=(0.1,))
     sel = select(model, "swift", mask, train, val, config=fast(), candidates=cands,
-                 rule=SelectionRule(stop_auc_drop=1.0))
-    assert len(sel.rows) == 4 * (3 + 3) and sel.stopped == []
+                 rule=SelectionRule(stop_auc_drop=1.0, patience=None))
+    assert len(sel.rows) == 4 * (3 + 3) and sel.stopped == [] and sel.converged == []
     # every row judged by the stated budgets, against the original model's own validation scores at 0.5
     orig = independent_scores(original, val, 0.5)
     assert sel.original["auc"] == pytest.approx(orig["auc"]) and sel.original["acc"] == pytest.approx(orig["acc"])
@@ -141,8 +141,9 @@ def test_branches_equal_candidates_run_alone(problem):
     a selection that runs it alone."""
     model, loaders, _ = problem
     pair = (swift_candidate(1e-3, 1e-2, 0.1), swift_candidate(1e-3, 3e-2, 0.1))
-    together = select(copy.deepcopy(model), "swift", *loaders(), config=fast(), candidates=pair)
-    alone = select(copy.deepcopy(model), "swift", *loaders(), config=fast(), candidates=pair[1:])
+    rule = SelectionRule(patience=None)
+    together = select(copy.deepcopy(model), "swift", *loaders(), config=fast(), candidates=pair, rule=rule)
+    alone = select(copy.deepcopy(model), "swift", *loaders(), config=fast(), candidates=pair[1:], rule=rule)
     keys = ("step", "epoch", "auc", "acc", "eodds_mean", "eodds_max", "threshold")
     mine = [{k: r[k] for k in keys} for r in together.rows if r["candidate"] == 1]
     assert mine == [{k: r[k] for k in keys} for r in alone.rows]
@@ -186,7 +187,7 @@ def test_a_partial_collapse_is_flagged_by_the_guard_and_rejected(problem):
     drift = SwiftConfig(step1=StepConfig(3, 3e-2, "sgd", momentum=0.9), step2=StepConfig(2, 1e-3, "sgd"),
                         beta=0.0)
     sel = select(copy.deepcopy(model), "swift", *loaders(), config=drift, candidates=(Candidate(),),
-                 rule=SelectionRule(threshold=0.5, stop_auc_drop=1.0))
+                 rule=SelectionRule(threshold=0.5, stop_auc_drop=1.0, patience=None))
     share_breaks = [r for r in sel.rows if any("positive share" in w for w in r["why"])]
     assert share_breaks and not any(r["admissible"] for r in sel.rows) and sel.chosen is None
     assert max(r["positive_rate"] for r in sel.rows) > y_val.mean() + 0.10
@@ -230,7 +231,7 @@ def test_a_baseline_is_selected_by_the_same_rule_over_its_own_grid(problem):
             ("fairprune", FairPruneConfig(), grid({"ratio": (0.0, 0.02, 0.3)}), 3)):
         m = copy.deepcopy(model)
         sel = select(m, method, mask, train, val, config=config, candidates=cands,
-                     rule=SelectionRule(stop_auc_drop=1.0))
+                     rule=SelectionRule(stop_auc_drop=1.0, patience=None))
         assert len(sel.rows) == n_rows
         for r in sel.rows:
             ok = (orig["auc"] - r["auc"] <= 0.01 and orig["acc"] - r["acc"] <= 0.02
@@ -268,3 +269,34 @@ def test_every_tunable_method_has_a_grid_of_the_same_size_that_applies_to_its_co
                 assert obj == value, (name, path)
     with pytest.raises(ValueError, match="'step3.lr'.*no field 'step3'"):
         Candidate.of({"step3.lr": 1e-3}).apply(SwiftConfig())
+
+
+def test_patience_stops_a_candidate_whose_best_epoch_is_behind_it(problem):
+    """With patience p, a candidate stops after the first epoch e of its last step (e >= 2) at which its own best
+    admissible epoch is p epochs of that step old (0 when the best came from the first step); its rows up to there
+    equal those of the run without patience."""
+    model, loaders, _ = problem
+    config = SwiftConfig(step1=StepConfig(2, 1e-3, "adam", weight_decay=0.0),
+                         step2=StepConfig(8, 1e-2, "adam", weight_decay=0.0), step2_feature_eval=True)
+    cands = swift_grid((1e-3,), (1e-2,), (0.5,))
+    full = select(copy.deepcopy(model), "swift", *loaders(), config=config, candidates=cands,
+                  rule=SelectionRule(stop_auc_drop=1.0, patience=None))
+    early = select(copy.deepcopy(model), "swift", *loaders(), config=config, candidates=cands,
+                   rule=SelectionRule(stop_auc_drop=1.0, patience=2))
+    keys = ("step", "epoch", "auc", "eodds_mean", "admissible")
+    def view(rows):
+        return [{k: r[k] for k in keys} for r in rows]
+
+    assert view(early.rows) == view(full.rows[:len(early.rows)])
+    # the independent replay of the rule on the full run's rows: where it must have stopped
+    best, stop = None, None
+    for r in full.rows:
+        if r["admissible"] and (best is None or (r["eodds_mean"], -r["auc"]) < best[0]):
+            best = ((r["eodds_mean"], -r["auc"]), r["epoch"] if r["step"] == "step2" else 0)
+        if r["step"] == "step2" and r["epoch"] >= 2 and best is not None and r["epoch"] - best[1] >= 2:
+            stop = r["epoch"]
+            break
+    assert stop is not None, "the test needs a run whose best lies behind it"
+    assert early.converged == [0] and early.rows[-1]["step"] == "step2" and early.rows[-1]["epoch"] == stop
+    with pytest.raises(ValueError, match="patience"):
+        SelectionRule(patience=0)

@@ -96,7 +96,8 @@ def _selection_md(selection: Mapping[str, Any], plot: str | None) -> list[str]:
            f"model's (AUC {original['auc']:.4f}, ACC {original['acc']:.4f} at 0.5) and its positive share within "
            f"{rule['share_tolerance']} of the label rate; the admissible epoch with the smallest {rule['gap']} was "
            f"chosen. Candidates stopped as hopeless (AUC more than {rule['stop_auc_drop']} below the original's): "
-           f"{selection['stopped'] or 'none'}. Selection took {selection['seconds']:.1f} s.", ""]
+           f"{selection['stopped'] or 'none'}; stopped {rule['patience']} epochs after their best: "
+           f"{selection['converged'] or 'none'}. Selection took {selection['seconds']:.1f} s.", ""]
     if plot:
         out += [f"![every candidate and epoch: gap against AUC, with the budgets]({plot})", ""]
     def verdict(r: Mapping[str, Any]) -> str:

@@ -218,6 +218,14 @@ class Tracked:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def epoch(self) -> int:
+        """The wrapped loader's next epoch (:attr:`fastmask.data.loader.ShardLoader.epoch`)."""
+        return self.loader.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
     def __iter__(self):
         yield from self.loader
         self.log.append({"loader": self.name, **self.loader.stats.to_dict()})

@@ -22,8 +22,10 @@ validation part of the external set, which the caller holds out (:func:`fastmask
    cancel); ties go to the higher AUC. Every epoch is a model the method passed through, and the chosen row says
    which (an epoch of SWiFT's first step is a model whose head was not re-initialised yet). A candidate whose
    validation AUC is more than ``stop_auc_drop`` below the original's after an epoch of its last step is hopeless
-   and stops: from the second epoch on, since after the first the head may be fresh, and never in a first step,
-   which may cost accuracy by design (BMFT's impair step minimises the bias alone) and is shared by other candidates.
+   and stops; so does one whose own best admissible epoch lies ``patience`` epochs of its last step behind (it has
+   converged, or moves away from its best). Both from the second epoch of the last step on, since after the first
+   the head may be fresh, and never in a first step, which may cost accuracy by design (BMFT's impair step
+   minimises the bias alone) and is shared by other candidates.
 4. When no epoch is admissible the model is left as it was, and the selection says so (``chosen`` is None).
 
 Every candidate and epoch is a row of :attr:`Selection.rows`; the report shows them all. The guard's findings on the
@@ -71,6 +73,8 @@ class SelectionRule:
             validation accuracy, default), ``"rate"`` (positive share equal to the label rate), or a number (0.5:
             the untuned threshold of the papers).
         stop_auc_drop: a candidate whose validation AUC fell further than this below the original's stops.
+        patience: a candidate whose best admissible epoch lies this many epochs of its last step behind stops
+            (it has converged, or is moving away from its best); None: every epoch runs.
     """
 
     gap: str = "eodds_mean"
@@ -79,6 +83,7 @@ class SelectionRule:
     share_tolerance: float = 0.10
     threshold: str | float = "accuracy"
     stop_auc_drop: float = 0.05
+    patience: int | None = 3
 
     def __post_init__(self) -> None:
         if self.gap == "eodds":
@@ -86,6 +91,8 @@ class SelectionRule:
                              f"one of {list(GAPS)}")
         if self.gap not in GAPS:
             raise ValueError(f"gap must be one of {list(GAPS)}, got {self.gap!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
         for name in ("max_auc_drop", "max_acc_drop", "share_tolerance", "stop_auc_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -121,6 +128,7 @@ class Selection:
         chosen: the chosen row, or None when no epoch was admissible (the model is then unchanged).
         result: the chosen candidate's run (masks, history, guard checks), or None.
         stopped: the indices of the candidates stopped early as hopeless.
+        converged: the indices of the candidates stopped early by ``rule.patience``.
         masks: the masks every candidate used when they were computed once (SWiFT, BMFT), else empty.
         seconds: wall time of the selection.
     """
@@ -134,6 +142,7 @@ class Selection:
     chosen: dict[str, Any] | None = None
     result: Result | None = None
     stopped: list[int] = field(default_factory=list)
+    converged: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -145,11 +154,16 @@ class Selection:
         """Everything but the run result and the masks, as plain data (for report.json)."""
         return {"method": self.method, "rule": asdict(self.rule),
                 "candidates": [c.as_dict() for c in self.candidates], "original": self.original, "rows": self.rows,
-                "chosen": self.chosen, "stopped": self.stopped, "threshold": self.threshold, "seconds": self.seconds}
+                "chosen": self.chosen, "stopped": self.stopped, "converged": self.converged,
+                "threshold": self.threshold, "seconds": self.seconds}
 
 
 class _Hopeless(Exception):
     """Raised from the epoch callback to stop a candidate whose validation AUC fell beyond the stop margin."""
+
+
+class _Converged(Exception):
+    """Raised from the epoch callback to stop a candidate whose best admissible epoch is ``patience`` epochs old."""
 
 
 def _val_scores(model: nn.Module, loader: Iterable, device: torch.device, threshold: str | float) -> dict[str, Any]:
@@ -195,15 +209,60 @@ def _shares_first_step(method: Method, candidate: Candidate) -> tuple:
     return tuple((k, v) for k, v in candidate.settings if not later(k))
 
 
+class _Replayed:
+    """The validation loader, read once and replayed: it is scored after every epoch of every candidate (a hundred
+    passes or more), and decoding it again each time would cost more than the scoring. The batches are kept while
+    they fit in ``max_bytes``; beyond that every pass streams from the loader as it would without the cache. The
+    loader must yield the same batches on every pass (test transforms, no shuffling), as a validation set does."""
+
+    def __init__(self, loader: Iterable, max_bytes: int) -> None:
+        self.loader, self.max_bytes = loader, max_bytes
+        self.batches: list[tuple] | None = None
+        self.streaming = False
+
+    def __iter__(self) -> Iterator[tuple]:
+        if self.batches is not None:
+            yield from self.batches
+            return
+        kept: list[tuple] = []
+        size = 0
+        for batch in self.loader:
+            if not self.streaming:
+                size += sum(t.nbytes for t in batch if isinstance(t, torch.Tensor))
+                if size > self.max_bytes:
+                    self.streaming, kept = True, []
+                else:
+                    kept.append(batch)
+            yield batch
+        if not self.streaming:
+            self.batches = kept
+
+
+def _positions(loaders: Sequence[Iterable]) -> list[int | None]:
+    """Where each loader that counts its epochs stands (``loader.epoch``; its shuffle and augmentation depend on
+    it), None for the others (a torch DataLoader draws from the global RNG, which a run state restores)."""
+    return [getattr(loader, "epoch", None) for loader in loaders]
+
+
+def _rewind(loaders: Sequence[Iterable], positions: Sequence[int | None]) -> None:
+    for loader, epoch in zip(loaders, positions, strict=True):
+        if epoch is not None:
+            loader.set_epoch(epoch)
+
+
 class _Search:
     """The state of one :func:`select` call: the rows, the best admissible epoch so far and its weights."""
 
-    def __init__(self, model: nn.Module, method: Method, val_loader: Iterable, selection: Selection) -> None:
+    def __init__(self, model: nn.Module, method: Method, loaders: Sequence[Iterable], val_loader: Iterable,
+                 selection: Selection) -> None:
         self.model, self.method, self.val_loader, self.selection = model, method, val_loader, selection
+        self.loaders = loaders
         self.device = model_device(model)
         self.best: dict[str, Any] | None = None
         self.best_weights: dict[str, Any] | None = None
         self.best_result: Result | None = None
+        # per candidate: (its best admissible (gap, -AUC), the epoch of its last step that reached it; 0 before it)
+        self.own_best: dict[int, tuple[tuple[float, float], int]] = {}
 
     def consider(self, index: int, step: str, epoch: int | None, result: Result) -> dict[str, Any]:
         """Score and judge the model as candidate ``index`` left it after ``epoch`` of ``step``; keep it (its weights
@@ -214,12 +273,21 @@ class _Search:
         row["why"] = _judge(row, sel.original, rule)
         row["admissible"] = not row["why"]
         sel.rows.append(row)
+        self.remember(row)
         if row["admissible"] and (self.best is None or (row[rule.gap], -row["auc"])
                                   < (self.best[rule.gap], -self.best["auc"])):
             self.best, self.best_weights = row, copy.deepcopy(self.model.state_dict())
             self.best_result = replace(result, history=list(result.history), checks=list(result.checks),
                                        guard_warnings=list(result.guard_warnings), details=dict(result.details))
         return row
+
+    def remember(self, row: dict[str, Any]) -> None:
+        """Keep ``row`` as its candidate's own best when it is admissible and better than what it had."""
+        key = (row[self.selection.rule.gap], -row["auc"])
+        mine = self.own_best.get(row["candidate"])
+        if row["admissible"] and (mine is None or key < mine[0]):
+            last = bool(self.method.steps) and row["step"] == self.method.steps[-1]
+            self.own_best[row["candidate"]] = (key, row["epoch"] if last else 0)
 
     def watch(self, index: int, snapshot: dict[str, Any] | None, first_epochs: int):
         """The ``on_epoch`` callback of candidate ``index``: consider every epoch, stop the hopeless, and save the
@@ -230,12 +298,17 @@ class _Search:
             if snapshot is not None and state.step == steps[0] and state.epoch == first_epochs:
                 snapshot["weights"] = copy.deepcopy(self.model.state_dict())
                 snapshot["state"] = state.to_state()
+                snapshot["loaders"] = _positions(self.loaders)
             if state.epoch == 0:
                 return
             row = self.consider(index, state.step, state.epoch, state.result)
-            last_step = state.step == steps[-1]
-            if last_step and state.epoch >= 2 and original["auc"] - row["auc"] > rule.stop_auc_drop:
+            if state.step != steps[-1] or state.epoch < 2:
+                return
+            if original["auc"] - row["auc"] > rule.stop_auc_drop:
                 raise _Hopeless
+            mine = self.own_best.get(index)
+            if rule.patience is not None and mine is not None and state.epoch - mine[1] >= rule.patience:
+                raise _Converged
         return on_epoch
 
 
@@ -250,6 +323,7 @@ def select(
     candidates: Sequence[Candidate] | None = None,
     rule: SelectionRule | None = None,
     progress: bool = False,
+    cache_bytes: int = 2 << 30,
 ) -> Selection:
     """Debias ``model`` in place with the configuration of ``candidates`` (default: the method's grid) that the
     ``rule`` chooses on ``val_loader`` (module docstring), or leave it unchanged when none is admissible.
@@ -265,6 +339,12 @@ def select(
         candidates: the grid (a method with nothing to tune runs once, as configured).
         rule: :class:`SelectionRule`.
         progress: progress bars.
+        cache_bytes: the validation batches are read once and kept in memory up to this size (they are scored
+            after every epoch); a larger validation part is streamed every time.
+
+    Every candidate sees its data as if it ran alone: loaders that count their epochs (``epoch`` /
+    ``set_epoch``, as :class:`fastmask.data.loader.ShardLoader`) are rewound to where they stood after the mask
+    pass before each candidate, and to where they stood after the shared first step before a branch.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -277,12 +357,15 @@ def select(
     configs = [c.apply(config) for c in candidates]  # an unknown setting fails here, before any work
     started = time.perf_counter()
     original_weights = copy.deepcopy(model.state_dict())
+    val_loader = _Replayed(val_loader, cache_bytes)
     selection = Selection(method, rule, candidates, _val_scores(model, val_loader, model_device(model), 0.5))
-    search = _Search(model, m, val_loader, selection)
+    loaders = (mask_loader, train_loader)
+    search = _Search(model, m, loaders, val_loader, selection)
     n_batches = 0
     if m.masks is not None:  # the mask once; candidates sharing a first step branch off it
         seed_everything(config.seed)  # as a run seeds before its importance pass
         selection.masks, n_batches = m.masks(model, mask_loader, config, progress)
+    start = _positions(loaders)
     branches: dict[tuple, list[int]] = {}
     for i, c in enumerate(candidates):
         key = _shares_first_step(m, c) if m.masks is not None else (i,)
@@ -295,11 +378,15 @@ def select(
                 run = {"masks": selection.masks}
             elif m.masks is not None:  # the first step is never stopped, so its state was saved
                 model.load_state_dict(snapshot["weights"])
+                _rewind(loaders, snapshot["loaders"])
                 run = {"resume": RunState.from_state(snapshot["state"], configs[i])}
                 shared = [r for r in selection.rows if r["candidate"] == members[0] and r["step"] == m.steps[0]]
-                selection.rows += [{**r, "candidate": i, "settings": candidates[i].as_dict()} for r in shared]
+                for r in shared:
+                    selection.rows.append({**r, "candidate": i, "settings": candidates[i].as_dict()})
+                    search.remember(selection.rows[-1])
             if "resume" not in run:
                 model.load_state_dict(original_weights)
+                _rewind(loaders, start)
             first_epochs = getattr(configs[i], m.steps[0]).epochs if m.masks is not None else 0
             before = len(selection.rows)
             try:
@@ -310,6 +397,9 @@ def select(
                 selection.stopped.append(i)
                 log.info("selection: candidate %d (%s) stopped: validation AUC more than %s below the original's",
                          i, candidates[i].describe(), rule.stop_auc_drop)
+                continue
+            except _Converged:
+                selection.converged.append(i)
                 continue
             if len(selection.rows) == before:
                 search.consider(i, "final", None, result)  # no epoch reported: the run's final model
