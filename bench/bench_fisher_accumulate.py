@@ -37,9 +37,7 @@ BYTES_PER_ELEMENT = 24
 
 def bench(args: argparse.Namespace) -> list[dict]:
     shapes = harness.resnet50_shapes(width=32 if args.quick else 64)
-    n = harness.numel(shapes)
-    print(f"tensor set: ResNet-50 shapes, {len(shapes)} tensors, {n / 1e6:.1f}M elements")
-    gen = torch.Generator().manual_seed(0)
+    n, gen = harness.described("ResNet-50 shapes, float32", shapes), torch.Generator().manual_seed(0)
     grads_b = [torch.randn(s, generator=gen) for s in shapes]
     grads_l = [torch.randn(s, generator=gen) for s in shapes]
     start = (harness.importance_like(shapes, gen), harness.importance_like(shapes, gen))

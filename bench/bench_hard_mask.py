@@ -121,7 +121,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
             size = name.split("-")[0]
             shapes = harness.shapes_of(size, args.quick)
             tensors = harness.score_like(shapes, torch.Generator().manual_seed(0))
-            print(f"{size}: {len(shapes)} tensors, {harness.numel(shapes) / 1e6:.1f}M float32 elements", flush=True)
+            harness.described(f"{size}, float32", shapes)
         rows += run_case(name, tensors, args.reps, probe)
     return rows
 

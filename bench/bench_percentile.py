@@ -78,10 +78,10 @@ def run_case(case: str, reps: int, probe: harness.Bandwidth) -> list[dict]:
     tensors = harness.score_like(harness.resnet50_shapes(head_outputs=1000) * copies, gen, dtype)
     n = sum(t.numel() for t in tensors)
     nbytes = n * tensors[0].element_size()
-    print(f"{case}: {len(tensors)} tensors, {n:,} elements ({'> 2^31, ' if n > 2**31 else ''}{dtype}), "
-          f"{nbytes / 1e9:.2f} GB", flush=True)
     huge = n > 2**31  # one call of the reference there (about a minute), no warm-up; kthvalue does not fit
     slow_reps = 1 if huge else max(1, reps // 2)
+    print(f"{case}: {len(tensors)} tensors, {n:,} elements ({'> 2^31, ' if n > 2**31 else ''}{dtype}), "
+          f"{nbytes / 1e9:.2f} GB; medians of {reps} calls ({slow_reps} for the reference and the peer)", flush=True)
     providers: dict[str, Callable[[], object]] = {
         "fastmask": lambda: ops.percentile(tensors, Q, backend="cpp"),
         "reference": lambda: numpy_percentile(tensors),

@@ -59,8 +59,7 @@ def peer_per_tensor(tensors: list[Tensor]) -> Tensor:
 def bench(args: argparse.Namespace) -> list[dict]:
     shapes = harness.resnet50_shapes(width=32 if args.quick else 64, head_outputs=1000)
     tensors = harness.score_like(shapes, torch.Generator().manual_seed(0))
-    n = harness.numel(shapes)
-    print(f"{len(shapes)} tensors, {n:,} float32 elements; one first-pass histogram of {1 << DIGIT_BITS} bins")
+    n = harness.described(f"ResNet-50 shapes, float32; one first-pass histogram of {1 << DIGIT_BITS} bins", shapes)
     providers = {
         "reference": lambda: reference.radix_histogram(tensors, [0], 0, DIGIT_BITS),
         "peer:cat": lambda: peer_cat(tensors),

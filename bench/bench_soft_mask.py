@@ -60,9 +60,7 @@ def peer_soft_mask(imp_bias: list[Tensor], imp_loss: list[Tensor], eps: float = 
 
 def bench(args: argparse.Namespace) -> list[dict]:
     shapes = harness.resnet50_shapes(width=32 if args.quick else 64)
-    n = harness.numel(shapes)
-    print(f"tensor set: ResNet-50 shapes, {len(shapes)} tensors, {n / 1e6:.1f}M elements")
-    gen = torch.Generator().manual_seed(0)
+    n, gen = harness.described("ResNet-50 shapes, float32", shapes), torch.Generator().manual_seed(0)
     ib, il = harness.importance_like(shapes, gen), harness.importance_like(shapes, gen)
     work = [b.clone() for b in ib]  # fastmask's I_b, restored (untimed) before each in-place build
     # The arithmetic alone: the same kernel on one cache-resident tensor of the set's first IN_CACHE_ELEMENTS

@@ -70,6 +70,13 @@ def numel(shapes: Sequence[Shape]) -> int:
     return sum(torch.Size(s).numel() for s in shapes)
 
 
+def described(label: str, shapes: Sequence[Shape]) -> int:
+    """Print what a tensor set is (``label``, tensors, elements); its element count."""
+    n = numel(shapes)
+    print(f"{label}: {len(shapes)} tensors, {n:,} elements ({n / 1e6:.1f}M)", flush=True)
+    return n
+
+
 class BasicBlock(nn.Module):
     """ResNet's basic block: two 3x3 conv-BN pairs and a projected or identity shortcut."""
 
