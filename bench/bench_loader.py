@@ -12,15 +12,15 @@ one epoch per repetition; worker start-up is part of an epoch for both. The file
 before timing, so both read from the page cache. Providers are interleaved epoch by epoch. Reported: images per
 second and ms per batch of the fastest epoch (on a shared machine the least disturbed one, as timeit does), the
 median epoch, the CPU time of all processes per batch (median), and the fastmask / peer speed ratio for the fastest
-and for the median epochs.
+(``vs_peer``, images per second) and for the median epochs (``vs_peer_median``). The main process runs one torch
+thread (``--threads``): both providers decode on the CPU.
 
-    python bench/bench_loader.py [--quick] [--json PATH] [--images N] [--reps R]
+    python bench/bench_loader.py [--quick] [--json PATH] [--images N] [--reps R] [--threads T]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import pandas as pd
 import torch
@@ -73,92 +74,57 @@ def epoch(loader) -> tuple[float, float, int, int]:
     return time.perf_counter() - t0, cpu_seconds() - c0, images, batches
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer images and repetitions (CI)")
-    ap.add_argument("--json", type=Path, help="write the rows as JSON")
-    ap.add_argument("--images", type=int, help="number of JPEGs (default 2000, 640 with --quick)")
-    ap.add_argument("--reps", type=int, help="timed epochs per provider and case (default 10, 5 with --quick)")
-    args = ap.parse_args(argv)
-    n = args.images or (640 if args.quick else 2000)
-    reps = args.reps or (5 if args.quick else 10)
-    torch.set_num_threads(1)  # both providers decode on the CPU; keep the main process from oversubscribing
-
+def bench(args: argparse.Namespace) -> list[dict]:
+    n = args.images = args.images or (640 if args.quick else 2000)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         tmp = Path(tmp)
         (tmp / "images").mkdir()
         table = make_images(tmp / "images", n)
         index = write_shards(table, tmp / "images", tmp / "shards", attr_cols=["group"], maxcount=500)
         megabytes = sum(p.stat().st_size for p in (tmp / "images").iterdir()) / 1e6
-        print(
-            f"{n} JPEGs {IMAGE_SIZE}x{IMAGE_SIZE}, {megabytes:.1f} MB; {len(index.shards)} shards; batch {BATCH}; "
-            f"{reps} timed epochs each; torch {torch.__version__}"
-        )
-
-        rows = []
+        print(f"{n} JPEGs {IMAGE_SIZE}x{IMAGE_SIZE}, {megabytes:.1f} MB; {len(index.shards)} shards; batch {BATCH}")
         for workers in (0, 2):
-            case = f"workers{workers}"
             loaders = {
                 "fastmask": make_loader(
                     tmp / "shards", batch_size=BATCH, train=True, image_size=IMAGE_SIZE, workers=workers, seed=0
                 ),
                 "peer": torch.utils.data.DataLoader(
                     ImageTableDataset(table, tmp / "images", image_size=IMAGE_SIZE, attr="group", train=True),
-                    batch_size=BATCH,
-                    shuffle=True,
-                    drop_last=True,
-                    num_workers=workers,
+                    batch_size=BATCH, shuffle=True, drop_last=True, num_workers=workers,
                 ),
             }
-            for loader in loaders.values():
-                epoch(loader)  # warm the page cache and the code paths
-            times: dict[str, list[float]] = {p: [] for p in loaders}
-            cpus: dict[str, list[float]] = {p: [] for p in loaders}
-            counts: dict[str, tuple[int, int]] = {}
-            for _ in range(reps):
-                for provider, loader in loaders.items():  # interleaved, so drift hits both alike
-                    seconds, cpu, images, batches = epoch(loader)
-                    times[provider].append(seconds)
-                    cpus[provider].append(cpu)
-                    counts[provider] = (images, batches)
-            for provider in loaders:
+            # The warm-up epoch warms the page cache and the code paths; epochs interleaved, so drift hits both alike.
+            epochs = harness.interleave({p: lambda ld=ld: epoch(ld) for p, ld in loaders.items()}, args.reps,
+                                        measure=lambda fn: fn())
+            for provider, runs in epochs.items():
                 # The fastest epoch is the one least disturbed by other processes on a shared machine (as timeit).
-                seconds = min(times[provider])
-                images, batches = counts[provider]
-                rows.append(
-                    {
-                        "case": case,
-                        "provider": provider,
-                        "ms": 1e3 * seconds / batches,
-                        "images_per_s": images / seconds,
-                        "epoch_s": seconds,
-                        "epoch_s_median": statistics.median(times[provider]),
-                        "cpu_ms_per_batch": 1e3 * statistics.median(cpus[provider]) / batches,
-                        "images": images,
-                        "batches": batches,
-                        "workers": workers,
-                    }
-                )
+                seconds = min(r[0] for r in runs)
+                _, _, images, batches = runs[-1]
+                rows.append({
+                    "case": f"workers{workers}", "provider": provider, "ms": 1e3 * seconds / batches,
+                    "ms_per_image": 1e3 * seconds / images, "images_per_s": images / seconds, "epoch_s": seconds,
+                    "epoch_s_median": statistics.median(r[0] for r in runs),
+                    "cpu_ms_per_batch": 1e3 * statistics.median(r[1] for r in runs) / batches, "images": images,
+                    "batches": batches, "workers": workers,
+                })
+    harness.add_ratios(rows, "epoch_s_median", suffix="_median")
+    return rows
 
-    peer = {r["case"]: r for r in rows if r["provider"] == "peer"}
-    for r in rows:
-        r["vs_peer"] = r["images_per_s"] / peer[r["case"]]["images_per_s"]
-        r["vs_peer_median"] = peer[r["case"]]["epoch_s_median"] / r["epoch_s_median"]
-    print(
-        f"{'case':<10} {'provider':<9} {'images/s':>9} {'ms/batch':>9} {'epoch s':>8} {'median s':>9} "
-        f"{'cpu ms/batch':>12} {'vs peer':>8} {'(median)':>8}"
-    )
-    for r in rows:
-        print(
-            f"{r['case']:<10} {r['provider']:<9} {r['images_per_s']:>9.0f} {r['ms']:>9.2f} {r['epoch_s']:>8.3f} "
-            f"{r['epoch_s_median']:>9.3f} {r['cpu_ms_per_batch']:>12.1f} {r['vs_peer']:>7.2f}x "
-            f"{r['vs_peer_median']:>7.2f}x"
-        )
-    if args.json:
-        meta = {"images": n, "batch": BATCH, "image_size": IMAGE_SIZE, "reps": reps}
-        args.json.write_text(json.dumps({"rows": rows, **meta}, indent=2))
-    return 0
 
+def options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--images", type=int, help="number of JPEGs (default 2000, 640 with --quick)")
+
+
+def notes(rows: list[dict], args: argparse.Namespace) -> dict:
+    return {"images": args.images, "batch": BATCH, "image_size": IMAGE_SIZE}
+
+
+COLUMNS: list[harness.Column] = [
+    ("images/s", "images_per_s", ".0f"), ("epoch s", "epoch_s", ".3f"), ("median s", "epoch_s_median", ".3f"),
+    ("cpu ms/batch", "cpu_ms_per_batch", ".1f"), ("vs peer (median)", "vs_peer_median", ".2fx"),
+]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(__doc__, bench, reps=(10, 5), options=options, columns=COLUMNS, notes=notes, threads=1,
+                          ratio_key="ms_per_image"))

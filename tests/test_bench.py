@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from fastmask.ops.table import OPS
+
 BENCH = sorted((Path(__file__).parent.parent / "bench").glob("bench_*.py"))
+
+
+def test_every_op_has_one_bench() -> None:
+    """One bench per op stem (``bench/bench_<stem>.py``, the name the op table gives it in every folder)."""
+    missing = sorted({op.stem for op in OPS.values()} - {p.stem.removeprefix("bench_") for p in BENCH})
+    assert not missing, f"ops without a bench/bench_<stem>.py: {missing}"
 
 
 @pytest.mark.parametrize("script", BENCH, ids=[p.stem for p in BENCH])
