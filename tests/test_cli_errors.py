@@ -148,6 +148,10 @@ CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
      ["--resume", "--select none", "selection"]),
     ("debias: a validation part too small to split", lambda e: debias_argv(e, "--select", "grid", shards="tiny"),
      ["cell group", "too few to split", "--select none"]),
+    ("debias: patience without selection", lambda e: debias_argv(e, "--patience", "2"),
+     ["--patience", "--select none"]),
+    ("debias: negative patience", lambda e: debias_argv(e, "--select", "grid", "--patience", "-1"),
+     ["patience must be >= 1 or None, got -1"]),
 ]
 
 

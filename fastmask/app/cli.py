@@ -171,6 +171,9 @@ def _selection_options(p: argparse.ArgumentParser, what: str) -> argparse._Argum
     g.add_argument("--share-tolerance", type=float, metavar="D",
                    help="largest admissible distance of the positive-prediction share from the label rate "
                    "(default 0.10)")
+    g.add_argument("--patience", type=int, metavar="N",
+                   help="a candidate stops when its best admissible epoch is N epochs of its last step behind "
+                   "(default 3; 0: run every epoch)")
     g.add_argument("--threshold", type=_threshold, metavar="T",
                    help="the decision threshold: accuracy (the one of the highest validation accuracy, the default "
                    "when selecting), rate (positive share = label rate), or a number (the default with --select "
@@ -178,7 +181,7 @@ def _selection_options(p: argparse.ArgumentParser, what: str) -> argparse._Argum
     return g
 
 
-_RULE_OPTIONS = ("gap", "max_auc_drop", "max_acc_drop", "share_tolerance", "threshold")
+_RULE_OPTIONS = ("gap", "max_auc_drop", "max_acc_drop", "share_tolerance", "threshold", "patience")
 
 
 def _rule(args: argparse.Namespace) -> Any:
@@ -195,7 +198,10 @@ def _rule(args: argparse.Namespace) -> Any:
             raise ValueError(f"--threshold {args.threshold} is chosen on the validation part, which --select none "
                              "has not: give a number (default 0.5)")
         return None
-    return SelectionRule(**{k: getattr(args, k) for k in _RULE_OPTIONS if getattr(args, k) is not None})
+    rule = {k: getattr(args, k) for k in _RULE_OPTIONS if getattr(args, k) is not None}
+    if rule.get("patience") == 0:
+        rule["patience"] = None
+    return SelectionRule(**rule)
 
 
 # ---- debias -------------------------------------------------------------------------------------------------------
@@ -205,7 +211,7 @@ _ONLY = {"swift": ("task", "reinit_cmp", "reinit_scope"), "bmft": ("rate", "incl
 
 
 # Options that only a selection reads (the grid's of debias are added where present).
-_SELECTION_ONLY = ("gap", "max_auc_drop", "max_acc_drop", "share_tolerance", "val_fraction")
+_SELECTION_ONLY = ("gap", "max_auc_drop", "max_acc_drop", "share_tolerance", "patience", "val_fraction")
 
 
 def _flag(name: str) -> str:
