@@ -19,9 +19,15 @@ TORCH_LIBRARY(fastmask, m) {
   m.def("fisher_accumulate_(Tensor(a!)[] imp_bias, Tensor(b!)[] imp_loss, Tensor[] grad_bias, Tensor[] grad_loss) -> ()");
   // Per tensor: R = norm(I_b) / (norm(I_l) + eps), norm = min-max with the max == min guard; M = tanh(R) when
   // apply_tanh (SWiFT Eq. 9) else the raw ratio R (BMFT's score before the percentile). Returns float32 masks.
-  m.def("soft_mask(Tensor[] imp_bias, Tensor[] imp_loss, float eps=1e-10, bool apply_tanh=True) -> Tensor[]");
+  // bounds: float32 [4, n], rows lo_b, hi_b, lo_l, hi_l: the min / max of the whole tensors the given ones are
+  // pieces of (shards, fastmask/parallel/fsdp.py); None: each tensor's own.
+  m.def(
+      "soft_mask(Tensor[] imp_bias, Tensor[] imp_loss, float eps=1e-10, bool apply_tanh=True, Tensor? bounds=None) "
+      "-> Tensor[]");
   // The same, written into imp_bias (float32, dense) instead of new tensors: no memory beyond the importances.
-  m.def("soft_mask_(Tensor(a!)[] imp_bias, Tensor[] imp_loss, float eps=1e-10, bool apply_tanh=True) -> ()");
+  m.def(
+      "soft_mask_(Tensor(a!)[] imp_bias, Tensor[] imp_loss, float eps=1e-10, bool apply_tanh=True, "
+      "Tensor? bounds=None) -> ()");
   // Masked Adam / AdamW step over a group of same-device, same-dtype tensors. masks[i] may be None (no mask),
   // float32 / bf16 (soft), uint8 (quantised, m/255) or bool (hard). state_steps are already incremented.
   m.def(

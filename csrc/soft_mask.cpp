@@ -6,11 +6,15 @@
 // so R is bit-identical to fastmask.reference.soft_mask; tanh is a vectorisable float32 tanh within 1.5 ulp (the
 // reference's torch.tanh is within 1 ulp).
 //
-// Passes: per tensor, one reduction reading both importances (min and max of each), then one pass writing M.
-// Tensors are processed in batches that fit in the last-level cache, and the writing pass walks each batch
-// backwards, so the second read of the importances mostly hits the cache: the DRAM traffic approaches the
-// compulsory 12 bytes per element (read I_b, read I_l, write M) instead of a two-pass kernel's 20. soft_mask_
-// writes M over I_b, which saves the mask allocation (memory and first-touch page faults).
+// bounds (optional, float32 [4, n]: rows lo_b, hi_b, lo_l, hi_l, one column per tensor) gives min_t and max_t
+// instead: the min and max of the whole tensor that tensor t is a piece of (a shard, fastmask/parallel/fsdp.py).
+// A NaN among a tensor's bounds makes its mask NaN, as a NaN in the data does without bounds.
+//
+// Passes: per tensor, one reduction reading both importances (min and max of each; skipped when bounds are given),
+// then one pass writing M. Tensors are processed in batches that fit in the last-level cache, and the writing pass
+// walks each batch backwards, so the second read of the importances mostly hits the cache: the DRAM traffic
+// approaches the compulsory 12 bytes per element (read I_b, read I_l, write M) instead of a two-pass kernel's 20.
+// soft_mask_ writes M over I_b, which saves the mask allocation (memory and first-touch page faults).
 #include <omp.h>
 #include <sys/mman.h>
 #include <torch/library.h>
@@ -23,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -92,6 +97,26 @@ struct Bounds {
   float hi_l = -std::numeric_limits<float>::infinity();
   int nan = 0;  // a NaN anywhere makes min and max NaN, as torch's min() / max() do
 };
+
+// Tensor i's bounds from the given [4, n] array (rows lo_b, hi_b, lo_l, hi_l); a NaN among them sets the flag.
+Bounds given_bounds(const float* g, size_t n, size_t i) {
+  const float lo_b = g[i], hi_b = g[n + i], lo_l = g[2 * n + i], hi_l = g[3 * n + i];
+  return {lo_b, hi_b, lo_l, hi_l, std::isnan(lo_b) || std::isnan(hi_b) || std::isnan(lo_l) || std::isnan(hi_l)};
+}
+
+// Tensor i's bounds: the merge of the threads' partial bounds partial[u * n + i], u < threads.
+Bounds merged_bounds(const std::vector<Bounds>& partial, int threads, size_t n, size_t i) {
+  Bounds all;
+  for (int u = 0; u < threads; ++u) {
+    const Bounds& p = partial[u * n + i];
+    all.lo_b = std::min(all.lo_b, p.lo_b);
+    all.hi_b = std::max(all.hi_b, p.hi_b);
+    all.lo_l = std::min(all.lo_l, p.lo_l);
+    all.hi_l = std::max(all.hi_l, p.hi_l);
+    all.nan |= p.nan;
+  }
+  return all;
+}
 
 __attribute__((always_inline)) inline void minmax2(const float* __restrict b, const float* __restrict l, int64_t n,
                                                    Bounds& out) {
@@ -189,9 +214,11 @@ at::Tensor new_output(at::IntArrayRef sizes, int64_t numel) {
 }
 
 // The two passes over tensors i = 0..n-1 of sizes[i] elements: importances pb[i], pl[i], masks written to po[i]
-// (which may be pb[i]: the in-place soft_mask_).
+// (which may be pb[i]: the in-place soft_mask_). `given`: the bounds as a contiguous float32 [4, n] array, or
+// nullptr; when given, pass 1 is skipped.
 void run_passes(const std::vector<const float*>& pb, const std::vector<const float*>& pl,
-                const std::vector<float*>& po, const std::vector<int64_t>& sizes, float eps, bool apply_tanh) {
+                const std::vector<float*>& po, const std::vector<int64_t>& sizes, float eps, bool apply_tanh,
+                const float* given) {
   const size_t n = sizes.size();
   const std::vector<int64_t> offsets = prefix_offsets(sizes);
   // Cache batches: runs of whole tensors of at most kBatchElements elements (a larger tensor is a batch alone).
@@ -206,7 +233,7 @@ void run_passes(const std::vector<const float*>& pb, const std::vector<const flo
   const auto minmax_fn = FASTMASK_HAS_AVX2() ? minmax2_avx2 : minmax2_base;
   const WriteFn write_fn = pick_write(apply_tanh);
   const int nt = threads_for(offsets.back());
-  std::vector<Bounds> partial(static_cast<size_t>(nt) * n);  // partial[t * n + i]
+  std::vector<Bounds> partial(given ? 0 : static_cast<size_t>(nt) * n);  // partial[t * n + i]
 
 #pragma omp parallel num_threads(nt)
   {
@@ -216,12 +243,14 @@ void run_passes(const std::vector<const float*>& pb, const std::vector<const flo
       const int64_t chunks = chunk_count(begin, end);
       // Pass 1: min / max of both importances. The loop's closing barrier leaves every partial of the batch
       // complete; the next batch's partials belong to other tensors, so pass 2 needs no barrier of its own.
+      if (!given) {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t c = 0; c < chunks; ++c) {
-        const auto [lo, hi] = chunk(begin, end, c);
-        for_each_piece(offsets, lo, hi, [&](size_t i, int64_t b, int64_t e) {
-          minmax_fn(pb[i] + b, pl[i] + b, e - b, partial[t * n + i]);
-        });
+        for (int64_t c = 0; c < chunks; ++c) {
+          const auto [lo, hi] = chunk(begin, end, c);
+          for_each_piece(offsets, lo, hi, [&](size_t i, int64_t b, int64_t e) {
+            minmax_fn(pb[i] + b, pl[i] + b, e - b, partial[t * n + i]);
+          });
+        }
       }
       // Pass 2, backwards: what pass 1 read last is still in the cache.
 #pragma omp for schedule(dynamic, 1) nowait
@@ -231,15 +260,7 @@ void run_passes(const std::vector<const float*>& pb, const std::vector<const flo
         for_each_piece(offsets, lo, hi, [&](size_t i, int64_t b, int64_t e) { pieces.push_back({int64_t(i), b, e}); });
         for (auto it = pieces.rbegin(); it != pieces.rend(); ++it) {
           const auto [i, b, e] = *it;
-          Bounds all;
-          for (int u = 0; u < threads; ++u) {
-            const Bounds& p = partial[u * n + i];
-            all.lo_b = std::min(all.lo_b, p.lo_b);
-            all.hi_b = std::max(all.hi_b, p.hi_b);
-            all.lo_l = std::min(all.lo_l, p.lo_l);
-            all.hi_l = std::max(all.hi_l, p.hi_l);
-            all.nan |= p.nan;
-          }
+          const Bounds all = given ? given_bounds(given, n, i) : merged_bounds(partial, threads, n, i);
           const Norm nb = norm_of(all.lo_b, all.hi_b, all.nan, eps);
           const Norm nl = norm_of(all.lo_l, all.hi_l, all.nan, eps);
           for (int64_t stop = e; stop > b; stop -= kBlock) {
@@ -262,10 +283,22 @@ void check_pair(const char* op, size_t i, const at::Tensor& b, const at::Tensor&
               "] (", describe(b), ") and imp_loss[", i, "] (", describe(l), ") must be floating point");
 }
 
+// The given bounds of either op as a contiguous float32 CPU tensor of shape [4, n], or an undefined tensor.
+at::Tensor checked_bounds(const char* op, const std::optional<at::Tensor>& bounds, size_t n) {
+  if (!bounds.has_value()) return {};
+  const at::Tensor& g = *bounds;
+  TORCH_CHECK_VALUE(g.scalar_type() == at::kFloat && g.dim() == 2 && g.size(0) == 4 &&
+                        g.size(1) == static_cast<int64_t>(n),
+                    op, ": bounds (", describe(g), ") must be a float32 tensor of shape [4, ", n,
+                    "]: rows lo_b, hi_b, lo_l, hi_l, one column per tensor");
+  return g.to(at::kCPU).contiguous();
+}
+
 std::vector<at::Tensor> soft_mask_cpu(at::TensorList imp_bias, at::TensorList imp_loss, double eps,
-                                      bool apply_tanh) {
+                                      bool apply_tanh, const std::optional<at::Tensor>& bounds) {
   const size_t n = imp_bias.size();
   TORCH_CHECK(imp_loss.size() == n, "soft_mask: list lengths differ: imp_bias ", n, ", imp_loss ", imp_loss.size());
+  const at::Tensor given = checked_bounds("soft_mask", bounds, n);
   // Importances are float32 accumulators; anything else (float64, half, a strided view) is read through a
   // contiguous float32 copy, which is what the reference's x.float() computes on too.
   std::vector<at::Tensor> ib(n), il(n), out(n);
@@ -282,7 +315,8 @@ std::vector<at::Tensor> soft_mask_cpu(at::TensorList imp_bias, at::TensorList im
     pl[i] = il[i].const_data_ptr<float>();
     po[i] = out[i].data_ptr<float>();
   }
-  run_passes(pb, pl, po, sizes, static_cast<float>(eps), apply_tanh);
+  run_passes(pb, pl, po, sizes, static_cast<float>(eps), apply_tanh,
+             given.defined() ? given.const_data_ptr<float>() : nullptr);
   return out;
 }
 
@@ -323,9 +357,11 @@ void check_no_overlap(at::TensorList imp_bias, const std::vector<at::Tensor>& il
 
 // In place: imp_bias[i] ← the mask of pair i. No new memory: the importances are usually dropped once the mask is
 // built, and a fresh mask set costs a parameter-sized allocation (and its page faults) on top of the two importances.
-void soft_mask_inplace_cpu(at::TensorList imp_bias, at::TensorList imp_loss, double eps, bool apply_tanh) {
+void soft_mask_inplace_cpu(at::TensorList imp_bias, at::TensorList imp_loss, double eps, bool apply_tanh,
+                           const std::optional<at::Tensor>& bounds) {
   const size_t n = imp_bias.size();
   TORCH_CHECK(imp_loss.size() == n, "soft_mask_: list lengths differ: imp_bias ", n, ", imp_loss ", imp_loss.size());
+  const at::Tensor given = checked_bounds("soft_mask_", bounds, n);
   std::vector<at::Tensor> il(n);
   std::vector<const float*> pb(n), pl(n);
   std::vector<float*> po(n);
@@ -344,7 +380,8 @@ void soft_mask_inplace_cpu(at::TensorList imp_bias, at::TensorList imp_loss, dou
     pl[i] = il[i].const_data_ptr<float>();
   }
   check_no_overlap(imp_bias, il);
-  run_passes(pb, pl, po, sizes, static_cast<float>(eps), apply_tanh);
+  run_passes(pb, pl, po, sizes, static_cast<float>(eps), apply_tanh,
+             given.defined() ? given.const_data_ptr<float>() : nullptr);
 }
 
 }  // namespace

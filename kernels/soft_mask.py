@@ -10,6 +10,10 @@
 
    in float32 and in the reference's order (subtract, add eps, IEEE-rounded division ``tl.div_rn``: a plain ``/``
    is approximate on NVIDIA GPUs), so R matches ``fastmask.ops.reference.soft_mask`` bit for bit.
+
+Given ``bounds`` (float32 [4, T], rows lo_b, hi_b, lo_l, hi_l: the min / max of the whole tensors the given ones are
+pieces of), the first launch is skipped: the buffer is the given bounds, and a tensor's NaN flag is set when one of
+its bounds is NaN.
 """
 
 from __future__ import annotations
@@ -107,23 +111,35 @@ def _check_pairs(op: str, imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor]
             raise ValueError(f"{op}: {where} must be floating point")
 
 
-def _launch(ib: list[Tensor], il: list[Tensor], out: list[Tensor], eps: float, apply_tanh: bool) -> None:
+def _check_bounds(op: str, bounds: Tensor | None, n: int) -> None:
+    if bounds is not None and (bounds.dtype != torch.float32 or tuple(bounds.shape) != (4, n)):
+        raise ValueError(f"{op}: bounds (shape {list(bounds.shape)}, dtype {bounds.dtype}) must be a float32 tensor "
+                         f"of shape [4, {n}]: rows lo_b, hi_b, lo_l, hi_l, one column per tensor")
+
+
+def _launch(ib: list[Tensor], il: list[Tensor], out: list[Tensor], eps: float, apply_tanh: bool,
+            given: Tensor | None) -> None:
     """The two launches over contiguous float32 ``ib``, ``il``; masks written to ``out`` (which may be ``ib``: each
-    element is loaded before it is stored, and the bounds are complete before the first store)."""
+    element is loaded before it is stored, and the bounds are complete before the first store). ``given``: the
+    checked [4, n] bounds, which replace the first launch."""
     device = ib[0].device
     block = block_size()
     table = launch_table([ib, il, out], block, device)
     if table.n_blocks == 0:
         return
     n = len(ib)
-    inf = float("inf")
-    bounds = torch.tensor([inf, -inf, inf, -inf], dtype=torch.float32, device=device).repeat_interleave(n)
-    nan_flags = torch.zeros(n, dtype=torch.int32, device=device)
     ib_ptrs, il_ptrs, out_ptrs = table.columns
     grid = (table.n_blocks,)
-    with phase("fastmask.triton.soft_mask.minmax"):
-        _minmax_kernel[grid](ib_ptrs, il_ptrs, table.numels, table.block_tensor, table.block_start, bounds,
-                             nan_flags, n, BLOCK=block, enable_fp_fusion=False)
+    if given is not None:
+        bounds = given.to(device).contiguous().reshape(-1)  # only read: the write kernel never stores to it
+        nan_flags = bounds.isnan().reshape(4, n).any(dim=0).to(torch.int32)
+    else:
+        inf = float("inf")
+        bounds = torch.tensor([inf, -inf, inf, -inf], dtype=torch.float32, device=device).repeat_interleave(n)
+        nan_flags = torch.zeros(n, dtype=torch.int32, device=device)
+        with phase("fastmask.triton.soft_mask.minmax"):
+            _minmax_kernel[grid](ib_ptrs, il_ptrs, table.numels, table.block_tensor, table.block_start, bounds,
+                                 nan_flags, n, BLOCK=block, enable_fp_fusion=False)
     with phase("fastmask.triton.soft_mask.write"):
         _write_kernel[grid](ib_ptrs, il_ptrs, out_ptrs, table.numels, table.block_tensor, table.block_start, bounds,
                             nan_flags, n, eps, APPLY_TANH=apply_tanh, INTERPRET=interpreting(), BLOCK=block,
@@ -131,27 +147,32 @@ def _launch(ib: list[Tensor], il: list[Tensor], out: list[Tensor], eps: float, a
 
 
 def soft_mask(
-    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = 1e-10, apply_tanh: bool = True
+    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = 1e-10, apply_tanh: bool = True,
+    bounds: Tensor | None = None,
 ) -> list[Tensor]:
-    """Per-tensor M = tanh(Norm(I_b) / (Norm(I_l) + eps)), or the raw ratio, in two Triton launches (same contract as
-    ``fastmask.ops.reference.soft_mask``). Returns float32 masks of the importances' shapes, contiguous."""
+    """Per-tensor M = tanh(Norm(I_b) / (Norm(I_l) + eps)), or the raw ratio, in two Triton launches (one with
+    ``bounds``; same contract as ``fastmask.ops.reference.soft_mask``). Returns float32 masks of the importances'
+    shapes, contiguous."""
     _check_pairs("soft_mask", imp_bias, imp_loss)
+    _check_bounds("soft_mask", bounds, len(imp_bias))
     # Importances are float32 accumulators; anything else is read through a contiguous float32 copy, which is what
     # the reference's x.float() computes on too.
     ib = [b.to(torch.float32).contiguous() for b in imp_bias]
     il = [l.to(torch.float32).contiguous() for l in imp_loss]
     out = [torch.empty(b.shape, dtype=torch.float32, device=b.device) for b in ib]
     if ib:
-        _launch(ib, il, out, eps, apply_tanh)
+        _launch(ib, il, out, eps, apply_tanh, bounds)
     return out
 
 
 def soft_mask_(
-    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = 1e-10, apply_tanh: bool = True
+    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = 1e-10, apply_tanh: bool = True,
+    bounds: Tensor | None = None,
 ) -> None:
     """:func:`soft_mask` written into ``imp_bias`` (dense float32 tensors sharing no memory with each other or
     with ``imp_loss``), as ``fastmask.ops.reference.soft_mask_``."""
     _check_pairs("soft_mask_", imp_bias, imp_loss)
+    _check_bounds("soft_mask_", bounds, len(imp_bias))
     il = []
     for i, (b, l) in enumerate(zip(imp_bias, imp_loss, strict=True)):
         if b.dtype != torch.float32 or not same_dense_layout(b, b):  # only a dense tensor matches its own layout
@@ -162,7 +183,7 @@ def soft_mask_(
         il.append(l32 if same_dense_layout(b, l32) else torch.empty_like(b).copy_(l32))
     _check_no_shared_memory(list(imp_bias), il)
     if imp_bias:
-        _launch(list(imp_bias), il, list(imp_bias), eps, apply_tanh)
+        _launch(list(imp_bias), il, list(imp_bias), eps, apply_tanh, bounds)
 
 
 def _check_no_shared_memory(ib: list[Tensor], il: list[Tensor]) -> None:

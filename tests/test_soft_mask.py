@@ -136,6 +136,26 @@ def test_cpp_schema_matches_its_mutations():
     ib, il = _importances([(3,), (2, 5)])
     torch.library.opcheck(torch.ops.fastmask.soft_mask.default, (ib, il, 1e-10, True), test_utils="test_schema")
     torch.library.opcheck(torch.ops.fastmask.soft_mask_.default, (ib, il, 1e-10, True), test_utils="test_schema")
+    # with bounds: every opcheck test, the fake kernel's included
+    for apply_tanh in (True, False):
+        args = (ib, il, 1e-10, apply_tanh, own_bounds(ib, il))
+        torch.library.opcheck(torch.ops.fastmask.soft_mask.default, args)
+        torch.library.opcheck(torch.ops.fastmask.soft_mask_.default, ([b.clone() for b in ib], *args[1:]))
+
+
+def test_fake_checks_the_bounds_shape():
+    import fastmask._C  # noqa: F401
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        ib, il = [torch.empty(3), torch.empty(2, 5)], [torch.empty(3), torch.empty(2, 5)]
+        masks = torch.ops.fastmask.soft_mask(ib, il, 1e-10, True, torch.empty(4, 2))
+        assert [m.shape for m in masks] == [(3,), (2, 5)]
+        for op in (torch.ops.fastmask.soft_mask, torch.ops.fastmask.soft_mask_):
+            with pytest.raises(ValueError, match=r"bounds .*shape \[4, 2\]"):
+                op(ib, il, 1e-10, True, torch.empty(4, 3))
+            with pytest.raises(ValueError, match=r"bounds .*float32"):
+                op(ib, il, 1e-10, True, torch.empty(4, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
@@ -222,3 +242,145 @@ def test_property_random_importances(data, n, backend, apply_tanh, in_place):
     else:
         out = ops.soft_mask(ib, il, apply_tanh=apply_tanh, backend=backend)
     _check(out, ib, il, apply_tanh)
+
+
+# --- bounds: masks of pieces of tensors (shards), with the whole tensors' min / max ----------------------------------
+
+
+def own_bounds(ib, il) -> torch.Tensor:
+    """float32 [4, n]: each tensor's own (min I_b, max I_b, min I_l, max I_l); (inf, -inf) for an empty one."""
+    def lo_hi(t):
+        t = t.float()
+        return (t.min(), t.max()) if t.numel() else (torch.tensor(np.inf), torch.tensor(-np.inf))
+
+    cols = [(*lo_hi(b), *lo_hi(l)) for b, l in zip(ib, il, strict=True)]
+    return torch.tensor([[float(v) for v in c] for c in cols], dtype=torch.float32).T.contiguous()
+
+
+PIECES = 3
+
+
+def pieces_of(t: torch.Tensor, i: int) -> list[torch.Tensor]:
+    """``t`` cut into PIECES pieces, as ranks would hold it: FSDP's row shards (whole rows, trailing dims kept) for
+    every third tensor of 2+ dims, else flat pieces of uneven length; the middle piece of every other tensor is
+    empty."""
+    if t.dim() >= 2 and i % 3 == 0:
+        rows = t.shape[0]
+        cuts = [0, rows // 3, rows // 3 if i % 2 else (2 * rows) // 3, rows]
+        return [t[cuts[k]:cuts[k + 1]].clone() for k in range(PIECES)]
+    flat, n = t.reshape(-1), t.numel()
+    cuts = [0, (2 * n) // 5, (2 * n) // 5 if i % 2 else (3 * n) // 4 + 1, n]
+    cuts = [min(c, n) for c in cuts]
+    return [flat[cuts[k]:cuts[k + 1]].clone() for k in range(PIECES)]
+
+
+def _bounds_cases():
+    """Importance sets for the bounds tests: the size sets, plus tensors whose pieces are constant where the whole
+    tensor is not (the guard must look at the whole tensor's bounds) and whole tensors that are constant (the
+    guard applies: Norm is the raw value)."""
+    cases = {name: _importances(SIZES[name]) for name in ("4097", "5x123x123", "161-set")}
+    ib, il = _importances([(40,), (6, 4), (7,), (1,), (12, 3)], seed=5)
+    ib[0][:20] = 1.0  # the first piece of I_b is constant, the tensor is not
+    ib[0][30] = 4.0
+    il[0][16:40] = 0.5  # I_l: the second and third pieces are constant
+    ib[1].fill_(0.25)  # I_b constant: Norm(I_b) = I_b
+    ib[2].fill_(3.0)
+    il[2].fill_(0.5)  # both constant: R = raw I_b / (raw I_l + eps)
+    ib[4] = ib[4].double()  # another dtype: the dispatch splits the list into two groups
+    cases["guard-and-dtypes"] = ib, il
+    return cases
+
+
+BOUNDS_CASES = _bounds_cases()
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("apply_tanh", [True, False], ids=["tanh", "ratio"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["new", "in_place"])
+@pytest.mark.parametrize("case", list(BOUNDS_CASES))
+def test_pieces_with_the_whole_tensors_bounds_give_the_whole_tensors_masks(backend, apply_tanh, in_place, case):
+    """Every piece's mask, computed with the bounds of the whole tensor, is that piece of the whole tensor's mask:
+    R bit for bit against the reference, M within tanh's rounding of it and bit for bit against the backend's own
+    whole-tensor M (the same element-wise kernel)."""
+    ib, il = BOUNDS_CASES[case]
+    if in_place:
+        ib = [b.float() for b in ib]
+    bounds = own_bounds(ib, il)
+    pieces_b = [pieces_of(b, i) for i, b in enumerate(ib)]
+    pieces_l = [pieces_of(l, i) for i, l in enumerate(il)]
+    got = [[] for _ in ib]  # got[i]: tensor i's pieces' masks, in piece order
+    for k in range(PIECES):
+        mine_b, mine_l = [p[k] for p in pieces_b], [p[k] for p in pieces_l]
+        if in_place:
+            ops.soft_mask_(mine_b, mine_l, apply_tanh=apply_tanh, bounds=bounds, backend=backend)
+            masks = mine_b
+        else:
+            masks = ops.soft_mask(mine_b, mine_l, apply_tanh=apply_tanh, bounds=bounds, backend=backend)
+        for i, m in enumerate(masks):
+            assert m.dtype == torch.float32 and m.shape == pieces_b[i][k].shape, f"tensor {i} piece {k}"
+            got[i].append(m.reshape(-1))
+    want_ref = reference.soft_mask(ib, il, apply_tanh=apply_tanh)
+    want_own = ops.soft_mask(ib, il, apply_tanh=apply_tanh, backend=backend)
+    for i, (parts, ref, own) in enumerate(zip(got, want_ref, want_own, strict=True)):
+        joined = torch.cat(parts).reshape(ib[i].shape)
+        assert torch.equal(joined, own), f"tensor {i}: pieces differ from the whole tensor's mask"
+        if apply_tanh:
+            torch.testing.assert_close(joined, ref, rtol=TANH_RTOL, atol=0, msg=lambda m, i=i: f"tensor {i}: {m}")
+        else:
+            np.testing.assert_array_equal(joined.numpy(), ref.numpy(), err_msg=f"ratio of tensor {i}")
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("apply_tanh", [True, False], ids=["tanh", "ratio"])
+@pytest.mark.parametrize("case", ["1", "4097", "161-set"])
+def test_own_bounds_reproduce_the_masks_without_bounds(backend, apply_tanh, case):
+    """bounds = each tensor's own min / max is what the op computes without bounds: the same masks, bit for bit
+    (an empty tensor's bounds are (inf, -inf), and its mask is empty)."""
+    ib, il = _importances([*SIZES[case], (0,)])
+    bounds = own_bounds(ib, il)
+    without = ops.soft_mask(ib, il, apply_tanh=apply_tanh, backend=backend)
+    with_bounds = ops.soft_mask(ib, il, apply_tanh=apply_tanh, bounds=bounds, backend=backend)
+    out = [b.clone() for b in ib]
+    ops.soft_mask_(out, il, apply_tanh=apply_tanh, bounds=bounds, backend=backend)
+    for i, (a, b, c) in enumerate(zip(without, with_bounds, out, strict=True)):
+        assert torch.equal(a, b) and torch.equal(a, c), f"mask {i}"
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("row", range(4), ids=["lo_b", "hi_b", "lo_l", "hi_l"])
+def test_nan_in_a_tensors_bounds_makes_its_mask_nan(backend, row):
+    """As a NaN in the data does without bounds (torch's min / max propagate it); the other tensors are unaffected."""
+    ib, il = _importances([(4097,), (2, 3)])
+    bounds = own_bounds(ib, il)
+    bounds[row, 0] = float("nan")
+    clean = ops.soft_mask(ib, il, backend=backend)[1]
+    got = ops.soft_mask(ib, il, bounds=bounds, backend=backend)
+    assert torch.isnan(got[0]).all() and torch.equal(got[1], clean)
+    out = [b.clone() for b in ib]
+    ops.soft_mask_(out, il, apply_tanh=False, bounds=bounds, backend=backend)
+    assert torch.isnan(out[0]).all() and not torch.isnan(out[1]).any()
+
+
+BAD_BOUNDS = {
+    "3 rows": lambda n: torch.zeros(3, n),
+    "n + 1 columns": lambda n: torch.zeros(4, n + 1),
+    "transposed": lambda n: torch.zeros(n, 4),
+    "flat": lambda n: torch.zeros(4 * n),
+    "float64": lambda n: torch.zeros(4, n, dtype=torch.float64),
+    "bfloat16": lambda n: torch.zeros(4, n, dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("op", ["soft_mask", "soft_mask_"])
+@pytest.mark.parametrize("bad", list(BAD_BOUNDS))
+def test_bad_bounds_raise_one_line_naming_bounds(backend, op, bad):
+    ib, il = _importances([(3,), (2, 5)])
+    bounds = BAD_BOUNDS[bad](len(ib))
+    for call in (lambda: ops.implementation(op, backend)(ib, il, 1e-10, True, bounds),
+                 lambda: getattr(ops, op)(ib, il, bounds=bounds, backend=backend)):
+        with pytest.raises((RuntimeError, ValueError), match=r"bounds .*float32 tensor of shape \[4, 2\]") as info:
+            call()
+        assert "\n" not in str(info.value)
+    assert torch.equal(ib[0], _importances([(3,), (2, 5)])[0][0])  # nothing was written
+

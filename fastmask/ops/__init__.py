@@ -81,21 +81,38 @@ def fisher_accumulate_(
             fn(_pick(imp_bias, idx), _pick(imp_loss, idx), _pick(grad_bias, idx), _pick(grad_loss, idx))
 
 
+def _bounds_of(bounds: Tensor | None, idx: list[int], n: int, device: torch.device) -> Tensor | None:
+    """The columns ``idx`` of ``bounds`` (shape [4, n]) on ``device``; all of it when ``idx`` is every column."""
+    if bounds is None:
+        return None
+    part = bounds if idx == list(range(n)) else bounds[:, idx]
+    return part.to(device, non_blocking=True)
+
+
 def soft_mask(
     imp_bias: Sequence[Tensor],
     imp_loss: Sequence[Tensor],
     *,
     eps: float = reference.NORM_EPS,
     apply_tanh: bool = True,
+    bounds: Tensor | None = None,
     backend: str | None = None,
 ) -> list[Tensor]:
     """Per-tensor M = tanh(Norm(I_b) / (Norm(I_l) + eps)) (SWiFT Eq. 9), or the raw ratio with apply_tanh=False (BMFT's
-    score). Norm is min-max per tensor with the max == min guard (docs/algorithm.md §4). Returns float32 masks."""
+    score). Norm is min-max per tensor with the max == min guard (docs/algorithm.md §4). Returns float32 masks.
+
+    ``bounds``: float32 [4, n] (n = len(imp_bias)), rows min I_b, max I_b, min I_l, max I_l: column i holds the bounds
+    of the whole tensors that ``imp_bias[i]`` and ``imp_loss[i]`` are pieces of (FSDP shards,
+    :func:`fastmask.parallel.fsdp.sharded_soft_mask`), used instead of the pieces' own. A NaN in a column makes that
+    mask NaN, as a NaN in the data does without bounds."""
+    reference.check_bounds("soft_mask", bounds, len(imp_bias))
     out: list[Tensor | None] = [None] * len(imp_bias)
     with phase(_op("soft_mask").profile_range):
         for (device, _), idx in _groups(imp_bias).items():
             fn = _resolved("soft_mask", device, backend)
-            for i, m in zip(idx, fn(_pick(imp_bias, idx), _pick(imp_loss, idx), eps, apply_tanh), strict=True):
+            group_bounds = _bounds_of(bounds, idx, len(imp_bias), device)
+            masks = fn(_pick(imp_bias, idx), _pick(imp_loss, idx), eps, apply_tanh, group_bounds)
+            for i, m in zip(idx, masks, strict=True):
                 out[i] = m
     return out  # type: ignore[return-value]
 
@@ -106,17 +123,20 @@ def soft_mask_(
     *,
     eps: float = reference.NORM_EPS,
     apply_tanh: bool = True,
+    bounds: Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """:func:`soft_mask` written into ``imp_bias`` (dense float32 tensors, one per parameter, sharing no memory with
     each other or with ``imp_loss``) instead of new tensors: the mask set then costs no memory beyond the two
-    importances, and no first-touch page faults."""
+    importances, and no first-touch page faults. ``bounds`` as in :func:`soft_mask`."""
     if len(imp_bias) != len(imp_loss):
         raise ValueError(f"soft_mask_: list lengths differ: imp_bias {len(imp_bias)}, imp_loss {len(imp_loss)}")
+    reference.check_bounds("soft_mask_", bounds, len(imp_bias))
     with phase(_op("soft_mask_").profile_range):
         for (device, _), idx in _groups(imp_bias).items():
             fn = _resolved("soft_mask_", device, backend)
-            fn(_pick(imp_bias, idx), _pick(imp_loss, idx), eps, apply_tanh)
+            fn(_pick(imp_bias, idx), _pick(imp_loss, idx), eps, apply_tanh,
+               _bounds_of(bounds, idx, len(imp_bias), device))
 
 
 def _scalar(x: float | Tensor, name: str) -> float:

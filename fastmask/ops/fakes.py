@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fastmask.ops.backend import _extension_error
+from fastmask.ops.reference import check_bounds
 
 
 def _same_lengths(op: str, **lists: Sequence) -> None:
@@ -31,13 +32,17 @@ def register() -> None:
                       grad_loss=grad_loss)
 
     @torch.library.register_fake("fastmask::soft_mask")
-    def _(imp_bias: list[Tensor], imp_loss: list[Tensor], eps: float = 1e-10, apply_tanh: bool = True) -> list[Tensor]:
+    def _(imp_bias: list[Tensor], imp_loss: list[Tensor], eps: float = 1e-10, apply_tanh: bool = True,
+          bounds: Tensor | None = None) -> list[Tensor]:
         _same_lengths("soft_mask", imp_bias=imp_bias, imp_loss=imp_loss)
+        check_bounds("soft_mask", bounds, len(imp_bias))
         return [torch.empty_like(b, dtype=torch.float32, memory_format=torch.contiguous_format) for b in imp_bias]
 
     @torch.library.register_fake("fastmask::soft_mask_")
-    def _(imp_bias: list[Tensor], imp_loss: list[Tensor], eps: float = 1e-10, apply_tanh: bool = True) -> None:
+    def _(imp_bias: list[Tensor], imp_loss: list[Tensor], eps: float = 1e-10, apply_tanh: bool = True,
+          bounds: Tensor | None = None) -> None:
         _same_lengths("soft_mask_", imp_bias=imp_bias, imp_loss=imp_loss)
+        check_bounds("soft_mask_", bounds, len(imp_bias))
 
     @torch.library.register_fake("fastmask::masked_adam_")
     def _(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],

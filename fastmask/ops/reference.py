@@ -54,25 +54,42 @@ def minmax_normalize(x: Tensor, eps: float = NORM_EPS, bounds: tuple[Tensor, Ten
     return (x - lo) / ((hi - lo) + eps)
 
 
+def check_bounds(op: str, bounds: Tensor | None, n: int) -> None:
+    """Raise (one line, naming ``bounds``) unless ``bounds`` is None or a float32 tensor of shape [4, n]."""
+    if bounds is not None and (bounds.dtype != torch.float32 or tuple(bounds.shape) != (4, n)):
+        raise ValueError(f"{op}: bounds (shape {list(bounds.shape)}, dtype {bounds.dtype}) must be a float32 tensor "
+                         f"of shape [4, {n}]: rows lo_b, hi_b, lo_l, hi_l, one column per tensor")
+
+
 def soft_mask(
-    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = NORM_EPS, apply_tanh: bool = True
+    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = NORM_EPS, apply_tanh: bool = True,
+    bounds: Tensor | None = None,
 ) -> list[Tensor]:
     """SWiFT soft mask per tensor (SWiFT Eq. 9, docs/algorithm.md §4): M = tanh(Norm(I_b) / (Norm(I_l) + eps)).
 
     With ``apply_tanh=False`` it returns the raw ratio R = Norm(I_b) / (Norm(I_l) + eps), BMFT's score (BMFT Eq. 3)
     that the global percentile thresholds. Masks are float32.
+
+    ``bounds``: a float32 [4, n] tensor whose column i is (min I_b, max I_b, min I_l, max I_l) of the whole tensors
+    that ``imp_bias[i]`` and ``imp_loss[i]`` are pieces of (a shard on one rank, fastmask.parallel.fsdp); Norm then
+    uses those instead of each piece's own min / max. A NaN in them makes that mask NaN. None: each tensor's own.
     """
+    check_bounds("soft_mask", bounds, len(imp_bias))
     out = []
-    for ib, il in zip(imp_bias, imp_loss, strict=True):
+    for i, (ib, il) in enumerate(zip(imp_bias, imp_loss, strict=True)):
         if ib.shape != il.shape:
             raise ValueError(f"soft_mask: importance shapes differ: {tuple(ib.shape)} vs {tuple(il.shape)}")
-        r = minmax_normalize(ib, eps) / (minmax_normalize(il, eps) + eps)
+        bounds_b = bounds_l = None
+        if bounds is not None:
+            bounds_b, bounds_l = (bounds[0, i], bounds[1, i]), (bounds[2, i], bounds[3, i])
+        r = minmax_normalize(ib, eps, bounds_b) / (minmax_normalize(il, eps, bounds_l) + eps)
         out.append(torch.tanh(r) if apply_tanh else r)
     return out
 
 
 def soft_mask_(
-    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = NORM_EPS, apply_tanh: bool = True
+    imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor], eps: float = NORM_EPS, apply_tanh: bool = True,
+    bounds: Tensor | None = None,
 ) -> None:
     """:func:`soft_mask` written into ``imp_bias`` (float32 tensors) instead of new tensors: the importances are
     usually dropped once the mask is built, so this saves a parameter-sized buffer. Every mask is computed from the
@@ -80,7 +97,8 @@ def soft_mask_(
     for i, b in enumerate(imp_bias):
         if b.dtype != torch.float32:
             raise ValueError(f"soft_mask_: imp_bias[{i}] has dtype {b.dtype}; it must be float32 to hold its mask")
-    for b, m in zip(imp_bias, soft_mask(imp_bias, imp_loss, eps, apply_tanh), strict=True):
+    check_bounds("soft_mask_", bounds, len(imp_bias))
+    for b, m in zip(imp_bias, soft_mask(imp_bias, imp_loss, eps, apply_tanh, bounds), strict=True):
         b.copy_(m)
 
 

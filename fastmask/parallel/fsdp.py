@@ -11,7 +11,8 @@ the fused kernels see plain tensors, and the update lands in the sharded paramet
 Masks. When parameters are sharded, each rank holds only a piece of every importance tensor. SWiFT's Norm needs
 each tensor's min and max, which are global: every rank packs its local minima of all tensors (I_b's and I_l's) into one
 float32 vector and its maxima into another, and one all-reduce each (MIN, MAX) gives every rank every tensor's
-global bounds. The element-wise rest of the formula is local. NaN is carried as a flag in the MAX vector (a
+global bounds. The element-wise rest of the formula is local: the op :func:`fastmask.ops.soft_mask` given those
+bounds (``bounds=``), the same kernels as for whole tensors. NaN is carried as a flag in the MAX vector (a
 reduction's treatment of NaN depends on the backend; torch's min() / max() return NaN, and so must this).
 """
 
@@ -24,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastmask.ops.reference import NORM_EPS, minmax_normalize
+from fastmask import ops
+from fastmask.ops.reference import NORM_EPS
 from fastmask.parallel.ddp import all_reduce, all_reduce_grads, is_active
-from fastmask.util.profiling import phase
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -92,9 +93,12 @@ def sharded_soft_mask(
 
     ``imp_bias[i]`` and ``imp_loss[i]`` are this rank's pieces of the same parameter (same shape; DTensors are
     reduced to their local shards, flat 1-D pieces or FSDP's row shards are all fine, and a piece may be empty).
-    Concatenating the ranks' results in shard order gives :func:`fastmask.masks.importance_ratio` of the full
-    tensors bit for bit (R), and :func:`fastmask.masks.soft_mask` to the rounding of tanh (M). float32, plain
-    tensors of the local shapes. Every rank must call it with its pieces of the same tensors, in the same order.
+    Concatenating the ranks' results in shard order gives :func:`fastmask.masking.masks.importance_ratio` of the full
+    tensors bit for bit (R), and :func:`fastmask.masking.masks.swift_mask` to the rounding of tanh (M). float32,
+    plain tensors of the local shapes. Every rank must call it with its pieces of the same tensors, in the same order.
+
+    The arithmetic is the op :func:`fastmask.ops.soft_mask` (fused kernels where available) given the global bounds;
+    this function only gathers them: two all-reduces for all tensors together.
     """
     if len(imp_bias) != len(imp_loss):
         raise ValueError(f"sharded_soft_mask: {len(imp_bias)} I_b tensors but {len(imp_loss)} I_l tensors")
@@ -103,14 +107,10 @@ def sharded_soft_mask(
         if b.shape != loss.shape:
             raise ValueError(f"sharded_soft_mask: tensor {i} has I_b shard shape {tuple(b.shape)} but I_l shard "
                              f"shape {tuple(loss.shape)}")
-    with phase("fastmask.soft_mask"):
-        lo, hi = global_min_max([*local_b, *local_l], group)
-        n, out = len(local_b), []
-        for i, (b, loss) in enumerate(zip(local_b, local_l, strict=True)):
-            r = (minmax_normalize(b, eps, (lo[i], hi[i]))
-                 / (minmax_normalize(loss, eps, (lo[n + i], hi[n + i])) + eps))
-            out.append(torch.tanh(r) if apply_tanh else r)
-    return out
+    n = len(local_b)
+    lo, hi = global_min_max([*local_b, *local_l], group)
+    bounds = torch.stack([lo[:n], hi[:n], lo[n:], hi[n:]])  # rows lo_b, hi_b, lo_l, hi_l, as the op takes them
+    return ops.soft_mask(local_b, local_l, eps=eps, apply_tanh=apply_tanh, bounds=bounds)
 
 
 _SHARD_OF = "_fastmask_sharded_parameter"  # attribute of a local-shard view: the DTensor parameter it belongs to
