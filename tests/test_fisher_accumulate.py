@@ -121,6 +121,15 @@ def test_cpp_schema_matches_its_mutations():
     torch.library.opcheck(torch.ops.fastmask.fisher_accumulate_.default, (ib, il, gb, gl), test_utils="test_schema")
 
 
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+def test_opcheck(dtype):
+    """torch.library.opcheck's default checks (schema, autograd registration, the fake in fastmask/ops/fakes.py,
+    AOT dispatch) with gradients of each dtype: odd sizes, an empty and a 0-d tensor, a channels-last pair."""
+    ib, il, gb, gl = _make([(3,), (2, 5), (1,), (0,), (), (2, 3, 3, 3)], dtype, layout=torch.channels_last)
+    assert ib[-1].is_contiguous(memory_format=torch.channels_last) and not ib[-1].is_contiguous()
+    torch.library.opcheck(torch.ops.fastmask.fisher_accumulate_.default, (ib, il, gb, gl))
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=6),

@@ -229,6 +229,40 @@ def test_grad_scale_unscales_the_gradients(backend, mask_mode):
             assert torch.equal(a, b), name
 
 
+# ---- torch.library.opcheck ---------------------------------------------------------------------------------------
+
+# Odd sizes, a 0-d and an empty tensor, a channels-last kernel.
+OPCHECK_SHAPES = [(3, 5), (7,), (1,), (), (0,), (2, 3, 3, 3)]
+SCALERS = {"none": {}, "scale": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0)),
+           "skip": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))}
+
+
+@pytest.mark.parametrize("scaler", list(SCALERS))
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("mask_kind", ["none", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_opcheck(dtype, mask_kind, amsgrad, scaler):
+    """torch.library.opcheck's default checks (schema: exactly params, exp_avgs, exp_avg_sqs and max_exp_avg_sqs
+    mutated; autograd registration; the fake in fastmask/ops/fakes.py; AOT dispatch) on a warm state, without masks
+    and with one of every kind, with and without amsgrad (then max_exp_avg_sqs is empty, as ops passes it: a list
+    of empty tensors, or no list), with GradScaler's grad_scale / found_inf, both a taken and a skipped step."""
+    state = State(OPCHECK_SHAPES, dtype, warm=True)
+    masks = make_masks(OPCHECK_SHAPES, mask_kind)
+    for tensors in (state.params, state.exp_avgs, state.exp_avg_sqs, state.max_exp_avg_sqs, masks):
+        if tensors[-1] is not None:
+            tensors[-1] = tensors[-1].contiguous(memory_format=torch.channels_last)
+    grads = [torch.randn_like(p) for p in state.params]
+    steps = [s + 3 for s in state.steps]  # already incremented, as ops passes them
+    hyper = dict(VARIANTS["amsgrad-l2-maximize"], amsgrad=amsgrad, mask_update=mask_kind == "mixed")
+    empties = [[torch.empty(0)] * len(OPCHECK_SHAPES), []]
+    for max_exp_avg_sqs in [state.max_exp_avg_sqs] if amsgrad else empties:
+        torch.library.opcheck(
+            torch.ops.fastmask.masked_adam_.default,
+            (state.params, grads, state.exp_avgs, state.exp_avg_sqs, max_exp_avg_sqs, steps, masks),
+            dict(hyper, **SCALERS[scaler]),
+        )
+
+
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 def _call(backend, state, grads, masks):

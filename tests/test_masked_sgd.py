@@ -236,6 +236,44 @@ def test_grad_scale_unscales_the_gradients(backend, mask_mode):
         assert torch.equal(a, b)
 
 
+# ---- torch.library.opcheck ---------------------------------------------------------------------------------------
+
+# Odd sizes, a 0-d and an empty tensor, a channels-last kernel.
+OPCHECK_SHAPES = [(3, 5), (7,), (1,), (), (0,), (2, 3, 3, 3)]
+SCALERS = {"none": {}, "scale": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0)),
+           "skip": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))}
+
+
+@pytest.mark.parametrize("scaler", list(SCALERS))
+@pytest.mark.parametrize("step", ["first", "later", "no-momentum"])
+@pytest.mark.parametrize("mask_kind", ["none", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_opcheck(dtype, mask_kind, step, scaler):
+    """torch.library.opcheck's default checks (schema: exactly params and momentum_buffers mutated; autograd
+    registration; the fake in fastmask/ops/fakes.py; AOT dispatch) on a first step (uninitialised buffers), a later
+    one, and momentum 0 with the empty buffer list ops passes then; without masks and with one of every kind; with
+    GradScaler's grad_scale / found_inf, both a taken and a skipped step."""
+    gen = torch.Generator().manual_seed(5)
+    params = randn(OPCHECK_SHAPES, dtype, gen)
+    params[-1] = params[-1].contiguous(memory_format=torch.channels_last)
+    masks = make_masks(OPCHECK_SHAPES, mask_kind)
+    if masks[-1] is not None:
+        masks[-1] = masks[-1].contiguous(memory_format=torch.channels_last)
+    grads = [torch.randn_like(p) for p in params]
+    hyper = dict(VARIANTS["nesterov-wd"], first_step=step == "first", mask_update=mask_kind == "mixed")
+    if step == "no-momentum":
+        buffers, hyper["momentum"] = [], 0.0
+    elif step == "first":
+        buffers = [torch.empty_like(p) for p in params]
+    else:
+        buffers = [torch.randn_like(p) * 0.1 for p in params]
+    torch.library.opcheck(
+        torch.ops.fastmask.masked_sgd_.default,
+        (params, grads, buffers, masks),
+        dict(hyper, **SCALERS[scaler]),
+    )
+
+
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", FUSED)

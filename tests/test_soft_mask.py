@@ -141,6 +141,21 @@ def test_cpp_schema_matches_its_mutations():
     torch.library.opcheck(torch.ops.fastmask.soft_mask_.default, (ib, il, 1e-10, True), test_utils="test_schema")
 
 
+@pytest.mark.parametrize("apply_tanh", [True, False], ids=["tanh", "ratio"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_opcheck(dtype, apply_tanh):
+    """torch.library.opcheck's default checks (schema, autograd registration, the fake in fastmask/ops/fakes.py,
+    AOT dispatch) for both ops: importances of each dtype (soft_mask_ writes float32 imp_bias, reads any imp_loss),
+    odd sizes, an empty and a 0-d tensor, a channels-last one, a constant one (max == min)."""
+    shapes = [(3,), (2, 5), (1,), (0,), (), (2, 3, 3, 3)]
+    ib, il = _importances(shapes)
+    ib[-1] = ib[-1].contiguous(memory_format=torch.channels_last)
+    ib[1] = torch.full((2, 5), 0.25)
+    imp_bias, imp_loss = [b.to(dtype) for b in ib], [loss.to(dtype) for loss in il]
+    torch.library.opcheck(torch.ops.fastmask.soft_mask.default, (imp_bias, imp_loss, 1e-10, apply_tanh))
+    torch.library.opcheck(torch.ops.fastmask.soft_mask_.default, (ib, imp_loss, 1e-10, apply_tanh))
+
+
 @pytest.mark.parametrize("backend", BOTH)
 @pytest.mark.parametrize("apply_tanh", [True, False], ids=["tanh", "ratio"])
 @pytest.mark.parametrize("case", ["1", "4097", "5x123x123", "161-set"])
