@@ -536,7 +536,8 @@ def test_registry_every_method_runs_with_the_shared_call_shape():
         "random-mask": AB.RandomMaskConfig(step1=plain(1), step2=plain(1)),
         "manual-bn": AB.ManualMaskConfig(kind="bn", impair=plain(1), repair=plain(1)),
         "manual-top": AB.ManualMaskConfig(kind="shallow_conv", impair=plain(1), repair=plain(1)),
-        **{f"hard-{r:g}": AB.HardMaskConfig(fraction=r, step1=plain(1), step2=plain(1)) for r in registry.HARD_FRACTIONS},
+        **{f"hard-{r:g}": AB.HardMaskConfig(fraction=r, step1=plain(1), step2=plain(1))
+           for r in registry.HARD_FRACTIONS},
     }
     for name, fn in registry.METHODS.items():
         res = fn(cnn(), Loader(dataset(32, 5, hw=4)), Loader(dataset(32, 6, hw=4)), config=tiny.get(name),

@@ -1,6 +1,7 @@
 """`fastmask debias --profile DIR`: the Chrome trace of a short run holds every phase range and every fused op's
-range (fastmask.util.profiling.PHASES and the op table's ranges), by name, as recorded by torch.profiler; the ranges nest as the pipeline
-runs them (the importance pass reads its data inside its own range, the fused optimizer step inside step 1)."""
+range (fastmask.util.profiling.PHASES and the op table's ranges), by name, as recorded by torch.profiler; the
+ranges nest as the pipeline runs them (the importance pass reads its data inside its own range, the fused optimizer
+step inside step 1)."""
 
 from __future__ import annotations
 
