@@ -23,8 +23,22 @@ except InvalidArgument:
     if os.environ.get("CI"):
         settings.load_profile("ci")
 
-# Every backend that implements the per-parameter ops; op tests are parametrised over all of them.
-OP_BACKENDS = ("reference", "cpp", "triton")
+
+def op_backends(op: str) -> tuple[str, ...]:
+    """The backends the op table (fastmask.ops.table) lists for ``op`` that run on this machine, "reference" first:
+    an op test is parametrised over these. "cuda" needs a CUDA device; "triton" runs CUDA tensors, or CPU tensors
+    in the interpreter (TRITON_INTERPRET=1, set above). Whether the C++ extension is built is not asked here: a
+    missing build must fail the "cpp" tests, not drop them."""
+    from fastmask.ops.table import backends  # after TRITON_INTERPRET is set
+
+    return tuple(b for b in backends(op) if b != "cuda" or torch.cuda.is_available())
+
+
+def backend_device(backend: str) -> torch.device:
+    """The device of the tensors an op test gives ``backend``: CUDA for "cuda" (and for "triton" where there is a
+    CUDA device, as the interpreter is off there), else the CPU."""
+    on_gpu = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+    return torch.device("cuda" if on_gpu else "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,12 @@ shapes, masks of every supported kind, per-dtype tolerances and a state comparis
 from __future__ import annotations
 
 import torch
-from conftest import OP_BACKENDS
+from conftest import op_backends
 from hypothesis import strategies as st
 from torch import Tensor
 
 from fastmask.ops.reference import mask_as_float
 
-FUSED = tuple(b for b in OP_BACKENDS if b != "reference")
 STEPS = 20
 
 # The issue's sizes, 1, 33, 4097 and 5x123x123 elements, plus a small 2-D tensor so that "mixed" masks give one
@@ -82,10 +81,16 @@ def grad_sequence(shapes: list[tuple[int, ...]], dtype: torch.dtype, steps: int 
     return [randn(shapes, dtype, gen) for _ in range(steps)]
 
 
-def reference_params(cases: list[tuple]) -> list[tuple]:
-    """(backend, *case) for every fused backend: every case on C++, only the "mixed"-mask cases (case[1]) on Triton
-    (the interpreter is slow here); "mixed" puts one tensor of every mask kind in one call, so it covers them all."""
-    return [(b, *case) for b in FUSED for case in cases if b == "cpp" or case[1] == "mixed"]
+def fused(op: str) -> tuple[str, ...]:
+    """The backends of ``op`` that run here (conftest.op_backends) but the reference: those tested against it."""
+    return tuple(b for b in op_backends(op) if b != "reference")
+
+
+def reference_params(op: str, cases: list[tuple]) -> list[tuple]:
+    """(backend, *case) for every fused backend of ``op``: every case on C++ (and CUDA), only the "mixed"-mask cases
+    (case[1]) on Triton (the interpreter is slow here); "mixed" puts one tensor of every mask kind in one call, so it
+    covers them all."""
+    return [(b, *case) for b in fused(op) for case in cases if b != "triton" or case[1] == "mixed"]
 
 
 # Tolerances per storage dtype, relative to each buffer's largest magnitude. float32: fused kernels and the reference

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_percentile import DTYPES, METHODS, assert_same, has_mixed_zeros, make_values, numpy_percentile, split
+from percentile_cases import DTYPES, METHODS, assert_same, has_mixed_zeros, make_values, numpy_percentile, split
 
 from fastmask.parallel import percentile as parallel
 

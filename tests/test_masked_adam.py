@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import OP_BACKENDS
+from conftest import op_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optim_cases import (
-    FUSED,
     MASK_KINDS,
     MODES,
     SHAPES_ST,
     SIZES,
     SMALL,
     assert_state_close,
+    fused,
     grad_sequence,
     make_masks,
     many_shapes,
@@ -31,6 +31,8 @@ from optim_cases import (
 
 from fastmask import ops
 
+BACKENDS = op_backends("masked_adam_")
+FUSED = fused("masked_adam_")
 # Hyperparameter variants: Adam, Adam with every option, AdamW.
 VARIANTS = {
     "adam": dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
@@ -98,7 +100,7 @@ REFERENCE_CASES = (
 
 @pytest.mark.parametrize(
     ("backend", "dtype", "mask_kind", "mask_mode", "variant"),
-    reference_params(REFERENCE_CASES),
+    reference_params("masked_adam_", REFERENCE_CASES),
 )
 def test_matches_reference_for_20_steps(backend, dtype, mask_kind, mask_mode, variant):
     run_against_reference(backend, SIZES, dtype, make_masks(SIZES, mask_kind), mask_mode, VARIANTS[variant])
@@ -145,14 +147,14 @@ UNMASKED = [("adam", "none", "grad"), ("adam", "bool", "grad"), ("amsgrad-l2-max
             ("amsgrad-l2-maximize", "uint8", "update"), ("adamw", "none", "grad"), ("adamw", "bfloat16", "update")]
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("variant", "mask_kind", "mask_mode"), UNMASKED)
 def test_float32_matches_torch_optim(backend, variant, mask_kind, mask_mode):
     masks = [None if mask_kind == "none" else ones_mask(s, mask_kind) for s in SIZES]
     run_against_torch(backend, torch.float32, masks, mask_mode, VARIANTS[variant], foreach=False)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matches_torch_fused_adam(backend, dtype):
     # torch.optim's fused CPU Adam computes in float32 and rounds to the storage dtype, as fastmask does.
@@ -161,7 +163,7 @@ def test_half_precision_matches_torch_fused_adam(backend, dtype):
 
 # ---- mask-mode invariants ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["float32", "bfloat16", "uint8", "bool"])
 def test_update_mode_leaves_masked_out_entries_bit_identical(backend, dtype, mask_kind):
@@ -182,7 +184,7 @@ def test_update_mode_leaves_masked_out_entries_bit_identical(backend, dtype, mas
                 assert not torch.equal(new[~out], old[~out]), f"{name}[{i}] did not move where the mask is not 0"
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_kind", ["float32", "bool", "uint8"])
 def test_all_ones_mask_in_grad_mode_is_no_mask(backend, mask_kind):
     hyper = VARIANTS["amsgrad-l2-maximize"]
@@ -197,7 +199,7 @@ def test_all_ones_mask_in_grad_mode_is_no_mask(backend, mask_kind):
 
 # ---- GradScaler --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_found_inf_skips_the_step_and_keeps_the_step_count(backend):
     hyper = VARIANTS["amsgrad-l2-maximize"]
     masks = make_masks(SMALL, "mixed")
@@ -211,7 +213,7 @@ def test_found_inf_skips_the_step_and_keeps_the_step_count(backend):
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_mode", MODES)
 def test_grad_scale_unscales_the_gradients(backend, mask_mode):
     # Scaling by a power of two is exact, so scaled gradients with grad_scale must give the very same step.
@@ -225,6 +227,40 @@ def test_grad_scale_unscales_the_gradients(backend, mask_mode):
     for name, bufs in scaled.buffers(amsgrad=True).items():
         for a, b in zip(bufs, plain.buffers(amsgrad=True)[name], strict=True):
             assert torch.equal(a, b), name
+
+
+# ---- torch.library.opcheck ---------------------------------------------------------------------------------------
+
+# Odd sizes, a 0-d and an empty tensor, a channels-last kernel.
+OPCHECK_SHAPES = [(3, 5), (7,), (1,), (), (0,), (2, 3, 3, 3)]
+SCALERS = {"none": {}, "scale": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0)),
+           "skip": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))}
+
+
+@pytest.mark.parametrize("scaler", list(SCALERS))
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("mask_kind", ["none", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_opcheck(dtype, mask_kind, amsgrad, scaler):
+    """torch.library.opcheck's default checks (schema: exactly params, exp_avgs, exp_avg_sqs and max_exp_avg_sqs
+    mutated; autograd registration; the fake in fastmask/ops/fakes.py; AOT dispatch) on a warm state, without masks
+    and with one of every kind, with and without amsgrad (then max_exp_avg_sqs is empty, as ops passes it: a list
+    of empty tensors, or no list), with GradScaler's grad_scale / found_inf, both a taken and a skipped step."""
+    state = State(OPCHECK_SHAPES, dtype, warm=True)
+    masks = make_masks(OPCHECK_SHAPES, mask_kind)
+    for tensors in (state.params, state.exp_avgs, state.exp_avg_sqs, state.max_exp_avg_sqs, masks):
+        if tensors[-1] is not None:
+            tensors[-1] = tensors[-1].contiguous(memory_format=torch.channels_last)
+    grads = [torch.randn_like(p) for p in state.params]
+    steps = [s + 3 for s in state.steps]  # already incremented, as ops passes them
+    hyper = dict(VARIANTS["amsgrad-l2-maximize"], amsgrad=amsgrad, mask_update=mask_kind == "mixed")
+    empties = [[torch.empty(0)] * len(OPCHECK_SHAPES), []]
+    for max_exp_avg_sqs in [state.max_exp_avg_sqs] if amsgrad else empties:
+        torch.library.opcheck(
+            torch.ops.fastmask.masked_adam_.default,
+            (state.params, grads, state.exp_avgs, state.exp_avg_sqs, max_exp_avg_sqs, steps, masks),
+            dict(hyper, **SCALERS[scaler]),
+        )
 
 
 # ---- errors ------------------------------------------------------------------------------------------------------
@@ -251,7 +287,7 @@ def test_errors_name_the_tensor_at_fault(backend):
 
 # ---- properties --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shapes=SHAPES_ST,

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import OP_BACKENDS
+from conftest import op_backends
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from optim_cases import (
-    FUSED,
     MASK_KINDS,
     MODES,
     SHAPES_ST,
     SIZES,
     SMALL,
     assert_state_close,
+    fused,
     grad_sequence,
     largest_abs,
     make_masks,
@@ -32,6 +32,8 @@ from optim_cases import (
 
 from fastmask import ops
 
+BACKENDS = op_backends("masked_sgd_")
+FUSED = fused("masked_sgd_")
 VARIANTS = {
     "momentum": dict(lr=1e-2, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False),
     "dampening-wd-maximize": dict(lr=1e-2, weight_decay=5e-4, momentum=0.9, dampening=0.1, nesterov=False,
@@ -88,7 +90,7 @@ REFERENCE_CASES = (
 
 @pytest.mark.parametrize(
     ("backend", "dtype", "mask_kind", "mask_mode", "variant"),
-    reference_params(REFERENCE_CASES),
+    reference_params("masked_sgd_", REFERENCE_CASES),
 )
 def test_matches_reference_for_20_steps(backend, dtype, mask_kind, mask_mode, variant):
     run_against_reference(backend, SIZES, dtype, make_masks(SIZES, mask_kind), mask_mode, VARIANTS[variant])
@@ -126,14 +128,14 @@ UNMASKED = [("momentum", "none", "grad"), ("momentum", "bool", "grad"), ("dampen
             ("nesterov-wd", "bfloat16", "update"), ("plain-wd", "float32", "grad")]
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("variant", "mask_kind", "mask_mode"), UNMASKED)
 def test_float32_matches_torch_optim(backend, variant, mask_kind, mask_mode):
     masks = [None if mask_kind == "none" else ones_mask(s, mask_kind) for s in SIZES]
     run_against_torch(backend, torch.float32, masks, mask_mode, VARIANTS[variant], foreach=False)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matches_torch_sgd_in_float32(backend, dtype):
     """The oracle is torch.optim.SGD run in float32 on the upcast parameters and buffers, rounded back to the storage
@@ -158,7 +160,7 @@ def test_half_precision_matches_torch_sgd_in_float32(backend, dtype):
 
 # ---- mask-mode semantics ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["float32", "bfloat16", "uint8", "bool"])
 def test_update_mode_leaves_masked_out_entries_bit_identical(backend, dtype, mask_kind):
@@ -174,7 +176,7 @@ def test_update_mode_leaves_masked_out_entries_bit_identical(backend, dtype, mas
             assert torch.equal(buf[out], torch.zeros_like(buf[out])), f"momentum_buffer[{i}] (step {k + 1})"
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_mode_lets_weight_decay_and_momentum_move_masked_out_entries(backend):
     # The papers' behaviour (spec §8.10): g ← M·g, so a zero gradient still takes weight decay and momentum.
     masks = [torch.zeros(s, dtype=torch.bool) for s in SMALL]
@@ -190,7 +192,7 @@ def test_grad_mode_lets_weight_decay_and_momentum_move_masked_out_entries(backen
         torch.testing.assert_close(new, old - hyper["lr"] * d, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_kind", ["float32", "bool", "uint8"])
 def test_all_ones_mask_in_grad_mode_is_no_mask(backend, mask_kind):
     hyper = VARIANTS["nesterov-wd"]
@@ -204,7 +206,7 @@ def test_all_ones_mask_in_grad_mode_is_no_mask(backend, mask_kind):
 
 # ---- GradScaler --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_found_inf_skips_the_step(backend):
     hyper = VARIANTS["dampening-wd-maximize"]
     masks = make_masks(SMALL, "mixed")
@@ -219,7 +221,7 @@ def test_found_inf_skips_the_step(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_mode", MODES)
 def test_grad_scale_unscales_the_gradients(backend, mask_mode):
     # Scaling by a power of two is exact, so scaled gradients with grad_scale must give the very same step.
@@ -232,6 +234,44 @@ def test_grad_scale_unscales_the_gradients(backend, mask_mode):
         plain.step(grads, masks, backend, mask_mode, **hyper)
     for a, b in zip(scaled.params + scaled.buffers, plain.params + plain.buffers, strict=True):
         assert torch.equal(a, b)
+
+
+# ---- torch.library.opcheck ---------------------------------------------------------------------------------------
+
+# Odd sizes, a 0-d and an empty tensor, a channels-last kernel.
+OPCHECK_SHAPES = [(3, 5), (7,), (1,), (), (0,), (2, 3, 3, 3)]
+SCALERS = {"none": {}, "scale": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0)),
+           "skip": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))}
+
+
+@pytest.mark.parametrize("scaler", list(SCALERS))
+@pytest.mark.parametrize("step", ["first", "later", "no-momentum"])
+@pytest.mark.parametrize("mask_kind", ["none", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_opcheck(dtype, mask_kind, step, scaler):
+    """torch.library.opcheck's default checks (schema: exactly params and momentum_buffers mutated; autograd
+    registration; the fake in fastmask/ops/fakes.py; AOT dispatch) on a first step (uninitialised buffers), a later
+    one, and momentum 0 with the empty buffer list ops passes then; without masks and with one of every kind; with
+    GradScaler's grad_scale / found_inf, both a taken and a skipped step."""
+    gen = torch.Generator().manual_seed(5)
+    params = randn(OPCHECK_SHAPES, dtype, gen)
+    params[-1] = params[-1].contiguous(memory_format=torch.channels_last)
+    masks = make_masks(OPCHECK_SHAPES, mask_kind)
+    if masks[-1] is not None:
+        masks[-1] = masks[-1].contiguous(memory_format=torch.channels_last)
+    grads = [torch.randn_like(p) for p in params]
+    hyper = dict(VARIANTS["nesterov-wd"], first_step=step == "first", mask_update=mask_kind == "mixed")
+    if step == "no-momentum":
+        buffers, hyper["momentum"] = [], 0.0
+    elif step == "first":
+        buffers = [torch.empty_like(p) for p in params]
+    else:
+        buffers = [torch.randn_like(p) * 0.1 for p in params]
+    torch.library.opcheck(
+        torch.ops.fastmask.masked_sgd_.default,
+        (params, grads, buffers, masks),
+        dict(hyper, **SCALERS[scaler]),
+    )
 
 
 # ---- errors ------------------------------------------------------------------------------------------------------
@@ -254,7 +294,7 @@ def test_errors_name_the_tensor_at_fault(backend):
 
 # ---- properties --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shapes=SHAPES_ST,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import OP_BACKENDS
+from conftest import op_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -19,6 +19,9 @@ from hypothesis.extra import numpy as hnp
 from fastmask import ops
 from fastmask.ops import reference
 
+SOFT_MASK = op_backends("soft_mask")
+IN_PLACE = op_backends("soft_mask_")
+BOTH = tuple(b for b in SOFT_MASK if b in IN_PLACE)  # for the tests that run both ops
 EPS = np.float32(reference.NORM_EPS)
 TANH_RTOL = 3 * 2.0**-23
 SIZES = {"1": [(1,)], "33": [(33,)], "4097": [(4097,)], "5x123x123": [(5, 123, 123)]}
@@ -60,7 +63,7 @@ def _check(got: list[torch.Tensor], ib, il, apply_tanh=True):
             np.testing.assert_array_equal(m.numpy(), want, err_msg=f"ratio {i}")
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", SOFT_MASK)
 @pytest.mark.parametrize("apply_tanh", [True, False], ids=["tanh", "ratio"])
 @pytest.mark.parametrize("case", list(SIZES))
 def test_equals_numpy_and_reference(backend, apply_tanh, case):
@@ -72,7 +75,7 @@ def test_equals_numpy_and_reference(backend, apply_tanh, case):
         torch.testing.assert_close(m, r, rtol=TANH_RTOL if apply_tanh else 0, atol=0)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", SOFT_MASK)
 def test_constant_tensor_uses_raw_values(backend):
     """max == min: Norm(x) = x (no normalisation). I_b ≡ 0.3, I_l = [0, 1, 3]: Norm(I_l) = [0, 1/3, 1] (+eps in the
     denominator), so R = 0.3 / ([0, 1/3, 1] + 1e-10) and M = tanh(R)."""
@@ -85,7 +88,7 @@ def test_constant_tensor_uses_raw_values(backend):
     assert m[0] == 1.0  # tanh(3e9)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", SOFT_MASK)
 def test_zero_importances(backend):
     """I_b ≡ 0 → M ≡ 0; I_b ≡ I_l ≡ 0 → M ≡ 0 (0 / eps)."""
     z = torch.zeros(4097)
@@ -93,7 +96,7 @@ def test_zero_importances(backend):
     assert torch.equal(ops.soft_mask([z], [z.clone()], backend=backend)[0], z)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", SOFT_MASK)
 def test_loss_importance_at_its_minimum_gives_one_and_bias_at_its_minimum_gives_zero(backend):
     """Spec §4: where Norm(I_l) = 0 and Norm(I_b) > 0, M ≈ 1; where Norm(I_b) = 0, M = 0."""
     gen = torch.Generator().manual_seed(3)
@@ -107,7 +110,7 @@ def test_loss_importance_at_its_minimum_gives_one_and_bias_at_its_minimum_gives_
     assert ((m >= 0) & (m <= 1)).all()
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", SOFT_MASK)
 def test_nan_and_empty_and_other_dtypes(backend):
     ib, il = _importances([(4097,), (0,), (2, 3)])
     ib[0][100] = float("nan")
@@ -118,7 +121,7 @@ def test_nan_and_empty_and_other_dtypes(backend):
     np.testing.assert_allclose(got[2].numpy(), numpy_mask(ib[2], il[2]), rtol=TANH_RTOL, atol=0)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", SOFT_MASK)
 def test_shape_mismatch_names_the_tensor(backend):
     fn = ops.implementation("soft_mask", backend)
     with pytest.raises((RuntimeError, ValueError), match=r"shapes? differ|differ in shape"):
@@ -158,7 +161,22 @@ def test_fake_checks_the_bounds_shape():
                 op(ib, il, 1e-10, True, torch.empty(4, 2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("apply_tanh", [True, False], ids=["tanh", "ratio"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_opcheck(dtype, apply_tanh):
+    """torch.library.opcheck's default checks (schema, autograd registration, the fake in fastmask/ops/fakes.py,
+    AOT dispatch) for both ops: importances of each dtype (soft_mask_ writes float32 imp_bias, reads any imp_loss),
+    odd sizes, an empty and a 0-d tensor, a channels-last one, a constant one (max == min)."""
+    shapes = [(3,), (2, 5), (1,), (0,), (), (2, 3, 3, 3)]
+    ib, il = _importances(shapes)
+    ib[-1] = ib[-1].contiguous(memory_format=torch.channels_last)
+    ib[1] = torch.full((2, 5), 0.25)
+    imp_bias, imp_loss = [b.to(dtype) for b in ib], [loss.to(dtype) for loss in il]
+    torch.library.opcheck(torch.ops.fastmask.soft_mask.default, (imp_bias, imp_loss, 1e-10, apply_tanh))
+    torch.library.opcheck(torch.ops.fastmask.soft_mask_.default, (ib, imp_loss, 1e-10, apply_tanh))
+
+
+@pytest.mark.parametrize("backend", BOTH)
 @pytest.mark.parametrize("apply_tanh", [True, False], ids=["tanh", "ratio"])
 @pytest.mark.parametrize("case", ["1", "4097", "5x123x123", "161-set"])
 def test_in_place_writes_the_same_masks_into_imp_bias(backend, apply_tanh, case):
@@ -170,7 +188,7 @@ def test_in_place_writes_the_same_masks_into_imp_bias(backend, apply_tanh, case)
         assert torch.equal(got, new)  # the same kernel either way
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", IN_PLACE)
 def test_in_place_keeps_imp_bias_layout_and_reads_any_imp_loss(backend):
     """A channels-last I_b (as zeros_like gives for a channels-last conv weight) keeps its layout; I_l may be
     float64 or laid out differently, and is read as float32 in I_b's element order."""
@@ -183,7 +201,7 @@ def test_in_place_keeps_imp_bias_layout_and_reads_any_imp_loss(backend):
         np.testing.assert_allclose(m.contiguous().numpy(), numpy_mask(b, l), rtol=TANH_RTOL, atol=0)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", IN_PLACE)
 def test_in_place_with_imp_loss_being_imp_bias(backend):
     """imp_loss[i] may be imp_bias[i] itself: every element is read before it is written."""
     ib, _ = _importances([(4097,)])
@@ -193,7 +211,7 @@ def test_in_place_with_imp_loss_being_imp_bias(backend):
     np.testing.assert_array_equal(out.numpy(), want)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", IN_PLACE)
 def test_in_place_rejects_what_cannot_hold_a_mask(backend):
     fn = ops.implementation("soft_mask_", backend)
     with pytest.raises((RuntimeError, ValueError), match=r"imp_bias\[1\].*float32"):
@@ -226,7 +244,7 @@ shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=17)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), n=st.integers(1, 4), backend=st.sampled_from(OP_BACKENDS), apply_tanh=st.booleans(),
+@given(data=st.data(), n=st.integers(1, 4), backend=st.sampled_from(BOTH), apply_tanh=st.booleans(),
        in_place=st.booleans())
 def test_property_random_importances(data, n, backend, apply_tanh, in_place):
     ib, il = [], []

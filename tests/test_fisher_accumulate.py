@@ -10,13 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import OP_BACKENDS
+from conftest import op_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastmask import ops
 from fastmask.ops import reference
 
+BACKENDS = op_backends("fisher_accumulate_")
 GRAD_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = {"1": [(1,)], "33": [(33,)], "4097": [(4097,)], "5x123x123": [(5, 123, 123)]}
 # 161 tensors like a ResNet's: 53 (conv kernel, BN weight, BN bias) triples of varying width, a head and its bias.
@@ -43,7 +44,7 @@ def _make(shapes, dtype, seed=0, layout=torch.contiguous_format):
     return ib, il, gb, gl
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(SHAPES))
 def test_equals_numpy_and_reference(backend, dtype, case):
@@ -65,7 +66,7 @@ def test_equals_numpy_and_reference(backend, dtype, case):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_dtypes_and_layouts_through_ops(backend):
     """ops groups the tensors by gradient dtype; channels-last pairs and empty tensors are handled."""
     shapes = [(3, 4, 5, 5), (0,), (7,), (2, 3, 1, 1)]
@@ -79,7 +80,7 @@ def test_mixed_dtypes_and_layouts_through_ops(backend):
     assert ib[0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_gradient_leaves_importance_unchanged(backend):
     ib, il, gb, gl = _make([(4097,)], torch.float32)
     before = ib[0].clone()
@@ -87,7 +88,7 @@ def test_zero_gradient_leaves_importance_unchanged(backend):
     assert torch.equal(ib[0], before)
 
 
-FUSED = [b for b in OP_BACKENDS if b != "reference"]
+FUSED = [b for b in BACKENDS if b != "reference"]
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -120,13 +121,22 @@ def test_cpp_schema_matches_its_mutations():
     torch.library.opcheck(torch.ops.fastmask.fisher_accumulate_.default, (ib, il, gb, gl), test_utils="test_schema")
 
 
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+def test_opcheck(dtype):
+    """torch.library.opcheck's default checks (schema, autograd registration, the fake in fastmask/ops/fakes.py,
+    AOT dispatch) with gradients of each dtype: odd sizes, an empty and a 0-d tensor, a channels-last pair."""
+    ib, il, gb, gl = _make([(3,), (2, 5), (1,), (0,), (), (2, 3, 3, 3)], dtype, layout=torch.channels_last)
+    assert ib[-1].is_contiguous(memory_format=torch.channels_last) and not ib[-1].is_contiguous()
+    torch.library.opcheck(torch.ops.fastmask.fisher_accumulate_.default, (ib, il, gb, gl))
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=6),
     dtype=st.sampled_from(GRAD_DTYPES[:3]),
     scale=st.floats(1e-3, 1e3),
     seed=st.integers(0, 2**16),
-    backend=st.sampled_from(OP_BACKENDS),
+    backend=st.sampled_from(BACKENDS),
 )
 def test_property_random_lists(sizes, dtype, scale, seed, backend):
     ib, il, gb, gl = _make([(n,) for n in sizes], dtype, seed)
