@@ -1,9 +1,9 @@
 """The whole Fisher-importance pass on the CPU (not an op: the pass that calls ``fisher_accumulate_`` per batch).
 
 Case ``importance-resnet18``: the importance pass over a ResNet-18-sized CNN (64 px, batch 32, 4 batches, one logit;
-``--quick``: width 32, 2 batches of 16). ``reference`` = ``fisher_importance_two_pass`` (spec §3: one forward +
-backward per objective per batch), ``fastmask`` = ``fisher_importance`` (one forward and two backward passes per
-batch, fused accumulation). Both importances are checked equal (rtol 1e-5) before timing; the providers are
+``--quick``: width 32, 2 batches of 16). ``reference`` = ``fisher_importance_two_pass`` (docs/algorithm.md §3: one
+forward + backward per objective per batch), ``fastmask`` = ``fisher_importance`` (one forward and two backward passes
+per batch, fused accumulation). Both importances are checked equal (rtol 1e-5) before timing; the providers are
 interleaved, each figure the best of the repetitions.
 
     python bench/bench_importance.py [--quick] [--json PATH] [--reps R] [--threads T]

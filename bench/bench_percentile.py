@@ -1,4 +1,4 @@
-"""BMFT's global threshold: the q-th percentile over every parameter tensor of a backbone (spec §4).
+"""BMFT's global threshold: the q-th percentile over every parameter tensor of a backbone (docs/algorithm.md §4).
 
 Cases (ResNet-50 parameter shapes with torchvision's 1000-class head, 161 tensors, 25,557,032 elements per copy;
 values R = 7 u^3, u ~ U[0, 1)):

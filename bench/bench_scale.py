@@ -8,10 +8,10 @@ Cases and providers, side by side in one run:
 
 - ``mask-generation``: allocate I_b and I_l, accumulate I += g² for two synthetic gradient pairs (the gradients are
   inputs, as autograd makes them in a real run), then build the soft mask M = tanh(Norm(I_b) / (Norm(I_l) + eps))
-  (spec §3-4). ``reference`` = the papers' per-tensor loop (``fastmask.reference``: ``imp += g.square()``, per-tensor
-  min / max / arithmetic / tanh, the mask in new tensors), ``fastmask`` = ``fastmask.ops`` with the C++ backend,
-  the mask written over I_b as the pipeline does (``soft_mask_``). The floor is 2x the parameter bytes for
-  fastmask (the two float32 importances) and 3x for the reference (the importances and a new float32 mask).
+  (docs/algorithm.md §3-4). ``reference`` = the papers' per-tensor loop (``fastmask.ops.reference``: ``imp +=
+  g.square()``, per-tensor min / max / arithmetic / tanh, the mask in new tensors), ``fastmask`` = ``fastmask.ops``
+  with the C++ backend, the mask written over I_b as the pipeline does (``soft_mask_``). The floor is 2x the parameter
+  bytes for fastmask (the two float32 importances) and 3x for the reference (the importances and a new float32 mask).
 - ``masked-adam``: one masked Adam step (state, gradients and mask already allocated). ``reference`` = the papers'
   loop, ``p.grad *= M`` per parameter then ``torch.optim.Adam`` as it comes (the single-tensor loop on CPU),
   ``peer`` = ``torch._foreach_mul_(grads, masks)`` then ``torch.optim.Adam(fused=True)``, ``fastmask`` =

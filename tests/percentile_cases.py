@@ -8,7 +8,7 @@ What numpy (>= 2.0, whose NEP 50 promotion rules fix the interpolation precision
   array's precision: float32 data gives a float32 result, computed with float32 arithmetic.
 - float16: numpy computes natively in float16 (each operation rounded to float16) and returns a float16.
 - bfloat16: numpy has no bfloat16; the oracle is np.percentile over the exact float32 upcast (``t.float()``), a
-  float32 result. fastmask.reference does the same.
+  float32 result. fastmask.ops.reference does the same.
 - hard masks: ``a > t`` as numpy evaluates it, i.e. t rounded to the array's dtype (float16 natively, float32 for the
   bf16 upcast) before an exact comparison; NaN elements are never selected.
 The ops return numpy's value exactly (as a Python float / 0-d float64 tensor), NaN where numpy's own interpolation

@@ -1,4 +1,5 @@
-"""Tests of fastmask.balance (spec §1, §8.4, §8.17): counts, determinism, errors and a hand-made reduction."""
+"""Tests of fastmask.data.balance (docs/algorithm.md §1, §8.4, §8.17): counts, determinism, errors and a hand-made
+reduction."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def test_input_untouched_and_custom_index_column():
 
 def test_non_binary_attribute_rows_dropped_and_counted(caplog):
     df = _frame(COUNTS, extra_attr_values=[2, 2, -1, np.nan])
-    with caplog.at_level(logging.WARNING, logger="fastmask.balance"):
+    with caplog.at_level(logging.WARNING, logger="fastmask.data.balance"):
         out = group_balance(df, "gender", seed=0)
     assert out.attrs["dropped_rows"] == 4
     assert "dropped 4 of 70 rows" in caplog.text and "'gender'" in caplog.text

@@ -1,7 +1,7 @@
-"""The baselines of spec §9 on tiny models: which parameters move (and which stay bit-identical), which loss each
-step minimises (recomputed from the losses' definitions), which data each method reads (balanced D_r, unbalanced D_e,
-or none), and the selection / pruning rules against independent oracles (finite differences, a hand-written Fisher
-loop, numpy percentiles, sklearn's balanced accuracy)."""
+"""The baselines of docs/algorithm.md §9 on tiny models: which parameters move (and which stay bit-identical), which
+loss each step minimises (recomputed from the losses' definitions), which data each method reads (balanced D_r,
+unbalanced D_e, or none), and the selection / pruning rules against independent oracles (finite differences, a
+hand-written Fisher loop, numpy percentiles, sklearn's balanced accuracy)."""
 
 import copy
 import logging
@@ -125,7 +125,8 @@ def test_baseline_reads_nothing_and_changes_nothing():
     ("fullft-fdr", "balanced", (0.3, 0.7)),
 ])
 def test_fullft_data_and_loss(method, data, weights):
-    """FullFT-RW: WBCE on D_r; FullFT-Reg: β·WBCE + (1 − β)·B on D_e; FullFT-FDR: the same loss on D_r (spec §9)."""
+    """FullFT-RW: WBCE on D_r; FullFT-Reg: β·WBCE + (1 − β)·B on D_e; FullFT-FDR: the same loss on D_r
+    (docs/algorithm.md §9)."""
     ext, bal = Loader(dataset(32, 5)), Loader(dataset(48, 6))
     model = linear()
     ref = copy.deepcopy(model)
@@ -282,7 +283,7 @@ def test_diffgda_moves_all_parameters_and_keeps_the_least_biased_checkpoint_abov
 def test_diffgda_keeps_the_unchanged_model_when_no_checkpoint_meets_the_floor(caplog):
     model = cnn()
     before = state(model)
-    with caplog.at_level(logging.WARNING, logger="fastmask.baselines"):
+    with caplog.at_level(logging.WARNING, logger="fastmask.methods.baselines.bias_proxy"):
         res = BP.diffgda(model, Loader(dataset(48, 5, hw=4)), Loader(dataset(32, 6, hw=4)),
                         config=BP.DiffGdaConfig(step=StepConfig(2, 3e-2, "adam", 0.0, 0.0), min_performance=1.01))
     assert changed(before, model) == set()

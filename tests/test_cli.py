@@ -1,8 +1,8 @@
 """End to end through the command line, in process: `fastmask shards` -> `debias` -> `evaluate` on generated PNGs.
 
 Oracles: predictions recomputed here from the written weights and the PNG files (PIL + the ImageNet normalisation
-written out), scored with sklearn's roc_auc_score and the spec §6 formulas coded below; an uninterrupted run for
-the resumed ones; tarfile for the corrupted member's place.
+written out), scored with sklearn's roc_auc_score and docs/algorithm.md §6 formulas coded below; an uninterrupted run
+for the resumed ones; tarfile for the corrupted member's place.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def test_debias_outputs_present_loadable_and_scored_right(data, runs, method):
     assert sets["external"]["samples"] == int((data.table["fold"] == "ext").sum())
     assert sets["test"]["samples"] == len(test)
     bal = sets["balanced"]["groups"]
-    assert bal["0"] == bal["1"]  # group balancing: identical per-label counts in both groups (spec §1)
+    assert bal["0"] == bal["1"]  # group balancing: identical per-label counts in both groups (docs/algorithm.md §1)
     epochs = report["epochs"]
     assert [(e["step"], e["epoch"]) for e in epochs][0] == ("before", 0)
     assert len(epochs) == 1 + 2 + 2 and len(report["history"]) == 4

@@ -1,7 +1,7 @@
 """SWiFT and BMFT across 2 processes (gloo, CPU) against the single-process run on the same data order.
 
 Each global batch of the single-process run is split in two halves, rank r taking half r. The pipeline computes the
-global batch's loss from the gathered logits and sums the ranks' gradient shares (fastmask.distributed), so masks
+global batch's loss from the gathered logits and sums the ranks' gradient shares (fastmask.parallel), so masks
 and final weights must equal the single-process run's up to fp32 rounding. The model has no BatchNorm: in train
 mode BN would normalise with per-rank batch statistics, which differ from the global batch's (SyncBatchNorm is the
 usual answer and is not what this test is about).

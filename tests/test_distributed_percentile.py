@@ -1,4 +1,4 @@
-"""fastmask.distributed.percentile: 2 processes over gloo (CPU) against numpy on the gathered data."""
+"""fastmask.parallel.percentile.percentile: 2 processes over gloo (CPU) against numpy on the gathered data."""
 
 from __future__ import annotations
 

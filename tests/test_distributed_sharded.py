@@ -1,5 +1,6 @@
-"""Masks of sharded importances (fastmask.distributed.sharded_soft_mask; fastmask.masks with sharded=True): 2
-processes over gloo (CPU), each holding uneven pieces of every tensor, against fastmask.masks on the full tensors.
+"""Masks of sharded importances (fastmask.parallel.fsdp.sharded_soft_mask; fastmask.masking.masks with sharded=True): 2
+processes over gloo (CPU), each holding uneven pieces of every tensor, against fastmask.masking.masks on the full
+tensors.
 
 The pieces cover FSDP's row shards and flat 1-D shards, a tensor whose max == min (Norm's guard), a tensor constant
 on one rank's piece only (the bounds must be global), a NaN in one rank's piece, and tensors whose piece on rank 1
@@ -84,7 +85,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         finally:
             dist.all_reduce = real
         soft = fsdp.sharded_soft_mask(mine_b, mine_l)
-        # the dict-level API of fastmask.masks, keyed by parameter name, on the same pieces
+        # the dict-level API of fastmask.masking.masks, keyed by parameter name, on the same pieces
         pieces_b, pieces_l = dict(zip(names, mine_b, strict=True)), dict(zip(names, mine_l, strict=True))
         by_name = masks.importance_ratio(pieces_b, pieces_l, sharded=True)
         assert all(torch.equal(by_name[n].nan_to_num(), r.nan_to_num()) for n, r in zip(names, ratio, strict=True))

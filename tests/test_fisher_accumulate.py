@@ -1,8 +1,8 @@
 """fisher_accumulate_ (I_b += g_b², I_l += g_l², SWiFT Eqs. 7-8) on every backend, against numpy and the reference.
 
 The numpy oracle squares the float32-widened gradient and adds it, each step rounded to float32, which is the
-formula of spec §3 in float32 arithmetic; every backend must reproduce it bit for bit (the fused kernels do not
-contract g² + I into one fused multiply-add).
+formula of docs/algorithm.md §3 in float32 arithmetic; every backend must reproduce it bit for bit (the fused kernels
+do not contract g² + I into one fused multiply-add).
 """
 
 from __future__ import annotations

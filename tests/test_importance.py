@@ -1,5 +1,5 @@
-"""Fisher importances (spec §3): the one-forward pass equals the reference two-pass loop, and both equal the
-batch-mean gradient squared derived by hand on a linear model."""
+"""Fisher importances (docs/algorithm.md §3): the one-forward pass equals the reference two-pass loop, and both equal
+the batch-mean gradient squared derived by hand on a linear model."""
 
 import numpy as np
 import pytest
@@ -66,7 +66,8 @@ def _sigmoid(z):
 
 
 def _dwbce_dz(z, y):
-    """From spec §2: L = (1/B) Σ −[(n_n/B) y log p + (n_p/B)(1−y) log(1−p)], d log p/dz = 1−p, d log(1−p)/dz = −p."""
+    """From docs/algorithm.md §2: L = (1/B) Σ −[(n_n/B) y log p + (n_p/B)(1−y) log(1−p)], d log p/dz = 1−p, d
+    log(1−p)/dz = −p."""
     b = len(z)
     p = _sigmoid(z)
     n_p, n_n = y.sum(), (1 - y).sum()
@@ -141,7 +142,7 @@ def test_eval_mode_grads_untouched_and_state_restored():
         torch.testing.assert_close(ib1[n], ib2[n], rtol=0, atol=0)
     assert float(ib1["0.weight"].sum()) > 0
     assert model.training and not model[0].weight.requires_grad
-    assert all(p.grad is None for p in model.parameters())  # nothing accumulates in .grad (spec §8.8)
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulates in .grad (docs/algorithm.md §8.8)
     assert torch.equal(model[1].running_mean, torch.zeros(4))
 
 

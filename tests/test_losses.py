@@ -1,4 +1,5 @@
-"""Tests of fastmask.losses against hand-computed values and plain-numpy transcriptions of spec §2."""
+"""Tests of fastmask.fairness.losses against hand-computed values and plain-numpy transcriptions of docs/algorithm.md
+§2."""
 
 from __future__ import annotations
 
@@ -214,7 +215,7 @@ def test_input_validation():
 
 
 def _numpy_bias(z, y, a, space, form, empty):
-    """Transcription of spec §2 with explicit cell loops (float64 numpy)."""
+    """Transcription of docs/algorithm.md §2 with explicit cell loops (float64 numpy)."""
     if space == "logit":
         v = z
     elif space == "prob":

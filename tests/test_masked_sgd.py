@@ -2,7 +2,8 @@
 
 Oracles: torch.optim.SGD (independent, no mask and all-ones masks), the pure-PyTorch reference (for the fused
 backends), and the defining invariants of the mask modes: in "update" mode entries with M == 0 keep every bit —
-weight decay and momentum no longer leak through the mask (spec §8.10) — while in "grad" mode they still move.
+weight decay and momentum no longer leak through the mask (docs/algorithm.md §8.10) — while in "grad" mode they still
+move.
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def test_update_mode_leaves_masked_out_entries_bit_identical(backend, dtype, mas
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_mode_lets_weight_decay_and_momentum_move_masked_out_entries(backend):
-    # The papers' behaviour (spec §8.10): g ← M·g, so a zero gradient still takes weight decay and momentum.
+    # The papers' behaviour (docs/algorithm.md §8.10): g ← M·g, so a zero gradient still takes weight decay and
+    # momentum.
     masks = [torch.zeros(s, dtype=torch.bool) for s in SMALL]
     state = State(SMALL, torch.float32)
     before = state.clone()

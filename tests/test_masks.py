@@ -1,5 +1,5 @@
-"""Masks (spec §4): a faithful SWiFT soft mask and BMFT hard mask on a tiny model, against values derived by hand;
-the percentile-rate semantics, random and manual masks, and safetensors storage."""
+"""Masks (docs/algorithm.md §4): a faithful SWiFT soft mask and BMFT hard mask on a tiny model, against values derived
+by hand; the percentile-rate semantics, random and manual masks, and safetensors storage."""
 
 import numpy as np
 import pytest
@@ -49,7 +49,7 @@ S, W, B = [0.9, -0.4, 1.3], [0.5, 0.8, -0.6], 0.2
 
 
 def hand_gradients(space_form):
-    """dJ/dθ for one batch of z = Σ_k w_k s_k x_k + b, derived from spec §2 by hand.
+    """dJ/dθ for one batch of z = Σ_k w_k s_k x_k + b, derived from docs/algorithm.md §2 by hand.
 
     WBCE: dL/dz_i = (1/B)[−(n_n/B) y_i (1−p_i) + (n_p/B)(1−y_i) p_i].
     SWiFT (log p, Eqs. 2-4): B = |m01 − m11| + |m00 − m10| of v = log p, dv/dz = 1 − p.
@@ -97,7 +97,7 @@ def test_faithful_swift_soft_mask_hand_computed():
         expected = np.tanh(norm(i_b) / (norm(i_l) + 1e-10))
         got = masks[name].reshape(-1).double().numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6, err_msg=name)
-    # spec §4: the element with Norm(I_b) = 0 gets M = 0; the 1-element bias keeps tanh of its raw ratio
+    # docs/algorithm.md §4: the element with Norm(I_b) = 0 gets M = 0; the 1-element bias keeps tanh of its raw ratio
     assert masks["0.s"].min() == 0
     raw = g["b"]["1.bias"][0] ** 2 / (g["l"]["1.bias"][0] ** 2 + 1e-10)
     np.testing.assert_allclose(float(masks["1.bias"]), np.tanh(raw), rtol=1e-4)
@@ -158,7 +158,7 @@ def test_overwrite_writes_the_same_masks_into_imp_bias():
 
 
 def test_constant_tensor_gives_no_nan():
-    # spec §8.6: BMFT's unguarded normalisation would give NaN here and zero the whole mask
+    # docs/algorithm.md §8.6: BMFT's unguarded normalisation would give NaN here and zero the whole mask
     ib, il = random_importances()
     ib["bn.bias"] = torch.full((8,), 0.25)
     il["bn.bias"] = torch.full((8,), 0.5)
@@ -189,7 +189,7 @@ def test_random_mask_uniform_and_seeded():
     assert list(m1) == [n for n, _ in model.named_parameters()]
     w = m1["0.weight"]
     assert w.shape == model[0].weight.shape and w.dtype == torch.float32
-    assert 0 <= float(w.min()) and float(w.max()) < 1  # uniform [0, 1), not randn (spec §8.19)
+    assert 0 <= float(w.min()) and float(w.max()) < 1  # uniform [0, 1), not randn (docs/algorithm.md §8.19)
     assert abs(float(w.mean()) - 0.5) < 0.05
     assert torch.equal(m1["0.weight"], m2["0.weight"]) and not torch.equal(m1["0.weight"], m3["0.weight"])
 

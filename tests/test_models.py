@@ -1,4 +1,4 @@
-"""split_head: the head by module path or as the last Linear; E by module membership (spec §8.20)."""
+"""split_head: the head by module path or as the last Linear; E by module membership (docs/algorithm.md §8.20)."""
 
 import pytest
 import torch

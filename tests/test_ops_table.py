@@ -26,47 +26,11 @@ CUDA_FILES = ("csrc/cuda/{stem}_kernels.cu", "csrc/cuda/{stem}_cuda.cpp")
 # kernels/ modules that hold what the op modules share, not an op.
 SHARED_KERNEL_MODULES = ("__init__", "multi_tensor")
 
-# Checks that fail on this branch only because other branches have not landed yet. Each one is xfail(strict): the
-# moment its branch lands, the check passes, the XPASS fails the suite, and its entry must be removed from here
-# (test_pending_names_checks fails too once a check is gone, e.g. a file that was renamed).
-BENCH_SPLIT = "pending: bench split (one bench/bench_<stem>.py per op)"
-CSRC_SPLIT = "pending: csrc split (one csrc/<stem>.cpp and csrc/cuda/<stem>_{kernels.cu,cuda.cpp} per op)"
-PERCENTILE_OP = "pending: removal of the C++ percentile op (percentile is composed: radix_histogram passes)"
-PENDING: dict[str, str] = {
-    "exists:bench/bench_fisher_accumulate.py": BENCH_SPLIT,
-    "exists:bench/bench_soft_mask.py": BENCH_SPLIT,
-    "exists:bench/bench_masked_adam.py": BENCH_SPLIT,
-    "exists:bench/bench_masked_sgd.py": BENCH_SPLIT,
-    "exists:bench/bench_radix_histogram.py": BENCH_SPLIT,
-    "exists:bench/bench_hard_mask.py": BENCH_SPLIT,
-    "exists:csrc/fisher_accumulate.cpp": CSRC_SPLIT,
-    "exists:csrc/masked_adam.cpp": CSRC_SPLIT,
-    "exists:csrc/masked_sgd.cpp": CSRC_SPLIT,
-    "exists:csrc/radix_histogram.cpp": CSRC_SPLIT,
-    "exists:csrc/hard_mask.cpp": CSRC_SPLIT,
-    "exists:csrc/cuda/radix_histogram_kernels.cu": CSRC_SPLIT,
-    "exists:csrc/cuda/radix_histogram_cuda.cpp": CSRC_SPLIT,
-    "exists:csrc/cuda/hard_mask_kernels.cu": CSRC_SPLIT,
-    "exists:csrc/cuda/hard_mask_cuda.cpp": CSRC_SPLIT,
-    "op-file:csrc/fisher.cpp": CSRC_SPLIT,
-    "op-file:csrc/masked_optim.cpp": CSRC_SPLIT,
-    "op-file:csrc/percentile.cpp": CSRC_SPLIT,
-    "op-file:csrc/cuda/percentile_cuda.cpp": CSRC_SPLIT,
-    "op-file:csrc/cuda/percentile_kernels.cu": CSRC_SPLIT,
-    "declared:percentile": PERCENTILE_OP,
-}
-CHECKS: list[str] = []  # every check id below, for test_pending_names_checks
 
 
 def checks(kind: str, items: list[str]) -> list:
-    """pytest params with ids ``kind:item``, xfail(strict) where PENDING names them."""
-    out = []
-    for item in items:
-        check = f"{kind}:{item}"
-        CHECKS.append(check)
-        marks = [pytest.mark.xfail(strict=True, reason=PENDING[check])] if check in PENDING else []
-        out.append(pytest.param(item, id=check, marks=marks))
-    return out
+    """pytest params with ids ``kind:item``."""
+    return [pytest.param(item, id=f"{kind}:{item}") for item in items]
 
 
 def kernel_op(name: str) -> str:
@@ -232,9 +196,3 @@ def test_csrc_op_file_is_an_op_of_the_table(path):
                                                            f"{op.backends}{' (composed)' if op.uses else ''}"
         want = CPU_FILES.format(stem=op.stem) if backend == "cpp" else CUDA_FILES[1].format(stem=op.stem)
         assert path == want, f"{path} registers {name}, whose {backend} kernel belongs in {want}"
-
-
-def test_pending_names_checks():
-    """Every PENDING entry names a check that still exists (a renamed or removed file takes its check with it)."""
-    stale = sorted(set(PENDING) - set(CHECKS))
-    assert not stale, f"PENDING names checks that no longer exist, remove them: {stale}"

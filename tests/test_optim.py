@@ -3,7 +3,7 @@
 Every test that steps an optimizer runs on each backend of its op (conftest.op_backends). Oracles:
 - no mask, or an all-ones mask: torch.optim.Adam / AdamW / SGD with the same arguments (fp32: rounding tolerance);
 - mask_mode="grad": torch.optim on gradients multiplied by the mask beforehand (the papers' g ← M ⊙ g), and the
-  reference functional fastmask.reference.masked_adam_ / masked_sgd_ driven by hand;
+  reference functional fastmask.ops.reference.masked_adam_ / masked_sgd_ driven by hand;
 - mask_mode="update": a torch.optim step followed by θ ← θ_old + M ⊙ (θ_torch − θ_old), state kept where M = 0;
 - bf16 / fp16 parameters: torch.optim on float32 copies whose parameters and state are rounded to the storage dtype
   after every step. That is the arithmetic our kernels (and torch's fused optimizers) do: fp32 math on half storage.

@@ -1,5 +1,5 @@
-"""The two-step pipelines (spec §5, §8): which parameters move in each step, the losses and data each step uses,
-head re-initialisation, faithful flags, the collapse guard and the profiler phases."""
+"""The two-step pipelines (docs/algorithm.md §5, §8): which parameters move in each step, the losses and data each step
+uses, head re-initialisation, faithful flags, the collapse guard and the profiler phases."""
 
 import copy
 import json
@@ -92,7 +92,8 @@ def test_swift_mask_reaches_the_optimizer():
     assert not torch.equal(w[0], before["0.weight"][0])
     assert torch.equal(w[1:], before["0.weight"][1:])
 
-    # "grad" mode with weight decay: decay still moves masked-out weights (spec §8.10); "update" mode freezes them
+    # "grad" mode with weight decay: decay still moves masked-out weights (docs/algorithm.md §8.10); "update" mode
+    # freezes them
     decay = StepConfig(2, 0.1, "sgd", momentum=0.9, weight_decay=0.1)
     for mode, frozen in (("grad", False), ("update", True)):
         model = cnn()
@@ -101,7 +102,7 @@ def test_swift_mask_reaches_the_optimizer():
 
 
 def test_swift_losses_and_data_per_step():
-    """Step 1 minimises β·WBCE + (1 − β)·B, step 2 (1 − β)·WBCE + β·B, both on train_loader (spec §5)."""
+    """Step 1 minimises β·WBCE + (1 − β)·B, step 2 (1 − β)·WBCE + β·B, both on train_loader (docs/algorithm.md §5)."""
     ds_mask, ds_train = dataset(32, seed=5), dataset(48, seed=6)
     mask_loader, train_loader = CountingLoader(ds_mask), CountingLoader(ds_train)
     model = linear()
@@ -163,7 +164,7 @@ def test_bmft_impair_uses_external_data_and_bias_only_then_zeroes_head():
 def test_bmft_repair_loss_and_defaults():
     cfg = BmftConfig()
     assert cfg.impair == StepConfig(5, 1e-4, "sgd", 0.9, 5e-4) and cfg.repair.lr == 1e-3
-    assert BmftConfig(faithful=True).impair.epochs == 10  # the code's 10 + 10 (spec §8.14)
+    assert BmftConfig(faithful=True).impair.epochs == 10  # the code's 10 + 10 (docs/algorithm.md §8.14)
     model = linear()
     res = bmft(model, loader(), loader(), config=BmftConfig(beta=0.4, impair=plain(0), repair=plain(1, lr=0.0)))
     ds = loader()

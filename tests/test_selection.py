@@ -122,8 +122,8 @@ def test_the_chosen_epoch_is_the_admissible_one_of_smallest_gap_and_the_model_ho
     orig = independent_scores(original, val, 0.5)
     assert sel.original["auc"] == pytest.approx(orig["auc"]) and sel.original["acc"] == pytest.approx(orig["acc"])
     for r in sel.rows:
-        ok = (orig["auc"] - r["auc"] <= 0.01 and orig["acc"] - r["acc"] <= 0.02
-              and abs(r["positive_rate"] - r["label_positive_rate"]) <= 0.10)
+        ok = bool(orig["auc"] - r["auc"] <= 0.01 and orig["acc"] - r["acc"] <= 0.02
+              and abs(r["positive_rate"] - r["label_positive_rate"]) <= 0.10 and r["eodds_mean"] < orig["eodds_mean"])
         assert r["admissible"] is ok and (r["why"] == []) is ok
     admissible = [r for r in sel.rows if r["admissible"]]
     assert admissible, "the test needs at least one admissible epoch"
@@ -234,12 +234,14 @@ def test_a_baseline_is_selected_by_the_same_rule_over_its_own_grid(problem):
                      rule=SelectionRule(stop_auc_drop=1.0, patience=None))
         assert len(sel.rows) == n_rows
         for r in sel.rows:
-            ok = (orig["auc"] - r["auc"] <= 0.01 and orig["acc"] - r["acc"] <= 0.02
-                  and abs(r["positive_rate"] - r["label_positive_rate"]) <= 0.10)
+            ok = bool(orig["auc"] - r["auc"] <= 0.01 and orig["acc"] - r["acc"] <= 0.02
+                  and abs(r["positive_rate"] - r["label_positive_rate"]) <= 0.10
+                  and r["eodds_mean"] < orig["eodds_mean"])
             assert r["admissible"] is ok, (method, r)
         if method == "fairprune":
             assert [r["epoch"] for r in sel.rows] == [None] * 3 and sel.rows[0]["step"] == "final"
             assert sel.rows[0]["auc"] == pytest.approx(orig["auc"])  # ratio 0 prunes nothing
+            assert not sel.rows[0]["admissible"] or sel.rows[0]["eodds_mean"] < orig["eodds_mean"]
         admissible = [r for r in sel.rows if r["admissible"]]
         assert admissible, method
         best = min(admissible, key=lambda r: (r["eodds_mean"], -r["auc"]))

@@ -268,11 +268,14 @@ def _threshold(text: str) -> float | str:
 
 
 def _print_summary(args: argparse.Namespace, report: dict) -> None:
-    from fastmask.app.report import verdict
+    from fastmask.app.report import selection_caveat, verdict
     from fastmask.app.tables import headline
 
     b, a = report["before"]["overall"], report["after"]["overall"]
     print(verdict(report))
+    caveat = selection_caveat(report["selection"])
+    if caveat:
+        print(f"WARNING: {caveat}")
     print(f"on {report['data']['sets']['test']['description']}: {headline(b, a)}")
     if report["loader"]["skipped"]:
         print(f"skipped {report['loader']['skipped']} damaged sample reads (see report.md)")

@@ -7,8 +7,9 @@ of the external set (:func:`fastmask.methods.selection.select`): each tries its 
 :data:`~fastmask.methods.grids.GRID_SIZE` candidates (the Baseline, with nothing to tune, runs once) under the same
 :class:`~fastmask.methods.selection.SelectionRule`, so every method gets the same tuning budget and the same budgets
 on AUC, accuracy and the positive share; a method none of whose candidates meets them leaves the model unchanged,
-and the table counts it. With ``rule=None`` (``--select none``) every method runs once with the source's
-configuration for it (None: its defaults), on all of the external set, at the threshold 0.5.
+and the table counts it. The Baseline, with nothing to tune, is the original model at the threshold 0.5. With
+``rule=None`` (``--select none``) every method runs once with the source's configuration for it (None: its defaults),
+on all of the external set, at the threshold 0.5.
 
 Each debiased model is evaluated on every test set with :func:`fastmask.fairness.metrics.evaluate` at its
 selected decision threshold. The table shows, per test set, the headline of :mod:`fastmask.app.tables`: AUC, ACC,
@@ -185,8 +186,9 @@ def check_methods(methods: Sequence[str] | None, seeds: Sequence[int]) -> list[s
 def _run(method: str, model: nn.Module, fold: Fold, config: Any, rule: SelectionRule | None,
          progress: bool) -> dict[str, Any]:
     """Debias ``model`` in place with ``method`` (selected by ``rule``, or run once); what the run row records."""
-    mask_loader, train_loader, val_loader = fold.loaders(rule is not None)
-    if rule is None:
+    tune = rule is not None and bool(METHODS[method].grid)  # a method with nothing to tune (Baseline) runs as it is
+    mask_loader, train_loader, val_loader = fold.loaders(tune)
+    if not tune:
         result = METHODS[method](model, mask_loader, train_loader, config=config, progress=progress)
         return {"threshold": 0.5, "chosen": "fixed", "unchanged": False, "warnings": result.guard_warnings}
     sel = select(model, method, mask_loader, train_loader, val_loader, config=config, rule=rule, progress=progress)

@@ -87,6 +87,19 @@ def _value(v: Any) -> Any:
 
 
 
+def selection_caveat(selection: Mapping[str, Any] | None) -> str | None:
+    """A warning when the validation part is too small for the AUC budget: its AUC's standard error exceeds it, so
+    budgets are judged within the noise and the test AUC of the chosen model may fall further."""
+    if selection is None or selection["original"].get("auc_se") is None:
+        return None
+    se, budget = selection["original"]["auc_se"], selection["rule"]["max_auc_drop"]
+    if se <= budget:
+        return None
+    return (f"the validation part ({selection['original']['n']} samples) measures AUC to about ±{se:.3f} (standard "
+            f"error), more than the AUC budget {budget}: the choice may not keep the test AUC within it; a larger "
+            "--val-fraction or external set measures it better")
+
+
 def _selection_md(selection: Mapping[str, Any], plot: str | None) -> list[str]:
     rule, original = selection["rule"], selection["original"]
     out = ["## Selection", "",
@@ -98,6 +111,9 @@ def _selection_md(selection: Mapping[str, Any], plot: str | None) -> list[str]:
            f"chosen. Candidates stopped as hopeless (AUC more than {rule['stop_auc_drop']} below the original's): "
            f"{selection['stopped'] or 'none'}; stopped {rule['patience']} epochs after their best: "
            f"{selection['converged'] or 'none'}. Selection took {selection['seconds']:.1f} s.", ""]
+    caveat = selection_caveat(selection)
+    if caveat:
+        out += [f"**Warning:** {caveat}.", ""]
     if plot:
         out += [f"![every candidate and epoch: gap against AUC, with the budgets]({plot})", ""]
     def verdict(r: Mapping[str, Any]) -> str:

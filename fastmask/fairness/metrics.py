@@ -23,6 +23,7 @@ that contain both classes, docs/algorithm.md §8.17).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
@@ -286,6 +287,25 @@ def evaluate(y: ArrayLike, p: ArrayLike, a: ArrayLike, *, threshold: float = THR
         "label_positive_rate": float(yv.mean()),
         "threshold": float(threshold),
     }
+
+
+def auc_standard_error(y: ArrayLike, p: ArrayLike) -> float:
+    """DeLong et al.'s (1988) standard error of the AUC of scores ``p`` for labels ``y``, from its structural
+    components: for each positive i, V10_i = the share of negatives it outscores (ties count ½); for each negative j,
+    V01_j = the share of positives that outscore it; SE² = var(V10) / m + var(V01) / n (m positives, n negatives).
+    What a validation AUC is worth: budgets far below it are judged within the noise of the validation part."""
+    yv, pv = _vector(y, "y"), _vector(p, "p").astype(np.float64)
+    pos, neg = np.sort(pv[yv == 1]), np.sort(pv[yv == 0])
+    m, n = len(pos), len(neg)
+    if m < 2 or n < 2:
+        raise ValueError(f"auc_standard_error needs two samples of each class, got {m} positives and {n} negatives")
+
+    def share_below(x: np.ndarray, of: np.ndarray) -> np.ndarray:  # share of ``of`` below x, ties counting ½
+        lo, hi = np.searchsorted(of, x, "left"), np.searchsorted(of, x, "right")
+        return (lo + 0.5 * (hi - lo)) / len(of)
+
+    v10, v01 = share_below(pos, neg), 1.0 - share_below(neg, pos)
+    return math.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n)
 
 
 ThresholdRule = Literal["accuracy", "rate"]

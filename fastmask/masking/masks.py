@@ -61,18 +61,16 @@ def _soft(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], apply_
     _check_same_keys(imp_bias, imp_loss, what)
     names = list(imp_bias)
     ib, il = [imp_bias[n] for n in names], [imp_loss[n] for n in names]
-    if sharded:
-        # this rank holds pieces of the tensors, whose min / max are all-reduced (fastmask.distributed)
-        out = fsdp.sharded_soft_mask(ib, il, apply_tanh=apply_tanh)
-        if overwrite:
-            torch._foreach_copy_(ib, out)
-            out = ib
-    elif overwrite:
-        ops.soft_mask_(ib, il, apply_tanh=apply_tanh)
-        out = ib
+    bounds = None
+    if sharded:  # this rank holds pieces of the tensors: each whole tensor's min / max, all-reduced
+        bounds = fsdp.soft_mask_bounds(ib, il)
+        pieces_b, pieces_l = [fsdp.local(t) for t in ib], [fsdp.local(t) for t in il]
     else:
-        out = ops.soft_mask(ib, il, apply_tanh=apply_tanh)
-    return dict(zip(names, out, strict=True))
+        pieces_b, pieces_l = ib, il
+    if overwrite:
+        ops.soft_mask_(pieces_b, pieces_l, apply_tanh=apply_tanh, bounds=bounds)
+        return dict(zip(names, ib, strict=True))
+    return dict(zip(names, ops.soft_mask(pieces_b, pieces_l, apply_tanh=apply_tanh, bounds=bounds), strict=True))
 
 
 def importance_ratio(imp_bias: Mapping[str, Tensor], imp_loss: Mapping[str, Tensor], *, sharded: bool = False,

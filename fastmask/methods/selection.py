@@ -16,8 +16,9 @@ validation part of the external set, which the caller holds out (:func:`fastmask
    inference), then AUC, accuracy, the share of positive predictions and the fairness gap in every form.
 3. The rule (:class:`SelectionRule`): an epoch is *admissible* when its validation AUC is at most
    ``max_auc_drop`` below the original model's, its accuracy at most ``max_acc_drop`` below the original's (at the
-   original's threshold, 0.5), and its positive share within ``share_tolerance`` of the label rate (the guard,
-   relative; a collapse to one class is far outside it). Among all admissible epochs of all candidates the smallest
+   original's threshold, 0.5), its positive share within ``share_tolerance`` of the label rate (the guard,
+   relative; a collapse to one class is far outside it), and its gap below the original's (a debiased model that is
+   less fair than the original is no result). Among all admissible epochs of all candidates the smallest
    gap wins (``rule.gap``, by default the mean of |ΔTPR| and |ΔFPR|; never the signed sum, in which opposite gaps
    cancel); ties go to the higher AUC. Every epoch is a model the method passed through, and the chosen row says
    which (an epoch of SWiFT's first step is a model whose head was not re-initialised yet). A candidate whose
@@ -46,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastmask.fairness.metrics import THRESHOLD_RULES, choose_threshold, evaluate
+from fastmask.fairness.metrics import THRESHOLD_RULES, auc_standard_error, choose_threshold, evaluate
 from fastmask.methods.engine import seed_everything
 from fastmask.methods.grids import Candidate
 from fastmask.methods.registry import METHODS, Method
@@ -121,7 +122,8 @@ class Selection:
         method: the method's registry name.
         rule: the :class:`SelectionRule`.
         candidates: the grid, in the order tried.
-        original: the original model's validation scores (at threshold 0.5).
+        original: the original model's validation scores (at threshold 0.5), with ``n`` (samples) and ``auc_se``
+            (the standard error of its AUC, :func:`~fastmask.fairness.metrics.auc_standard_error`).
         rows: one dict per candidate and epoch: ``candidate`` (index), ``settings`` (its {path: value}), ``step``,
             ``epoch`` (None for the final model of a method without epochs), ``threshold``, every metric of
             :func:`~fastmask.fairness.metrics.evaluate`, ``admissible`` and ``why`` (the budgets it broke).
@@ -183,6 +185,8 @@ def _judge(row: dict[str, Any], original: dict[str, float], rule: SelectionRule)
     if abs(row["positive_rate"] - row["label_positive_rate"]) > rule.share_tolerance:
         why.append(f"positive share {row['positive_rate']:.3f} more than {rule.share_tolerance} from the label rate "
                    f"{row['label_positive_rate']:.3f}")
+    if not row[rule.gap] < original[rule.gap]:
+        why.append(f"{rule.gap} {row[rule.gap]:.4f} not below the original's {original[rule.gap]:.4f}")
     return why
 
 
@@ -358,7 +362,13 @@ def select(
     started = time.perf_counter()
     original_weights = copy.deepcopy(model.state_dict())
     val_loader = _Replayed(val_loader, cache_bytes)
-    selection = Selection(method, rule, candidates, _val_scores(model, val_loader, model_device(model), 0.5))
+    with torch.random.fork_rng(devices=[]):
+        s = score(model, val_loader, model_device(model))
+    original = evaluate(s.y, s.p, s.a)
+    # what the validation AUC is worth: budgets far below its standard error are judged within its noise
+    original["auc_se"] = auc_standard_error(s.y, s.p)
+    original["n"] = len(s.y)
+    selection = Selection(method, rule, candidates, original)
     loaders = (mask_loader, train_loader)
     search = _Search(model, m, loaders, val_loader, selection)
     n_batches = 0

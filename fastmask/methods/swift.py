@@ -102,7 +102,7 @@ def swift(
         mask_loader: batches (x, y, a, ...) for the importance pass; the authors' code uses the **unbalanced** external
             set D_e with test transforms (docs/algorithm.md §1, §8.5).
         train_loader: batches for both fine-tuning steps; the authors' code uses the group-balanced D_r
-            (:func:`fastmask.balance.group_balance`) with training augmentation.
+            (:func:`fastmask.data.balance.group_balance`) with training augmentation.
         config: :class:`SwiftConfig` (default: the authors' settings for skin).
         masks: use these masks instead of computing them (e.g. :func:`fastmask.masks.random_mask`); keyed by
             parameter name, every parameter present.

@@ -80,26 +80,13 @@ def global_min_max(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = 
     return lo.masked_fill(nan, math.nan), hi.masked_fill(nan, math.nan)
 
 
-def sharded_soft_mask(
-    imp_bias: Sequence[Tensor],
-    imp_loss: Sequence[Tensor],
-    eps: float = NORM_EPS,
-    apply_tanh: bool = True,
-    group: dist.ProcessGroup | None = None,
-) -> list[Tensor]:
-    """SWiFT's soft mask M = tanh(Norm(I_b) / (Norm(I_l) + eps)) ([PS] Eq. 9, docs/algorithm.md §4) of the LOCAL shards
-    of the importances, with each tensor's min and max taken over all ranks (:func:`global_min_max`); with
-    ``apply_tanh=False`` BMFT's ratio R = Norm(I_b) / (Norm(I_l) + eps) ([PB] Eq. 3).
-
-    ``imp_bias[i]`` and ``imp_loss[i]`` are this rank's pieces of the same parameter (same shape; DTensors are
-    reduced to their local shards, flat 1-D pieces or FSDP's row shards are all fine, and a piece may be empty).
-    Concatenating the ranks' results in shard order gives :func:`fastmask.masking.masks.importance_ratio` of the full
-    tensors bit for bit (R), and :func:`fastmask.masking.masks.swift_mask` to the rounding of tanh (M). float32,
-    plain tensors of the local shapes. Every rank must call it with its pieces of the same tensors, in the same order.
-
-    The arithmetic is the op :func:`fastmask.ops.soft_mask` (fused kernels where available) given the global bounds;
-    this function only gathers them: two all-reduces for all tensors together.
-    """
+def soft_mask_bounds(imp_bias: Sequence[Tensor], imp_loss: Sequence[Tensor],
+                     group: dist.ProcessGroup | None = None) -> Tensor:
+    """The ``bounds`` of :func:`fastmask.ops.soft_mask` for this rank's pieces of the importances: a float32 [4, n]
+    tensor, rows min I_b, max I_b, min I_l, max I_l of each whole tensor over all ranks (:func:`global_min_max`: two
+    all-reduces for all tensors together). ``imp_bias[i]`` and ``imp_loss[i]`` are pieces of the same parameter
+    (same shape; DTensors count by their local shards, and a piece may be empty); every rank must call it with its
+    pieces of the same tensors, in the same order."""
     if len(imp_bias) != len(imp_loss):
         raise ValueError(f"sharded_soft_mask: {len(imp_bias)} I_b tensors but {len(imp_loss)} I_l tensors")
     local_b, local_l = [local(t) for t in imp_bias], [local(t) for t in imp_loss]
@@ -109,8 +96,28 @@ def sharded_soft_mask(
                              f"shape {tuple(loss.shape)}")
     n = len(local_b)
     lo, hi = global_min_max([*local_b, *local_l], group)
-    bounds = torch.stack([lo[:n], hi[:n], lo[n:], hi[n:]])  # rows lo_b, hi_b, lo_l, hi_l, as the op takes them
-    return ops.soft_mask(local_b, local_l, eps=eps, apply_tanh=apply_tanh, bounds=bounds)
+    return torch.stack([lo[:n], hi[:n], lo[n:], hi[n:]])  # rows lo_b, hi_b, lo_l, hi_l, as the op takes them
+
+
+def sharded_soft_mask(
+    imp_bias: Sequence[Tensor],
+    imp_loss: Sequence[Tensor],
+    eps: float = NORM_EPS,
+    apply_tanh: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> list[Tensor]:
+    """SWiFT's soft mask M = tanh(Norm(I_b) / (Norm(I_l) + eps)) ([PS] Eq. 9, docs/algorithm.md §4) of the LOCAL shards
+    of the importances, with each tensor's min and max taken over all ranks; with ``apply_tanh=False`` BMFT's ratio
+    R = Norm(I_b) / (Norm(I_l) + eps) ([PB] Eq. 3).
+
+    The pieces as :func:`soft_mask_bounds` takes them. Concatenating the ranks' results in shard order gives
+    :func:`fastmask.masking.masks.importance_ratio` of the full tensors bit for bit (R), and
+    :func:`fastmask.masking.masks.swift_mask` to the rounding of tanh (M). float32, plain tensors of the local
+    shapes. The arithmetic is the op :func:`fastmask.ops.soft_mask` given the global bounds.
+    """
+    bounds = soft_mask_bounds(imp_bias, imp_loss, group)
+    return ops.soft_mask([local(t) for t in imp_bias], [local(t) for t in imp_loss], eps=eps, apply_tanh=apply_tanh,
+                         bounds=bounds)
 
 
 _SHARD_OF = "_fastmask_sharded_parameter"  # attribute of a local-shard view: the DTensor parameter it belongs to
