@@ -11,6 +11,9 @@ Bad input ends with one line on stderr, ``fastmask <command>: error: <message>``
 ``fastmask debias`` exits with status 3 when no candidate configuration met the budgets on the validation part (the
 model is written unchanged), and with 75 (EX_TEMPFAIL, "try again") when ``--stop-after-epochs N`` stopped it before
 the end, so a job script can loop on ``--resume``.
+
+One module over 400 lines on purpose: every subcommand's options, the options debias and compare share and the one
+error path, in one place, so that the command line reads as one reference (docs/cli.md is generated from it).
 """
 
 from __future__ import annotations

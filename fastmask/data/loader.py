@@ -35,6 +35,10 @@ Damage: a member that does not decode, metadata that does not parse, an incomple
 opened or ends early, or keys of the index missing from their shard are skipped and counted in ``loader.stats``
 (with reason, shard and key) and summarised in the log (logger ``fastmask.data``) at the end of each epoch; with
 ``strict=True`` the first one raises :class:`ShardReadError` naming the shard and key.
+
+One module over 400 lines because it is one thing: the plan of an epoch, the passes that fill it and the
+re-batching that cuts their chunks are the loader's single contract (the worker side is in
+:mod:`fastmask.data.pass_stream`).
 """
 
 from __future__ import annotations

@@ -32,6 +32,9 @@ validation part of the external set, which the caller holds out (:func:`fastmask
 Every candidate and epoch is a row of :attr:`Selection.rows`; the report shows them all. The guard's findings on the
 candidates' training data are recorded in their results rather than logged one by one (the rule judges every epoch
 on the validation part); the chosen result holds the run as it stood at the chosen epoch.
+
+One module over 400 lines because it is one algorithm: the rule, the search state and :func:`select`'s branching
+belong together (the candidates themselves are in :mod:`fastmask.methods.grids`).
 """
 
 from __future__ import annotations
