@@ -102,13 +102,7 @@ def test_two_processes_equal_single_process(tmp_path: Path) -> None:
                 else:
                     torch.testing.assert_close(got["masks"][k], m, rtol=1e-4, atol=1e-6,
                                                msg=lambda s, k=k, at=at: f"{at} mask {k}: {s}")
-            for k, w in ref["weights"].items():
-                torch.testing.assert_close(got["weights"][k], w, rtol=1e-4, atol=1e-5,
-                                           msg=lambda s, k=k, at=at: f"{at} weight {k}: {s}")
-            for h_got, h_ref in zip(got["history"], ref["history"], strict=True):
-                assert abs(h_got["loss"] - h_ref["loss"]) <= 1e-4 * max(1.0, abs(h_ref["loss"]))
-                assert h_got["positive_share"] == h_ref["positive_share"]
-            assert got["checks"] == ref["checks"]
+            assert_same_run(got, ref, at)
     for r in range(WORLD):  # broadcast_buffers: rank 0's BN statistics everywhere
         assert torch.equal(ranks[r]["bn"]["running_mean"], torch.full((3,), 1.0))
         assert int(ranks[r]["bn"]["num_batches_tracked"]) == 10
@@ -118,7 +112,20 @@ def test_two_processes_equal_single_process(tmp_path: Path) -> None:
             assert torch.equal(ranks[1][method]["weights"][k], w), f"{method}: ranks disagree on {k}"
 
 
+def assert_same_run(got: dict, ref: dict, at: str) -> None:
+    """A rank's run equals the one-process run: weights (to float32 summation order), the per-epoch losses and
+    positive shares, and the guard's checks."""
+    for k, w in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][k], w, rtol=1e-4, atol=1e-5,
+                                   msg=lambda s, k=k, at=at: f"{at} weight {k}: {s}")
+    for h_got, h_ref in zip(got["history"], ref["history"], strict=True):
+        assert abs(h_got["loss"] - h_ref["loss"]) <= 1e-4 * max(1.0, abs(h_ref["loss"]))
+        assert h_got["positive_share"] == h_ref["positive_share"]
+    assert got["checks"] == ref["checks"]
+
+
 def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
     import socket
 
     with socket.socket() as s:

@@ -18,7 +18,7 @@ import test_distributed
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import make_batches, make_model, rank_batches
+from test_distributed import assert_same_run, make_batches, make_model, rank_batches
 
 from fastmask.methods.bmft import bmft
 from fastmask.methods.configs import StepConfig
@@ -107,10 +107,4 @@ def test_fsdp_two_processes_equal_single_process(tmp_path: Path) -> None:
         assert moved > 1e-3, "the run must change the weights for the comparison to mean anything"
         for r, got in enumerate(ranks):
             got, at = got[method], f"{method} rank {r}"
-            for k, w in ref["weights"].items():
-                torch.testing.assert_close(got["weights"][k], w, rtol=1e-4, atol=1e-5,
-                                           msg=lambda s, k=k, at=at: f"{at} weight {k}: {s}")
-            for h_got, h_ref in zip(got["history"], ref["history"], strict=True):
-                assert abs(h_got["loss"] - h_ref["loss"]) <= 1e-4 * max(1.0, abs(h_ref["loss"]))
-                assert h_got["positive_share"] == h_ref["positive_share"]
-            assert got["checks"] == ref["checks"]
+            assert_same_run(got, ref, at)

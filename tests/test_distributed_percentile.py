@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from percentile_cases import DTYPES, METHODS, assert_same, has_mixed_zeros, make_values, numpy_percentile, split
+from test_distributed import free_port
 
 from fastmask.parallel import percentile as parallel
 
@@ -57,14 +57,8 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_matches_numpy_on_gathered_data():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
 @settings(max_examples=60, deadline=None)

@@ -9,7 +9,6 @@ is empty (FSDP gives an empty shard when a dimension is smaller than the world s
 from __future__ import annotations
 
 import math
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import free_port
 
 from fastmask.masking import masks
 from fastmask.parallel import fsdp
@@ -104,18 +104,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _joined(parts: list[dict], key: str, i: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([p[key][i].reshape(-1) for p in parts]).reshape(shape)
 
 
 def test_sharded_masks_equal_the_full_tensors_masks(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     imp_b, imp_l = full_importances()
     assert piece(imp_b["rank1_empty"], "rank1_empty", 1).numel() == 0
