@@ -89,21 +89,13 @@ def bench(args: argparse.Namespace) -> list[dict]:
                 if provider == "fastmask":
                     sel = best.value
                     row.update(stopped=len(sel.stopped), converged=len(sel.converged), scored_epochs=len(sel.rows),
-                               chosen=chosen(sel))
+                               chosen=sel.describe_choice())
                 elif provider == "peer":
                     row["scored_epochs"] = best.value
                 rows.append(row)
     finally:
         splits.close()
     return rows
-
-
-def chosen(sel: Any) -> str | None:
-    """What a selection chose: the candidate, the step and the epoch."""
-    if sel.chosen is None:
-        return None
-    c = sel.chosen
-    return f"{sel.candidates[c['candidate']].describe()}, {c['step']} epoch {c['epoch']}"
 
 
 def quick_prepare():

@@ -401,13 +401,14 @@ def test_debias_selects_on_held_out_data_and_evaluate_uses_the_saved_threshold(d
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     sel = report["selection"]
-    assert code == (0 if sel["chosen"] is not None else 3)
+    assert code == (3 if sel["chosen"] is None else 4 if sel["threshold_only"] else 0)
+    assert sel["rows"][0]["candidate"] is None and sel["rows"][0]["step"] == "original"  # candidate zero
     # the validation part: ~25 % of each (group, label) cell of the external set, never trained on
     ext = data.table[data.table["fold"] == "ext"]
     cells = ext.groupby(["tint", "target"]).size()
     assert report["data"]["sets"]["validation"]["samples"] == sum(min(n - 1, max(1, round(0.25 * n))) for n in cells)
     assert report["data"]["sets"]["external"]["samples"] == len(ext)
-    assert {r["candidate"] for r in sel["rows"]} | set(sel["stopped"]) == {0, 1}
+    assert {r["candidate"] for r in sel["rows"]} | set(sel["stopped"]) == {None, 0, 1}
     assert all(len(r["why"]) == (not r["admissible"]) or r["why"] for r in sel["rows"])
     # the threshold saved with the weights is the report's, and the report's test figures are computed at it
     from safetensors import safe_open

@@ -117,11 +117,13 @@ def check_schema(out, seed):
 
 def check_seed_targets(out):
     """On every seed, each method keeps test AUC within 0.01 and ACC within 0.02 of the original model, or says it
-    left the model unchanged (then its figures are the original's); the chosen run raised no guard warning."""
+    left the model unchanged (then its figures are the original's); the chosen run raised no guard warning. (A
+    "threshold only" choice keeps the original weights, so its AUC is the original's and its ACC is judged like any
+    other.)"""
     base = out["methods"]["Baseline"]
     for name in ("BMFT", "SWiFT"):
         m = out["methods"][name]
-        if out["selected"][name] is None:
+        if out["selected"][name] == "none (unchanged)":
             assert m == base, name
         else:
             assert m["auc"] >= base["auc"] - 0.01 and m["acc"] >= base["acc"] - 0.02, (name, m, base)

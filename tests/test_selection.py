@@ -117,7 +117,11 @@ def test_the_chosen_epoch_is_the_admissible_one_of_smallest_gap_and_the_model_ho
     cands = swift_grid(lr1=(1e-4, 1e-3), lr2=(1e-3, 1e-2), beta=(0.1,))
     sel = select(model, "swift", mask, train, val, config=fast(), candidates=cands,
                  rule=SelectionRule(stop_auc_drop=1.0, patience=None))
-    assert len(sel.rows) == 4 * (3 + 3) and sel.stopped == [] and sel.converged == []
+    assert len(sel.rows) == 1 + 4 * (3 + 3) and sel.stopped == [] and sel.converged == []
+    # candidate zero: the original weights at the rule's threshold, judged like every epoch
+    assert sel.rows[0]["candidate"] is None and sel.rows[0]["step"] == "original"
+    zero = independent_scores(original, val, "accuracy")
+    assert sel.rows[0]["eodds_mean"] == pytest.approx(zero["eodds_mean"], abs=1e-12)
     # every row judged by the stated budgets, against the original model's own validation scores at 0.5
     orig = independent_scores(original, val, 0.5)
     assert sel.original["auc"] == pytest.approx(orig["auc"]) and sel.original["acc"] == pytest.approx(orig["acc"])
@@ -133,7 +137,8 @@ def test_the_chosen_epoch_is_the_admissible_one_of_smallest_gap_and_the_model_ho
     again = independent_scores(model, val, "accuracy")
     for key in ("auc", "acc", "positive_rate", "eodds_mean", "threshold"):
         assert again[key] == pytest.approx(best[key], abs=1e-12), key
-    assert sel.threshold == best["threshold"] and sel.result is not None and sel.result.masks
+    assert sel.threshold == best["threshold"]
+    assert best["candidate"] is not None and sel.result is not None and sel.result.masks
 
 
 def test_branches_equal_candidates_run_alone(problem):
@@ -146,7 +151,7 @@ def test_branches_equal_candidates_run_alone(problem):
     alone = select(copy.deepcopy(model), "swift", *loaders(), config=fast(), candidates=pair[1:], rule=rule)
     keys = ("step", "epoch", "auc", "acc", "eodds_mean", "eodds_max", "threshold")
     mine = [{k: r[k] for k in keys} for r in together.rows if r["candidate"] == 1]
-    assert mine == [{k: r[k] for k in keys} for r in alone.rows]
+    assert mine == [{k: r[k] for k in keys} for r in alone.rows if r["candidate"] == 0]
     # BMFT's first step does not depend on β: candidates differing in β alone share it
     bm = select(copy.deepcopy(model), "bmft", *loaders(),
                 config=BmftConfig(impair=StepConfig(2, 1e-3, "adam", weight_decay=0.0),
@@ -157,13 +162,16 @@ def test_branches_equal_candidates_run_alone(problem):
     assert [r["auc"] for r in first[:2]] == [r["auc"] for r in first[2:]]
 
 
-def test_a_hopeless_candidate_stops_and_with_no_admissible_epoch_the_model_is_unchanged(problem):
+def test_a_hopeless_candidate_stops_and_with_no_admissible_row_the_model_is_unchanged(problem):
     model, loaders, _ = problem
     original = copy.deepcopy(model.state_dict())
     m = copy.deepcopy(model)
     wreck = swift_grid((3.0,), (1e-2, 3e-2), (0.1,))  # SWiFT step 1 at lr 3: the features are gone
     sel = select(m, "swift", *loaders(), config=fast(), candidates=wreck)
-    assert sel.stopped == [0, 1] and sel.chosen is None and sel.result is None and sel.threshold == 0.5
+    # neither wrecked candidate can be chosen; what remains is candidate zero, the original weights at the
+    # validation-chosen threshold (admissible on this set)
+    assert sel.stopped == [0, 1] and sel.threshold_only and sel.result is None
+    assert sel.chosen["candidate"] is None and sel.threshold == sel.rows[0]["threshold"] != 0.5
     assert all(torch.equal(v, original[k]) for k, v in m.state_dict().items())
     # each stopped after the second epoch of step 2 (after the first its head is fresh), candidate 1 after branching
     # off the shared first step
@@ -227,8 +235,8 @@ def test_a_baseline_is_selected_by_the_same_rule_over_its_own_grid(problem):
     orig = independent_scores(model, val, 0.5)
     llft = LLFTConfig(step=StepConfig(3, 1e-2, "adam", weight_decay=0.0))
     for method, config, cands, n_rows in (
-            ("llft", llft, grid({"step.lr": (3e-3, 3e-2), "beta": (0.1,)}), 2 * 3),
-            ("fairprune", FairPruneConfig(), grid({"ratio": (0.0, 0.02, 0.3)}), 3)):
+            ("llft", llft, grid({"step.lr": (3e-3, 3e-2), "beta": (0.1,)}), 1 + 2 * 3),
+            ("fairprune", FairPruneConfig(), grid({"ratio": (0.0, 0.02, 0.3)}), 1 + 3)):
         m = copy.deepcopy(model)
         sel = select(m, method, mask, train, val, config=config, candidates=cands,
                      rule=SelectionRule(stop_auc_drop=1.0, patience=None))
@@ -239,9 +247,9 @@ def test_a_baseline_is_selected_by_the_same_rule_over_its_own_grid(problem):
                   and r["eodds_mean"] < orig["eodds_mean"])
             assert r["admissible"] is ok, (method, r)
         if method == "fairprune":
-            assert [r["epoch"] for r in sel.rows] == [None] * 3 and sel.rows[0]["step"] == "final"
-            assert sel.rows[0]["auc"] == pytest.approx(orig["auc"])  # ratio 0 prunes nothing
-            assert not sel.rows[0]["admissible"] or sel.rows[0]["eodds_mean"] < orig["eodds_mean"]
+            pruned = sel.rows[1:]
+            assert [r["epoch"] for r in pruned] == [None] * 3 and pruned[0]["step"] == "final"
+            assert pruned[0]["auc"] == pytest.approx(orig["auc"])  # ratio 0 prunes nothing
         admissible = [r for r in sel.rows if r["admissible"]]
         assert admissible, method
         best = min(admissible, key=lambda r: (r["eodds_mean"], -r["auc"]))
@@ -257,7 +265,7 @@ def test_every_tunable_method_has_a_grid_of_the_same_size_that_applies_to_its_co
     from fastmask.methods.grids import GRID_SIZE
 
     for name, m in METHODS.items():
-        if name == "baseline":
+        if name in ("baseline", "threshold"):  # the untouched model, and the threshold alone: nothing to tune
             assert m.grid == ()
             continue
         assert len(m.grid) == GRID_SIZE, name
@@ -292,7 +300,7 @@ def test_patience_stops_a_candidate_whose_best_epoch_is_behind_it(problem):
     assert view(early.rows) == view(full.rows[:len(early.rows)])
     # the independent replay of the rule on the full run's rows: where it must have stopped
     best, stop = None, None
-    for r in full.rows:
+    for r in full.rows[1:]:  # candidate 0's rows (row 0 is candidate zero, the original weights)
         if r["admissible"] and (best is None or (r["eodds_mean"], -r["auc"]) < best[0]):
             best = ((r["eodds_mean"], -r["auc"]), r["epoch"] if r["step"] == "step2" else 0)
         if r["step"] == "step2" and r["epoch"] >= 2 and best is not None and r["epoch"] - best[1] >= 2:

@@ -9,8 +9,9 @@ the handler that receives the parsed arguments and returns the exit code. The wo
 
 Bad input ends with one line on stderr, ``fastmask <command>: error: <message>``, and exit status 1.
 ``fastmask debias`` exits with status 3 when no candidate configuration met the budgets on the validation part (the
-model is written unchanged), and with 75 (EX_TEMPFAIL, "try again") when ``--stop-after-epochs N`` stopped it before
-the end, so a job script can loop on ``--resume``.
+model is written unchanged), with 4 when none did better than moving the decision threshold alone (the weights are
+written unchanged, with the new threshold), and with 75 (EX_TEMPFAIL, "try again") when ``--stop-after-epochs N``
+stopped it before the end, so a job script can loop on ``--resume``.
 
 One module over 400 lines on purpose: every subcommand's options, the options debias and compare share and the one
 error path, in one place, so that the command line reads as one reference (docs/cli.md is generated from it).
@@ -24,12 +25,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["build_parser", "main", "EXIT_STOPPED", "EXIT_UNCHANGED"]
+__all__ = ["build_parser", "main", "EXIT_STOPPED", "EXIT_UNCHANGED", "EXIT_THRESHOLD_ONLY"]
 
 #: Exit status of a debias run stopped by --stop-after-epochs (sysexits.h EX_TEMPFAIL).
 EXIT_STOPPED = 75
 #: Exit status of a debias run whose selection found no candidate within the budgets (the model is unchanged).
 EXIT_UNCHANGED = 3
+#: Exit status of a debias run in which no candidate did better than moving the decision threshold alone (the weights
+#: are written unchanged, with the new threshold).
+EXIT_THRESHOLD_ONLY = 4
 # The errors that a user's input causes (a bad file, column, option or value): one line, no traceback.
 _USER_ERRORS = (ValueError, OSError, ImportError)
 
@@ -320,7 +324,11 @@ def _run_debias(args: argparse.Namespace) -> int:
     if trace_path is not None:
         print(f"wrote the profiler trace {trace_path} (open it in chrome://tracing or ui.perfetto.dev)")
     selection = report["selection"]
-    return EXIT_UNCHANGED if selection is not None and selection["chosen"] is None else 0
+    if selection is None:
+        return 0
+    if selection["chosen"] is None:
+        return EXIT_UNCHANGED
+    return EXIT_THRESHOLD_ONLY if selection["threshold_only"] else 0
 
 
 def _add_debias(sub: argparse._SubParsersAction) -> None:
@@ -373,7 +381,9 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--grid-lr2", type=float, nargs="+", metavar="LR",
                    help="candidate learning rates of step 2 / repair (default 1e-3 1e-2)")
     g.add_argument("--grid-beta", type=float, nargs="+", metavar="B", help="candidate values of β (default 0.1 0.5)")
-    g.description = (f"No candidate within the budgets: exit status {EXIT_UNCHANGED}, the model written unchanged "
+    g.description = (f"Candidate zero, the original weights at the chosen threshold, is judged too; when it wins, "
+                     f"exit status {EXIT_THRESHOLD_ONLY} (the weights written unchanged, with the new threshold). "
+                     f"No candidate within the budgets: exit status {EXIT_UNCHANGED}, the model written unchanged "
                      "(with threshold 0.5).")
 
     g = p.add_argument_group("run")

@@ -7,7 +7,9 @@ of the external set (:func:`fastmask.methods.selection.select`): each tries its 
 :data:`~fastmask.methods.grids.GRID_SIZE` candidates (the Baseline, with nothing to tune, runs once) under the same
 :class:`~fastmask.methods.selection.SelectionRule`, so every method gets the same tuning budget and the same budgets
 on AUC, accuracy and the positive share; a method none of whose candidates meets them leaves the model unchanged,
-and the table counts it. The Baseline, with nothing to tune, is the original model at the threshold 0.5. With
+and the table counts it. Every selection also judges the original weights at a chosen threshold (candidate zero): a
+method that cannot beat moving the threshold reports "threshold only"; the row ``threshold`` shows that option
+alone, and the Baseline is the original model at the threshold 0.5. With
 ``rule=None`` (``--select none``) every method runs once with the source's configuration for it (None: its defaults),
 on all of the external set, at the threshold 0.5.
 
@@ -54,7 +56,8 @@ from fastmask.util.files import write_text
 __all__ = ["Fold", "DataSource", "DemoSource", "ShardSource", "DEFAULT_METHODS", "TABLE_METRICS",
            "check_methods", "compare", "summarise", "format_table", "main"]
 
-DEFAULT_METHODS = ("baseline", "swift", "bmft", "fullft-fdr", "llft", "diffgda", "random-mask", "hard-0.5")
+DEFAULT_METHODS = ("baseline", "threshold", "swift", "bmft", "fullft-fdr", "llft", "diffgda", "random-mask",
+                   "hard-0.5")
 #: The table's figures per test set: the headline (AUC, ACC, positive share, EOdds mean / max / signed sum).
 TABLE_METRICS = {k: METRIC_NAMES[k] for k in HEADLINE}
 #: The rule every method is selected by unless the caller gives another (or None: no selection).
@@ -186,18 +189,14 @@ def check_methods(methods: Sequence[str] | None, seeds: Sequence[int]) -> list[s
 def _run(method: str, model: nn.Module, fold: Fold, config: Any, rule: SelectionRule | None,
          progress: bool) -> dict[str, Any]:
     """Debias ``model`` in place with ``method`` (selected by ``rule``, or run once); what the run row records."""
-    tune = rule is not None and bool(METHODS[method].grid)  # a method with nothing to tune (Baseline) runs as it is
+    tune = rule is not None and not METHODS[method].reference  # the Baseline is the untouched model at 0.5
     mask_loader, train_loader, val_loader = fold.loaders(tune)
     if not tune:
         result = METHODS[method](model, mask_loader, train_loader, config=config, progress=progress)
         return {"threshold": 0.5, "chosen": "fixed", "unchanged": False, "warnings": result.guard_warnings}
     sel = select(model, method, mask_loader, train_loader, val_loader, config=config, rule=rule, progress=progress)
-    if sel.chosen is None:
-        return {"threshold": sel.threshold, "chosen": "none (unchanged)", "unchanged": True, "warnings": []}
-    c = sel.chosen
-    when = f" after {c['step']} epoch {c['epoch']}" if c["epoch"] is not None else ""
-    chosen = f"{sel.candidates[c['candidate']].describe()}{when}"
-    return {"threshold": sel.threshold, "chosen": chosen, "unchanged": False, "warnings": sel.result.guard_warnings}
+    return {"threshold": sel.threshold, "chosen": sel.describe_choice(), "unchanged": sel.chosen is None,
+            "warnings": sel.result.guard_warnings if sel.result is not None else []}
 
 
 def compare(source: DataSource, methods: Sequence[str], seeds: Sequence[int], *,

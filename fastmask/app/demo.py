@@ -42,7 +42,6 @@ from fastmask.data.shards import ShardIndex, write_shards
 from fastmask.data.splits import stratified_split
 from fastmask.fairness.losses import wbce
 from fastmask.fairness.metrics import evaluate
-from fastmask.methods.grids import Candidate
 from fastmask.methods.registry import METHODS
 from fastmask.methods.selection import Selection, select
 from fastmask.model.scoring import score as score_model
@@ -211,8 +210,8 @@ def run(seed: int = 0, *, progress: bool = True, batch_size: int = 64) -> dict[s
     """The whole benchmark for one seed: each method's default configuration selected on the validation part.
 
     Returns ``{"seed", "seconds", "methods": {method: test metrics at its threshold}, "selected": {method: what
-    was chosen, or None when the model was left unchanged}, "guard_warnings": {method: [messages of the chosen
-    run]}, "selections": {method: Selection}}``.
+    was chosen, in words (:meth:`~fastmask.methods.selection.Selection.describe_choice`)}, "guard_warnings": {method:
+    [messages of the chosen run]}, "selections": {method: Selection}}``.
     """
     start = time.perf_counter()
     splits, baseline = prepare(seed, progress=progress, batch_size=batch_size)
@@ -233,9 +232,7 @@ def run(seed: int = 0, *, progress: bool = True, batch_size: int = 64) -> dict[s
         "seed": seed,
         "seconds": time.perf_counter() - start,
         "methods": {m: {k: v[k] for k in (*METRICS, "threshold")} for m, v in methods.items()},
-        "selected": {m: None if s.chosen is None else {"candidate": s.candidates[s.chosen["candidate"]].as_dict(),
-                                                        "step": s.chosen["step"], "epoch": s.chosen["epoch"]}
-                     for m, s in selections.items()},
+        "selected": {m: s.describe_choice() for m, s in selections.items()},
         "guard_warnings": {m: [w.message for w in (s.result.guard_warnings if s.result else [])]
                            for m, s in selections.items()},
         "selections": selections,
@@ -268,11 +265,7 @@ def main(seed: int = 0, json_path: str | os.PathLike | None = None, progress: bo
     print()
     print(format_table(out["methods"]))
     for name, chosen in out["selected"].items():
-        if chosen is None:
-            print(f"{name}: no candidate met the budgets on the validation part; the model is unchanged")
-        else:
-            settings = Candidate.of(chosen["candidate"]).describe()
-            print(f"{name}: selected {settings}, after {chosen['step']} epoch {chosen['epoch']}")
+        print(f"{name}: selected {chosen}")
     for name, messages in out["guard_warnings"].items():
         for msg in messages:
             print(f"WARNING ({name}): {msg}")

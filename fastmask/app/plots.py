@@ -142,8 +142,9 @@ def _nan0(x: float) -> float:
 def plot_selection(selection: Mapping[str, Any], path: str | os.PathLike, title: str = "") -> None:
     """Every candidate and epoch of a selection (:meth:`fastmask.methods.selection.Selection.to_dict`) on the
     validation part: the rule's fairness gap (y) against AUC (x), one colour per candidate, admissible epochs filled
-    and the others hollow, the chosen one a star, the original model a black diamond, and the AUC budget as a dashed
-    line (admissible epochs also meet the accuracy and share budgets, which the marker shows, not the axes)."""
+    and the others hollow, the chosen one a star, the original model a black diamond (at 0.5) and a grey one (at the
+    rule's threshold: candidate zero), and the AUC budget as a dashed line (admissible epochs also meet the accuracy,
+    share and gap conditions, which the marker shows, not the axes)."""
     rule, original, rows = selection["rule"], selection["original"], selection["rows"]
     gap = rule["gap"]
     fig = _figure(8.0, 5.5)
@@ -157,6 +158,10 @@ def plot_selection(selection: Mapping[str, Any], path: str | os.PathLike, title:
                            facecolors=f"C{i % 10}" if admissible else "none",
                            label=f"candidate {i}" if admissible or not any(r["admissible"] for r in mine) else None)
     ax.scatter([original["auc"]], [original[gap]], marker="D", color="black", s=50, label="original (0.5)", zorder=3)
+    for r in rows:
+        if r["candidate"] is None:  # candidate zero: the original weights at the rule's threshold
+            ax.scatter([r["auc"]], [r[gap]], marker="D", color="grey", facecolors="grey" if r["admissible"] else "none",
+                       s=50, label=f"original ({r['threshold']:.3f})", zorder=3)
     if selection["chosen"] is not None:
         c = selection["chosen"]
         ax.scatter([c["auc"]], [c[gap]], marker="*", color="gold", edgecolors="black", s=260, zorder=4,

@@ -76,6 +76,9 @@ def verdict(report: Mapping[str, Any]) -> str:
         return (f"No candidate of {report['method'].upper()} met the budgets on the validation part: the model is "
                 "unchanged.")
     c = selection["chosen"]
+    if selection["threshold_only"]:
+        return (f"No candidate of {report['method'].upper()} did better on the validation part than moving the "
+                f"decision threshold alone: the weights are unchanged, the threshold is {c['threshold']:.4f}.")
     when = f"after {c['step']} epoch {c['epoch']}" if c["epoch"] is not None else "as the run left it"
     return (f"{report['method'].upper()} selected on the validation part: candidate {c['candidate']} "
             f"({Candidate.of(c['settings']).describe()}) {when}, decision threshold {c['threshold']:.4f}.")
@@ -104,11 +107,13 @@ def _selection_md(selection: Mapping[str, Any], plot: str | None) -> list[str]:
     rule, original = selection["rule"], selection["original"]
     out = ["## Selection", "",
            f"Every candidate started from the original weights and was scored on the validation part after every "
-           f"epoch, at the decision threshold chosen there ({rule['threshold']!r}). An epoch is admissible when its "
-           f"AUC is at most {rule['max_auc_drop']} and its ACC at most {rule['max_acc_drop']} below the original "
-           f"model's (AUC {original['auc']:.4f}, ACC {original['acc']:.4f} at 0.5) and its positive share within "
-           f"{rule['share_tolerance']} of the label rate; the admissible epoch with the smallest {rule['gap']} was "
-           f"chosen. Candidates stopped as hopeless (AUC more than {rule['stop_auc_drop']} below the original's): "
+           f"epoch, at the decision threshold chosen there ({rule['threshold']!r}); so was candidate zero (cand. "
+           f"–), the original weights at that threshold. A row is admissible when its AUC is at most "
+           f"{rule['max_auc_drop']} and its ACC at most {rule['max_acc_drop']} below the original model's (AUC "
+           f"{original['auc']:.4f}, ACC {original['acc']:.4f} at 0.5), its positive share within "
+           f"{rule['share_tolerance']} of the label rate and its {rule['gap']} below the original's "
+           f"({original[rule['gap']]:.4f}); the admissible row with the smallest {rule['gap']} was chosen. "
+           f"Candidates stopped as hopeless (AUC more than {rule['stop_auc_drop']} below the original's): "
            f"{selection['stopped'] or 'none'}; stopped {rule['patience']} epochs after their best: "
            f"{selection['converged'] or 'none'}. Selection took {selection['seconds']:.1f} s.", ""]
     caveat = selection_caveat(selection)
@@ -116,6 +121,7 @@ def _selection_md(selection: Mapping[str, Any], plot: str | None) -> list[str]:
         out += [f"**Warning:** {caveat}.", ""]
     if plot:
         out += [f"![every candidate and epoch: gap against AUC, with the budgets]({plot})", ""]
+
     def verdict(r: Mapping[str, Any]) -> str:
         return "chosen" if r == selection["chosen"] else ("yes" if r["admissible"] else "no")
 

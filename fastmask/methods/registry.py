@@ -68,6 +68,7 @@ class Method:
             and runs a first step shared by several candidates once.
         last_step_only: the candidate settings that only the last step reads (paths, or prefixes ending in
             ``.``): candidates that differ in nothing else share their first step (with ``masks``).
+        reference: the untouched model tables compare against (the Baseline): run as it is, never selected.
     """
 
     name: str
@@ -78,6 +79,7 @@ class Method:
     steps: tuple[str, ...] = ()
     masks: Callable[..., tuple[dict, int]] | None = None
     last_step_only: tuple[str, ...] = ()
+    reference: bool = False
 
     def __call__(self, model: nn.Module, mask_loader: Iterable, train_loader: Iterable, *, config: Any | None = None,
                  progress: bool = False, on_epoch: OnEpoch | None = None) -> Result:
@@ -101,7 +103,10 @@ def _finetune(name: str) -> dict[str, Any]:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("baseline", "Baseline", baseline, BaselineConfig),
+        Method("baseline", "Baseline", baseline, BaselineConfig, reference=True),
+        # the original weights at a decision threshold chosen on the validation part: what moving the threshold
+        # alone does, the row every method has to beat (in a selection it is candidate zero)
+        Method("threshold", "Threshold only", baseline, BaselineConfig),
         Method("swift", "SWiFT", swift, SwiftConfig, **_SWIFT, masks=swift_masks, last_step_only=("step2.",)),
         Method("bmft", "BMFT", bmft, BmftConfig, **_BMFT, masks=bmft_masks,
                last_step_only=("repair.", "beta")),

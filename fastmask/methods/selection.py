@@ -27,7 +27,10 @@ validation part of the external set, which the caller holds out (:func:`fastmask
    converged, or moves away from its best). Both from the second epoch of the last step on, since after the first
    the head may be fresh, and never in a first step, which may cost accuracy by design (BMFT's impair step
    minimises the bias alone) and is shared by other candidates.
-4. When no epoch is admissible the model is left as it was, and the selection says so (``chosen`` is None).
+4. Candidate zero is the original model itself at the rule's threshold (a row with ``candidate`` None): a method
+   is chosen only where it does better than moving the decision threshold alone, and when candidate zero wins the
+   weights stay as they were and only the threshold moves (:attr:`Selection.threshold_only`). When no row at all
+   is admissible the model is left as it was, at 0.5, and the selection says so (``chosen`` is None).
 
 Every candidate and epoch is a row of :attr:`Selection.rows`; the report shows them all. The guard's findings on the
 candidates' training data are recorded in their results rather than logged one by one (the rule judges every epoch
@@ -131,7 +134,8 @@ class Selection:
             ``epoch`` (None for the final model of a method without epochs), ``threshold``, every metric of
             :func:`~fastmask.fairness.metrics.evaluate`, ``admissible`` and ``why`` (the budgets it broke).
         chosen: the chosen row, or None when no epoch was admissible (the model is then unchanged).
-        result: the chosen candidate's run (masks, history, guard checks), or None.
+        result: the chosen candidate's run (masks, history, guard checks) as it stood at the chosen epoch, or None
+            (no choice, or candidate zero).
         stopped: the indices of the candidates stopped early as hopeless.
         converged: the indices of the candidates stopped early by ``rule.patience``.
         masks: the masks every candidate used when they were computed once (SWiFT, BMFT), else empty.
@@ -151,6 +155,23 @@ class Selection:
     seconds: float = 0.0
 
     @property
+    def threshold_only(self) -> bool:
+        """True when the chosen row is candidate zero, the original weights at a new decision threshold: no candidate
+        did better than moving the threshold alone."""
+        return self.chosen is not None and self.chosen["candidate"] is None
+
+    def describe_choice(self) -> str:
+        """What was chosen, in words: ``"<settings> after <step> epoch <n>"``, ``"threshold only"`` (candidate zero)
+        or ``"none (unchanged)"``."""
+        if self.chosen is None:
+            return "none (unchanged)"
+        if self.threshold_only:
+            return "threshold only"
+        c = self.chosen
+        when = f" after {c['step']} epoch {c['epoch']}" if c["epoch"] is not None else ""
+        return f"{self.candidates[c['candidate']].describe()}{when}"
+
+    @property
     def threshold(self) -> float:
         """The decision threshold that goes with the selected model (0.5 when the model is unchanged)."""
         return float(self.chosen["threshold"]) if self.chosen is not None else 0.5
@@ -159,8 +180,8 @@ class Selection:
         """Everything but the run result and the masks, as plain data (for report.json)."""
         return {"method": self.method, "rule": asdict(self.rule),
                 "candidates": [c.as_dict() for c in self.candidates], "original": self.original, "rows": self.rows,
-                "chosen": self.chosen, "stopped": self.stopped, "converged": self.converged,
-                "threshold": self.threshold, "seconds": self.seconds}
+                "chosen": self.chosen, "threshold_only": self.threshold_only, "stopped": self.stopped,
+                "converged": self.converged, "threshold": self.threshold, "seconds": self.seconds}
 
 
 class _Hopeless(Exception):
@@ -271,11 +292,13 @@ class _Search:
         # per candidate: (its best admissible (gap, -AUC), the epoch of its last step that reached it; 0 before it)
         self.own_best: dict[int, tuple[tuple[float, float], int]] = {}
 
-    def consider(self, index: int, step: str, epoch: int | None, result: Result) -> dict[str, Any]:
-        """Score and judge the model as candidate ``index`` left it after ``epoch`` of ``step``; keep it (its weights
-        and its ``result`` as it stands, the masks shared) when it is the best admissible so far."""
+    def consider(self, index: int | None, step: str, epoch: int | None, result: Result | None) -> dict[str, Any]:
+        """Score and judge the model as candidate ``index`` (None: candidate zero, the original weights) left it
+        after ``epoch`` of ``step``; keep it (its weights and its ``result`` as it stands, the masks shared) when it
+        is the best admissible so far."""
         sel, rule = self.selection, self.selection.rule
-        row = {"candidate": index, "settings": sel.candidates[index].as_dict(), "step": step, "epoch": epoch,
+        settings = {} if index is None else sel.candidates[index].as_dict()
+        row = {"candidate": index, "settings": settings, "step": step, "epoch": epoch,
                **_val_scores(self.model, self.val_loader, self.device, rule.threshold)}
         row["why"] = _judge(row, sel.original, rule)
         row["admissible"] = not row["why"]
@@ -284,8 +307,9 @@ class _Search:
         if row["admissible"] and (self.best is None or (row[rule.gap], -row["auc"])
                                   < (self.best[rule.gap], -self.best["auc"])):
             self.best, self.best_weights = row, copy.deepcopy(self.model.state_dict())
-            self.best_result = replace(result, history=list(result.history), checks=list(result.checks),
-                                       guard_warnings=list(result.guard_warnings), details=dict(result.details))
+            self.best_result = None if result is None else replace(
+                result, history=list(result.history), checks=list(result.checks),
+                guard_warnings=list(result.guard_warnings), details=dict(result.details))
         return row
 
     def remember(self, row: dict[str, Any]) -> None:
@@ -343,7 +367,8 @@ def select(
         train_loader: the fitting part, group-balanced (the fine-tuning steps).
         val_loader: the validation part, unbalanced, every (group, label) cell present; never trained on.
         config: the method's settings (default: its default configuration); each candidate changes some of them.
-        candidates: the grid (a method with nothing to tune runs once, as configured).
+        candidates: the grid (default: the method's; a method with an empty grid is not run, and only candidate
+            zero, the original model at a chosen threshold, is judged).
         rule: :class:`SelectionRule`.
         progress: progress bars.
         cache_bytes: the validation batches are read once and kept in memory up to this size (they are scored
@@ -358,9 +383,9 @@ def select(
     m = METHODS[method]
     config = config if config is not None else m.config()
     rule = rule or SelectionRule()
-    candidates = tuple(candidates if candidates is not None else (m.grid or (Candidate(),)))
-    if not candidates:
+    if candidates is not None and not candidates:
         raise ValueError("select: the grid holds no candidate")
+    candidates = tuple(candidates if candidates is not None else m.grid)
     configs = [c.apply(config) for c in candidates]  # an unknown setting fails here, before any work
     started = time.perf_counter()
     original_weights = copy.deepcopy(model.state_dict())
@@ -374,6 +399,7 @@ def select(
     selection = Selection(method, rule, candidates, original)
     loaders = (mask_loader, train_loader)
     search = _Search(model, m, loaders, val_loader, selection)
+    search.consider(None, "original", 0, None)  # candidate zero: the original weights at the rule's threshold
     n_batches = 0
     if m.masks is not None:  # the mask once; candidates sharing a first step branch off it
         seed_everything(config.seed)  # as a run seeds before its importance pass
@@ -424,7 +450,11 @@ def select(
         model.load_state_dict(search.best_weights)
         selection.chosen = search.best
         selection.result = search.best_result
-        if n_batches:
+        if selection.result is not None and n_batches:
             selection.result.n_importance_batches = n_batches
+        if selection.threshold_only:
+            log.warning("selection: no candidate of %s did better on the validation part than moving the decision "
+                        "threshold alone: the weights are unchanged, the threshold is %.4f", method,
+                        selection.threshold)
     selection.seconds = time.perf_counter() - started
     return selection
