@@ -176,9 +176,7 @@ def describe(sel: Selection) -> dict[str, Any]:
     chosen = sel.chosen
     return {
         "unchanged": chosen is None,
-        "candidate": None if chosen is None else sel.candidates[chosen["candidate"]].describe(),
-        "step": None if chosen is None else chosen["step"],
-        "epoch": None if chosen is None else chosen["epoch"],
+        "chosen": sel.describe_choice(),
         "val_chosen": None if chosen is None else {k: chosen[k] for k in ("auc", "acc", "positive_rate",
                                                                            "eodds_mean", "threshold")},
         "val_original": {k: sel.original[k] for k in ("auc", "acc", "positive_rate", "label_positive_rate",
@@ -186,6 +184,7 @@ def describe(sel: Selection) -> dict[str, Any]:
         "rows": len(sel.rows),
         "admissible_rows": sum(r["admissible"] for r in sel.rows),
         "stopped": list(sel.stopped),
+        "converged": list(sel.converged),
         "guard_warnings": [w.message for w in sel.result.guard_warnings] if sel.result is not None else [],
         "seconds": sel.seconds,
         "full": sel.to_dict(),
@@ -225,12 +224,12 @@ def within_budget(model: dict[str, Any], original: dict[str, float]) -> bool:
 def table(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
     """One markdown row per seed and model of ``names``."""
     head = ["seed", "model", "AUC", "ACC", "pos. share", "label rate", "EOdds mean", "EOdds max", "EOdds code",
-            "threshold", "unchanged", "chosen (candidate; step, epoch)", "select s"]
+            "threshold", "unchanged", "chosen", "select s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         for name in names:
             t, s = run["models"][name]["test"], run["models"][name].get("selection")
-            chosen = "" if s is None else ("-" if s["unchanged"] else f"{s['candidate']}; {s['step']}, {s['epoch']}")
+            chosen = "" if s is None else s["chosen"]
             cells = [str(run["seed"]), name, *(f"{t[k]:.4f}" for k in ("auc", "acc", "positive_rate",
                                                                        "label_positive_rate", "eodds_mean",
                                                                        "eodds_max", "eodds", "threshold")),

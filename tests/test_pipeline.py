@@ -257,6 +257,24 @@ def test_collapse_guard_fires_on_degenerate_model(caplog):
     assert "collapse" in caplog.text and "100.0% of the predictions are positive" in caplog.text
 
 
+def test_bmft_impair_collapse_is_recorded_not_judged():
+    """BMFT's impair step minimises the bias alone and its head is zeroed next: a collapse after it is recorded in
+    the checks but not a warning (advice to raise a WBCE weight the step does not have would be wrong); after the
+    repair step the same collapse is."""
+    model = linear()
+    with torch.no_grad():
+        model[3].bias.fill_(100.0)  # every prediction positive; labels are half positive
+    config = BmftConfig(impair=plain(1, lr=0.0), repair=plain(1, lr=0.0))
+    res = bmft(model, loader(), loader(), config=config, masks={n: torch.ones_like(p, dtype=torch.bool)
+                                                                for n, p in model.named_parameters()})
+    impair = next(c for c in res.checks if c["step"] == "impair")
+    assert impair["positive_share"] == 1.0 and impair["label_positive_rate"] == 0.5
+    # after repair at lr 0 the zeroed head gives p = 0.5 everywhere, i.e. every prediction negative: that collapse
+    # is the delivered model's, and judged
+    assert [(w.kind, w.step) for w in res.guard_warnings] == [("collapse", "repair")]
+    assert res.guard_warnings[0].positive_share == 0.0
+
+
 def test_collapse_guard_silent_on_healthy_model_and_labels_matter():
     model = linear()
     with torch.no_grad():  # a model that separates the classes: z = 5·(mean x − 0.5)

@@ -84,7 +84,7 @@ def bmft(
                 opt.load_state_dict(state)
             train_step("impair", model, head, impair_loader, opt, config.impair.epochs, 0.0, 1.0, config.bias,
                        False, device, result.history, progress, start, lambda e: run.report("impair", e, result, opt))
-        guard_check(result, "impair", impair_data, model, impair_loader, device, config, last=False)
+        guard_check(result, "impair", impair_data, model, impair_loader, device, config, last=False, head_kept=False)
 
     start, state = run.start("repair")
     if start == 0:  # a resumed repair step already has the zeroed head in the model's weights

@@ -7,8 +7,8 @@ accuracy while its gaps look small. Before training the engine scores the origin
 each step it scores the model there again (eval mode, ŷ = 1[p > 0.5]) and records a
 :class:`~fastmask.methods.state.GuardWarning`, and logs it, when
 
-- ``"collapse"`` (the severe case, after every step): one class takes ``collapse_threshold`` (95 %) or more of the
-  predictions while its share of the labels is below that;
+- ``"collapse"`` (the severe case, after every step whose head the run keeps): one class takes
+  ``collapse_threshold`` (95 %) or more of the predictions while its share of the labels is below that;
 - ``"share"`` (after the last step): the share of positive predictions parts from the label rate by more than
   ``share_tolerance`` (0.10);
 - ``"accuracy"`` (after the last step): accuracy fell more than ``max_acc_drop`` (0.02) below the original model's on
@@ -16,7 +16,8 @@ each step it scores the model there again (eval mode, ŷ = 1[p > 0.5]) and recor
 
 The last two judge the model a run delivers: after a first step the head is still to be re-initialised (SWiFT) or
 zeroed (BMFT, whose impair step minimises the bias alone and is meant to cost accuracy), so shares and accuracy in
-between say little about the result.
+between say little about the result. After BMFT's impair step nothing is judged: the whole head is replaced next,
+and a collapse there is what a bias-only loss does, not a fault of the run.
 """
 
 from __future__ import annotations
@@ -150,11 +151,15 @@ def guard_before(result: Result, loaders: Mapping[str, Iterable], model: nn.Modu
 
 
 def guard_check(result: Result, step: str, data: str, model: nn.Module, loader: Iterable, device: torch.device,
-                guard: GuardConfig, last: bool = True) -> None:
+                guard: GuardConfig, last: bool = True, head_kept: bool = True) -> None:
     """The guard after ``step`` (the run's ``last`` step or not) on the loader named ``data``: record the shares and
-    the accuracy in ``result.checks`` and warn (log and ``result.guard_warnings``) as the module docstring says."""
+    the accuracy in ``result.checks`` and warn (log and ``result.guard_warnings``) as the module docstring says.
+    ``head_kept=False``: the next step replaces the head (BMFT zeroes it after its impair step), so the predictions
+    after this one say nothing about the result: they are recorded, not judged."""
     now = _check_scores(model, loader, device)
     result.checks.append({"step": step, "data": data, **now})
+    if not head_kept:
+        return
     share, label_rate, acc = now["positive_share"], now["label_positive_rate"], now["acc"]
     found = []
     for cls, pred, lab in (("positive", share, label_rate), ("negative", 1 - share, 1 - label_rate)):
