@@ -15,9 +15,9 @@ Measured, all through the command line as a user would run it, with nothing down
   normalisation). Saved with safetensors; ``fastmask evaluate --fold test`` checks that it is biased.
 - **Debiasing**: for every seed and method (SWiFT, BMFT), the default ``fastmask debias`` (no learning-rate, β or
   grid option, no ``--select``: the configuration is selected on a held-out part of the ``ext`` fold), evaluated
-  on the ``test`` fold. The exit status (0, or 3 when no candidate met the budgets and the model was left
-  unchanged), the test metrics before and after, the decision threshold, the chosen candidate, step and epoch, and
-  the times are read from each run's ``report.json``.
+  on the ``test`` fold. The exit status (0; 3 when no candidate met the budgets and the model was left unchanged;
+  4 when none did better than moving the decision threshold alone), the test metrics before and after, the decision
+  threshold, the chosen candidate, step and epoch, and the times are read from each run's ``report.json``.
 - **Cost of the selection**: one fixed-configuration run (``--select none``, the method's defaults on all of the
   external set) of the first seed and method, timed right after its selection (wall and CPU seconds), and the same
   with ``--no-epoch-eval`` (a fixed run evaluates the test fold after every epoch by default).
@@ -54,6 +54,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from fastmask.app.cli import EXIT_THRESHOLD_ONLY, EXIT_UNCHANGED
 from fastmask.data.loader import make_loader
 from fastmask.data.shards import ShardIndex
 from fastmask.fairness.losses import wbce
@@ -67,7 +68,6 @@ MODEL = f"{HERE / 'mobilenet_v2.py'}:make"
 TINTS = np.array([[1.0, 0.35, 0.25], [0.25, 0.45, 1.0]])
 FOLDS = (("train", 0.5), ("ext", 0.25), ("test", 0.25))
 DATA_SEED = 0
-EXIT_UNCHANGED = 3
 AUC_BUDGET, ACC_BUDGET = 0.01, 0.02
 
 
@@ -86,7 +86,7 @@ def _children_cpu() -> float:
 
 def _fastmask(*args: str, log: Path | None = None) -> tuple[int, float, float]:
     """Run ``python -m fastmask ARGS``; (exit status, wall seconds, CPU seconds). Output goes to ``log`` (and its
-    tail to stderr when the status is neither 0 nor 3)."""
+    tail to stderr when the status is not one of a finished run: 0, 3 or 4)."""
     cmd = [sys.executable, "-m", "fastmask", *args]
     print("$", " ".join(cmd), flush=True)
     cpu, start = _children_cpu(), time.perf_counter()
@@ -95,7 +95,7 @@ def _fastmask(*args: str, log: Path | None = None) -> tuple[int, float, float]:
     text = f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}--- exit {proc.returncode}\n"
     if log is not None:
         log.write_text(text)
-    if proc.returncode not in (0, EXIT_UNCHANGED):
+    if proc.returncode not in (0, EXIT_UNCHANGED, EXIT_THRESHOLD_ONLY):
         sys.stderr.write(text[-4000:])
     return proc.returncode, seconds, cpu
 
@@ -249,9 +249,12 @@ def _chosen(run: dict[str, Any]) -> str:
     report = run["report"]
     if report is None:
         return f"FAILED (exit {run['status']})"
-    chosen = (report.get("selection") or {}).get("chosen")
+    selection = report.get("selection") or {}
+    chosen = selection.get("chosen")
     if chosen is None:
         return f"unchanged (exit {run['status']})"
+    if selection.get("threshold_only"):
+        return f"threshold only (exit {run['status']})"
     settings = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in (chosen.get("settings") or {}).items())
     return f"#{chosen['candidate']} {settings}; {chosen['step']} epoch {chosen['epoch']} (exit {run['status']})"
