@@ -263,7 +263,7 @@ def test_argument_errors_name_the_culprit(tmp_path, capsys):
         compare.check_methods(None, [1, 1])
     with pytest.raises(ValueError, match="at least one seed"):
         compare.check_methods(None, [])
-    assert compare.check_methods(["all"], [0]) == list(registry.METHODS)
+    assert compare.check_methods(["all"], [0]) == list(registry.METHODS) == list(cli.METHOD_NAMES)
     assert compare.check_methods(None, [0]) == list(compare.DEFAULT_METHODS)
     for argv, message in (
             (["--methods", "nope"], "unknown method 'nope'"),

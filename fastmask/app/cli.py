@@ -34,6 +34,13 @@ EXIT_UNCHANGED = 3
 #: Exit status of a debias run in which no candidate did better than moving the decision threshold alone (the weights
 #: are written unchanged, with the new threshold).
 EXIT_THRESHOLD_ONLY = 4
+# The method names --help lists, written out so that `fastmask --help` needs no torch import (tests/test_compare.py
+# checks them against fastmask.methods.registry.METHODS); COMPARE_DEFAULTS is fastmask.app.compare.DEFAULT_METHODS.
+METHOD_NAMES = ("baseline", "threshold", "swift", "bmft", "fullft-rw", "fullft-reg", "fullft-fdr", "llft", "diffgda",
+                "diffprune", "fairprune", "random-mask", "hard-0.1", "hard-0.3", "hard-0.5", "hard-0.7", "hard-0.9",
+                "manual-bn", "manual-top")
+COMPARE_DEFAULTS = ("baseline", "threshold", "swift", "bmft", "fullft-fdr", "llft", "diffgda", "random-mask",
+                    "hard-0.5")
 # The errors that a user's input causes (a bad file, column, option or value): one line, no traceback.
 _USER_ERRORS = (ValueError, OSError, ImportError)
 
@@ -508,9 +515,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "evaluation set, as for `fastmask debias`).",
     )
     p.add_argument("--methods", nargs="+", metavar="M",
-                   help="method names (default: baseline swift bmft fullft-fdr llft diffgda random-mask hard-0.5), or "
-                   "'all': baseline swift bmft fullft-rw fullft-reg fullft-fdr llft diffgda diffprune fairprune "
-                   "random-mask hard-0.1 hard-0.3 hard-0.5 hard-0.7 hard-0.9 manual-bn manual-top")
+                   help=f"method names (default: {' '.join(COMPARE_DEFAULTS)}), or 'all': {' '.join(METHOD_NAMES)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N",
                    help="seeds (default 0 1 2): of the validation part, the balancing, the shuffling and the methods")
     p.add_argument("--out", metavar="DIR", default="fastmask-compare", help="output folder (default fastmask-compare)")

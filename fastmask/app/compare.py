@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fastmask.app.cli import COMPARE_DEFAULTS
 from fastmask.app.plots import plot_compare
 from fastmask.app.sets import DataSpec, Tracked, loader_summary, parts, read_sets
 from fastmask.app.tables import HEADLINE, METRIC_NAMES, markdown_table
@@ -56,8 +57,8 @@ from fastmask.util.files import write_text
 __all__ = ["Fold", "DataSource", "DemoSource", "ShardSource", "DEFAULT_METHODS", "TABLE_METRICS",
            "check_methods", "compare", "summarise", "format_table", "main"]
 
-DEFAULT_METHODS = ("baseline", "threshold", "swift", "bmft", "fullft-fdr", "llft", "diffgda", "random-mask",
-                   "hard-0.5")
+#: The methods compared when none are named (the command line's list, which its --help prints).
+DEFAULT_METHODS = COMPARE_DEFAULTS
 #: The table's figures per test set: the headline (AUC, ACC, positive share, EOdds mean / max / signed sum).
 TABLE_METRICS = {k: METRIC_NAMES[k] for k in HEADLINE}
 #: The rule every method is selected by unless the caller gives another (or None: no selection).
