@@ -5,22 +5,22 @@ of every mask set):
 
 - sizes: ``23m``, the 161 tensors of ResNet-50 with a 1-logit head (23,510,081 elements; ``--quick``: channels / 4,
   1.5M), and ``300m``, four tensors of 75M elements (``--quick``: 4 x 2M);
-- layouts: ``bool`` (one byte per element, the tensor's shape) and ``packed`` (flat uint8, ceil(n / 8) bytes per
-  tensor, bit i of byte j = element 8j + i, as ``np.packbits(bitorder="little")``).
+- layouts: ``bool`` (one byte per element, the tensor's shape) and ``bits`` (packed bits: flat int8, ceil(n / 8)
+  bytes per tensor, bit i of byte j = element 8j + i, as ``np.packbits(bitorder="little")``).
 
 Providers, side by side in one run, all checked equal to the reference before timing:
 
-- ``reference`` = ``fastmask.ops.reference.hard_mask``: the papers' way, ``t > alpha`` per tensor (packed: then
+- ``reference`` = ``fastmask.ops.reference.hard_mask``: the papers' way, ``t > alpha`` per tensor (bits: then
   ``np.packbits`` per tensor);
 - ``peer`` = the faster of two torch alternatives, both measured (the ``variant`` field says which won; torch has no
   ``_foreach_gt``): ``cat``, one ``torch.cat`` of the flattened tensors, one compare, and views of the result per
-  tensor (packed: per-tensor compare and pack, below); ``out``, one output buffer and ``torch.gt(t, alpha, out=...)``
-  into its per-tensor views (packed: views at byte-aligned offsets, zero padding, then one pack of the whole
+  tensor (bits: per-tensor compare and pack, below); ``out``, one output buffer and ``torch.gt(t, alpha, out=...)``
+  into its per-tensor views (bits: views at byte-aligned offsets, zero padding, then one pack of the whole
   buffer). Bits are packed with torch integer ops: each 8 bool bytes read as one int64, multiplied by
   0x0102040810204080 so that byte i's bit lands on bit 56 + i, shifted down by 56;
 - ``fastmask`` = ``fastmask.ops.hard_mask`` with the C++ backend (one parallel region over every tensor);
 - ``roofline`` = the bytes the op must move over the in-place bandwidth measured in the same run: read 4 B and
-  write 1 B per element (bool) or 1/8 B (packed); the bandwidth is the best of ``a.add_(b)``, ``a.mul_(s)`` and
+  write 1 B per element (bool) or 1/8 B (bits); the bandwidth is the best of ``a.add_(b)``, ``a.mul_(s)`` and
   ``a.addcmul_(b, c)`` over float32 buffers of 64M elements (32M with ``--quick``), far above the caches,
   interleaved with the providers.
 
@@ -45,15 +45,16 @@ from fastmask.ops import reference
 
 ALPHA = 7 / 8  # the median of 7 u^3
 PROBE_ELEMENTS = 64 << 20
-BYTES_PER_ELEMENT = {"bool": 4 + 1, "packed": 4 + 1 / 8}
+BYTES_PER_ELEMENT = {"bool": 4 + 1, "bits": 4 + 1 / 8}
 PACK = 0x0102040810204080  # byte i (0 or 1) of an int64 times this: bit 56 + i, no carries between them
-CASES = "23m-bool,23m-packed,300m-bool,300m-packed"
+CASES = "23m-bool,23m-bits,300m-bool,300m-bits"
 
 
 def pack_bits(m: Tensor) -> Tensor:
-    """np.packbits(m, bitorder="little") of a flat bool tensor whose length is a multiple of 8, in torch ops."""
+    """np.packbits(m, bitorder="little") of a flat bool tensor whose length is a multiple of 8, in torch ops, as int8
+    (hard_mask's "bits" layout)."""
     eight = m.view(torch.uint8).view(-1, 8).view(torch.int64).reshape(-1)
-    return ((eight * PACK) >> 56).bitwise_and_(0xFF).to(torch.uint8)
+    return ((eight * PACK) >> 56).bitwise_and_(0xFF).to(torch.uint8).view(torch.int8)
 
 
 def padded(n: int) -> int:
@@ -61,7 +62,7 @@ def padded(n: int) -> int:
 
 
 def peer_cat(tensors: list[Tensor], layout: str) -> list[Tensor]:
-    if layout == "packed":  # per tensor: the pack needs each tensor's bits to start at a byte
+    if layout == "bits":  # per tensor: the pack needs each tensor's bits to start at a byte
         out = []
         for t in tensors:
             m = (t > ALPHA).reshape(-1)
@@ -73,7 +74,7 @@ def peer_cat(tensors: list[Tensor], layout: str) -> list[Tensor]:
 
 
 def peer_out(tensors: list[Tensor], layout: str) -> list[Tensor]:
-    sizes = [padded(t.numel()) if layout == "packed" else t.numel() for t in tensors]
+    sizes = [padded(t.numel()) if layout == "bits" else t.numel() for t in tensors]
     buf = torch.empty(sum(sizes), dtype=torch.bool)
     for t, view in zip(tensors, buf.split(sizes), strict=True):
         torch.gt(t, ALPHA, out=view[: t.numel()].view(t.shape))

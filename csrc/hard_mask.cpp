@@ -1,7 +1,7 @@
 // CPU kernel of fastmask::hard_mask (schema in csrc/ops.cpp): the masks x > threshold (x >= threshold when
 // inclusive) of every tensor, as numpy compares them (the threshold rounded to the tensors' dtype, NaN never passes),
 // in one pass. The comparison is an integer one on order keys of the storage bits (csrc/order_keys.h,
-// radix::mask_threshold), so it vectorises; layouts bool, uint8 (0 / 1) or packed bits.
+// radix::mask_threshold), so it vectorises; layouts bool or bits (packed, int8).
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -107,7 +107,7 @@ std::vector<at::Tensor> hard_mask_cpu(at::TensorList tensors, double threshold, 
   const Layout lay = parse_layout(layout);
   const auto dtype = ts[0].scalar_type();
   const MaskThreshold th = mask_threshold(dtype, threshold, inclusive);
-  const bool packed = lay == Layout::kPacked;
+  const bool packed = lay == Layout::kBits;
   std::vector<at::Tensor> out;
   for (const auto& t : ts) out.push_back(empty_mask(t, lay));
   if (th.never) {

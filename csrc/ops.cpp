@@ -48,7 +48,7 @@ TORCH_LIBRARY(fastmask, m) {
   // order-key bits (csrc/order_keys.h) equal prefixes[p] by their next digit_bits key bits. The first pass
   // (prefix_bits=0) reads every element and raises on NaN, naming the tensor.
   m.def("radix_histogram(Tensor[] tensors, int[] prefixes, int prefix_bits, int digit_bits) -> Tensor");
-  // Hard masks x > threshold (x >= threshold when inclusive), per tensor, as numpy compares: layout "bool",
-  // "uint8" (0 / 1) or "packed" (ceil(numel / 8) bytes, np.packbits(bitorder="little") order).
+  // Hard masks x > threshold (x >= threshold when inclusive), per tensor, as numpy compares: layout "bool" or "bits"
+  // (ceil(numel / 8) int8 bytes of packed bits, np.packbits(bitorder="little") order).
   m.def("hard_mask(Tensor[] tensors, float threshold, bool inclusive=False, str layout=\"bool\") -> Tensor[]");
 }

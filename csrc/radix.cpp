@@ -131,22 +131,14 @@ std::vector<uint64_t> checked_prefixes(int bits, at::IntArrayRef prefixes, int64
 
 Layout parse_layout(std::string_view layout) {
   if (layout == "bool") return Layout::kBool;
-  if (layout == "uint8") return Layout::kUInt8;
-  if (layout == "packed") return Layout::kPacked;
-  TORCH_CHECK_VALUE(false, "fastmask.hard_mask: layout must be 'bool', 'uint8' or 'packed', got '",
-                    std::string(layout), "'");
+  if (layout == "bits") return Layout::kBits;
+  TORCH_CHECK_VALUE(false, "fastmask.hard_mask: layout must be 'bool' or 'bits', got '", std::string(layout), "'");
 }
 
 at::Tensor empty_mask(const at::Tensor& t, Layout layout) {
   const auto opts = t.options().memory_format(c10::nullopt);
-  switch (layout) {
-    case Layout::kBool:
-      return at::empty(t.sizes(), opts.dtype(at::kBool));
-    case Layout::kUInt8:
-      return at::empty(t.sizes(), opts.dtype(at::kByte));
-    default:
-      return at::empty({(t.numel() + 7) / 8}, opts.dtype(at::kByte));
-  }
+  if (layout == Layout::kBool) return at::empty(t.sizes(), opts.dtype(at::kBool));
+  return at::empty({(t.numel() + 7) / 8}, opts.dtype(at::kChar));
 }
 
 MaskThreshold mask_threshold(at::ScalarType dtype, double threshold, bool inclusive) {

@@ -33,9 +33,11 @@ std::vector<uint64_t> checked_prefixes(int key_bits, at::IntArrayRef prefixes, i
 std::string describe(int64_t index, const at::Tensor& t);
 [[noreturn]] void raise_nan(int64_t index, const at::Tensor& t, const char* op);
 
-enum class Layout { kBool, kUInt8, kPacked };
+// hard_mask's output layouts: "bool" (one byte per element, the input's shape) or "bits" (ceil(numel / 8) int8 bytes
+// of packed bits; int8, not uint8, which the masked optimizers read as a quantised soft mask m / 255).
+enum class Layout { kBool, kBits };
 Layout parse_layout(std::string_view layout);
-// Output tensor for one input: bool / uint8 of the input's shape, or ceil(numel / 8) packed bytes.
+// Output tensor for one input: bool of the input's shape, or ceil(numel / 8) int8 bytes of packed bits.
 at::Tensor empty_mask(const at::Tensor& t, Layout layout);
 // The comparison  x > t  (x >= t when inclusive)  as an order-key comparison on the storage bits, valid for every
 // non-NaN x: key(x) > key_threshold (strict) or key(x) >= key_threshold (inclusive), keys over `cmp_bits`-wide

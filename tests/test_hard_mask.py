@@ -17,7 +17,7 @@ from fastmask import ops
 from fastmask.ops import reference
 
 BACKENDS = op_backends("hard_mask")
-LAYOUTS = ("bool", "uint8", "packed")
+LAYOUTS = ("bool", "bits")
 # The devices of the torch.ops.fastmask.hard_mask kernels (cpp, cuda) that run here.
 DEVICES = tuple(dict.fromkeys(backend_device(b).type for b in BACKENDS if b != "reference"))
 
@@ -39,12 +39,13 @@ def check_masks(tensors: list[torch.Tensor], threshold: float, inclusive: bool, 
         assert m.device == t.device, i
         m = m.cpu()
         want = numpy_mask(t, threshold, inclusive)
-        if layout == "packed":
-            assert m.dtype == torch.uint8 and m.shape == ((t.numel() + 7) // 8,), i
-            np.testing.assert_array_equal(m.numpy(), np.packbits(want.reshape(-1), bitorder="little"), err_msg=str(i))
+        if layout == "bits":
+            assert m.dtype == torch.int8 and m.shape == ((t.numel() + 7) // 8,), i
+            np.testing.assert_array_equal(m.view(torch.uint8).numpy(), np.packbits(want.reshape(-1), bitorder="little"),
+                                          err_msg=str(i))
         else:
-            assert m.dtype == (torch.bool if layout == "bool" else torch.uint8) and m.shape == t.shape, i
-            np.testing.assert_array_equal(m.numpy(), want.astype(m.numpy().dtype), err_msg=str(i))
+            assert m.dtype == torch.bool and m.shape == t.shape, i
+            np.testing.assert_array_equal(m.numpy(), want, err_msg=str(i))
 
 
 def test_half_threshold_rounds_once():
@@ -87,7 +88,7 @@ def test_hard_mask_nan_elements_and_threshold(dtype, layout):
             check_masks([t, t[:3], t[:0]], threshold, inclusive, layout)
 
 
-def test_hard_mask_odd_sizes_packed():
+def test_hard_mask_odd_sizes_bits():
     g = torch.Generator().manual_seed(2)
     tensors = [torch.randn(n, generator=g) for n in (1, 7, 8, 9, 255, 256, 257, 4097, 70_001)]
     for layout in LAYOUTS:
@@ -144,15 +145,18 @@ def test_reference_and_cpp_masks_agree_for_float32():
 # --- errors -----------------------------------------------------------------------------------------------------------
 
 
-def test_hard_mask_bad_layout():
-    with pytest.raises(ValueError, match="layout must be"):
-        torch.ops.fastmask.hard_mask([torch.ones(3)], 0.5, False, "bits")
+# "uint8" (0/1 bytes, which the masked optimizers would read as M = 1/255) and "packed" (now "bits") are gone.
+@pytest.mark.parametrize("layout", ["uint8", "packed"])
+def test_hard_mask_bad_layout(layout):
+    with pytest.raises(ValueError, match="layout must be 'bool' or 'bits'"):
+        torch.ops.fastmask.hard_mask([torch.ones(3)], 0.5, False, layout)
 
 
+@pytest.mark.parametrize("layout", ["uint8", "packed"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_layout_on_every_backend(backend):
+def test_bad_layout_on_every_backend(backend, layout):
     with pytest.raises(ValueError, match="layout must be"):
-        ops.hard_mask([torch.ones(3, device=backend_device(backend))], 0.5, layout="bits", backend=backend)
+        ops.hard_mask([torch.ones(3, device=backend_device(backend))], 0.5, layout=layout, backend=backend)
 
 
 # --- torch.library.opcheck -------------------------------------------------------------------------------------------

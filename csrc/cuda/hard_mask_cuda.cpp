@@ -30,7 +30,7 @@ std::vector<at::Tensor> hard_mask_cuda(at::TensorList tensors, double threshold,
   const Layout lay = parse_layout(layout);
   const auto dtype = ts[0].scalar_type();
   const MaskThreshold th = mask_threshold(dtype, threshold, inclusive);
-  const bool packed = lay == Layout::kPacked;
+  const bool packed = lay == Layout::kBits;
   std::vector<at::Tensor> out;
   std::vector<int64_t> in_ptrs, out_ptrs, offsets{0}, numels;
   for (const auto& t : ts) {

@@ -28,7 +28,7 @@ __device__ __forceinline__ uint8_t passes(S bits, C key, C inf, bool inclusive) 
   return static_cast<uint8_t>((inclusive ? k >= key : k > key) && !is_nan_bits(w, inf));
 }
 
-// Byte layouts: one thread per element. Packed: one thread per output byte, offsets counted in bytes per tensor.
+// Layout "bool": one thread per element. "bits": one thread per output byte, offsets counted in bytes per tensor.
 template <typename S, typename C, int kWiden>
 __global__ void hard_mask_kernel(const void* const* __restrict__ in, void* const* __restrict__ out,
                                  const int64_t* __restrict__ offsets, const int64_t* __restrict__ numels,
@@ -58,8 +58,8 @@ __global__ void hard_mask_kernel(const void* const* __restrict__ in, void* const
 
 extern "C" {
 
-// Hard masks for every tensor in one launch. offsets / total count elements (byte layouts) or output bytes
-// (packed, ceil(numel / 8) per tensor); numels are the tensors' element counts. key is the order key of the
+// Hard masks for every tensor in one launch. offsets / total count elements (layout "bool") or output bytes
+// ("bits", ceil(numel / 8) per tensor); numels are the tensors' element counts. key is the order key of the
 // threshold at the comparison width (fastmask::radix::mask_threshold). Returns a cudaError_t.
 int fastmask_hard_mask_cuda(const void* const* in, void* const* out, const int64_t* offsets, const int64_t* numels,
                             int64_t ntensors, int64_t total, int format, uint64_t key, int inclusive, int packed,

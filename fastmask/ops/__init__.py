@@ -280,7 +280,9 @@ def hard_mask(
     layout: str = "bool",
     backend: str | None = None,
 ) -> list[Tensor]:
-    """M = 1[x > threshold] per tensor (``inclusive``: >=), BMFT Eq. 4; layout "bool", "uint8" or "packed"."""
+    """M = 1[x > threshold] per tensor (``inclusive``: >=), BMFT Eq. 4. ``layout``: "bool" (the tensor's shape, the
+    hard mask the masked optimizers take) or "bits" (packed, a flat int8 tensor of ceil(n / 8) bytes; see
+    :func:`fastmask.ops.reference.hard_mask`)."""
     out: list[Tensor | None] = [None] * len(tensors)
     with phase(_op("hard_mask").profile_range):
         for (device, _), idx in _groups(tensors).items():

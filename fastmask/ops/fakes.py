@@ -67,6 +67,6 @@ def register() -> None:
 
     @torch.library.register_fake("fastmask::hard_mask")
     def _(tensors: list[Tensor], threshold: float, inclusive: bool = False, layout: str = "bool") -> list[Tensor]:
-        if layout == "packed":
-            return [t.new_empty(((t.numel() + 7) // 8,), dtype=torch.uint8) for t in tensors]
-        return [t.new_empty(t.shape, dtype=torch.bool if layout == "bool" else torch.uint8) for t in tensors]
+        if layout == "bits":
+            return [t.new_empty(((t.numel() + 7) // 8,), dtype=torch.int8) for t in tensors]
+        return [t.new_empty(t.shape, dtype=torch.bool) for t in tensors]

@@ -22,7 +22,7 @@ from torch import Tensor
 from fastmask.ops.radix import check_arguments, describe, key_bits
 
 NORM_EPS = 1e-10
-HARD_MASK_LAYOUTS = ("bool", "uint8", "packed")
+HARD_MASK_LAYOUTS = ("bool", "bits")  # hard_mask's outputs: a bool mask, or packed bits (int8; see hard_mask)
 
 
 def fisher_accumulate_(
@@ -181,19 +181,20 @@ def hard_mask(
 ) -> list[Tensor]:
     """BMFT hard mask (BMFT Eq. 4, docs/algorithm.md §4): M = 1[x > threshold] (``inclusive``: x >= threshold).
 
-    ``layout``: "bool"; "uint8" (0/1, same shape); "packed" (flat uint8, ceil(n/8) bytes, bit i of byte j is
-    element 8j + i, i.e. ``np.packbits(bitorder="little")``).
+    ``layout``: "bool", the tensor's shape (the hard mask the masked optimizers take); or "bits", one bit per element
+    packed into a flat int8 tensor of ceil(n / 8) bytes, bit i of byte j being element 8j + i of the flattened
+    tensor (``np.packbits(bitorder="little")`` of the bool mask, an eighth of its bytes, for storing masks). The
+    bytes are int8 because uint8 means a quantised soft mask (M = value / 255) to the optimizers, which refuse int8;
+    ``m.view(torch.uint8)`` gives numpy's bytes.
     """
     if layout not in HARD_MASK_LAYOUTS:
         raise ValueError(f"hard_mask: layout must be one of {HARD_MASK_LAYOUTS}, got {layout!r}")
     out = []
     for t in tensors:
         m = t >= threshold if inclusive else t > threshold
-        if layout == "uint8":
-            m = m.to(torch.uint8)
-        elif layout == "packed":
+        if layout == "bits":
             bits = np.packbits(m.cpu().reshape(-1).numpy(), bitorder="little")
-            m = torch.from_numpy(bits).to(t.device)
+            m = torch.from_numpy(bits).view(torch.int8).to(t.device)
         out.append(m)
     return out
 
