@@ -21,6 +21,7 @@ from fastmask.masking.masks import (
     swift_mask,
 )
 from fastmask.model.head import split_head
+from fastmask.optim import MaskedSGD
 
 
 class Scale(nn.Module):
@@ -217,6 +218,31 @@ def test_manual_masks():
         manual_mask(model, "deep")
     with pytest.raises(ValueError, match="no BatchNorm"):
         manual_mask(nn.Sequential(nn.Linear(2, 1)), "bn")
+
+
+def test_every_builders_masks_are_accepted_by_the_masked_optimizers():
+    """set_masks refuses float masks outside [0, 1] or with NaN; fastmask's own masks never are, at the edges either:
+    a constant tensor (not normalised), I_l = 0 where I_b > 0 (M = tanh(1e10 R) = 1 exactly), I_b = 0 (M = 0)."""
+    ib, il = random_importances(2)
+    ib["bn.bias"], il["bn.bias"] = torch.full((8,), 3.0), torch.full((8,), 1e-30)  # constant: the raw ratio, 3e10
+    il["conv.weight"].view(-1)[:20] = 0.0
+    ib["bn.weight"].view(-1)[:3] = 0.0
+    ib["fc.bias"], il["fc.bias"] = torch.tensor([5.0]), torch.tensor([0.0])
+    feat = ["conv.weight", "bn.weight", "bn.bias"]
+    soft = swift_mask(ib, il)
+    assert max(float(m.max()) for m in soft.values()) == 1.0 and min(float(m.min()) for m in soft.values()) == 0.0
+    built = {
+        "swift": soft,
+        "bmft": bmft_mask(ib, il, feat),
+        "fraction": fraction_mask(importance_ratio(ib, il), 0.3, feat),
+        "random": random_mask({n: torch.zeros(t.shape) for n, t in ib.items()}, 1),
+    }
+    for name, masks in built.items():
+        params = [(n, torch.zeros(m.shape, requires_grad=True)) for n, m in masks.items()]
+        opt = MaskedSGD(params, lr=0.1, masks=masks)  # raises, naming the parameter, on a mask it refuses
+        assert len(opt.masks()) == len(masks), name
+    model = ConvNet()
+    MaskedSGD(model.named_parameters(), lr=0.1, masks=manual_mask(model, "bn"))
 
 
 def test_save_load_roundtrip_and_errors(tmp_path):

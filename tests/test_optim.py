@@ -16,6 +16,7 @@ Every test that steps an optimizer runs on each backend of its op (conftest.op_b
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import re
 import subprocess
@@ -30,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fastmask import ops
 from fastmask.ops import reference
 from fastmask.optim import MaskedAdam, MaskedAdamW, MaskedSGD
 
@@ -883,6 +885,126 @@ def test_mask_errors_name_the_parameter():
         unnamed.set_masks([None, torch.ones(2)])
     with pytest.raises(KeyError, match=r"built without parameter names"):
         unnamed.set_masks({"weight": torch.ones(2)})
+
+
+# A float mask is M itself: NaN, or a value outside [0, 1], is refused at set_masks (a half mask as stored: bf16 1.5).
+OUTSIDE = r"has values outside \[0, 1\] "
+BAD_VALUES = {
+    "nan-float32": (torch.tensor([0.5, math.nan, 0.0, 1.0]), r"contains NaN"),
+    "negative-float32": (torch.tensor([0.5, -0.1, 0.0, 1.0]), OUTSIDE + r"\(min -0\.1, max 1\)"),
+    "above-one-float32": (torch.tensor([0.5, 1.5, 0.0, 1.0]), OUTSIDE + r"\(min 0, max 1\.5\)"),
+    "above-one-bfloat16": (torch.tensor([0.5, 1.5, 0.0, 1.0], dtype=torch.bfloat16), OUTSIDE + r"\(min 0, max 1\.5\)"),
+    "negative-float16": (torch.tensor([0.5, -0.25, 0.0, 1.0], dtype=torch.float16), OUTSIDE + r"\(min -0\.25, max 1\)"),
+    "nan-bfloat16": (torch.tensor([math.nan, 2.0, -1.0, 0.5], dtype=torch.bfloat16), r"contains NaN"),
+    "meta": (torch.ones(4, device="meta"), r"cannot be copied from meta to the parameter's device cpu: Cannot copy "
+                                           r"out of meta tensor"),
+}
+
+
+def good_masks(params):
+    """A valid mask of each kind for a 4-parameter optimizer (the bad mask goes to parameter 1)."""
+    return [torch.rand(params[0].shape), torch.ones(params[1].shape, dtype=torch.bool),
+            torch.full(params[2].shape, 128, dtype=torch.uint8), torch.ones(params[3].shape, dtype=torch.bfloat16)]
+
+
+def assert_masks_unchanged(opt, before):
+    after = opt.masks()
+    assert list(after) == list(before) and all(after[p] is before[p] for p in before)
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_a_bad_mask_is_refused_naming_the_parameter_and_leaves_the_masks_as_they_were(case):
+    """By name (built from named_parameters) and by index; by set_masks and by load_mask_state_dict; the masks
+    given before the bad one are not kept (set_masks replaces all or nothing), nor is the saved mask_mode."""
+    bad, message = BAD_VALUES[case]
+    model = named_model()
+    named = MaskedAdam(model.named_parameters(), backend="reference")
+    unnamed = MaskedSGD([p.detach().clone().requires_grad_() for p in model.parameters()], backend="reference")
+    for opt, who in ((named, r"parameter '0\.bias' \(param_groups\[0\]\['params'\]\[1\]\)"),
+                     (unnamed, r"parameter param_groups\[0\]\['params'\]\[1\]")):
+        params = opt.param_groups[0]["params"]
+        opt.set_masks(good_masks(params))
+        before = opt.masks()
+        expected = rf"^mask for {who} {message}"
+        given = good_masks(params)
+        given[1] = bad
+        with pytest.raises(ValueError, match=expected) as info:
+            opt.set_masks(given)
+        assert "\n" not in str(info.value)
+        assert_masks_unchanged(opt, before)
+        saved = {"mask_mode": "update", "masks": {0: torch.rand(params[0].shape), 1: bad}}
+        with pytest.raises(ValueError, match=expected):
+            opt.load_mask_state_dict(saved)
+        assert_masks_unchanged(opt, before)
+        assert opt.mask_mode == "grad"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float_masks_at_the_ends_of_the_range_are_accepted(dtype):
+    p = torch.zeros(5, requires_grad=True)
+    mask = torch.tensor([0.0, -0.0, 1.0, 0.5, 1.0], dtype=dtype)
+    opt = MaskedSGD([p, torch.zeros(0, requires_grad=True)], lr=0.1, masks=[mask, torch.empty(0, dtype=dtype)],
+                    backend="reference")
+    assert torch.equal(opt.masks()[p], mask)
+
+
+def test_a_meta_mask_is_kept_for_a_meta_parameter():
+    """A meta mask has no values to copy or check, and needs none when its parameter is on meta too."""
+    p = torch.zeros(3, device="meta", requires_grad=True)
+    mask = torch.ones(3, device="meta")
+    stored = MaskedSGD([p], lr=0.1, masks=[mask], backend="reference").masks()[p]
+    assert stored.is_meta and stored.shape == mask.shape and stored.dtype == mask.dtype
+
+
+def test_set_masks_is_all_or_nothing_for_every_error():
+    """Errors found before the values are read (an unknown name, a wrong shape after good masks) keep the old masks."""
+    model = named_model()
+    opt = MaskedAdam(model.named_parameters(), backend="reference")
+    opt.set_masks({"0.weight": torch.rand(4, 3)})
+    before = opt.masks()
+    for masks, error in (({"0.weight": torch.zeros(4, 3), "2.weight": torch.ones(4, 2)}, ValueError),
+                         ({"0.weight": torch.zeros(4, 3), "9.weight": torch.ones(1)}, KeyError)):
+        with pytest.raises(error):
+            opt.set_masks(masks)
+        assert_masks_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("shape", [(1,), (4, 2)])
+def test_packed_hard_mask_bits_are_refused_naming_the_parameter(shape):
+    """ops.hard_mask(layout="bits") packs 8 elements per int8 byte; even where its shape equals the parameter's (a
+    1-element tensor: one byte), the optimizer refuses it by dtype instead of reading a byte as a mask value."""
+    scores = torch.rand(shape)
+    (bits,) = ops.hard_mask([scores], 0.5, layout="bits")
+    param = torch.zeros(bits.shape, requires_grad=True)
+    opt = MaskedSGD([param], lr=0.1, backend="reference")
+    with pytest.raises(ValueError, match=r"^mask for parameter param_groups\[0\]\['params'\]\[0\] has dtype "
+                                         r"torch\.int8 \(packed bits of ops\.hard_mask\(layout='bits'\)\? "
+                                         r"use 'bool'\)"):
+        opt.set_masks([bits])
+    assert opt.masks() == {}
+
+
+@pytest.mark.parametrize("mask_mode", ["grad", "update"])
+@pytest.mark.parametrize("config", ["adam-amsgrad-wd-maximize", "adamw", "sgd-momentum-dampening-wd"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bool_hard_masks_from_the_op_step_as_their_float_0_1_masks(backend, config, mask_mode):
+    """BMFT's masks, ops.hard_mask(layout="bool"), on each backend: bit for bit the step of the same masks as float32
+    0 / 1 on that backend, and that step within rounding of the reference backend's."""
+    ours_cls, _, kw = CONFIGS[config]
+    shapes = [(257,), (6, 5, 3), (1,)]
+    g = torch.Generator().manual_seed(5)
+    scores = [torch.rand(s, generator=g) for s in shapes]
+    hard = ops.hard_mask(scores, ops.percentile(scores, 50.0))
+    assert all(m.dtype == torch.bool and m.shape == s.shape for m, s in zip(hard, scores, strict=True))
+    as_float = [m.float() for m in hard]
+    runs = {}
+    for name, masks, on in (("bool", hard, backend), ("float", as_float, backend),
+                            ("reference", as_float, "reference")):
+        params = make_params(shapes)
+        runs[name] = ours_cls(params, **kw, masks=masks, mask_mode=mask_mode, backend=on)
+        run(runs[name], params, make_grads(shapes, 3))
+    assert_matches_torch(runs["bool"], runs["float"], dict(rtol=0, atol=0), "bool vs float 0/1")
+    assert_matches_torch(runs["bool"], runs["reference"], FP32_TOL, "bool vs the reference")
 
 
 def test_masks_list_spans_param_groups_and_takes_the_parameters_layout():

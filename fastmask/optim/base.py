@@ -5,6 +5,8 @@ gather the group's tensors with torch's own ``_init_group`` and call its fused o
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -87,16 +89,52 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 f"mask for {self._describe(gi, j)} has shape {tuple(mask.shape)}, the parameter has {tuple(p.shape)}"
             )
         if mask.dtype not in MASK_DTYPES:
+            # int8 is what ops.hard_mask(layout="bits") returns: packed bits, ceil(n / 8) bytes, not one M per element.
+            hint = " (packed bits of ops.hard_mask(layout='bits')? use 'bool')" if mask.dtype == torch.int8 else ""
             raise ValueError(
-                f"mask for {self._describe(gi, j)} has dtype {mask.dtype}; supported: float32, bfloat16, float16, "
-                "uint8 (a soft mask quantised as round(255 M)) or bool (a hard mask)"
+                f"mask for {self._describe(gi, j)} has dtype {mask.dtype}{hint}; supported: float32, bfloat16, "
+                "float16, uint8 (a soft mask quantised as round(255 M)) or bool (a hard mask)"
             )
         mask = mask.detach()
         # The fused kernels walk a parameter and its mask in one flat order, so the mask takes the parameter's
-        # device and memory layout; a mask that already has them is used as is, without a copy.
+        # device and memory layout; a mask that already has them is used as is, without a copy. A copy that fails (a
+        # meta mask, which has no values, for a real parameter) is reported with the parameter's name.
         if mask.device != p.device or mask.stride() != p.stride():
-            mask = torch.empty_like(p, dtype=mask.dtype).copy_(mask)
+            try:
+                mask = torch.empty_like(p, dtype=mask.dtype).copy_(mask)
+            except (RuntimeError, NotImplementedError) as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ValueError(
+                    f"mask for {self._describe(gi, j)} cannot be copied from {mask.device} to the parameter's "
+                    f"device {p.device}: {reason}"
+                ) from e
         return mask
+
+    def _check_mask_values(self, masks: Sequence[tuple[int, int, Tensor]]) -> None:
+        """Reject a float mask with NaN or a value outside [0, 1], naming its parameter (uint8 and bool masks are in
+        [0, 1] by construction). A float mask is the factor M itself: M > 1 would amplify the step, M < 0 reverse it,
+        NaN make the parameter NaN. One aminmax per mask and one host sync per device, so ``set_masks`` over the 161
+        masks of a ResNet-50 reads each mask once and waits for the device once."""
+        by_device: dict[torch.device, list[tuple[int, int, Tensor]]] = defaultdict(list)
+        for gi, j, m in masks:
+            # A meta mask has no values to check; it passed _validated_mask only as the mask of a meta parameter.
+            if m.is_floating_point() and m.numel() > 0 and not m.is_meta:
+                by_device[m.device].append((gi, j, m))
+        for items in by_device.values():
+            lows, highs = zip(*(torch.aminmax(m) for _, _, m in items), strict=True)
+            lo, hi = torch.stack([t.float() for t in lows]), torch.stack([t.float() for t in highs])
+            ok = (lo >= 0) & (hi <= 1)  # False where the mask has a NaN: aminmax propagates it
+            if bool(ok.all()):
+                continue
+            k = int((~ok).nonzero()[0])
+            gi, j, _ = items[k]
+            low, high = float(lo[k]), float(hi[k])
+            if math.isnan(low) or math.isnan(high):
+                raise ValueError(f"mask for {self._describe(gi, j)} contains NaN")
+            raise ValueError(
+                f"mask for {self._describe(gi, j)} has values outside [0, 1] (min {low:g}, max {high:g}); a float mask "
+                "is the factor M itself"
+            )
 
     def _positions(self) -> list[tuple[int, int]]:
         return [(gi, j) for gi, group in enumerate(self.param_groups) for j in range(len(group["params"]))]
@@ -110,10 +148,17 @@ class MaskedOptimizer(torch.optim.Optimizer):
             masks: None (no masks: plain torch steps); a Mapping from parameter tensor (or parameter name, when the
                 optimizer was built from ``model.named_parameters()``) to mask, where parameters left out or mapped
                 to None get no mask; or a list with one mask or None per parameter, over all param groups in order.
-                A mask has the parameter's shape and dtype float32 / bfloat16 / float16 (values in [0, 1]), uint8
-                (M = value / 255) or bool; it is moved to the parameter's device. Errors name the parameter.
+                A mask has the parameter's shape and dtype float32 / bfloat16 / float16 (M = value, which must lie
+                in [0, 1]: NaN or a value outside is an error), uint8 (M = value / 255, a quantised soft mask) or
+                bool (M = 0 or 1, a hard mask). It is copied to the parameter's device and memory layout here, once
+                (a meta mask, which has no values, cannot be, unless the parameter is on meta too), and its values
+                are checked here, in one pass over each float mask, not at every step.
+
+        Every error is one line naming the parameter at fault (by name when the optimizer was built from
+        ``model.named_parameters()``), and leaves the optimizer's masks as they were: every mask is checked before
+        any is replaced.
         """
-        new: dict[Tensor, Tensor] = {}
+        valid: list[tuple[int, int, Tensor]] = []
         positions = self._positions()
         if masks is None:
             pass
@@ -143,7 +188,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"masks: {self._describe(gi, j)} is given twice (by tensor and by name)")
                 seen.add((gi, j))
                 if mask is not None:
-                    new[self.param_groups[gi]["params"][j]] = self._validated_mask(mask, gi, j)
+                    valid.append((gi, j, self._validated_mask(mask, gi, j)))
         else:
             if isinstance(masks, Tensor):
                 raise TypeError("masks must be a Mapping or a list of masks, got a single Tensor")
@@ -152,8 +197,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"masks: got {len(masks)} masks for {len(positions)} parameters")
             for (gi, j), mask in zip(positions, masks, strict=True):
                 if mask is not None:
-                    new[self.param_groups[gi]["params"][j]] = self._validated_mask(mask, gi, j)
-        self._masks = new
+                    valid.append((gi, j, self._validated_mask(mask, gi, j)))
+        self._check_mask_values(valid)
+        self._masks = {self.param_groups[gi]["params"][j]: m for gi, j, m in valid}
 
     def masks(self) -> dict[Tensor, Tensor]:
         """The current masks, {parameter: mask}; parameters without a mask are absent."""
