@@ -43,10 +43,12 @@ Exit status: 0 when no check failed, 1 when one did, 2 for bad arguments. The JS
 
 Budget (one H100, under 5 minutes; chosen, not measured — no GPU has run this yet): the largest set is 23.5M
 elements, about 0.1 GB per fp32 buffer, so every GPU kernel call is well under 10 ms at HBM speed; the correctness
-checks make some 60 fused calls on it and the speed section 3-5 timed calls per provider. The time is dominated by
-the host: the reference (numpy percentile and radix histograms on 23.5M values take about a second each on one CPU
-core) and Triton's first compilation of each kernel (seconds each). The CPU run with ``--quick`` takes well under a
-minute on two cores; without it, about two minutes.
+checks make about a hundred fused calls on it and the speed section 4-6 timed calls per provider. The time is then
+the host's: the reference's numpy parts (percentile, radix histograms and packed masks of 23.5M values, about a
+second per call on one core: some 40 calls), Triton's first compilation of each kernel (seconds each), the two
+processes' start-up, and the CUDA build when it is needed (minutes, once). Measured on this project's 2-core CPU
+machine while other jobs kept its load average near 10: ``--quick`` 43 s (13 s of CPU time), without it 3.6 minutes
+(80 s of CPU time; the 23.5M-element reference steps and the torch.optim oracles are most of it).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # before any @triton.jit is defined (docs/TOOLCHAIN: read at decoration time)
+if not torch.cuda.is_available():  # before any @triton.jit runs: Triton reads it then (as tests/conftest.py does)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import bench_fisher_accumulate  # noqa: E402  (the byte counts of each op: one owner, its bench script)
