@@ -634,6 +634,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.checks) - set(CHECKS))
     if unknown:
         ap.error(f"--checks: unknown {unknown}; choose from {','.join(CHECKS)}")
+    if not args.json.parent.is_dir():
+        ap.error(f"--json: the folder {args.json.parent} does not exist")
     args.ops = tuple(args.ops.split(","))
     unknown = sorted(set(args.ops) - set(OPS))
     if unknown:
