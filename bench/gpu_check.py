@@ -33,7 +33,9 @@ never a GPU one):
   set) on every backend of the device and the reference, providers interleaved rep by rep
   (:func:`harness.interleave`), with the bytes per element each bench script counts and a memory-bandwidth roofline
   measured in the same run (:class:`harness.Bandwidth`): on CUDA a device-to-device copy of 2 x 1 GiB, on the CPU the
-  best of the benches' in-place probes. Rows follow the bench convention; ``of_roofline`` = roofline time / time.
+  best of the benches' in-place probes, one bandwidth for every op (bench_radix_histogram.py and bench_percentile.py
+  divide by a read probe's instead, so their CPU fractions are higher than these). Rows follow the bench convention;
+  ``of_roofline`` = roofline time / time.
   The Triton interpreter is not timed (a CPU emulation). The bench scripts themselves are CPU benches
   (tests/test_bench.py runs them).
 
