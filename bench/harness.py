@@ -13,7 +13,8 @@ Over 400 lines because it is the one place the bench scripts share: a second mod
   guessed).
 - Roofline: :class:`Bandwidth` times the in-place probes ``a.add_(b)`` (12 bytes per float32 element), ``a.mul_(s)``
   (8) and ``a.addcmul_(b, c)`` (16), or the read probe ``a.sum()`` (4), interleaved with the providers; a
-  ``roofline`` row is the bytes an op must move divided by that bandwidth.
+  ``roofline`` row is the bytes an op must move divided by that bandwidth. On a CUDA device (``device=``, used by
+  gpu_check.py) the probe is a device-to-device ``a.copy_(b)`` (8), timed by :func:`timer` (synchronised).
 - Masked optimizer steps (bench_masked_adam.py, bench_masked_sgd.py, bench_scale.py): :func:`shapes_of`,
   :class:`StepCase`, :func:`masked_torch_step`, :func:`step_bench` and :func:`step_summary`.
 - Output: :func:`main` parses ``--quick``, ``--json PATH``, ``--reps R`` and ``--threads T`` (plus the script's
@@ -135,6 +136,22 @@ def elapsed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def timer(device: torch.device | str = "cpu") -> Callable[[Callable[[], object]], float]:
+    """:func:`elapsed` for work on ``device``: on a CUDA device the queue is drained before and after the call, so
+    that the wall time is the kernels' and not their launch's."""
+    if torch.device(device).type != "cuda":
+        return elapsed
+
+    def synchronized(fn: Callable[[], object]) -> float:
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    return synchronized
+
+
 @dataclass(frozen=True)
 class Run:
     """One call measured in full: its result, wall and process CPU seconds (all threads), and the peak resident
@@ -210,31 +227,35 @@ def timing_rows(case: str, samples: dict[str, list[float]], **fields: object) ->
 # ------------------------------------------------------------------------------------------------------- roofline
 
 #: Bytes per float32 element each probe moves: add_ reads a, b and writes a; mul_ reads and writes a; addcmul_
-#: reads a, b, c and writes a (the written lines were just read: no extra read-for-ownership); sum reads a.
-PROBE_BYTES = {"add_": 12, "mul_": 8, "addcmul_": 16, "sum": 4}
+#: reads a, b, c and writes a (the written lines were just read: no extra read-for-ownership); sum reads a; copy_
+#: reads b and writes a (the GPU roofline: a device-to-device copy; on a CPU the write also costs a
+#: read-for-ownership that these 8 bytes do not count, so the CPU scripts use the in-place probes).
+PROBE_BYTES = {"add_": 12, "mul_": 8, "addcmul_": 16, "sum": 4, "copy_": 8}
 IN_PLACE = ("add_", "mul_", "addcmul_")
 
 
 class Bandwidth:
     """Memory bandwidth probes over float32 buffers of ``elements`` (allocated, and warmed by one untimed run of each
-    probe, at the first :meth:`sample`; :meth:`free` releases them between samples). Each sample times every probe
-    once and keeps the best bandwidth of the sample; the roofline takes the best sample (or the median).
+    probe, at the first :meth:`sample`; :meth:`free` releases them between samples) on ``device``. Each sample times
+    every probe once (:func:`timer`) and keeps the best bandwidth of the sample; the roofline takes the best sample
+    (or the median).
 
     Which in-place probe wins depends on the machine: on this project's VM a loop gets less bandwidth the more
     arrays it streams (one core: mul_ ~50 GB/s, add_ ~48, addcmul_ ~46), so the best of the three is the fastest an
     in-place torch op streams memory in the run, and :attr:`probe_gbps` keeps each probe's own figure."""
 
-    def __init__(self, elements: int, probes: Sequence[str] = IN_PLACE):
-        self.elements, self.probes = elements, tuple(probes)
+    def __init__(self, elements: int, probes: Sequence[str] = IN_PLACE, device: torch.device | str = "cpu"):
+        self.elements, self.probes, self.device = elements, tuple(probes), torch.device(device)
+        self._elapsed = timer(self.device)
         self.samples: list[float] = []  # bytes/s, the best probe of each sample
         self._per_probe: dict[str, float] = dict.fromkeys(self.probes, 0.0)
         self._ops: dict[str, Callable[[], object]] | None = None
 
     def _allocate(self) -> dict[str, Callable[[], object]]:
-        needs = {"a": True, "b": bool({"add_", "addcmul_"} & set(self.probes)), "c": "addcmul_" in self.probes}
-        a, b, c = (torch.ones(self.elements) if need else None for need in needs.values())
+        needs = {"a": True, "b": bool({"add_", "addcmul_", "copy_"} & set(self.probes)), "c": "addcmul_" in self.probes}
+        a, b, c = (torch.ones(self.elements, device=self.device) if need else None for need in needs.values())
         ops = {"add_": lambda: a.add_(b), "mul_": lambda: a.mul_(0.999),
-               "addcmul_": lambda: a.addcmul_(b, c, value=1e-9), "sum": lambda: a.sum()}
+               "addcmul_": lambda: a.addcmul_(b, c, value=1e-9), "sum": lambda: a.sum(), "copy_": lambda: a.copy_(b)}
         ops = {p: ops[p] for p in self.probes}
         for op in ops.values():
             op()
@@ -245,7 +266,7 @@ class Bandwidth:
         self._ops = self._ops or self._allocate()
         best = 0.0
         for p, op in self._ops.items():
-            bw = PROBE_BYTES[p] * self.elements / elapsed(op)
+            bw = PROBE_BYTES[p] * self.elements / self._elapsed(op)
             self._per_probe[p] = max(self._per_probe[p], bw)
             best = max(best, bw)
         self.samples.append(best)
