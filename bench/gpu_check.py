@@ -51,6 +51,9 @@ second per call on one core: some 40 calls), Triton's first compilation of each 
 processes' start-up, and the CUDA build when it is needed (minutes, once). Measured on this project's 2-core CPU
 machine while other jobs kept its load average near 10: ``--quick`` 43 s (13 s of CPU time), without it 3.6 minutes
 (80 s of CPU time; the 23.5M-element reference steps and the torch.optim oracles are most of it).
+
+One file of ~700 lines on purpose: it is one command whose six sections share the device discovery, the check
+records and the table, and the person running it on a borrowed GPU should have one file to read and copy.
 """
 
 from __future__ import annotations
