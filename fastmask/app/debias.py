@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 import fastmask
+from fastmask.app.errors import UsageError
 from fastmask.app.plots import plot_epochs, plot_mask_layers, plot_selection
 from fastmask.app.report import evaluation_scores, mask_layer_stats, write_debias_report
 from fastmask.app.run_state import CHECKPOINT, SavedRun, file_sha256, index_digest
-from fastmask.app.sets import DataSpec, Tracked, loader_summary, parts, read_sets, set_summary
+from fastmask.app.sets import DataSpec, Tracked, loader_summary, parts, read_counts, read_sets, set_summary
 from fastmask.fairness.losses import BiasSpec
 from fastmask.masking.masks import mask_fraction, save_masks
 from fastmask.methods.configs import BmftConfig, SwiftConfig
@@ -83,6 +84,7 @@ def debias(
     progress: bool = True,
     selection: Plan | None = DEFAULT_PLAN,
     threshold: float = 0.5,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Debias ``model`` (with ``weights``) on shards and write weights, mask, reports and plots to ``out``.
 
@@ -105,28 +107,32 @@ def debias(
             candidates, each a change of ``config`` (:mod:`fastmask.methods.selection`); None runs ``config``
             itself on all of D_e (then ``resume``, ``stop_after_epochs`` and ``epoch_eval`` apply).
         threshold: without selection, the decision threshold the debiased model is evaluated and saved with.
+        overwrite: replace a finished run in ``out`` (its outputs and any saved run state); without it (and without
+            ``resume``) an ``out`` holding ``report.json`` is refused with :class:`FileExistsError`.
 
     Returns:
         The content of ``report.json``; its ``selection`` entry says what was chosen, and is ``chosen: null`` when
         no candidate met the budgets (the model is then written unchanged, with threshold 0.5).
 
     Raises:
-        ValueError / FileNotFoundError: bad inputs; the message names the file, column, attribute value, group or
-            option at fault. :class:`RunStopped`: see ``stop_after_epochs``.
+        ValueError / FileNotFoundError: bad inputs (:class:`~fastmask.app.errors.UsageError`: options that
+            contradict each other); the message names the file, column, attribute value, group or
+            option at fault. FileExistsError: ``out`` holds a finished run or a run state (see ``overwrite``,
+            ``resume``). :class:`RunStopped`: see ``stop_after_epochs``.
     """
     if method not in ("swift", "bmft") or not isinstance(config, SwiftConfig if method == "swift" else BmftConfig):
         raise ValueError(f"method {method!r} needs a {'SwiftConfig' if method == 'swift' else 'BmftConfig'}")
     if stop_after_epochs is not None and stop_after_epochs < 1:
-        raise ValueError(f"stop_after_epochs must be >= 1, got {stop_after_epochs}")
+        raise UsageError(f"stop_after_epochs must be >= 1, got {stop_after_epochs}")
     if not isinstance(config.bias, BiasSpec):
         raise ValueError("debias records its configuration: config.bias must be a BiasSpec")
     if selection is not None and (resume or stop_after_epochs is not None):
-        raise ValueError("--resume and --stop-after-epochs continue one fixed configuration (--select none); a "
+        raise UsageError("--resume and --stop-after-epochs continue one fixed configuration (--select none); a "
                          "selection of the configuration starts afresh")
     run = _DebiasRun(model=model, weights=weights, data=data, out=Path(out), method=method, config=config,
                      trust_pickle=trust_pickle, library=library, device=device, resume=resume,
                      stop_after_epochs=stop_after_epochs, epoch_eval=epoch_eval and selection is None,
-                     progress=progress, plan=selection, threshold=threshold)
+                     progress=progress, plan=selection, threshold=threshold, overwrite=overwrite)
     report = run.execute()
     if run.writer and not keep_checkpoint and run.state_path.exists():
         run.state_path.unlink()
@@ -142,20 +148,21 @@ class _DebiasRun:
     def __init__(self, *, model: str, weights: str | os.PathLike, data: DataSpec, out: Path, method: str,
                  config: SwiftConfig | BmftConfig, trust_pickle: bool, library: Library, device: str | None,
                  resume: bool, stop_after_epochs: int | None, epoch_eval: bool, progress: bool,
-                 plan: Plan | None, threshold: float) -> None:
+                 plan: Plan | None, threshold: float, overwrite: bool) -> None:
         self.started = time.perf_counter()
         self.threshold = threshold
         self.model_spec, self.weights, self.data, self.out = model, weights, data, out
         self.method, self.config, self.plan = method, config, plan
         self.stop_after_epochs, self.epoch_eval, self.progress = stop_after_epochs, epoch_eval, progress
-        out.mkdir(parents=True, exist_ok=True)
+        self.writer = ddp.is_writer()
         self.state_path = out / CHECKPOINT
+        _claim_out(out, resume=resume, overwrite=overwrite, writer=self.writer)
+        out.mkdir(parents=True, exist_ok=True)
         self.saved = SavedRun.load(self.state_path) if self.state_path.is_file() else None
         if self.saved is not None and not resume:
             run = self.saved.run
             raise FileExistsError(f"{self.state_path} holds the state of a run (after {run['step']} epoch "
-                                  f"{run['epoch']}); pass --resume to continue it, or delete {self.state_path.parent} "
-                                  "to start over")
+                                  f"{run['epoch']}); pass --resume to continue it, or --overwrite to start over")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = load_model(model, weights, trust_pickle=trust_pickle, library=library).to(self.device)
         self.head_name = config.head or find_head_name(self.net)
@@ -165,15 +172,16 @@ class _DebiasRun:
         self.fit, self.val, self.balanced = run_parts.fit, run_parts.val, run_parts.balanced
         self.mask_loader, self.train_loader = run_parts.mask, run_parts.train
         self.loader_log: list[dict[str, Any]] = []
-        self.eval_loader = Tracked(run_parts.evaluation, "evaluation", self.loader_log)
+        limit = data.max_skip_fraction
+        self.eval_loader = Tracked(run_parts.evaluation, "evaluation", self.loader_log, limit)
         self.val_loader = None if run_parts.validation is None else Tracked(run_parts.validation, "validation",
-                                                                             self.loader_log)
-        self.writer = ddp.is_writer()
+                                                                             self.loader_log, limit)
         # What the run depends on: the shard paths may change between invocations, their content (the index) may
         # not.
         self.spec = jsonable({
             "method": method, "config": asdict(config), "model": model,
-            "data": {k: v for k, v in asdict(data).items() if k not in ("shards", "eval_shards")},
+            "data": {k: v for k, v in asdict(data).items()
+                     if k not in ("shards", "eval_shards", "max_skip_fraction")},
             "weights_sha256": file_sha256(weights), "shards_index": index_digest(self.sets.index),
             "eval_index": index_digest(self.sets.eval_index), "epoch_eval": epoch_eval,
             "selection": None if plan is None else asdict(plan),
@@ -241,8 +249,8 @@ class _DebiasRun:
         """Run the method (or resume it) or select its configuration, evaluate, write the outputs; the content of
         ``report.json``."""
         resume = self._resume_state()
-        mask_loader = Tracked(self.mask_loader, "mask", self.loader_log)
-        train_loader = Tracked(self.train_loader, "train", self.loader_log)
+        mask_loader = Tracked(self.mask_loader, "mask", self.loader_log, self.data.max_skip_fraction)
+        train_loader = Tracked(self.train_loader, "train", self.loader_log, self.data.max_skip_fraction)
         self.meter.start()
         selection = None
         try:
@@ -286,6 +294,11 @@ class _DebiasRun:
             mask["mean_head"] = mask_fraction(result.masks, self.head_params)
         sets, before = self.sets, self.before
         bal_groups = self.balanced.assign(a=self.balanced["a"].astype(int))
+        loader = loader_summary(self.loader_log)
+        # What each set really had in the last pass over it (the external set: the fitting and validation parts).
+        reads = {"external": ("mask", "validation"), "balanced": ("train",), "validation": ("validation",),
+                 "test": ("evaluation",)}
+        counts = {name: read_counts(loader["splits"], splits) for name, splits in reads.items()}
         return {
             "fastmask": fastmask.__version__,
             "method": self.method,
@@ -296,17 +309,17 @@ class _DebiasRun:
                       "head_parameters": list(self.head_params)},
             "config": result.config_dict(),
             "data": {**asdict(self.data), "sets": {
-                "external": set_summary(sets.external, sets.descriptions["external"]),
+                "external": {**set_summary(sets.external, sets.descriptions["external"]), **counts["external"]},
                 "balanced": {**set_summary(bal_groups, "group-balanced from the external set (docs/algorithm.md §1)"),
-                             "with_replacement": self.balanced.attrs.get("replace")},
-                "validation": None if self.val is None else set_summary(
+                             "with_replacement": self.balanced.attrs.get("replace"), **counts["balanced"]},
+                "validation": None if self.val is None else {**set_summary(
                     self.val, f"held out of the external set ({self.data.val_fraction:.0%}, stratified by group and "
-                    "label) to choose the configuration"),
-                "test": set_summary(sets.test, sets.descriptions["test"]),
+                    "label) to choose the configuration"), **counts["validation"]},
+                "test": {**set_summary(sets.test, sets.descriptions["test"]), **counts["test"]},
             }},
             "selection": None if selection is None else selection.to_dict(),
             "threshold": after["overall"]["threshold"],
-            "loader": loader_summary(self.loader_log),
+            "loader": loader,
             "before": before,
             "after": after,
             "change": {k: _diff(after["overall"][k], before["overall"][k]) for k in before["overall"]},
@@ -322,6 +335,19 @@ class _DebiasRun:
                                              "epochs": PLOTS["epochs"] if len(self.epochs) > 1 else None,
                                              "selection": PLOTS["selection"] if selection is not None else None}},
         }
+
+
+def _claim_out(out: Path, *, resume: bool, overwrite: bool, writer: bool) -> None:
+    """Refuse an ``out`` that holds a finished run (its report.json) unless ``overwrite`` or ``resume``; with
+    ``overwrite`` (and no ``resume``) remove the old run's outputs and run state first, so that no file of the old
+    run (a plot this run does not draw) passes for one of the new."""
+    finished = out / OUTPUTS["report_json"]
+    if finished.is_file() and not (overwrite or resume):
+        raise FileExistsError(f"--out {out} holds a finished run ({finished.name}); pass --overwrite to replace it, "
+                              "or choose another --out")
+    if overwrite and not resume and writer:
+        for name in (*OUTPUTS.values(), *PLOTS.values(), CHECKPOINT):
+            (out / name).unlink(missing_ok=True)
 
 
 def _memory_account(net: nn.Module, laps: Mapping[str, Any]) -> dict[str, Any]:

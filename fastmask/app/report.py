@@ -67,6 +67,15 @@ def _group_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
                                      *(r[c] for c in GROUP_COLUMNS)] for r in rows))
 
 
+def read_text(counts: Mapping[str, Any]) -> str:
+    """How many samples a set really had: "600 samples" when all were read, else "200 of 600 samples read (400
+    skipped as damaged)"; ``counts`` holds ``samples`` (planned) and the ``read`` / ``skipped`` of the last pass."""
+    planned, read = counts["samples"], counts.get("read")
+    if read is None or (read == planned and not counts.get("skipped")):
+        return f"{planned} samples"
+    return f"{read} of {planned} samples read ({counts['skipped']} skipped as damaged)"
+
+
 def verdict(report: Mapping[str, Any]) -> str:
     """What happened, in one sentence."""
     selection = report.get("selection")
@@ -146,7 +155,7 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
         f"`{model['head']}`)",
         f"- shards: `{data['shards']}`; attribute `{data['attr']}`"
         + (f" (groups {data['attr_map']})" if data.get("attr_map") else ""),
-        f"- evaluation set: {data['sets']['test']['description']}, {data['sets']['test']['samples']} samples",
+        f"- evaluation set: {data['sets']['test']['description']}, {read_text(data['sets']['test'])}",
         f"- run time: {report['seconds']:.1f} s",
         "",
         f"**{verdict(report)}** On the evaluation set: {headline(before['overall'], after['overall'])}.",
@@ -203,8 +212,9 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
             ""]
     sets = data["sets"]
     out += ["## Data", "",
-            markdown_table(["set", "samples", "description"],
-                           ([name, s["samples"], s["description"]] for name, s in sets.items() if s is not None)), ""]
+            markdown_table(["set", "samples", "read (last pass)", "skipped (last pass)", "description"],
+                           ([name, s["samples"], s.get("read"), s.get("skipped"), s["description"]]
+                            for name, s in sets.items() if s is not None)), ""]
     loader = report["loader"]
     if loader["skipped"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(loader["by_reason"].items()))
@@ -238,7 +248,8 @@ def render_evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
         "# fastmask evaluate",
         "",
         f"- model: `{evaluation['model']}`, weights `{evaluation['weights']}`",
-        f"- data: {evaluation['description']}, {overall['n']} samples ({overall['positives']} positive)",
+        f"- data: {evaluation['description']}, {read_text(evaluation['data'])} ({overall['positives']} of the "
+        f"{overall['n']} read positive)",
         f"- decision threshold: ŷ = 1[p > {evaluation['threshold']:.4f}]",
         "",
         "## Overall",

@@ -17,6 +17,11 @@ from fastmask.data.batch import attr_code
 from fastmask.data.loader import ShardLoader, make_loader
 from fastmask.data.shards import ShardIndex
 from fastmask.data.splits import stratified_split
+from fastmask.data.stats import MAX_SKIP_FRACTION
+
+#: What each tracked loader reads, as error messages and reports name it.
+SPLITS = {"evaluation": "evaluation set", "mask": "external set (importance pass)",
+          "train": "group-balanced set (fine-tuning)", "validation": "validation part"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,9 @@ class DataSpec:
         balance_replace: ``group_balance``'s ``replace``: ``"auto"`` (docs/algorithm.md §8.4), True (the authors'
             code), False.
         strict: raise on a damaged sample instead of skipping and counting it.
+        max_skip_fraction: the largest share of a pass's sample reads that may be skipped as damaged (``--max-skip-
+            fraction``); a pass that loses more fails (:meth:`fastmask.data.stats.LoaderStats.check_loss`). It
+            changes no result, only whether a run may go on, so a resumed run may raise it.
         val_fraction: the share of D_e held out, stratified by (group, label), to choose the configuration on
             (:func:`fastmask.data.splits.stratified_split`); used only when a configuration is selected.
     """
@@ -54,6 +62,11 @@ class DataSpec:
     balance_replace: Literal["auto"] | bool = "auto"
     strict: bool = False
     val_fraction: float = 0.25
+    max_skip_fraction: float = MAX_SKIP_FRACTION
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"--max-skip-fraction must be in [0, 1], got {self.max_skip_fraction}")
 
 
 @dataclass
@@ -210,10 +223,13 @@ def parts(sets: Sets, data: DataSpec, *, hold_out: bool) -> Parts:
 
 
 class Tracked:
-    """A loader that logs its :class:`~fastmask.data.stats.LoaderStats` after every complete pass (for the report)."""
+    """A loader that logs its :class:`~fastmask.data.stats.LoaderStats` after every complete pass (for the report)
+    and fails a pass that skipped more than ``max_skip_fraction`` of its sample reads (``name`` is a key of
+    :data:`SPLITS`)."""
 
-    def __init__(self, loader: ShardLoader, name: str, log: list[dict[str, Any]]) -> None:
-        self.loader, self.name, self.log = loader, name, log
+    def __init__(self, loader: ShardLoader, name: str, log: list[dict[str, Any]],
+                 max_skip_fraction: float = MAX_SKIP_FRACTION) -> None:
+        self.loader, self.name, self.log, self.max_skip_fraction = loader, name, log, max_skip_fraction
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -228,12 +244,35 @@ class Tracked:
 
     def __iter__(self):
         yield from self.loader
-        self.log.append({"loader": self.name, **self.loader.stats.to_dict()})
+        stats = self.loader.stats
+        self.log.append({"loader": self.name, **stats.to_dict()})
+        stats.check_loss(self.max_skip_fraction, f"the {SPLITS[self.name]}",
+                         "; --max-skip-fraction raises the limit, --strict stops at the first damage")
+
+
+def split_counts(log: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per tracked loader, what its last complete pass really had: ``read`` (samples delivered), ``skipped``
+    (sample reads lost to damage) and ``passes`` (complete passes so far). Every pass over a split meets the same
+    damage, so the last pass is the one the reported figures were computed on."""
+    counts: dict[str, dict[str, int]] = {}
+    for entry in log:
+        passes = counts.get(entry["loader"], {}).get("passes", 0) + 1
+        counts[entry["loader"]] = {"read": entry["samples"], "skipped": entry["skipped"], "passes": passes}
+    return counts
+
+
+def read_counts(splits: Mapping[str, Mapping[str, int]], names: Sequence[str]) -> dict[str, int | None]:
+    """``read`` and ``skipped`` of a set read by the loaders ``names`` (summed over those that made a pass; None
+    when none did), from :func:`split_counts`."""
+    ran = [splits[n] for n in names if n in splits]
+    if not ran:
+        return {"read": None, "skipped": None}
+    return {"read": sum(c["read"] for c in ran), "skipped": sum(c["skipped"] for c in ran)}
 
 
 def loader_summary(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What :class:`Tracked` loaders logged, summed: ``skipped`` (damaged sample reads), by reason, by loader, and
-    one entry per damaged sample."""
+    one entry per damaged sample; and each split's last pass (:func:`split_counts`)."""
     by_loader: dict[str, dict[str, int]] = {}
     by_reason: dict[str, int] = {}
     damaged: dict[tuple, dict[str, Any]] = {}
@@ -252,4 +291,4 @@ def loader_summary(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 damaged[where] = {"loader": entry["loader"], "shard": r["shard"], "key": r["key"],
                                   "reason": r["reason"], "samples": r["samples"], "detail": r["detail"]}
     return {"skipped": sum(by_reason.values()), "by_reason": by_reason, "by_loader": by_loader,
-            "damaged": list(damaged.values())}
+            "splits": split_counts(log), "damaged": list(damaged.values())}

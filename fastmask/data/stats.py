@@ -1,5 +1,6 @@
 """What a loader delivered and what it skipped: :class:`LoaderStats` (``loader.stats``), one :class:`SkipRecord` per
-kind of damage at one place, and :class:`ShardReadError` (``strict=True``)."""
+kind of damage at one place, :class:`ShardReadError` (``strict=True``) and :class:`DataLossError` (a pass that lost
+more than the allowed share of its samples, :meth:`LoaderStats.check_loss`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The default largest share of a pass's sample reads that may be lost to damage (``--max-skip-fraction``).
+MAX_SKIP_FRACTION = 0.01
+
 
 class ShardReadError(RuntimeError):
     """A damaged shard or sample under ``strict=True``; the message names the shard and the key."""
+
+
+class DataLossError(ShardReadError):
+    """A pass that skipped more than the allowed share of its sample reads (:meth:`LoaderStats.check_loss`); the
+    message names the split, the counts and the first damage."""
 
 
 @dataclass
@@ -50,6 +59,25 @@ class LoaderStats:
     def skipped(self) -> int:
         """Planned sample occurrences that were not delivered because of damage."""
         return sum(r.samples for r in self.records)
+
+    def lost_fraction(self) -> float:
+        """The share of this epoch's sample reads that failed: skipped / (delivered + skipped); 0 when none ran."""
+        attempted = self.samples + self.skipped
+        return self.skipped / attempted if attempted else 0.0
+
+    def check_loss(self, limit: float, split: str, hint: str = "") -> None:
+        """Raise :class:`DataLossError` when more than ``limit`` (a fraction in [0, 1]) of the sample reads of
+        ``split`` (its name in the message; ``hint`` ends it) were skipped: metrics computed on what is left would
+        stand for a data set that was not there."""
+        if self.lost_fraction() <= limit:
+            return
+        first = self.records[0]
+        where = f"{first.shard} key {first.key}" if first.key else first.shard
+        raise DataLossError(
+            f"{split}: {self.skipped} of {self.samples + self.skipped} sample reads skipped as damaged "
+            f"({self.lost_fraction():.1%}, more than the allowed {limit:.1%}); first: {where}: {first.reason}: "
+            f"{first.detail}{hint}"
+        )
 
     def by_reason(self) -> dict[str, int]:
         out: Counter[str] = Counter()

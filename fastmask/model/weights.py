@@ -18,6 +18,7 @@ prefix on every key is removed. Keys and shapes must match the model exactly; th
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -25,7 +26,7 @@ import os
 import re
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,19 +57,34 @@ def _import_module(name: str) -> Any:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-    # A console script's sys.path holds its bin/ directory, not the current one; users expect `mymodels:Net` to be
-    # found where they run the command.
+    with _cwd_importable():
+        try:
+            return importlib.import_module(name)
+        except ImportError as err:
+            raise ImportError(f"model {name!r}: cannot import module {name!r}: {err}") from err
+
+
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The current directory on sys.path: a console script's sys.path holds its bin/ directory, not the current
+    one, and users expect `mymodels:Net` to be found where they run the command."""
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
         sys.path.insert(0, cwd)
     try:
-        return importlib.import_module(name)
-    except ImportError as err:
-        raise ImportError(f"model {name!r}: cannot import module {name!r}: {err}") from err
+        yield
     finally:
         if added:
             sys.path.remove(cwd)
+
+
+def _is_module(name: str) -> bool:
+    with _cwd_importable():
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
 
 
 def _from_callable(spec: str) -> nn.Module:
@@ -109,8 +125,9 @@ def _from_architecture(name: str, library: Library) -> nn.Module:
                 return timm.create_model(name, pretrained=False, num_classes=1)
             problems.append(f"timm has no architecture {name!r}")
     raise ValueError(
-        f"model {name!r}: {'; '.join(problems)}. Install torchvision or timm built for torch {torch.__version__}, "
-        "or name the model as 'module:callable'"
+        f"model {name!r} is neither 'module:callable' (e.g. 'mypkg.models:make_net') nor an architecture name "
+        f"torchvision or timm can build here: {'; '.join(problems)}. Install torchvision or timm built for torch "
+        f"{torch.__version__}, or name the model as 'module:callable'"
     )
 
 
@@ -121,6 +138,15 @@ def build_model(spec: str, *, library: Library = "auto") -> nn.Module:
     """
     if ":" in spec:
         return _from_callable(spec)
+    # A module path without its callable (a file, or a dotted name whose first part is a module; timm's names may
+    # have a dot, "resnet50.a1_in1k", but never start with a module): say what is expected rather than which
+    # libraries could not find an architecture of that name.
+    module, _, attr = spec.rpartition(".")
+    if spec.endswith(".py") or "/" in spec or (module and _is_module(spec.partition(".")[0])):
+        hint = "" if spec.endswith(".py") or "/" in spec else f"; did you mean '{module}:{attr}'?"
+        raise ValueError(f"model {spec!r}: expected 'module:callable' (e.g. 'mypkg.models:make_net' or "
+                         f"'path/to/file.py:make_net') or a torchvision / timm architecture name (e.g. 'resnet50')"
+                         f"{hint}")
     return _from_architecture(spec, library)
 
 
@@ -260,8 +286,24 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, trust_pickle: boo
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes)}")
         raise ValueError(f"weights file {path} does not match the model {type(model).__name__}: " + "; ".join(parts))
+    _check_finite(state, {name for name, _ in model.named_parameters()}, path)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _check_finite(state: Mapping[str, Tensor], params: set[str], path: str | os.PathLike) -> None:
+    """Refuse NaN in any floating tensor and ±Inf in a parameter, naming the first such entry: a model with them
+    predicts NaN, which every later step reports as something else (a probability out of [0, 1], a loss of NaN).
+    Buffers may hold ±Inf on purpose (an attention mask filled with -inf), so only their NaN is refused."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() and not tensor.is_complex():
+            continue
+        bad = torch.isnan(tensor) if name not in params else ~torch.isfinite(tensor)
+        if bad.any():
+            kinds = [k for k, m in (("NaN", torch.isnan(tensor)), ("Inf", torch.isinf(tensor))) if m.any()]
+            what = "parameter" if name in params else "buffer"
+            raise ValueError(f"weights file {path}: {what} {name!r} holds {' and '.join(kinds)} "
+                             f"({int(bad.sum())} of {tensor.numel()} values); the model cannot predict with it")
 
 
 def load_model(spec: str, weights: str | os.PathLike | None, *, trust_pickle: bool = False,
