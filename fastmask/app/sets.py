@@ -18,6 +18,7 @@ from fastmask.data.loader import ShardLoader, make_loader
 from fastmask.data.shards import ShardIndex
 from fastmask.data.splits import stratified_split
 from fastmask.data.stats import MAX_SKIP_FRACTION
+from fastmask.parallel import ddp
 
 #: What each tracked loader reads, as error messages and reports name it.
 SPLITS = {"evaluation": "evaluation set", "mask": "external set (importance pass)",
@@ -246,8 +247,12 @@ class Tracked:
         yield from self.loader
         stats = self.loader.stats
         self.log.append({"loader": self.name, **stats.to_dict()})
+        totals = None
+        if self.loader.world_size > 1:  # the ranks read disjoint shares: judge the split as a whole, on every rank
+            skipped, samples = ddp.all_reduce_counts([stats.skipped, stats.samples], ddp.local_device())
+            totals = (int(skipped), int(samples))
         stats.check_loss(self.max_skip_fraction, f"the {SPLITS[self.name]}",
-                         "; --max-skip-fraction raises the limit, --strict stops at the first damage")
+                         "; --max-skip-fraction raises the limit, --strict stops at the first damage", totals=totals)
 
 
 def split_counts(log: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:

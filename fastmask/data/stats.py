@@ -60,24 +60,24 @@ class LoaderStats:
         """Planned sample occurrences that were not delivered because of damage."""
         return sum(r.samples for r in self.records)
 
-    def lost_fraction(self) -> float:
-        """The share of this epoch's sample reads that failed: skipped / (delivered + skipped); 0 when none ran."""
-        attempted = self.samples + self.skipped
-        return self.skipped / attempted if attempted else 0.0
-
-    def check_loss(self, limit: float, split: str, hint: str = "") -> None:
+    def check_loss(self, limit: float, split: str, hint: str = "", *,
+                   totals: tuple[int, int] | None = None) -> None:
         """Raise :class:`DataLossError` when more than ``limit`` (a fraction in [0, 1]) of the sample reads of
         ``split`` (its name in the message; ``hint`` ends it) were skipped: metrics computed on what is left would
-        stand for a data set that was not there."""
-        if self.lost_fraction() <= limit:
+        stand for a data set that was not there. ``totals``: (skipped, delivered) summed over the ranks that share
+        the split, so that every rank reaches the same verdict (one rank stopping alone would leave the others
+        waiting in a collective)."""
+        skipped, samples = totals if totals is not None else (self.skipped, self.samples)
+        attempted = skipped + samples
+        if not attempted or skipped / attempted <= limit:
             return
-        first = self.records[0]
-        where = f"{first.shard} key {first.key}" if first.key else first.shard
-        raise DataLossError(
-            f"{split}: {self.skipped} of {self.samples + self.skipped} sample reads skipped as damaged "
-            f"({self.lost_fraction():.1%}, more than the allowed {limit:.1%}); first: {where}: {first.reason}: "
-            f"{first.detail}{hint}"
-        )
+        first = ""
+        if self.records:
+            r = self.records[0]
+            first = f"; first: {r.shard} key {r.key}" if r.key else f"; first: {r.shard}"
+            first += f": {r.reason}: {r.detail}"
+        raise DataLossError(f"{split}: {skipped} of {attempted} sample reads skipped as damaged "
+                            f"({skipped / attempted:.1%}, more than the allowed {limit:.1%}){first}{hint}")
 
     def by_reason(self) -> dict[str, int]:
         out: Counter[str] = Counter()
