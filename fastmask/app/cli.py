@@ -165,6 +165,21 @@ def _device(text: str | None) -> str | None:
     return text
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``, refused by argparse (naming the flag) otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -176,11 +191,12 @@ def _fraction(text: str) -> float:
 
 
 def _common_loader(p: argparse.ArgumentParser, g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
-    g.add_argument("--image-size", type=int, default=256, help="images are resized to this square (default 256)")
-    g.add_argument("--center-crop", type=int, metavar="PIXELS",
+    g.add_argument("--batch-size", type=_at_least(1), default=64, help="samples per batch (default 64)")
+    g.add_argument("--image-size", type=_at_least(1), default=256,
+                   help="images are resized to this square (default 256)")
+    g.add_argument("--center-crop", type=_at_least(1), metavar="PIXELS",
                    help="centre crop of the original image first (default: no crop)")
-    g.add_argument("--workers", type=int, default=0, help="loader worker processes (default 0)")
+    g.add_argument("--workers", type=_at_least(0), default=0, help="loader worker processes (default 0)")
     g.add_argument("--strict", action="store_true",
                    help="fail on the first damaged sample, naming its shard and member (default: skip and count it)")
     g.add_argument("--max-skip-fraction", type=_fraction, default=MAX_SKIP_FRACTION, metavar="F",
@@ -232,7 +248,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-col", default="target", metavar="COL", help="binary label column (default target)")
     p.add_argument("--fold-col", metavar="COL", help="fold / split column, kept for --test-fold (default: none)")
     p.add_argument("--key-col", metavar="COL", help="unique sample keys (default: the row number)")
-    p.add_argument("--maxcount", type=int, default=1000, help="most samples per shard (default 1000)")
+    p.add_argument("--maxcount", type=_at_least(1), default=1000, help="most samples per shard (default 1000)")
     p.add_argument("--maxsize", type=_size, default=256 * 2**20, metavar="SIZE",
                    help="most bytes per shard, e.g. 256M (default 256M)")
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default shard)")
@@ -297,7 +313,7 @@ def _selection_options(p: argparse.ArgumentParser, what: str) -> argparse._Argum
     g.add_argument("--share-tolerance", type=float, metavar="D",
                    help="largest admissible distance of the positive-prediction share from the label rate "
                    "(default 0.10)")
-    g.add_argument("--patience", type=int, metavar="N",
+    g.add_argument("--patience", type=_at_least(0), metavar="N",
                    help="a candidate stops when its best admissible epoch is N epochs of its last step behind "
                    "(default 3; 0: run every epoch)")
     g.add_argument("--threshold", type=_threshold, metavar="T",
@@ -400,7 +416,7 @@ def _threshold(text: str) -> float | str:
 
 
 def _print_summary(args: argparse.Namespace, report: dict) -> None:
-    from fastmask.app.report import selection_caveat, verdict
+    from fastmask.app.report import read_text, selection_caveat, verdict
     from fastmask.app.tables import headline
 
     b, a = report["before"]["overall"], report["after"]["overall"]
@@ -408,7 +424,8 @@ def _print_summary(args: argparse.Namespace, report: dict) -> None:
     caveat = selection_caveat(report["selection"])
     if caveat:
         print(f"WARNING: {caveat}")
-    print(f"on {report['data']['sets']['test']['description']}: {headline(b, a)}")
+    test = report["data"]["sets"]["test"]
+    print(f"on {test['description']} ({read_text(test)}): {headline(b, a)}")
     if report["loader"]["skipped"]:
         print(f"skipped {report['loader']['skipped']} damaged sample reads (see report.md)")
     for w in report["guard_warnings"]:
@@ -475,10 +492,10 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
                    help="seed of the run and the data (default 42, as in the authors' code)")
     g.add_argument("--beta", type=float, help="β: SWiFT step 1 β·WBCE + (1-β)·B (default 0.1); BMFT repair "
                    "WBCE + β·B (default 0.1)")
-    g.add_argument("--epochs1", type=int, help="epochs of step 1 / BMFT's impair step (default: SWiFT 10, BMFT 5; "
-                   "BMFT --faithful 10)")
-    g.add_argument("--epochs2", type=int, help="epochs of step 2 / BMFT's repair step (default: SWiFT 10, BMFT 5; "
-                   "BMFT --faithful 10)")
+    g.add_argument("--epochs1", type=_at_least(0),
+                   help="epochs of step 1 / BMFT's impair step (default: SWiFT 10, BMFT 5; BMFT --faithful 10)")
+    g.add_argument("--epochs2", type=_at_least(0),
+                   help="epochs of step 2 / BMFT's repair step (default: SWiFT 10, BMFT 5; BMFT --faithful 10)")
     g.add_argument("--lr1", type=float, help="learning rate of step 1 / impair (default 1e-4)")
     g.add_argument("--lr2", type=float, help="learning rate of step 2 / repair (default 1e-3)")
     g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"),
@@ -528,7 +545,7 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
                    help="replace the finished run in --out (without it, an --out holding report.json is refused)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT/checkpoint (starts afresh when there is none; --select none)")
-    g.add_argument("--stop-after-epochs", type=int, metavar="N",
+    g.add_argument("--stop-after-epochs", type=_at_least(1), metavar="N",
                    help=f"run at most N epochs in this invocation, then save and exit with status {EXIT_STOPPED} "
                    "(--select none; default: no limit)")
     g.add_argument("--no-epoch-eval", action="store_true",
@@ -547,6 +564,7 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from fastmask.app.evaluate import evaluate
+    from fastmask.app.report import read_text
 
     res = evaluate(model=args.model, weights=args.weights, shards=args.shards, out=args.out, attrs=args.attr,
                    fold=args.fold, batch_size=args.batch_size, image_size=args.image_size,
@@ -555,7 +573,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                    progress=_progress(args), threshold=args.threshold, max_skip_fraction=args.max_skip_fraction)
     o = res["overall"]
     print(f"AUC {o['auc']:.4f}, ACC {o['acc']:.4f}, positive share {o['positive_rate']:.3f} (labels "
-          f"{o['label_positive_rate']:.3f}) at decision threshold {res['threshold']:.4f} on {o['n']} samples")
+          f"{o['label_positive_rate']:.3f}) at decision threshold {res['threshold']:.4f} on {read_text(res['data'])}")
     for attr, r in res["attributes"].items():
         if r.get("gaps"):
             g = r["gaps"]
