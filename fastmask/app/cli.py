@@ -633,7 +633,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     from fastmask.app import compare  # imported here so that `fastmask --help` stays fast
 
-    methods = compare.check_methods(args.methods, args.seeds)
+    try:
+        methods = compare.check_methods(args.methods, args.seeds)
+    except ValueError as err:  # an unknown method name, a seed given twice
+        raise UsageError(str(err)) from None
     rule = _rule(args)
     if args.shards is None:
         for name in ("model", "weights", "attr"):
