@@ -302,6 +302,22 @@ def test_ctrl_c_inside_the_first_epoch_prints_the_resume_command_which_finishes_
     assert report["n_importance_batches"] > 0  # the importance pass of the first invocation, kept
 
 
+def test_a_saved_mask_is_reused_without_an_importance_pass(data, runs, tmp_path):
+    # SWiFT reads the mask loader only for its importance pass: given the mask that pass produced, the run ends with
+    # the same weights, bit for bit, having read none of it.
+    out = tmp_path / "reused"
+    mask = runs["swift"] / "mask.safetensors"
+    assert main(debias_argv(data, out, "swift", "--mask", str(mask))) == 0
+    a, b = load_file(runs["swift"] / "weights.safetensors"), load_file(out / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    given, written = load_file(mask), load_file(out / "mask.safetensors")
+    assert all(torch.equal(given[k], written[k]) for k in given)
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_importance_batches"] == 0 and report["mask"]["source"] == str(mask)
+    assert "mask" not in report["loader"]["splits"]  # the external set was never read
+    assert f"the mask was read from `{mask}`" in (out / "report.md").read_text()
+
+
 def test_eval_shards_external_folds_and_attribute_map(data, tmp_path):
     test_rows = data.table[data.table["fold"] == "test"]
     test_rows.to_csv(tmp_path / "test.csv", index=False)

@@ -14,6 +14,7 @@ import torch
 from cli_helpers import TinyCNN, make_dataset, tiny_weights
 
 from fastmask.app.cli import main
+from fastmask.masking.masks import save_masks
 
 
 @dataclass
@@ -55,6 +56,8 @@ def env(tmp_path_factory) -> Env:
     (root / "garbage.pt").write_bytes(b"\x00\x01 this is no checkpoint" * 20)
     torch.save(TinyCNN(), root / "pickled.pt")  # a whole nn.Module: needs weights_only=False
     torch.save(torch.nn.Linear(3, 1).state_dict(), root / "other.pt")
+    save_masks({n: torch.full_like(p, 0.5) for n, p in TinyCNN().named_parameters()}, root / "soft-mask.safetensors")
+    save_masks({"weight": torch.ones(1, 3)}, root / "other-mask.safetensors")
     return Env(root, write_shards(root, table, "shards"), root / "weights.pt")
 
 
@@ -133,6 +136,13 @@ CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
     ("debias: module not importable", lambda e: debias_argv(e, model="no_such_module:Net"),
      ["no_such_module"]),
     ("debias: callable missing", lambda e: debias_argv(e, model="cli_helpers:NoNet"), ["cli_helpers", "'NoNet'"]),
+    ("debias: a mask of another model", lambda e: debias_argv(e, "--mask", str(e.root / "other-mask.safetensors")),
+     ["other-mask.safetensors", "mask 'weight' is not a parameter of TinyCNN"]),
+    ("debias: a soft mask for BMFT", lambda e: debias_argv(e, "--mask", str(e.root / "soft-mask.safetensors"),
+                                                          method="bmft"),
+     ["--mask", "soft-mask.safetensors", "torch.float32", "BMFT", "hard (bool)"]),
+    ("debias: a mask file that is no mask", lambda e: debias_argv(e, "--mask", str(e.root / "garbage.pt")),
+     ["--mask", "garbage.pt", "cannot be read"]),
     ("debias: a validation part too small to split", lambda e: debias_argv(e, "--select", "grid", shards="tiny"),
      ["cell group", "too few to split", "--select none"]),
 ]

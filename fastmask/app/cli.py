@@ -425,7 +425,7 @@ def _print_summary(args: argparse.Namespace, report: dict) -> None:
     if caveat:
         print(f"WARNING: {caveat}")
     test = report["data"]["sets"]["test"]
-    print(f"on {test['description']} ({read_text(test)}): {headline(b, a)}")
+    print(f"on {test['description']}, {read_text(test)}: {headline(b, a)}")
     if report["loader"]["skipped"]:
         print(f"skipped {report['loader']['skipped']} damaged sample reads (see report.md)")
     for w in report["guard_warnings"]:
@@ -455,7 +455,7 @@ def _run_debias(args: argparse.Namespace) -> int:
                             config=_config(args), trust_pickle=args.trust_pickle, library=args.arch_library,
                             device=device, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                             epoch_eval=not args.no_epoch_eval, keep_checkpoint=args.keep_checkpoint,
-                            progress=_progress(args), selection=_plan(args), overwrite=args.overwrite,
+                            progress=_progress(args), selection=_plan(args), overwrite=args.overwrite, mask=args.mask,
                             threshold=args.threshold if isinstance(args.threshold, float) else 0.5)
     except RunStopped as stop:
         if ddp.is_writer():
@@ -488,6 +488,9 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("method (unset options keep the method's defaults)")
     g.add_argument("--method", required=True, choices=("swift", "bmft"))
+    g.add_argument("--mask", metavar="PATH",
+                   help="reuse a saved mask (the mask.safetensors of an earlier run of this method on this model, "
+                   "checked by parameter name and shape) instead of computing it (default: compute it)")
     g.add_argument("--seed", type=int, default=42,
                    help="seed of the run and the data (default 42, as in the authors' code)")
     g.add_argument("--beta", type=float, help="β: SWiFT step 1 β·WBCE + (1-β)·B (default 0.1); BMFT repair "

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 import fastmask
@@ -34,7 +35,7 @@ from fastmask.app.report import evaluation_scores, mask_layer_stats, write_debia
 from fastmask.app.run_state import CHECKPOINT, SavedRun, file_sha256, index_digest
 from fastmask.app.sets import DataSpec, Tracked, loader_summary, parts, read_counts, read_sets, set_summary
 from fastmask.fairness.losses import BiasSpec
-from fastmask.masking.masks import mask_fraction, save_masks
+from fastmask.masking.masks import load_masks, mask_fraction, save_masks
 from fastmask.methods.configs import BmftConfig, SwiftConfig
 from fastmask.methods.registry import METHODS
 from fastmask.methods.selection import Plan, Selection, select
@@ -85,6 +86,7 @@ def debias(
     selection: Plan | None = DEFAULT_PLAN,
     threshold: float = 0.5,
     overwrite: bool = False,
+    mask: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Debias ``model`` (with ``weights``) on shards and write weights, mask, reports and plots to ``out``.
 
@@ -109,6 +111,9 @@ def debias(
         threshold: without selection, the decision threshold the debiased model is evaluated and saved with.
         overwrite: replace a finished run in ``out`` (its outputs and any saved run state); without it (and without
             ``resume``) an ``out`` holding ``report.json`` is refused with :class:`FileExistsError`.
+        mask: reuse this saved mask (the ``mask.safetensors`` of an earlier run of ``method`` on this model) instead
+            of computing it: no importance pass. Every parameter must have a mask of its shape, soft (float) for
+            SWiFT and hard (bool) for BMFT.
 
     Returns:
         The content of ``report.json``; its ``selection`` entry says what was chosen, and is ``chosen: null`` when
@@ -132,7 +137,7 @@ def debias(
     run = _DebiasRun(model=model, weights=weights, data=data, out=Path(out), method=method, config=config,
                      trust_pickle=trust_pickle, library=library, device=device, resume=resume,
                      stop_after_epochs=stop_after_epochs, epoch_eval=epoch_eval and selection is None,
-                     progress=progress, plan=selection, threshold=threshold, overwrite=overwrite)
+                     progress=progress, plan=selection, threshold=threshold, overwrite=overwrite, mask=mask)
     report = run.execute()
     if run.writer and not keep_checkpoint and run.state_path.exists():
         run.state_path.unlink()
@@ -148,7 +153,7 @@ class _DebiasRun:
     def __init__(self, *, model: str, weights: str | os.PathLike, data: DataSpec, out: Path, method: str,
                  config: SwiftConfig | BmftConfig, trust_pickle: bool, library: Library, device: str | None,
                  resume: bool, stop_after_epochs: int | None, epoch_eval: bool, progress: bool,
-                 plan: Plan | None, threshold: float, overwrite: bool) -> None:
+                 plan: Plan | None, threshold: float, overwrite: bool, mask: str | os.PathLike | None) -> None:
         self.started = time.perf_counter()
         self.threshold = threshold
         self.model_spec, self.weights, self.data, self.out = model, weights, data, out
@@ -165,6 +170,8 @@ class _DebiasRun:
                                   f"{run['epoch']}); pass --resume to continue it, or --overwrite to start over")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = load_model(model, weights, trust_pickle=trust_pickle, library=library).to(self.device)
+        self.mask_path = mask
+        self.given_masks = None if mask is None else _read_mask(mask, self.net, method)
         self.head_name = config.head or find_head_name(self.net)
         _, self.head_params, self.feat_params = split_head(self.net, self.head_name)
         self.sets = read_sets(data)
@@ -185,6 +192,8 @@ class _DebiasRun:
             "weights_sha256": file_sha256(weights), "shards_index": index_digest(self.sets.index),
             "eval_index": index_digest(self.sets.eval_index), "epoch_eval": epoch_eval,
             "selection": None if plan is None else asdict(plan),
+            # only when given, so that the run states of runs without --mask stay resumable
+            **({"mask_sha256": file_sha256(mask)} if mask is not None else {}),
         })
         self.epochs_run = 0
         # Memory account: one stretch for the mask generation (importance pass + mask), one per epoch of each step;
@@ -255,12 +264,15 @@ class _DebiasRun:
         selection = None
         try:
             if self.plan is None:
+                # a resumed run has its masks in its state
+                given = {"masks": self.given_masks} if resume is None and self.given_masks is not None else {}
                 result = METHODS[self.method].run(self.net, mask_loader, train_loader, config=self.config,
-                                                  progress=self.progress, on_epoch=self.on_epoch, resume=resume)
+                                                  progress=self.progress, on_epoch=self.on_epoch, resume=resume,
+                                                  **given)
             else:
                 selection = select(self.net, self.method, mask_loader, train_loader, self.val_loader,
                                    config=self.config, candidates=self.plan.candidates, rule=self.plan.rule,
-                                   progress=self.progress)
+                                   progress=self.progress, masks=self.given_masks)
                 result = selection.result or Result(self.method, self.config, selection.masks)
         finally:
             lap = self.meter.stop()
@@ -286,6 +298,7 @@ class _DebiasRun:
     def _report(self, result: Result, after: dict[str, Any], selection: Selection | None) -> dict[str, Any]:
         hard = all(m.dtype == torch.bool for m in result.masks.values())
         mask: dict[str, Any] = {"kind": "hard" if hard else "soft",
+                                "source": None if self.mask_path is None else os.fspath(self.mask_path),
                                 "layers": mask_layer_stats(result.masks, self.head_params)}
         if hard:
             mask["fraction_selected"] = mask_fraction(result.masks, self.feat_params)
@@ -335,6 +348,22 @@ class _DebiasRun:
                                              "epochs": PLOTS["epochs"] if len(self.epochs) > 1 else None,
                                              "selection": PLOTS["selection"] if selection is not None else None}},
         }
+
+
+def _read_mask(path: str | os.PathLike, net: nn.Module, method: str) -> dict[str, torch.Tensor]:
+    """The mask saved in ``path``, checked against ``net`` (every parameter, by name and shape) and ``method`` (SWiFT
+    fine-tunes with a soft mask, BMFT with a hard one); errors name the file and the parameter."""
+    try:
+        masks = load_masks(path, net)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"--mask {path} cannot be read as a saved mask (a mask.safetensors of fastmask debias): "
+                         f"{err}") from None
+    want_hard = method == "bmft"
+    wrong = next((n for n, m in masks.items() if (m.dtype == torch.bool) != want_hard), None)
+    if wrong is not None:
+        raise ValueError(f"--mask {path}: mask {wrong!r} is {masks[wrong].dtype}; {method.upper()} fine-tunes with "
+                         f"a {'hard (bool)' if want_hard else 'soft (floating-point)'} mask, as its own runs save")
+    return masks
 
 
 def _claim_out(out: Path, *, resume: bool, overwrite: bool, writer: bool) -> None:

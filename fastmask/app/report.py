@@ -200,8 +200,10 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
     else:
         out.append(f"Soft mask: mean {mask['mean_features']:.4f} over the feature extractor, "
                    f"{mask['mean_head']:.4f} over the head.")
-    out += [f"Head re-initialisation set {report['head_reset_fraction']:.1%} of the head's elements to 0; the "
-            f"importance pass read {report['n_importance_batches']} batches.", ""]
+    source = (f"the mask was read from `{mask['source']}` (no importance pass)" if mask.get("source") else
+              f"the importance pass read {report['n_importance_batches']} batches")
+    out += [f"Head re-initialisation set {report['head_reset_fraction']:.1%} of the head's elements to 0; "
+            f"{source}.", ""]
     out += ["## Training", "",
             markdown_table(["step", "epoch", "loss", "positive share"],
                            ([h["step"], h["epoch"], h["loss"], h["positive_share"]] for h in report["history"])),
