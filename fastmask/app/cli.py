@@ -719,6 +719,7 @@ _PYTHON_NAMES = (
     (r"\battr_cols\[\d+\]=", "--attr "),
     (r"\bimage_root\b", "--image-root"),
     (r"^model (?=')", "--model "),
+    (r"\breplace=True or 'auto'", "--balance-replace true or auto"),
 )
 
 

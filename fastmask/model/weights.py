@@ -253,7 +253,7 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
             raise ValueError(
                 f"weights file {path} is a pickled checkpoint that can only be loaded with "
                 f"torch.load(weights_only=False){_refused_global(err)}, which runs code stored in the file. "
-                "Pass --trust-pickle (trust_pickle=True) only if you trust its source, or re-save its state_dict() "
+                "Pass trust_pickle=True only if you trust its source, or re-save its state_dict() "
                 "with safetensors or torch.save"
             ) from None
         log.warning("%s: loading a pickled checkpoint with weights_only=False (--trust-pickle)", path)
