@@ -67,7 +67,7 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_skip_fraction <= 1:
-            raise ValueError(f"--max-skip-fraction must be in [0, 1], got {self.max_skip_fraction}")
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
 
 
 @dataclass

@@ -67,6 +67,8 @@ class LoaderStats:
         stand for a data set that was not there. ``totals``: (skipped, delivered) summed over the ranks that share
         the split, so that every rank reaches the same verdict (one rank stopping alone would leave the others
         waiting in a collective)."""
+        if not 0 <= limit <= 1:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {limit}")
         skipped, samples = totals if totals is not None else (self.skipped, self.samples)
         attempted = skipped + samples
         if not attempted or skipped / attempted <= limit:
