@@ -251,9 +251,11 @@ def test_evaluate_tables_match_sklearn(data, runs, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["swift", "bmft"])
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, runs, tmp_path, method):
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, runs, tmp_path, method, capsys):
     out = tmp_path / "resumed"
-    assert main(debias_argv(data, out, method, "--stop-after-epochs", "1")) == EXIT_STOPPED
+    argv = debias_argv(data, out, method, "--stop-after-epochs", "1")
+    assert main(argv) == EXIT_STOPPED
+    assert capsys.readouterr().out.rstrip().endswith(shlex.join(["fastmask", *argv, "--resume"]))
     assert (out / "checkpoint" / "state.pt").is_file() and not (out / "weights.safetensors").exists()
     # Two more epochs: the last of step 1 and the first of step 2, across the head re-initialisation.
     assert main(debias_argv(data, out, method, "--resume", "--stop-after-epochs", "2")) == EXIT_STOPPED

@@ -758,8 +758,8 @@ def _status(err: Exception) -> int:
 
 
 def _resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues this debias run."""
-    return "continue with: " + shlex.join(["fastmask", *argv, *([] if "--resume" in argv else ["--resume"])])
+    """The command line that continues this debias run (this one, with --resume)."""
+    return shlex.join(["fastmask", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def _interrupted(args: argparse.Namespace) -> str:
@@ -779,7 +779,7 @@ def _interrupted(args: argparse.Namespace) -> str:
         when = f"after {run['step']} epoch {run['epoch']}"
     except ValueError:
         when = "after the last finished epoch"
-    return f"interrupted; the run state {when} is saved in {state}; {_resume_command(args.argv)}"
+    return f"interrupted; the run state {when} is saved in {state}; continue with: {_resume_command(args.argv)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
