@@ -341,6 +341,34 @@ def test_eval_shards_external_folds_and_attribute_map(data, tmp_path):
     assert "| 1 (F) |" in (out / "report.md").read_text()
 
 
+def test_a_many_valued_attribute_is_reduced_to_its_extreme_groups(data, tmp_path):
+    # SWiFT's multi-attribute reduction: the original model's AUC per value on the external set (recomputed here from
+    # the PNG files and sklearn) picks the values kept as group 0 (highest) and group 1 (lowest).
+    table = data.table.assign(age=[("young", "mid", "old")[i % 3] for i in range(len(data.table))])
+    table.to_csv(tmp_path / "age.csv", index=False)
+    assert main(["shards", str(tmp_path / "age.csv"), "--image-root", str(data.root / "images"), "--out",
+                 str(tmp_path / "shards"), "--attr", "age", "--fold-col", "fold"]) == 0
+    out = tmp_path / "out"
+    argv = debias_argv(data, out, "swift", "--epochs1", "1", "--epochs2", "1", "--no-epoch-eval", "--attr-groups",
+                       "extremes", attr="age")
+    argv[argv.index("--shards") + 1] = str(tmp_path / "shards")
+    assert main(argv) == 0
+    ext, test = table[table["fold"] == "ext"], table[table["fold"] == "test"]
+    p, y = oracle_probs(data.weights, data, ext), ext["target"].to_numpy()
+    aucs = {v: roc_auc_score(y[ext["age"] == v], p[(ext["age"] == v).to_numpy()]) for v in sorted(set(ext["age"]))}
+    g_max, g_min = max(aucs, key=aucs.get), min(aucs, key=aucs.get)
+    report = json.loads((out / "report.json").read_text())
+    reduction = report["attribute_reduction"]
+    assert (reduction["g_max"], reduction["g_min"]) == (g_max, g_min)
+    assert reduction["auc_by_value"] == pytest.approx(aucs, abs=1e-9)
+    kept = [g_max, g_min]
+    assert report["data"]["sets"]["external"]["samples"] == int(ext["age"].isin(kept).sum())
+    assert report["data"]["sets"]["test"]["samples"] == int(test["age"].isin(kept).sum())
+    groups = {r["group"]: (r["label"], r["n"]) for r in report["after"]["groups"]}
+    assert groups == {0: (g_max, int((test["age"] == g_max).sum())), 1: (g_min, int((test["age"] == g_min).sum()))}
+    assert f"group 0 = {g_max!r} (the highest)" in (out / "report.md").read_text()
+
+
 def test_stop_after_the_last_epoch_finishes_the_run(data, tmp_path):
     # 1 + 1 epochs with at most 2 per invocation: nothing is left after the second, so the run completes.
     out = tmp_path / "out"

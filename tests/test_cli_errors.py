@@ -172,6 +172,9 @@ USAGE_CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
     ("debias: beta out of range", lambda e: debias_argv(e, "--beta", "2"), ["--beta must be in [0, 1]", "got 2"]),
     ("debias: --max-skip-fraction out of range", lambda e: debias_argv(e, "--max-skip-fraction", "1.5"),
      ["--max-skip-fraction", "'1.5'"]),
+    ("debias: a reduction with a map", lambda e: debias_argv(e, "--attr", "sex", "--attr-groups", "extremes",
+                                                            "--attr-map", "F=1"),
+     ["--attr-groups extremes", "--attr-map"]),
     ("debias: an unknown device", lambda e: debias_argv(e, "--device", "gpu"), ["--device 'gpu'", "cuda:1"]),
 ]
 

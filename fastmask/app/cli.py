@@ -268,6 +268,11 @@ def _external_data(p: argparse.ArgumentParser, required: bool = True, title: str
     g.add_argument("--attr", required=required, metavar="COL", help="the sensitive attribute to debias" + demo)
     g.add_argument("--attr-map", type=_attr_pair, action="append", metavar="VALUE=GROUP",
                    help="map an attribute value to group 0 or 1 (repeat for each value; default: values are 0/1)")
+    g.add_argument("--attr-groups", choices=("binary", "extremes"), default="binary",
+                   help="binary: the attribute's values are groups 0 and 1, or --attr-map makes them so (default); "
+                   "extremes: an attribute with more values is reduced to the two whose AUC of the original model on "
+                   "the external set is the highest (group 0) and the lowest (group 1), SWiFT's multi-attribute "
+                   "reduction; the other values' samples are left out of every set")
     g.add_argument("--test-fold", metavar="FOLD",
                    help="evaluate on this fold (of --eval-shards if given, else of --shards, and then left out of "
                    "the external set; default: none, all of --eval-shards)")
@@ -290,6 +295,7 @@ def _data_spec(args: argparse.Namespace, seed: int) -> Any:
                     external_folds=tuple(args.external_fold or ()), batch_size=args.batch_size,
                     image_size=args.image_size, center_crop=args.center_crop, workers=args.workers, seed=seed,
                     balance_replace=replace, strict=args.strict, max_skip_fraction=args.max_skip_fraction,
+                    attr_groups=args.attr_groups,
                     **({"val_fraction": args.val_fraction} if args.val_fraction is not None else {}))
 
 

@@ -145,9 +145,9 @@ class ShardSource:
     def __init__(self, *, model: str, weights: str | os.PathLike, data: DataSpec, trust_pickle: bool = False,
                  library: Library = "auto", device: str | None = None) -> None:
         self.data = data
-        self.sets = read_sets(data)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_model(model, weights, trust_pickle=trust_pickle, library=library).to(self.device)
+        self.sets = read_sets(data, self.model, self.device)
         self.description = (f"{model} on {data.shards} (attribute {data.attr!r}; test: "
                             f"{self.sets.descriptions['test']})")
         self.loader_log: list[dict[str, Any]] = []

@@ -174,7 +174,7 @@ class _DebiasRun:
         self.given_masks = None if mask is None else _read_mask(mask, self.net, method)
         self.head_name = config.head or find_head_name(self.net)
         _, self.head_params, self.feat_params = split_head(self.net, self.head_name)
-        self.sets = read_sets(data)
+        self.sets = read_sets(data, self.net, self.device, progress)
         run_parts = parts(self.sets, data, hold_out=plan is not None)
         self.fit, self.val, self.balanced = run_parts.fit, run_parts.val, run_parts.balanced
         self.mask_loader, self.train_loader = run_parts.mask, run_parts.train
@@ -204,7 +204,7 @@ class _DebiasRun:
     def evaluate(self, desc: str, threshold: float = 0.5) -> dict[str, Any]:
         """Overall and per-group scores of the model on the evaluation set at the decision ``threshold``."""
         y, p, a, _ = score(self.net, self.eval_loader, self.device, progress=self.progress, desc=desc)
-        return evaluation_scores(y, p, a, self.data.attr_map, threshold)
+        return evaluation_scores(y, p, a, self.sets.attr_map, threshold)
 
     def _resume_state(self) -> RunState | None:
         if self.saved is None:
@@ -331,6 +331,7 @@ class _DebiasRun:
                 "test": {**set_summary(sets.test, sets.descriptions["test"]), **counts["test"]},
             }},
             "selection": None if selection is None else selection.to_dict(),
+            "attribute_reduction": sets.reduction,
             "threshold": after["overall"]["threshold"],
             "loader": loader,
             "before": before,

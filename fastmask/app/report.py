@@ -144,6 +144,18 @@ def _selection_md(selection: Mapping[str, Any], plot: str | None) -> list[str]:
     return out
 
 
+def _reduction_md(report: Mapping[str, Any]) -> str:
+    """What SWiFT's multi-attribute reduction kept, as the end of the attribute's line (empty without it)."""
+    r = report.get("attribute_reduction")
+    if not r:
+        return ""
+    aucs = ", ".join(f"{v} {a:.4f}" for v, a in r["auc_by_value"].items())
+    left = [v for v in r["values"] if v not in (r["g_max"], r["g_min"])]
+    return (f", reduced to its extreme values by the original model's AUC on the external set (AUC {aucs}): group 0 "
+            f"= {r['g_max']!r} (the highest), group 1 = {r['g_min']!r} (the lowest); the samples of "
+            f"{left or 'no other value'} are left out of every set")
+
+
 def render_debias_markdown(report: Mapping[str, Any]) -> str:
     """``report.md`` from the ``report.json`` content written by :func:`fastmask.app.debias.debias`."""
     data, model = report["data"], report["model"]
@@ -154,7 +166,7 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
         f"- model: `{model['spec']}`, weights `{model['weights']}` ({model['parameters']:,} parameters, head "
         f"`{model['head']}`)",
         f"- shards: `{data['shards']}`; attribute `{data['attr']}`"
-        + (f" (groups {data['attr_map']})" if data.get("attr_map") else ""),
+        + (f" (groups {data['attr_map']})" if data.get("attr_map") else "") + _reduction_md(report),
         f"- evaluation set: {data['sets']['test']['description']}, {read_text(data['sets']['test'])}",
         f"- run time: {report['seconds']:.1f} s",
         "",
