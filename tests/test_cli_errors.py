@@ -137,6 +137,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
     ("debias: module not importable", lambda e: debias_argv(e, model="no_such_module:Net"),
      ["no_such_module"]),
     ("debias: callable missing", lambda e: debias_argv(e, model="cli_helpers:NoNet"), ["cli_helpers", "'NoNet'"]),
+    ("evaluate: a mask file given as weights", lambda e: evaluate_argv(e, weights="soft-mask.safetensors"),
+     ["soft-mask.safetensors", "fastmask-masks file", "not a model's weights"]),
     ("debias: a mask of another model", lambda e: debias_argv(e, "--mask", str(e.root / "other-mask.safetensors")),
      ["other-mask.safetensors", "mask 'weight' is not a parameter of TinyCNN"]),
     ("debias: a soft mask for BMFT", lambda e: debias_argv(e, "--mask", str(e.root / "soft-mask.safetensors"),

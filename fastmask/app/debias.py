@@ -42,7 +42,7 @@ from fastmask.methods.selection import Plan, Selection, select
 from fastmask.methods.state import Result, RunState
 from fastmask.model.head import find_head_name, split_head
 from fastmask.model.scoring import score
-from fastmask.model.weights import Library, load_model, save_weights
+from fastmask.model.weights import WEIGHTS_FORMAT, Library, load_model, save_weights
 from fastmask.parallel import ddp
 from fastmask.util.files import jsonable
 from fastmask.util.memory import PeakMemory
@@ -283,7 +283,7 @@ class _DebiasRun:
         report = self._report(result, after, selection)
         if self.writer:
             save_weights(self.net, self.out / OUTPUTS["weights"],
-                         metadata={"format": "fastmask-weights", "method": self.method, "threshold": repr(threshold)})
+                         metadata={"format": WEIGHTS_FORMAT, "method": self.method, "threshold": repr(threshold)})
             save_masks(result.masks, self.out / OUTPUTS["mask"])
             plot_mask_layers(report["mask"]["layers"], self.out / PLOTS["mask"], hard=report["mask"]["kind"] == "hard")
             if report["outputs"]["plots"]["epochs"]:

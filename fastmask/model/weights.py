@@ -38,11 +38,13 @@ from torch import Tensor, nn
 
 from fastmask.util.files import atomic_write_bytes
 
-__all__ = ["build_model", "read_state_dict", "load_weights", "load_model", "save_weights", "Library"]
+__all__ = ["build_model", "read_state_dict", "load_weights", "load_model", "save_weights", "Library", "WEIGHTS_FORMAT"]
 
 log = logging.getLogger(__name__)
 
 Library = Literal["auto", "torchvision", "timm"]
+#: The ``format`` metadata of the weights ``fastmask debias`` writes (with their decision threshold).
+WEIGHTS_FORMAT = "fastmask-weights"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _PREFIXES = ("module.", "_orig_mod.")
 _LIST_LIMIT = 8
@@ -156,18 +158,23 @@ def saved_threshold(path: str | os.PathLike) -> float | None:
     path = Path(path)
     if not path.is_file() or not _is_safetensors(path):
         return None
-    try:
-        with safe_open(os.fspath(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError):
-        return None
-    if meta.get("format") != "fastmask-weights" or "threshold" not in meta:
+    meta = _metadata(path)
+    if meta.get("format") != WEIGHTS_FORMAT or "threshold" not in meta:
         return None
     try:
         return float(meta["threshold"])
     except ValueError:
         raise ValueError(f"weights file {path}: its saved decision threshold {meta['threshold']!r} is not a "
                          "number") from None
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file's header ({} when it has none or cannot be read)."""
+    try:
+        with safe_open(os.fspath(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return {}
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -238,6 +245,11 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if _is_safetensors(path):
+        kind = _metadata(path).get("format", "")
+        if kind.startswith("fastmask-") and kind != WEIGHTS_FORMAT:
+            # A mask file holds one tensor per parameter, so a model without buffers would load it silently.
+            raise ValueError(f"weights file {path} is a {kind} file written by fastmask (a mask.safetensors is a "
+                             "run's mask), not a model's weights; give the run's weights.safetensors")
         try:
             return load_file(os.fspath(path))
         except (SafetensorError, OSError, ValueError) as err:
