@@ -88,7 +88,7 @@ class Fold:
 class DataSource(Protocol):
     """Where the folds come from: ``fold(seed)`` and, per method, the configuration to start from (None: the
     method's defaults); ``skipped()`` counts the damaged sample reads its loaders skipped so far, ``reads()`` what
-    the last pass over each split read and skipped (:func:`fastmask.app.sets.split_counts`; empty when nothing is
+    the last epoch over each split read and skipped (:func:`fastmask.app.sets.split_counts`; empty when nothing is
     read from shards)."""
 
     name: str
@@ -318,7 +318,7 @@ def main(source: DataSource, methods: Sequence[str] | None = None, seeds: Sequen
     table = format_table(summary, title)
     skipped, reads = source.skipped(), source.reads()
     if reads:
-        table += ("\n\nSamples read in the last pass over each split: " + "; ".join(
+        table += ("\n\nSamples read in the last epoch over each split: " + "; ".join(
             f"{SPLITS[name]} {c['read']} ({c['skipped']} skipped as damaged)" for name, c in reads.items()) + ".")
     out_dir = Path(out)
     outputs = {"table_md": out_dir / "table.md", "table_csv": out_dir / "table.csv", "runs_csv": out_dir / "runs.csv",

@@ -308,7 +308,7 @@ class _DebiasRun:
         sets, before = self.sets, self.before
         bal_groups = self.balanced.assign(a=self.balanced["a"].astype(int))
         loader = loader_summary(self.loader_log)
-        # What each set really had in the last pass over it (the external set: the fitting and validation parts).
+        # What each set really had in the last epoch over it (the external set: the fitting and validation parts).
         reads = {"external": ("mask", "validation"), "balanced": ("train",), "validation": ("validation",),
                  "test": ("evaluation",)}
         counts = {name: read_counts(loader["splits"], splits) for name, splits in reads.items()}

@@ -69,7 +69,7 @@ def _group_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def read_text(counts: Mapping[str, Any]) -> str:
     """How many samples a set really had: "600 samples" when all were read, else "200 of 600 samples read (400
-    skipped as damaged)"; ``counts`` holds ``samples`` (planned) and the ``read`` / ``skipped`` of the last pass."""
+    skipped as damaged)"; ``counts`` holds ``samples`` (planned) and the ``read`` / ``skipped`` of the last epoch."""
     planned, read = counts["samples"], counts.get("read")
     if read is None or (read == planned and not counts.get("skipped")):
         return f"{planned} samples"
@@ -226,9 +226,11 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
             ""]
     sets = data["sets"]
     out += ["## Data", "",
-            markdown_table(["set", "samples", "read (last pass)", "skipped (last pass)", "description"],
+            markdown_table(["set", "samples", "read (last epoch)", "skipped (last epoch)", "description"],
                            ([name, s["samples"], s.get("read"), s.get("skipped"), s["description"]]
-                            for name, s in sets.items() if s is not None)), ""]
+                            for name, s in sets.items() if s is not None)), "",
+            "Read and skipped: the sample reads of the last epoch over each set, delivered and lost to damage (a "
+            "training epoch may read its set more than once, to fill its batches).", ""]
     loader = report["loader"]
     if loader["skipped"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(loader["by_reason"].items()))

@@ -303,19 +303,21 @@ class Tracked:
 
 
 def split_counts(log: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per tracked loader, what its last complete pass really had: ``read`` (samples delivered), ``skipped``
-    (sample reads lost to damage) and ``passes`` (complete passes so far). Every pass over a split meets the same
-    damage, so the last pass is the one the reported figures were computed on."""
+    """Per tracked loader, what its last complete epoch really had: ``read`` (samples delivered), ``skipped``
+    (sample reads lost to damage) and ``epochs`` (complete epochs so far). An evaluation epoch is one pass over its
+    set, and every pass meets the same damage, so the last epoch is the one the reported figures were computed on;
+    a training epoch may pass over its set more than once (the resampling that fills its batches, :mod:`fastmask.
+    data.loader`), so its ``read`` counts sample reads, not distinct samples."""
     counts: dict[str, dict[str, int]] = {}
     for entry in log:
-        passes = counts.get(entry["loader"], {}).get("passes", 0) + 1
-        counts[entry["loader"]] = {"read": entry["samples"], "skipped": entry["skipped"], "passes": passes}
+        epochs = counts.get(entry["loader"], {}).get("epochs", 0) + 1
+        counts[entry["loader"]] = {"read": entry["samples"], "skipped": entry["skipped"], "epochs": epochs}
     return counts
 
 
 def read_counts(splits: Mapping[str, Mapping[str, int]], names: Sequence[str]) -> dict[str, int | None]:
-    """``read`` and ``skipped`` of a set read by the loaders ``names`` (summed over those that made a pass; None
-    when none did), from :func:`split_counts`."""
+    """``read`` and ``skipped`` of a set read by the loaders ``names`` (summed over those that finished an epoch;
+    None when none did), from :func:`split_counts`."""
     ran = [splits[n] for n in names if n in splits]
     if not ran:
         return {"read": None, "skipped": None}
@@ -324,7 +326,7 @@ def read_counts(splits: Mapping[str, Mapping[str, int]], names: Sequence[str]) -
 
 def loader_summary(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What :class:`Tracked` loaders logged, summed: ``skipped`` (damaged sample reads), by reason, by loader, and
-    one entry per damaged sample; and each split's last pass (:func:`split_counts`)."""
+    one entry per damaged sample; and each split's last epoch (:func:`split_counts`)."""
     by_loader: dict[str, dict[str, int]] = {}
     by_reason: dict[str, int] = {}
     damaged: dict[tuple, dict[str, Any]] = {}
