@@ -7,7 +7,10 @@ for the resumed ones; tarfile for the corrupted member's place.
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import shlex
 import shutil
 import sys
 import tarfile
@@ -134,6 +137,39 @@ def test_shards_maxsize_accepts_units(data, tmp_path):
         assert payload <= 2048 or shard.count == 1, shard  # 2K = 2048 bytes of image + JSON per shard
 
 
+# ---- --help and progress bars -----------------------------------------------------------------------------------
+
+
+def test_help_shows_every_default_and_the_methods_epochs():
+    from fastmask.app.cli import EXIT_STATUSES, build_parser
+    from fastmask.methods.configs import SwiftConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            takes_value = action.nargs != 0 and not isinstance(action, argparse._HelpAction)
+            if action.option_strings and takes_value and not action.required:
+                assert "default" in (action.help or ""), f"fastmask {name} {action.option_strings[0]}"
+        epilog = parser.format_help().split("exit status:")[1]
+        statuses = {int(m) for m in re.findall(r"^\s*(\d+)  ", epilog, flags=re.MULTILINE)}
+        assert {0, 1, 2, 70, 130} <= statuses and (3 in statuses) == (name == "debias"), name
+    assert len({status for status, _, _ in EXIT_STATUSES}) == len(EXIT_STATUSES)
+    swift, bmft, faithful = SwiftConfig(), BmftConfig(), BmftConfig(faithful=True)
+    words = " ".join(sub.choices["debias"].format_help().split())
+    for swift_step, bmft_step in (("step1", "impair"), ("step2", "repair")):
+        swift_epochs, bmft_epochs = getattr(swift, swift_step).epochs, getattr(bmft, bmft_step).epochs
+        assert f"(default: SWiFT {swift_epochs}, BMFT {bmft_epochs}; BMFT --faithful {faithful.impair.epochs})" in words
+
+
+def test_progress_bars_only_on_a_terminal_unless_forced(data, tmp_path, capsys):
+    argv = ["evaluate", "--model", "cli_helpers:TinyCNN", "--weights", str(data.weights), "--shards",
+            str(data.shards), "--fold", "test", "--image-size", "12", "--out", str(tmp_path)]
+    assert main(argv) == 0  # pytest's stderr is no terminal
+    assert "evaluate" not in capsys.readouterr().err
+    assert main([*argv, "--progress"]) == 0
+    assert "evaluate:" in capsys.readouterr().err
+
+
 # ---- debias -------------------------------------------------------------------------------------------------------
 
 
@@ -215,9 +251,11 @@ def test_evaluate_tables_match_sklearn(data, runs, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["swift", "bmft"])
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, runs, tmp_path, method):
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, runs, tmp_path, method, capsys):
     out = tmp_path / "resumed"
-    assert main(debias_argv(data, out, method, "--stop-after-epochs", "1")) == EXIT_STOPPED
+    argv = debias_argv(data, out, method, "--stop-after-epochs", "1")
+    assert main(argv) == EXIT_STOPPED
+    assert capsys.readouterr().out.rstrip().endswith(shlex.join(["fastmask", *argv, "--resume"]))
     assert (out / "checkpoint" / "state.pt").is_file() and not (out / "weights.safetensors").exists()
     # Two more epochs: the last of step 1 and the first of step 2, across the head re-initialisation.
     assert main(debias_argv(data, out, method, "--resume", "--stop-after-epochs", "2")) == EXIT_STOPPED
@@ -234,7 +272,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, runs, tmp_
     assert not (out / "checkpoint").exists()
 
 
-def test_a_crash_inside_the_first_epoch_resumes_from_the_saved_mask(data, runs, tmp_path, monkeypatch):
+def test_ctrl_c_inside_the_first_epoch_prints_the_resume_command_which_finishes_the_run(data, runs, tmp_path,
+                                                                                       monkeypatch, capsys):
     from fastmask.app.sets import Tracked
 
     real_iter = Tracked.__iter__
@@ -249,16 +288,36 @@ def test_a_crash_inside_the_first_epoch_resumes_from_the_saved_mask(data, runs, 
 
     out = tmp_path / "crashed"
     monkeypatch.setattr(Tracked, "__iter__", crash_in_training)
-    with pytest.raises(KeyboardInterrupt):
-        main(debias_argv(data, out, "swift"))
+    assert main(debias_argv(data, out, "swift")) == 130  # 128 + SIGINT, and no traceback
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "after step1 epoch 0" in err
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     assert (state["run"]["step"], state["run"]["epoch"], state["run"]["optimizer"]) == ("step1", 0, None)
     monkeypatch.setattr(Tracked, "__iter__", real_iter)
-    assert main(debias_argv(data, out, "swift", "--resume")) == 0
+    # The printed command, as the user would paste it, continues the run.
+    command = shlex.split(err.partition("continue with: ")[2])
+    assert command[0] == "fastmask" and command[-1] == "--resume"
+    assert main(command[1:]) == 0
     a, b = load_file(runs["swift"] / "weights.safetensors"), load_file(out / "weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     report = json.loads((out / "report.json").read_text())
     assert report["n_importance_batches"] > 0  # the importance pass of the first invocation, kept
+
+
+def test_a_saved_mask_is_reused_without_an_importance_pass(data, runs, tmp_path):
+    # SWiFT reads the mask loader only for its importance pass: given the mask that pass produced, the run ends with
+    # the same weights, bit for bit, having read none of it.
+    out = tmp_path / "reused"
+    mask = runs["swift"] / "mask.safetensors"
+    assert main(debias_argv(data, out, "swift", "--mask", str(mask))) == 0
+    a, b = load_file(runs["swift"] / "weights.safetensors"), load_file(out / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    given, written = load_file(mask), load_file(out / "mask.safetensors")
+    assert all(torch.equal(given[k], written[k]) for k in given)
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_importance_batches"] == 0 and report["mask"]["source"] == str(mask)
+    assert "mask" not in report["loader"]["splits"]  # the external set was never read
+    assert f"the mask was read from `{mask}`" in (out / "report.md").read_text()
 
 
 def test_eval_shards_external_folds_and_attribute_map(data, tmp_path):
@@ -280,6 +339,34 @@ def test_eval_shards_external_folds_and_attribute_map(data, tmp_path):
     groups = {r["group"]: (r["label"], r["n"]) for r in report["after"]["groups"]}
     assert groups == {0: ("M", int((test_rows["sex"] == "M").sum())), 1: ("F", int((test_rows["sex"] == "F").sum()))}
     assert "| 1 (F) |" in (out / "report.md").read_text()
+
+
+def test_a_many_valued_attribute_is_reduced_to_its_extreme_groups(data, tmp_path):
+    # SWiFT's multi-attribute reduction: the original model's AUC per value on the external set (recomputed here from
+    # the PNG files and sklearn) picks the values kept as group 0 (highest) and group 1 (lowest).
+    table = data.table.assign(age=[("young", "mid", "old")[i % 3] for i in range(len(data.table))])
+    table.to_csv(tmp_path / "age.csv", index=False)
+    assert main(["shards", str(tmp_path / "age.csv"), "--image-root", str(data.root / "images"), "--out",
+                 str(tmp_path / "shards"), "--attr", "age", "--fold-col", "fold"]) == 0
+    out = tmp_path / "out"
+    argv = debias_argv(data, out, "swift", "--epochs1", "1", "--epochs2", "1", "--no-epoch-eval", "--attr-groups",
+                       "extremes", attr="age")
+    argv[argv.index("--shards") + 1] = str(tmp_path / "shards")
+    assert main(argv) == 0
+    ext, test = table[table["fold"] == "ext"], table[table["fold"] == "test"]
+    p, y = oracle_probs(data.weights, data, ext), ext["target"].to_numpy()
+    aucs = {v: roc_auc_score(y[ext["age"] == v], p[(ext["age"] == v).to_numpy()]) for v in sorted(set(ext["age"]))}
+    g_max, g_min = max(aucs, key=aucs.get), min(aucs, key=aucs.get)
+    report = json.loads((out / "report.json").read_text())
+    reduction = report["attribute_reduction"]
+    assert (reduction["g_max"], reduction["g_min"]) == (g_max, g_min)
+    assert reduction["auc_by_value"] == pytest.approx(aucs, abs=1e-9)
+    kept = [g_max, g_min]
+    assert report["data"]["sets"]["external"]["samples"] == int(ext["age"].isin(kept).sum())
+    assert report["data"]["sets"]["test"]["samples"] == int(test["age"].isin(kept).sum())
+    groups = {r["group"]: (r["label"], r["n"]) for r in report["after"]["groups"]}
+    assert groups == {0: (g_max, int((test["age"] == g_max).sum())), 1: (g_min, int((test["age"] == g_min).sum()))}
+    assert f"group 0 = {g_max!r} (the highest)" in (out / "report.md").read_text()
 
 
 def test_stop_after_the_last_epoch_finishes_the_run(data, tmp_path):
@@ -324,10 +411,14 @@ def test_corrupted_member_is_skipped_and_counted(data, tmp_path):
     for key in (ext_key, test_key):
         corrupt_member(shards / index.shard_of(key), f"{key}.png")
     out = tmp_path / "out"
-    argv = debias_argv(data, out, "swift", "--epochs1", "1", "--epochs2", "1", "--no-epoch-eval")
+    # One damaged sample of 24 is more than the default 1 % limit: raised to 10 % here.
+    argv = debias_argv(data, out, "swift", "--epochs1", "1", "--epochs2", "1", "--no-epoch-eval",
+                       "--max-skip-fraction", "0.1")
     argv[argv.index("--shards") + 1] = str(shards)
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
+    assert {k: report["data"]["sets"]["test"][k] for k in ("samples", "read", "skipped")} == {
+        "samples": 24, "read": 23, "skipped": 1}
     loader = report["loader"]
     damaged = {(d["loader"], d["key"], d["reason"]) for d in loader["damaged"]}
     assert ("mask", ext_key, "decode") in damaged and ("evaluation", test_key, "decode") in damaged
@@ -339,6 +430,78 @@ def test_corrupted_member_is_skipped_and_counted(data, tmp_path):
     assert loader["skipped"] == sum(v["skipped"] for v in loader["by_loader"].values()) > 0
     md = (out / "report.md").read_text()
     assert ext_key in md and test_key in md
+
+
+def truncate_before(shard: Path, key: str) -> int:
+    """Cut ``shard`` where the first member of ``key`` starts (as a copy interrupted mid-way would); returns how many
+    keys of the shard come before it (they stay readable)."""
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    cut = min(m.offset for m in members if m.name.split(".")[0] == key)
+    with open(shard, "r+b") as f:
+        f.truncate(cut)
+    return len({m.name.split(".")[0] for m in members if m.offset < cut})
+
+
+@pytest.fixture
+def truncated(data, tmp_path) -> tuple[Path, int]:
+    """The shards with the one holding most of the test fold cut short; the number of test samples still readable."""
+    shards = tmp_path / "truncated"
+    shutil.copytree(data.shards, shards)
+    index = ShardIndex.load(shards)
+    test_keys = [k for k, r in index.samples.items() if r["fold"] == "test"]
+    shard = index.shard_of(test_keys[0])
+    kept = truncate_before(shards / shard, test_keys[10])
+    readable = sum(1 for k in test_keys if index.shard_of(k) != shard) + kept
+    assert 0 < readable < len(test_keys) == 24
+    return shards, readable
+
+
+def test_a_truncated_shard_fails_the_run_unless_allowed_and_the_reports_count_what_was_read(data, truncated, tmp_path,
+                                                                                           capsys):
+    shards, readable = truncated
+    lost = 24 - readable
+    argv = debias_argv(data, tmp_path / "run", "swift", "--epochs1", "1", "--epochs2", "1", "--no-epoch-eval")
+    argv[argv.index("--shards") + 1] = str(shards)
+    assert main(argv) == 5  # the default limit, 1 %: the evaluation set lost far more
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shard-000002.tar" in err
+    assert f"the evaluation set: {lost} of 24 sample reads skipped" in err and "--max-skip-fraction" in err
+    assert not (tmp_path / "run" / "report.json").exists()
+
+    assert main([*argv, "--max-skip-fraction", "0.9"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    test = report["data"]["sets"]["test"]
+    assert (test["samples"], test["read"], test["skipped"]) == (24, readable, lost)
+    assert sum(r["n"] for r in report["after"]["groups"]) == readable  # the metrics' own sample count
+    assert sum(r["n"] for r in report["before"]["groups"]) == readable
+    assert f"{readable} of 24 samples read ({lost} skipped as damaged)" in (tmp_path / "run" / "report.md").read_text()
+    ext = report["data"]["sets"]["external"]
+    assert ext["read"] == ext["samples"] == 40 and ext["skipped"] == 0  # the cut shard holds test samples only
+
+    evaluate = ["evaluate", "--model", "cli_helpers:TinyCNN", "--weights", str(data.weights), "--shards", str(shards),
+                "--fold", "test", "--image-size", "12", "--no-progress", "--out", str(tmp_path / "eval")]
+    assert main(evaluate) == 5
+    assert f"{lost} of 24 sample reads skipped" in capsys.readouterr().err
+    assert main([*evaluate, "--max-skip-fraction", "1"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["data"] == {"samples": 24, "read": readable, "skipped": lost}
+    assert sum(r["n"] for r in metrics["attributes"]["tint"]["groups"]) == readable
+    assert f"{readable} of 24 samples read" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def test_strict_names_the_shard_and_member_in_one_line(data, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(data.shards, shards)
+    index = ShardIndex.load(shards)
+    key = next(k for k, r in index.samples.items() if r["fold"] == "test")
+    corrupt_member(shards / index.shard_of(key), f"{key}.png")
+    argv = debias_argv(data, tmp_path / "out", "swift", "--strict", "--no-epoch-eval")
+    argv[argv.index("--shards") + 1] = str(shards)
+    assert main(argv) == 5
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"shard {index.shard_of(key)} key {key}" in err and f"member {key}.png" in err
 
 
 # ---- model loading ------------------------------------------------------------------------------------------------
@@ -500,3 +663,8 @@ def test_compare_on_shards_selects_every_method_and_scores_it_right(data, tmp_pa
     assert (out / "table.md").read_text() in printed and (out / "scatter.png").stat().st_size > 0
     saved = json.loads((tmp_path / "cmp.json").read_text())
     assert saved["data"] == "shards" and saved["rule"]["gap"] == "eodds_mean" and saved["skipped"] == 0
+    # what each split really had, in the JSON and in table.md
+    ext = data.table[data.table["fold"] == "ext"]
+    assert {k: saved["reads"]["evaluation"][k] for k in ("read", "skipped")} == {"read": len(test), "skipped": 0}
+    assert saved["reads"]["mask"]["read"] + saved["reads"]["validation"]["read"] == len(ext)
+    assert f"evaluation set {len(test)} (0 skipped as damaged)" in (out / "table.md").read_text()

@@ -3,6 +3,7 @@ names the thing at fault (column, attribute value, group, fold, file, option).""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 from cli_helpers import TinyCNN, make_dataset, tiny_weights
 
 from fastmask.app.cli import main
+from fastmask.masking.masks import save_masks
 
 
 @dataclass
@@ -55,6 +57,8 @@ def env(tmp_path_factory) -> Env:
     (root / "garbage.pt").write_bytes(b"\x00\x01 this is no checkpoint" * 20)
     torch.save(TinyCNN(), root / "pickled.pt")  # a whole nn.Module: needs weights_only=False
     torch.save(torch.nn.Linear(3, 1).state_dict(), root / "other.pt")
+    save_masks({n: torch.full_like(p, 0.5) for n, p in TinyCNN().named_parameters()}, root / "soft-mask.safetensors")
+    save_masks({"weight": torch.ones(1, 3)}, root / "other-mask.safetensors")
     return Env(root, write_shards(root, table, "shards"), root / "weights.pt")
 
 
@@ -86,9 +90,9 @@ def evaluate_argv(env: Env, *extra: str, weights: str | None = None, shards: str
 CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
     # metadata tables
     ("shards: missing column", lambda e: shards_argv(e, "meta.csv", "--attr", "race"),
-     ["missing column", "'race'"]),
+     ["missing column", "--attr 'race'"]),
     ("shards: missing fold column", lambda e: shards_argv(e, "meta.csv", "--fold-col", "split"),
-     ["missing column", "'split'"]),
+     ["missing column", "--fold-col 'split'"]),
     ("shards: non-binary label", lambda e: shards_argv(e, "badlabel.csv"), ["'target'", "row 3", "not binary"]),
     ("shards: unreadable image", lambda e: shards_argv(e, "badimage.csv"), ["row 5", "broken.png", "unreadable"]),
     ("shards: missing table", lambda e: shards_argv(e, "nope.csv"), ["nope.csv", "not found"]),
@@ -133,10 +137,25 @@ CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
     ("debias: module not importable", lambda e: debias_argv(e, model="no_such_module:Net"),
      ["no_such_module"]),
     ("debias: callable missing", lambda e: debias_argv(e, model="cli_helpers:NoNet"), ["cli_helpers", "'NoNet'"]),
-    # options
+    ("evaluate: a mask file given as weights", lambda e: evaluate_argv(e, weights="soft-mask.safetensors"),
+     ["soft-mask.safetensors", "fastmask-masks file", "not a model's weights"]),
+    ("debias: a mask of another model", lambda e: debias_argv(e, "--mask", str(e.root / "other-mask.safetensors")),
+     ["other-mask.safetensors", "mask 'weight' is not a parameter of TinyCNN"]),
+    ("debias: a soft mask for BMFT", lambda e: debias_argv(e, "--mask", str(e.root / "soft-mask.safetensors"),
+                                                          method="bmft"),
+     ["--mask", "soft-mask.safetensors", "torch.float32", "BMFT", "hard (bool)"]),
+    ("debias: a mask file that is no mask", lambda e: debias_argv(e, "--mask", str(e.root / "garbage.pt")),
+     ["--mask", "garbage.pt", "cannot be read"]),
+    ("debias: a validation part too small to split", lambda e: debias_argv(e, "--select", "grid", shards="tiny"),
+     ["cell group", "too few to split", "--select none"]),
+]
+
+# Options that contradict each other or a value out of range: exit status 2, as argparse's own refusals; the message
+# names the flags, never the Python field behind them.
+USAGE_CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
     ("debias: option of the other method", lambda e: debias_argv(e, "--rate", "70"), ["--rate", "BMFT"]),
     ("debias: faithful with a non-reference option", lambda e: debias_argv(e, "--faithful", "--mask-mode", "update"),
-     ["faithful", "mask_mode", "'grad'"]),
+     ["--faithful", "--mask-mode 'grad'", "Leave out --faithful"]),
     # selection (debias_argv passes --select none; a later --select grid wins)
     ("debias: a fixed learning rate while selecting", lambda e: debias_argv(e, "--select", "grid", "--lr1", "1e-3"),
      ["--lr1", "--select none", "--grid-lr1"]),
@@ -146,20 +165,36 @@ CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
      ["--threshold accuracy", "validation", "--select none"]),
     ("debias: resume while selecting", lambda e: debias_argv(e, "--select", "grid", "--resume"),
      ["--resume", "--select none", "selection"]),
-    ("debias: a validation part too small to split", lambda e: debias_argv(e, "--select", "grid", shards="tiny"),
-     ["cell group", "too few to split", "--select none"]),
     ("debias: patience without selection", lambda e: debias_argv(e, "--patience", "2"),
      ["--patience", "--select none"]),
     ("debias: negative patience", lambda e: debias_argv(e, "--select", "grid", "--patience", "-1"),
-     ["patience must be >= 1 or None, got -1"]),
+     ["--patience", "expected an integer >= 0, got -1"]),
+    ("debias: negative epochs", lambda e: debias_argv(e, "--epochs1", "-1"), ["--epochs1", ">= 0, got -1"]),
+    ("debias: negative learning rate", lambda e: debias_argv(e, "--lr2", "-1"), ["--lr1 / --lr2 must be >= 0"]),
+    ("debias: beta out of range", lambda e: debias_argv(e, "--beta", "2"), ["--beta must be in [0, 1]", "got 2"]),
+    ("debias: --max-skip-fraction out of range", lambda e: debias_argv(e, "--max-skip-fraction", "1.5"),
+     ["--max-skip-fraction", "'1.5'"]),
+    ("debias: a reduction with a map", lambda e: debias_argv(e, "--attr", "sex", "--attr-groups", "extremes",
+                                                            "--attr-map", "F=1"),
+     ["--attr-groups extremes", "--attr-map"]),
+    ("debias: an unknown device", lambda e: debias_argv(e, "--device", "gpu"), ["--device 'gpu'", "cuda:1"]),
 ]
 
 
-@pytest.mark.parametrize("case, argv, expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_with_a_message_naming_it(env, capsys, case, argv, expected):
-    assert main(argv(env)) == 1
+@pytest.mark.parametrize("case, argv, expected, status", [(*c, 1) for c in CASES] + [(*c, 2) for c in USAGE_CASES],
+                         ids=[c[0] for c in (*CASES, *USAGE_CASES)])
+def test_bad_input_is_refused_with_a_message_naming_it(env, capsys, case, argv, expected, status):
+    try:
+        code = main(argv(env))
+    except SystemExit as exit_:  # argparse's own refusals: its usage line, then one error line
+        code = exit_.code
+    assert code == status
     err = capsys.readouterr().err
-    assert err.startswith("fastmask ") and "error:" in err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("fastmask ") and "error:" in lines[-1]
+    assert len(lines) == 1 or lines[0].startswith("usage: fastmask ")
+    # a flag, never the Python field or keyword behind it
+    assert "Config." not in err and "attr_cols[" not in err and not re.search(r"\b\w+=True\b", err)
     for text in expected:
         assert text in err, f"{case}: {text!r} not in {err!r}"
 
@@ -184,12 +219,86 @@ def test_run_state_is_never_silently_overwritten_or_resumed_with_other_options(e
     state = env.root / "stopped" / "checkpoint" / "state.pt"
     assert state.is_file()
     capsys.readouterr()
-    assert main(debias_argv(env, out="stopped")) == 1
+    assert main(debias_argv(env, out="stopped")) == 7  # EXIT_EXISTS
     err = capsys.readouterr().err
-    assert str(state) in err and "--resume" in err and "after step1 epoch 1" in err
+    assert str(state) in err and "--resume" in err and "after step1 epoch 1" in err and "--overwrite" in err
     assert main(debias_argv(env, "--resume", "--beta", "0.3", out="stopped")) == 1
     err = capsys.readouterr().err
     assert "config.beta: 0.1 in the checkpoint, 0.3 now" in err
     state.write_bytes(b"damaged")
     assert main(debias_argv(env, "--resume", out="stopped")) == 1
     assert "cannot be read" in capsys.readouterr().err
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_device_this_machine_lacks_is_one_line_with_its_own_status(env, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as here: no GPU
+    for argv in (debias_argv(env, "--device", "cuda"), evaluate_argv(env, "--device", "cuda:0")):
+        assert main(argv) == 6
+        err = one_line(capsys)
+        assert "--device cuda" in err and "CUDA is not available" in err and "--device cpu" in err
+
+
+def test_debug_adds_the_traceback_to_the_one_line(env, capsys):
+    assert main(debias_argv(env, "--attr", "race", "--debug")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "--attr 'race'" in err[-1]
+
+
+def test_an_internal_error_is_one_line_that_points_to_debug(env, capsys, monkeypatch):
+    import fastmask.app.evaluate
+
+    def broken(**kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(fastmask.app.evaluate, "evaluate", broken)
+    assert main(evaluate_argv(env)) == 70
+    err = one_line(capsys)
+    assert "internal error (ZeroDivisionError: division by zero)" in err and "--debug" in err
+
+
+def test_a_finished_out_is_refused_unless_overwrite(env, capsys):
+    out = env.root / "finished"
+    assert main(debias_argv(env, out="finished")) == 0
+    stale = out / "selection.png"  # a file of an earlier run that this one (--select none) does not write
+    stale.write_bytes(b"old")
+    capsys.readouterr()
+    assert main(debias_argv(env, "--beta", "0.3", out="finished")) == 7
+    err = one_line(capsys)
+    assert f"--out {out} holds a finished run (report.json)" in err and "--overwrite" in err
+    assert main(debias_argv(env, "--beta", "0.3", "--overwrite", out="finished")) == 0
+    assert not stale.exists() and (out / "report.json").is_file()
+
+
+def test_shards_refusal_names_the_flag(env, capsys):
+    argv = [a for a in shards_argv(env, "meta.csv") if a != "--overwrite"]
+    argv[argv.index("--out") + 1] = str(env.root / "twice")
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 7
+    err = one_line(capsys)
+    assert "pass --overwrite" in err and "overwrite=True" not in err
+
+
+def test_nan_or_inf_in_the_weights_names_the_parameter(env, capsys):
+    for value, kind in ((float("nan"), "NaN"), (float("inf"), "Inf")):
+        state = TinyCNN().state_dict()
+        state["features.4.weight"][0, 0, 1, 1] = value
+        torch.save(state, env.root / "bad-values.pt")
+        assert main(evaluate_argv(env, weights="bad-values.pt")) == 1
+        err = one_line(capsys)
+        assert "parameter 'features.4.weight' holds " + kind in err and "bad-values.pt" in err
+
+
+def test_a_model_without_a_colon_is_told_the_expected_form(env, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # whatever is installed, the message is about the form
+    monkeypatch.setitem(sys.modules, "timm", None)
+    assert main(debias_argv(env, model="cli_helpers.TinyCNN")) == 1
+    err = one_line(capsys)
+    assert "--model 'cli_helpers.TinyCNN': expected 'module:callable'" in err
+    assert "did you mean 'cli_helpers:TinyCNN'?" in err and "cannot be imported" not in err

@@ -72,6 +72,9 @@ class TinySource:
     def skipped(self):
         return 0
 
+    def reads(self):
+        return {}
+
 
 @pytest.fixture
 def tiny():
@@ -271,7 +274,7 @@ def test_argument_errors_name_the_culprit(tmp_path, capsys):
             (["--shards", str(tmp_path)], "--shards needs --model, --weights, --attr"),
             (["--select", "none", "--gap", "spd"], "--gap sets how a configuration is selected"),
             (["--select", "none", "--threshold", "rate"], "--threshold rate is chosen on the validation part")):
-        assert cli.main(["compare", *argv, "--out", str(tmp_path)]) == 1
+        assert cli.main(["compare", *argv, "--out", str(tmp_path)]) == cli.EXIT_USAGE
         err = capsys.readouterr().err
         assert err.startswith(f"fastmask compare: error: {message}") and err.count("\n") == 1, err
 

@@ -7,11 +7,11 @@ the handler that receives the parsed arguments and returns the exit code. The wo
 :mod:`fastmask.app.compare`, :mod:`fastmask.app.demo`); heavy modules are imported inside the handlers so that
 ``fastmask --help`` stays fast.
 
-Bad input ends with one line on stderr, ``fastmask <command>: error: <message>``, and exit status 1.
-``fastmask debias`` exits with status 3 when no candidate configuration met the budgets on the validation part (the
-model is written unchanged), with 4 when none did better than moving the decision threshold alone (the weights are
-written unchanged, with the new threshold), and with 75 (EX_TEMPFAIL, "try again") when ``--stop-after-epochs N``
-stopped it before the end, so a job script can loop on ``--resume``.
+Every error ends the same way (:func:`main`, the one error path): one line on stderr, ``fastmask <command>: error:
+<message>``, naming the flag, file, column, shard or key at fault (Python names in messages from below are mapped to
+the flags here, :func:`_flag_names`), and an exit status per kind of failure (:data:`EXIT_STATUSES`, printed by
+every ``--help``); ``--debug`` adds the traceback. Ctrl-C ends with status 130 and, for ``debias``, the exact
+``--resume`` command that continues from the state saved after the last finished epoch.
 
 One module over 400 lines on purpose: every subcommand's options, the options debias and compare share and the one
 error path, in one place, so that the command line reads as one reference (docs/cli.md is generated from it).
@@ -20,20 +20,58 @@ error path, in one place, so that the command line reads as one reference (docs/
 from __future__ import annotations
 
 import argparse
+import math
 import re
+import shlex
 import sys
+import textwrap
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["build_parser", "main", "EXIT_STOPPED", "EXIT_UNCHANGED", "EXIT_THRESHOLD_ONLY"]
+from fastmask.app.errors import DeviceError, UsageError
+from fastmask.data.stats import MAX_SKIP_FRACTION
 
-#: Exit status of a debias run stopped by --stop-after-epochs (sysexits.h EX_TEMPFAIL).
-EXIT_STOPPED = 75
+__all__ = ["build_parser", "main", "EXIT_STATUSES", "EXIT_INPUT", "EXIT_USAGE",
+           "EXIT_UNCHANGED", "EXIT_THRESHOLD_ONLY", "EXIT_DAMAGED", "EXIT_DEVICE", "EXIT_EXISTS", "EXIT_INTERNAL",
+           "EXIT_STOPPED", "EXIT_INTERRUPTED"]
+
+#: Bad input: a file, table column, sample key or value, or the weights.
+EXIT_INPUT = 1
+#: Bad command line: an unknown or conflicting option, or an option value out of range (argparse's own status).
+EXIT_USAGE = 2
 #: Exit status of a debias run whose selection found no candidate within the budgets (the model is unchanged).
 EXIT_UNCHANGED = 3
 #: Exit status of a debias run in which no candidate did better than moving the decision threshold alone (the weights
 #: are written unchanged, with the new threshold).
 EXIT_THRESHOLD_ONLY = 4
+#: Damaged data: a split lost more than --max-skip-fraction of its samples, or --strict met a damaged one.
+EXIT_DAMAGED = 5
+#: The --device asked for is not available here.
+EXIT_DEVICE = 6
+#: --out already holds a finished run or a shard set, and --overwrite was not given.
+EXIT_EXISTS = 7
+#: An error that is not the input's: a bug in fastmask (sysexits.h EX_SOFTWARE).
+EXIT_INTERNAL = 70
+#: Exit status of a debias run stopped by --stop-after-epochs (sysexits.h EX_TEMPFAIL).
+EXIT_STOPPED = 75
+#: Interrupted by Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+#: (status, the subcommands that can end with it (empty: all), meaning): the table every --help prints.
+EXIT_STATUSES = (
+    (0, (), "done"),
+    (EXIT_INPUT, (), "bad input: a file, table column, sample key or value, or the weights"),
+    (EXIT_USAGE, (), "bad command line: an unknown or conflicting option, or an option value out of range"),
+    (EXIT_UNCHANGED, ("debias",), "no candidate within the budgets: the model written unchanged"),
+    (EXIT_THRESHOLD_ONLY, ("debias",), "threshold only: the weights written unchanged, with the new threshold"),
+    (EXIT_DAMAGED, ("debias", "evaluate", "compare"),
+     "damaged data: a split lost more than --max-skip-fraction of its samples, or --strict met a damaged one"),
+    (EXIT_DEVICE, ("debias", "evaluate", "compare"), "the --device asked for is not available"),
+    (EXIT_EXISTS, ("shards", "debias"), "--out holds a finished run or shard set: pass --overwrite to replace it"),
+    (EXIT_INTERNAL, (), "internal error (a bug): --debug shows the traceback for a report"),
+    (EXIT_STOPPED, ("debias",), "stopped by --stop-after-epochs: continue with --resume"),
+    (EXIT_INTERRUPTED, (), "interrupted (Ctrl-C); debias prints the --resume command that continues the run"),
+)
 # The method names --help lists, written out so that `fastmask --help` needs no torch import (tests/test_compare.py
 # checks them against fastmask.methods.registry.METHODS); COMPARE_DEFAULTS is fastmask.app.compare.DEFAULT_METHODS.
 METHOD_NAMES = ("baseline", "threshold", "swift", "bmft", "fullft-rw", "fullft-reg", "fullft-fdr", "llft", "diffgda",
@@ -41,8 +79,32 @@ METHOD_NAMES = ("baseline", "threshold", "swift", "bmft", "fullft-rw", "fullft-r
                 "manual-bn", "manual-top")
 COMPARE_DEFAULTS = ("baseline", "threshold", "swift", "bmft", "fullft-fdr", "llft", "diffgda", "random-mask",
                     "hard-0.5")
-# The errors that a user's input causes (a bad file, column, option or value): one line, no traceback.
-_USER_ERRORS = (ValueError, OSError, ImportError)
+# The errors that a user's input causes (a bad file, column, key or value): one line, exit status 1.
+_USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
+
+
+def _exit_epilog(command: str | None) -> str:
+    """The exit statuses of ``command`` (None: of every command) as the --help epilog, one line each."""
+    lines = ["exit status:"]
+    for status, commands, meaning in EXIT_STATUSES:
+        if command is None or not commands or command in commands:
+            only = f" ({', '.join(commands)})" if command is None and commands else ""
+            lines.append(f"{status:>5}  {meaning}{only}")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that a description or epilog keeps its line breaks (the exit-status table);
+    each line is still wrapped to the terminal, its continuation indented under the text."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for line in text.splitlines():
+            lead = len(line) - len(line.lstrip())
+            hang = line.find("  ", lead) + 2 if line.find("  ", lead) > 0 else lead
+            out.append(textwrap.fill(line.strip(), width, initial_indent=indent + " " * lead,
+                                     subsequent_indent=indent + " " * hang))
+        return "\n".join(out)
 
 
 def _size(text: str) -> int:
@@ -66,26 +128,91 @@ def _attr_pair(text: str) -> tuple[str, int]:
 
 def _common_model(p: argparse.ArgumentParser, required: bool = True, title: str = "model") -> None:
     g = p.add_argument_group(title)
+    demo = "" if required else " (default: the demo's)"
     g.add_argument("--model", required=required, metavar="SPEC",
                    help="'module:callable' (or 'file.py:callable') returning the nn.Module, or a torchvision / timm "
-                   "architecture name (built with one output logit and no pretrained weights; nothing is downloaded)")
+                   "architecture name (built with one output logit and no pretrained weights; nothing is downloaded)"
+                   + demo)
     g.add_argument("--weights", required=required, metavar="PATH",
-                   help="the model's state dict: safetensors, or a torch.save file read with weights_only=True")
+                   help="the model's state dict: safetensors, or a torch.save file read with weights_only=True" + demo)
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow a pickled checkpoint that needs torch.load(weights_only=False); this runs code stored "
                    "in the file, so only for files from a trusted source")
     g.add_argument("--arch-library", choices=("auto", "torchvision", "timm"), default="auto",
                    help="where to look up an architecture name (default: torchvision, then timm)")
-    g.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    g.add_argument("--device", help="torch device: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+
+
+def _device(text: str | None) -> str | None:
+    """``--device`` checked here, so that a device this machine lacks is one line and not a failure deep in torch."""
+    if text is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"--device {text}: CUDA is not available ({why}; torch {torch.__version__}); "
+                              "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {text}: MPS is not available here; use --device cpu")
+    return text
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``, refused by argparse (naming the flag) otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
 
 
 def _common_loader(p: argparse.ArgumentParser, g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
-    g.add_argument("--image-size", type=int, default=256, help="images are resized to this square (default 256)")
-    g.add_argument("--center-crop", type=int, metavar="PIXELS", help="centre crop of the original image first")
-    g.add_argument("--workers", type=int, default=0, help="loader worker processes (default 0)")
-    g.add_argument("--strict", action="store_true", help="fail on a damaged sample instead of skipping and counting it")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    g.add_argument("--batch-size", type=_at_least(1), default=64, help="samples per batch (default 64)")
+    g.add_argument("--image-size", type=_at_least(1), default=256,
+                   help="images are resized to this square (default 256)")
+    g.add_argument("--center-crop", type=_at_least(1), metavar="PIXELS",
+                   help="centre crop of the original image first (default: no crop)")
+    g.add_argument("--workers", type=_at_least(0), default=0, help="loader worker processes (default 0)")
+    g.add_argument("--strict", action="store_true",
+                   help="fail on the first damaged sample, naming its shard and member (default: skip and count it)")
+    g.add_argument("--max-skip-fraction", type=_fraction, default=MAX_SKIP_FRACTION, metavar="F",
+                   help="largest share of a split's samples that may be skipped as damaged before the run fails "
+                   f"(default {MAX_SKIP_FRACTION:g}; 1 accepts any loss, which the reports then state)")
+    _progress_option(p)
+
+
+def _progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show the progress bars (default: only when stderr is a terminal, so that a redirected log "
+                   "holds no escape codes)")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() if args.progress is None else args.progress
 
 
 # ---- shards -------------------------------------------------------------------------------------------------------
@@ -119,9 +246,9 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
                    help="a sensitive-attribute column (repeat for several)")
     p.add_argument("--image-col", default="filepath", metavar="COL", help="image path column (default filepath)")
     p.add_argument("--label-col", default="target", metavar="COL", help="binary label column (default target)")
-    p.add_argument("--fold-col", metavar="COL", help="fold / split column, kept for --test-fold")
+    p.add_argument("--fold-col", metavar="COL", help="fold / split column, kept for --test-fold (default: none)")
     p.add_argument("--key-col", metavar="COL", help="unique sample keys (default: the row number)")
-    p.add_argument("--maxcount", type=int, default=1000, help="most samples per shard (default 1000)")
+    p.add_argument("--maxcount", type=_at_least(1), default=1000, help="most samples per shard (default 1000)")
     p.add_argument("--maxsize", type=_size, default=256 * 2**20, metavar="SIZE",
                    help="most bytes per shard, e.g. 256M (default 256M)")
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default shard)")
@@ -136,14 +263,20 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
 def _external_data(p: argparse.ArgumentParser, required: bool = True, title: str = "data") -> None:
     """The data options of ``debias`` and ``compare``: the shards, the attribute, the evaluation and external sets."""
     g = p.add_argument_group(title)
-    g.add_argument("--shards", required=required, metavar="DIR", help="shards written by `fastmask shards`")
-    g.add_argument("--attr", required=required, metavar="COL", help="the sensitive attribute to debias")
+    demo = "" if required else " (default: the demo's)"
+    g.add_argument("--shards", required=required, metavar="DIR", help="shards written by `fastmask shards`" + demo)
+    g.add_argument("--attr", required=required, metavar="COL", help="the sensitive attribute to debias" + demo)
     g.add_argument("--attr-map", type=_attr_pair, action="append", metavar="VALUE=GROUP",
                    help="map an attribute value to group 0 or 1 (repeat for each value; default: values are 0/1)")
+    g.add_argument("--attr-groups", choices=("binary", "extremes"), default="binary",
+                   help="binary: the attribute's values are groups 0 and 1, or --attr-map makes them so (default); "
+                   "extremes: an attribute with more values is reduced to the two whose AUC of the original model on "
+                   "the external set is the highest (group 0) and the lowest (group 1), SWiFT's multi-attribute "
+                   "reduction; the other values' samples are left out of every set")
     g.add_argument("--test-fold", metavar="FOLD",
                    help="evaluate on this fold (of --eval-shards if given, else of --shards, and then left out of "
-                   "the external set)")
-    g.add_argument("--eval-shards", metavar="DIR", help="evaluate on these shards")
+                   "the external set; default: none, all of --eval-shards)")
+    g.add_argument("--eval-shards", metavar="DIR", help="evaluate on these shards (default: --test-fold of --shards)")
     g.add_argument("--external-fold", action="append", metavar="FOLD",
                    help="draw the external set from this fold only (repeatable; default: all not evaluated on)")
     g.add_argument("--balance-replace", choices=("auto", "true", "false"), default="auto",
@@ -161,7 +294,8 @@ def _data_spec(args: argparse.Namespace, seed: int) -> Any:
                     test_fold=args.test_fold, eval_shards=args.eval_shards,
                     external_folds=tuple(args.external_fold or ()), batch_size=args.batch_size,
                     image_size=args.image_size, center_crop=args.center_crop, workers=args.workers, seed=seed,
-                    balance_replace=replace, strict=args.strict,
+                    balance_replace=replace, strict=args.strict, max_skip_fraction=args.max_skip_fraction,
+                    attr_groups=args.attr_groups,
                     **({"val_fraction": args.val_fraction} if args.val_fraction is not None else {}))
 
 
@@ -185,7 +319,7 @@ def _selection_options(p: argparse.ArgumentParser, what: str) -> argparse._Argum
     g.add_argument("--share-tolerance", type=float, metavar="D",
                    help="largest admissible distance of the positive-prediction share from the label rate "
                    "(default 0.10)")
-    g.add_argument("--patience", type=int, metavar="N",
+    g.add_argument("--patience", type=_at_least(0), metavar="N",
                    help="a candidate stops when its best admissible epoch is N epochs of its last step behind "
                    "(default 3; 0: run every epoch)")
     g.add_argument("--threshold", type=_threshold, metavar="T",
@@ -206,16 +340,19 @@ def _rule(args: argparse.Namespace) -> Any:
     if args.select == "none":
         for name in (*_SELECTION_ONLY, *(n for n in ("grid_lr1", "grid_lr2", "grid_beta") if hasattr(args, n))):
             if getattr(args, name) is not None:
-                raise ValueError(f"{_flag(name)} sets how a configuration is selected; it does nothing with "
+                raise UsageError(f"{_flag(name)} sets how a configuration is selected; it does nothing with "
                                  "--select none")
         if args.threshold is not None and not isinstance(args.threshold, float):
-            raise ValueError(f"--threshold {args.threshold} is chosen on the validation part, which --select none "
+            raise UsageError(f"--threshold {args.threshold} is chosen on the validation part, which --select none "
                              "has not: give a number (default 0.5)")
         return None
     rule = {k: getattr(args, k) for k in _RULE_OPTIONS if getattr(args, k) is not None}
     if rule.get("patience") == 0:
         rule["patience"] = None
-    return SelectionRule(**rule)
+    try:
+        return SelectionRule(**rule)
+    except ValueError as err:  # a value out of range; _flag_names maps the field to its flag
+        raise UsageError(str(err)) from None
 
 
 # ---- debias -------------------------------------------------------------------------------------------------------
@@ -238,17 +375,20 @@ def _config(args: argparse.Namespace) -> Any:
     other = "bmft" if args.method == "swift" else "swift"
     for name in _ONLY[other]:
         if getattr(args, name) is not None:
-            raise ValueError(f"{_flag(name)} is a {other.upper()} option, not one of --method {args.method}")
+            raise UsageError(f"{_flag(name)} is a {other.upper()} option, not one of --method {args.method}")
     if args.select == "grid":
         for name, grid_flag in (("lr1", "--grid-lr1"), ("lr2", "--grid-lr2"), ("beta", "--grid-beta")):
             if getattr(args, name) is not None:
-                raise ValueError(f"{_flag(name)} sets one fixed configuration: pass --select none with it, or give "
+                raise UsageError(f"{_flag(name)} sets one fixed configuration: pass --select none with it, or give "
                                  f"the values to choose among with {grid_flag}")
     options = {name: getattr(args, name) for name in (
         "epochs1", "epochs2", "lr1", "lr2", "optimizer", "momentum", "weight_decay", "bias_space", "bias_form",
         "bias_empty", "beta", "mask_mode", "step2_feature_eval", "head", "collapse_threshold", "faithful",
         *_ONLY[args.method])}
-    return method_config(args.method, seed=args.seed, **options)
+    try:
+        return method_config(args.method, seed=args.seed, **options)
+    except ValueError as err:  # a value out of range; _flag_names maps the field to its flag
+        raise UsageError(str(err)) from None
 
 
 def _plan(args: argparse.Namespace) -> Any:
@@ -282,7 +422,7 @@ def _threshold(text: str) -> float | str:
 
 
 def _print_summary(args: argparse.Namespace, report: dict) -> None:
-    from fastmask.app.report import selection_caveat, verdict
+    from fastmask.app.report import read_text, selection_caveat, verdict
     from fastmask.app.tables import headline
 
     b, a = report["before"]["overall"], report["after"]["overall"]
@@ -290,7 +430,8 @@ def _print_summary(args: argparse.Namespace, report: dict) -> None:
     caveat = selection_caveat(report["selection"])
     if caveat:
         print(f"WARNING: {caveat}")
-    print(f"on {report['data']['sets']['test']['description']}: {headline(b, a)}")
+    test = report["data"]["sets"]["test"]
+    print(f"on {test['description']}, {read_text(test)}: {headline(b, a)}")
     if report["loader"]["skipped"]:
         print(f"skipped {report['loader']['skipped']} damaged sample reads (see report.md)")
     for w in report["guard_warnings"]:
@@ -307,7 +448,7 @@ def _run_debias(args: argparse.Namespace) -> int:
     from fastmask.parallel import ddp
     from fastmask.util.profiling import trace
 
-    device = args.device
+    device = _device(args.device)
     if ddp.init_from_env():  # under torchrun: one rank per process, rank 0 writes the outputs
         device = device or str(ddp.local_device())
 
@@ -320,11 +461,11 @@ def _run_debias(args: argparse.Namespace) -> int:
                             config=_config(args), trust_pickle=args.trust_pickle, library=args.arch_library,
                             device=device, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                             epoch_eval=not args.no_epoch_eval, keep_checkpoint=args.keep_checkpoint,
-                            progress=not args.no_progress, selection=_plan(args),
+                            progress=_progress(args), selection=_plan(args), overwrite=args.overwrite, mask=args.mask,
                             threshold=args.threshold if isinstance(args.threshold, float) else 0.5)
     except RunStopped as stop:
         if ddp.is_writer():
-            print(f"fastmask debias: {stop}")
+            print(f"fastmask debias: {stop}: {_resume_command(args.argv)}")
         return EXIT_STOPPED
     if ddp.is_writer():  # under torchrun every rank has the same numbers: rank 0 alone prints them
         _print_summary(args, report)
@@ -353,34 +494,48 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("method (unset options keep the method's defaults)")
     g.add_argument("--method", required=True, choices=("swift", "bmft"))
+    g.add_argument("--mask", metavar="PATH",
+                   help="reuse a saved mask (the mask.safetensors of an earlier run of this method on this model, "
+                   "checked by parameter name and shape) instead of computing it (default: compute it)")
     g.add_argument("--seed", type=int, default=42,
                    help="seed of the run and the data (default 42, as in the authors' code)")
     g.add_argument("--beta", type=float, help="β: SWiFT step 1 β·WBCE + (1-β)·B (default 0.1); BMFT repair "
                    "WBCE + β·B (default 0.1)")
-    g.add_argument("--epochs1", type=int, help="epochs of step 1 / BMFT's impair step")
-    g.add_argument("--epochs2", type=int, help="epochs of step 2 / BMFT's repair step")
+    g.add_argument("--epochs1", type=_at_least(0),
+                   help="epochs of step 1 / BMFT's impair step (default: SWiFT 10, BMFT 5; BMFT --faithful 10)")
+    g.add_argument("--epochs2", type=_at_least(0),
+                   help="epochs of step 2 / BMFT's repair step (default: SWiFT 10, BMFT 5; BMFT --faithful 10)")
     g.add_argument("--lr1", type=float, help="learning rate of step 1 / impair (default 1e-4)")
     g.add_argument("--lr2", type=float, help="learning rate of step 2 / repair (default 1e-3)")
-    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="optimizer of both steps")
-    g.add_argument("--momentum", type=float, help="SGD momentum of both steps (default 0.9)")
-    g.add_argument("--weight-decay", type=float, help="weight decay of both steps")
-    g.add_argument("--mask-mode", choices=("grad", "update"), help="mask the gradient (reference) or the update")
+    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"),
+                   help="optimizer of both steps (default sgd; SWiFT --task cxr: adam)")
+    g.add_argument("--momentum", type=float, help="SGD momentum of both steps (default 0.9; SWiFT --task cxr: 0)")
+    g.add_argument("--weight-decay", type=float,
+                   help="weight decay of both steps (default 5e-4; SWiFT --task cxr: 0)")
+    g.add_argument("--mask-mode", choices=("grad", "update"),
+                   help="mask the gradient (the authors' code, default) or the update")
     g.add_argument("--step2-feature-eval", action="store_true", default=None,
                    help="feature extractor in eval mode during step 2 (docs/algorithm.md §8.11)")
     g.add_argument("--head", metavar="MODULE", help="module path of the head (default: the last nn.Linear)")
-    g.add_argument("--bias-space", choices=("log", "prob", "logit"), help="bias function on log p, p or logits")
+    g.add_argument("--bias-space", choices=("log", "prob", "logit"),
+                   help="bias function on log p, p or logits (default: SWiFT log, BMFT logit)")
     g.add_argument("--bias-form", choices=("eodds_abs", "eodds_sum", "eodds_avgodds", "eopp", "spd"),
-                   help="form of the bias function")
-    g.add_argument("--bias-empty", choices=("zero", "skip"), help="empty group cells: zero-fill or skip the gap")
+                   help="form of the bias function (default: SWiFT eodds_abs, BMFT eodds_sum)")
+    g.add_argument("--bias-empty", choices=("zero", "skip"),
+                   help="empty group cells: zero-fill or skip the gap (default zero)")
     g.add_argument("--collapse-threshold", type=float, help="collapse guard threshold (default 0.95)")
     g.add_argument("--faithful", action="store_true", default=None,
                    help="reproduce the authors' code: every quirk option must keep the authors' value")
-    g.add_argument("--task", choices=("skin", "cxr"), help="SWiFT: the authors' optimiser (skin SGD, cxr Adam)")
-    g.add_argument("--reinit-cmp", choices=("gt", "ge"), help="SWiFT head re-initialisation θ[M > γ] or θ[M >= γ]")
-    g.add_argument("--reinit-scope", choices=("tensor", "head"), help="SWiFT: γ per head tensor or over the head")
+    g.add_argument("--task", choices=("skin", "cxr"),
+                   help="SWiFT: the authors' optimiser (skin SGD, cxr Adam; default skin)")
+    g.add_argument("--reinit-cmp", choices=("gt", "ge"),
+                   help="SWiFT head re-initialisation θ[M > γ] or θ[M >= γ] (default gt)")
+    g.add_argument("--reinit-scope", choices=("tensor", "head"),
+                   help="SWiFT: γ per head tensor or over the head (default tensor)")
     g.add_argument("--rate", type=float, help="BMFT: percentile rate of the hard mask (default 50)")
     g.add_argument("--inclusive", action="store_true", default=None, help="BMFT: hard mask R >= α instead of R > α")
-    g.add_argument("--impair-data", choices=("external", "balanced"), help="BMFT: data of the impair step")
+    g.add_argument("--impair-data", choices=("external", "balanced"),
+                   help="BMFT: data of the impair step (default external, the authors' code)")
 
     g = _selection_options(p, "every candidate of a small grid of learning rates and β is tried,")
     g.add_argument("--grid-lr1", type=float, nargs="+", metavar="LR",
@@ -395,11 +550,13 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the finished run in --out (without it, an --out holding report.json is refused)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT/checkpoint (starts afresh when there is none; --select none)")
-    g.add_argument("--stop-after-epochs", type=int, metavar="N",
+    g.add_argument("--stop-after-epochs", type=_at_least(1), metavar="N",
                    help=f"run at most N epochs in this invocation, then save and exit with status {EXIT_STOPPED} "
-                   "(--select none)")
+                   "(--select none; default: no limit)")
     g.add_argument("--no-epoch-eval", action="store_true",
                    help="do not evaluate after every epoch (no per-epoch plot; --select none)")
     g.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after the run finished")
@@ -407,7 +564,7 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
                    help="write a torch.profiler Chrome trace of the run to DIR/trace.json (trace-rank<R>.json per rank "
                    "under torchrun); its fastmask.* ranges "
                    "(data, importance, mask, step1, head_reinit, step2, evaluate and the fused ops) are the NVTX "
-                   "ranges Nsight Systems shows (nsys profile -t nvtx,cuda fastmask debias ...)")
+                   "ranges Nsight Systems shows (nsys profile -t nvtx,cuda fastmask debias ...; default: no trace)")
     p.set_defaults(func=_run_debias)
 
 
@@ -416,15 +573,16 @@ def _add_debias(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from fastmask.app.evaluate import evaluate
+    from fastmask.app.report import read_text
 
     res = evaluate(model=args.model, weights=args.weights, shards=args.shards, out=args.out, attrs=args.attr,
                    fold=args.fold, batch_size=args.batch_size, image_size=args.image_size,
                    center_crop=args.center_crop, workers=args.workers, trust_pickle=args.trust_pickle,
-                   library=args.arch_library, device=args.device, strict=args.strict,
-                   progress=not args.no_progress, threshold=args.threshold)
+                   library=args.arch_library, device=_device(args.device), strict=args.strict,
+                   progress=_progress(args), threshold=args.threshold, max_skip_fraction=args.max_skip_fraction)
     o = res["overall"]
     print(f"AUC {o['auc']:.4f}, ACC {o['acc']:.4f}, positive share {o['positive_rate']:.3f} (labels "
-          f"{o['label_positive_rate']:.3f}) at decision threshold {res['threshold']:.4f} on {o['n']} samples")
+          f"{o['label_positive_rate']:.3f}) at decision threshold {res['threshold']:.4f} on {read_text(res['data'])}")
     for attr, r in res["attributes"].items():
         if r.get("gaps"):
             g = r["gaps"]
@@ -446,7 +604,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--shards", required=True, metavar="DIR", help="shards written by `fastmask shards`")
     g.add_argument("--attr", action="append", metavar="COL", help="attribute(s) to group by (default: all)")
-    g.add_argument("--fold", metavar="FOLD", help="evaluate on this fold only")
+    g.add_argument("--fold", metavar="FOLD", help="evaluate on this fold only (default: every sample)")
     _common_loader(p, g)
     p.add_argument("--threshold", type=float, metavar="T",
                    help="decision threshold, ŷ = 1[p > T] (default: the one `fastmask debias` saved with the weights, "
@@ -461,7 +619,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from fastmask.app import demo  # imported here so that `fastmask --help` stays fast
 
-    demo.main(seed=args.seed, json_path=args.json, progress=not args.no_progress, threads=args.threads)
+    demo.main(seed=args.seed, json_path=args.json, progress=_progress(args), threads=args.threads)
     return 0
 
 
@@ -472,9 +630,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         description="Train a small CNN that learns a tint shortcut on scikit-learn's bundled digits, debias it with "
         "BMFT and SWiFT, and print AUC, ACC, SPD, EOdds and worst-group AUC on the test split.",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the ERM model and both methods")
-    p.add_argument("--json", metavar="PATH", help="also write the test metrics as JSON to PATH")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split, the ERM model and both methods (default 0)")
+    p.add_argument("--json", metavar="PATH", help="also write the test metrics as JSON to PATH (default: none)")
+    _progress_option(p)
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: fastest for this tiny CNN; machine-independent numbers)")
     p.set_defaults(func=_run_demo)
@@ -483,23 +642,27 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     from fastmask.app import compare  # imported here so that `fastmask --help` stays fast
 
-    methods = compare.check_methods(args.methods, args.seeds)
+    try:
+        methods = compare.check_methods(args.methods, args.seeds)
+    except ValueError as err:  # an unknown method name, a seed given twice
+        raise UsageError(str(err)) from None
     rule = _rule(args)
     if args.shards is None:
         for name in ("model", "weights", "attr"):
             if getattr(args, name) is not None:
-                raise ValueError(f"{_flag(name)} goes with --shards (the user's data); without --shards compare runs "
+                raise UsageError(f"{_flag(name)} goes with --shards (the user's data); without --shards compare runs "
                                  "on the demo benchmark, which brings its own model")
         source: Any = compare.DemoSource(**({"val_fraction": args.val_fraction} if args.val_fraction else {}))
     else:
         missing = [_flag(n) for n in ("model", "weights", "attr") if getattr(args, n) is None]
         if missing:
-            raise ValueError(f"--shards needs {', '.join(missing)}")
+            raise UsageError(f"--shards needs {', '.join(missing)}")
         source = compare.ShardSource(model=args.model, weights=args.weights, data=_data_spec(args, args.seeds[0]),
-                                     trust_pickle=args.trust_pickle, library=args.arch_library, device=args.device)
+                                     trust_pickle=args.trust_pickle, library=args.arch_library,
+                                     device=_device(args.device))
     threads = args.threads if args.threads is not None else (1 if args.shards is None else None)
     compare.main(source, methods=methods, seeds=args.seeds, out=args.out, rule=rule, json_path=args.json,
-                 progress=not args.no_progress, threads=threads)
+                 progress=_progress(args), threads=threads)
     return 0
 
 
@@ -519,7 +682,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N",
                    help="seeds (default 0 1 2): of the validation part, the balancing, the shuffling and the methods")
     p.add_argument("--out", metavar="DIR", default="fastmask-compare", help="output folder (default fastmask-compare)")
-    p.add_argument("--json", metavar="PATH", help="also write every run's metrics and the summary as JSON to PATH")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write every run's metrics and the summary as JSON to PATH (default: none)")
     p.add_argument("--threads", type=int,
                    help="torch intra-op threads (default: 1 on the demo, whose tiny CNN runs fastest so; torch's "
                    "own default on your data)")
@@ -540,17 +704,113 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    parser.formatter_class, parser.epilog = _HelpFormatter, _exit_epilog(None)
+    for name, p in sub.choices.items():
+        p.add_argument("--debug", action="store_true",
+                       help="on an error, show the Python traceback too (for a bug report)")
+        p.formatter_class, p.epilog = _HelpFormatter, _exit_epilog(name)
+        p.set_defaults(flags={a.dest: next(o for o in a.option_strings if o.startswith("--"))
+                              for a in p._actions if any(o.startswith("--") for o in a.option_strings)})
     return parser
 
 
+# Python names that messages from below the command line use, and the flags they stand for; names of the
+# subcommand's own options (``rate must be``, ``mask_mode='grad'``) are mapped from its parser in _flag_names.
+_PYTHON_NAMES = (
+    (r"\bStepConfig\.epochs\b", "--epochs1 / --epochs2"),
+    (r"\bStepConfig\.lr\b", "--lr1 / --lr2"),
+    (r"\bStepConfig\.optimizer\b", "--optimizer"),
+    (r"\b(?:Swift|Bmft)Config\(faithful=True\)", "--faithful"),
+    (r"\bSet faithful=False\b", "Leave out --faithful"),
+    (r"\battr_cols\[\d+\]=", "--attr "),
+    (r"\bimage_root\b", "--image-root"),
+    (r"^model (?=')", "--model "),
+    (r"\breplace=True or 'auto'", "--balance-replace true or auto"),
+)
+
+
+def _flag_names(message: str, flags: dict[str, str]) -> str:
+    """``message`` with the Python names of options replaced by the subcommand's flags (``flags``: dest -> flag):
+    the one place where the layers below, which know nothing of the command line, are translated to it."""
+    for pattern, flag in _PYTHON_NAMES:
+        message = re.sub(pattern, flag, message)
+    names = "|".join(re.escape(d) for d in sorted(flags, key=len, reverse=True))
+    if names:
+        # `overwrite=True` -> `--overwrite`; `mask_mode='grad'` -> `--mask-mode 'grad'`; `rate must` -> `--rate must`
+        message = re.sub(rf"(?<![\w.-])({names})=True\b", lambda m: flags[m.group(1)], message)
+        message = re.sub(rf"(?<![\w.-])({names})(=| must be\b)",
+                         lambda m: flags[m.group(1)] + (" " if m.group(2) == "=" else m.group(2)), message)
+    return message
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker comes back with the worker's traceback
+    in its message: its last line is the original message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", last)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _status(err: Exception) -> int:
+    from fastmask.data.stats import ShardReadError
+
+    for kind, status in ((ShardReadError, EXIT_DAMAGED), (DeviceError, EXIT_DEVICE), (FileExistsError, EXIT_EXISTS),
+                         (UsageError, EXIT_USAGE), (_USER_ERRORS, EXIT_INPUT)):
+        if isinstance(err, kind):
+            return status
+    return EXIT_INTERNAL
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this debias run (this one, with --resume)."""
+    return shlex.join(["fastmask", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C left behind: for debias, the saved run state and the command that continues it."""
+    if args.command != "debias":
+        return "interrupted"
+    from pathlib import Path
+
+    from fastmask.app.run_state import CHECKPOINT, SavedRun
+
+    state = Path(args.out) / CHECKPOINT
+    if not state.is_file():
+        return ("interrupted before a run state was saved (it is saved once the mask is ready and after every epoch "
+                "of --select none); run the command again")
+    try:
+        run = SavedRun.load(state).run
+        when = f"after {run['step']} epoch {run['epoch']}"
+    except ValueError:
+        when = "after the last finished epoch"
+    return f"interrupted; the run state {when} is saved in {state}; continue with: {_resume_command(args.argv)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fastmask`` console script."""
+    """Entry point of the ``fastmask`` console script: parse, run the subcommand, and end every failure on the one
+    error path (a one-line message and the exit status of its kind, :data:`EXIT_STATUSES`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
-    except _USER_ERRORS as err:
-        print(f"fastmask {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fastmask {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # the one error path: every failure ends as one line and an exit status
+        status = _status(err)
+        if args.debug:
+            traceback.print_exc()
+        message = _flag_names(_one_line(err), args.flags)
+        if status == EXIT_INTERNAL:
+            message = (f"internal error ({type(err).__name__}: {message}); this is a bug in fastmask: please report "
+                       "it with the traceback that --debug shows")
+        print(f"fastmask {args.command}: error: {message}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

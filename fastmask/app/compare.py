@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from fastmask.app.cli import COMPARE_DEFAULTS
 from fastmask.app.plots import plot_compare
-from fastmask.app.sets import DataSpec, Tracked, loader_summary, parts, read_sets
+from fastmask.app.sets import SPLITS, DataSpec, Tracked, loader_summary, parts, read_sets, split_counts
 from fastmask.app.tables import HEADLINE, METRIC_NAMES, markdown_table
 from fastmask.fairness.metrics import evaluate
 from fastmask.methods.registry import METHODS
@@ -87,7 +87,9 @@ class Fold:
 
 class DataSource(Protocol):
     """Where the folds come from: ``fold(seed)`` and, per method, the configuration to start from (None: the
-    method's defaults); ``skipped()`` counts the damaged sample reads its loaders skipped so far."""
+    method's defaults); ``skipped()`` counts the damaged sample reads its loaders skipped so far, ``reads()`` what
+    the last epoch over each split read and skipped (:func:`fastmask.app.sets.split_counts`; empty when nothing is
+    read from shards)."""
 
     name: str
     description: str
@@ -97,6 +99,8 @@ class DataSource(Protocol):
     def config(self, method: str) -> Any | None: ...
 
     def skipped(self) -> int: ...
+
+    def reads(self) -> dict[str, dict[str, int]]: ...
 
 
 class DemoSource:
@@ -127,6 +131,9 @@ class DemoSource:
     def skipped(self) -> int:
         return 0
 
+    def reads(self) -> dict[str, dict[str, int]]:
+        return {}
+
 
 class ShardSource:
     """A model and shards, read as ``fastmask debias`` reads them (:mod:`fastmask.app.sets`): per seed the same
@@ -138,9 +145,9 @@ class ShardSource:
     def __init__(self, *, model: str, weights: str | os.PathLike, data: DataSpec, trust_pickle: bool = False,
                  library: Library = "auto", device: str | None = None) -> None:
         self.data = data
-        self.sets = read_sets(data)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_model(model, weights, trust_pickle=trust_pickle, library=library).to(self.device)
+        self.sets = read_sets(data, self.model, self.device)
         self.description = (f"{model} on {data.shards} (attribute {data.attr!r}; test: "
                             f"{self.sets.descriptions['test']})")
         self.loader_log: list[dict[str, Any]] = []
@@ -150,10 +157,13 @@ class ShardSource:
 
         def loaders(hold_out: bool) -> tuple[Iterable, Iterable, Iterable | None]:
             p = parts(self.sets, data, hold_out=hold_out)
-            val = None if p.validation is None else Tracked(p.validation, "validation", self.loader_log)
-            return Tracked(p.mask, "mask", self.loader_log), Tracked(p.train, "train", self.loader_log), val
+            limit = data.max_skip_fraction
+            val = None if p.validation is None else Tracked(p.validation, "validation", self.loader_log, limit)
+            return (Tracked(p.mask, "mask", self.loader_log, limit), Tracked(p.train, "train", self.loader_log, limit),
+                    val)
 
-        test = Tracked(parts(self.sets, data, hold_out=False).evaluation, "evaluation", self.loader_log)
+        test = Tracked(parts(self.sets, data, hold_out=False).evaluation, "evaluation", self.loader_log,
+                       data.max_skip_fraction)
         return Fold(self.model, loaders, {"test": test})
 
     def config(self, method: str) -> Any | None:
@@ -161,6 +171,9 @@ class ShardSource:
 
     def skipped(self) -> int:
         return loader_summary(self.loader_log)["skipped"]
+
+    def reads(self) -> dict[str, dict[str, int]]:
+        return split_counts(self.loader_log)
 
 
 def _with_seed(config: Any, seed: int) -> Any:
@@ -303,6 +316,10 @@ def main(source: DataSource, methods: Sequence[str] | None = None, seeds: Sequen
              "max(|ΔTPR|, |ΔFPR|), (code) = ½·|ΔTPR + ΔFPR| (the authors' code: opposite gaps cancel); unchanged = "
              "seeds where no candidate met the budgets; collapse = collapse-guard firings / runs; s = mean seconds")
     table = format_table(summary, title)
+    skipped, reads = source.skipped(), source.reads()
+    if reads:
+        table += ("\n\nSamples read in the last epoch over each split: " + "; ".join(
+            f"{SPLITS[name]} {c['read']} ({c['skipped']} skipped as damaged)" for name, c in reads.items()) + ".")
     out_dir = Path(out)
     outputs = {"table_md": out_dir / "table.md", "table_csv": out_dir / "table.csv", "runs_csv": out_dir / "runs.csv",
                "plot": out_dir / "scatter.png"}
@@ -310,14 +327,14 @@ def main(source: DataSource, methods: Sequence[str] | None = None, seeds: Sequen
     write_text(outputs["table_csv"], summary.to_csv(index=False))
     write_text(outputs["runs_csv"], pd.DataFrame(rows).to_csv(index=False))
     plot_compare(summary, outputs["plot"], f"fastmask compare: {source.description}, seeds {' '.join(map(str, seeds))}")
-    skipped = source.skipped()
     print(table)
     if skipped:
         print(f"\nskipped {skipped} damaged sample reads (over every pass of every loader; --strict fails instead)")
     print(f"\nwrote {', '.join(str(p) for p in outputs.values())}")
     print(f"{wall:.1f} s")
     report = {"data": source.name, "description": source.description, "seeds": list(seeds), "methods": chosen,
-              "rule": None if rule is None else asdict(rule), "seconds": wall, "skipped": skipped, "rows": rows,
+              "rule": None if rule is None else asdict(rule), "seconds": wall, "skipped": skipped, "reads": reads,
+              "rows": rows,
               "summary": json.loads(summary.to_json(orient="records")),
               "outputs": {k: str(v) for k, v in outputs.items()}}
     if json_path is not None:

@@ -25,22 +25,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 import fastmask
+from fastmask.app.errors import UsageError
 from fastmask.app.plots import plot_epochs, plot_mask_layers, plot_selection
 from fastmask.app.report import evaluation_scores, mask_layer_stats, write_debias_report
 from fastmask.app.run_state import CHECKPOINT, SavedRun, file_sha256, index_digest
-from fastmask.app.sets import DataSpec, Tracked, loader_summary, parts, read_sets, set_summary
+from fastmask.app.sets import DataSpec, Tracked, loader_summary, parts, read_counts, read_sets, set_summary
 from fastmask.fairness.losses import BiasSpec
-from fastmask.masking.masks import mask_fraction, save_masks
+from fastmask.masking.masks import load_masks, mask_fraction, save_masks
 from fastmask.methods.configs import BmftConfig, SwiftConfig
 from fastmask.methods.registry import METHODS
 from fastmask.methods.selection import Plan, Selection, select
 from fastmask.methods.state import Result, RunState
 from fastmask.model.head import find_head_name, split_head
 from fastmask.model.scoring import score
-from fastmask.model.weights import Library, load_model, save_weights
+from fastmask.model.weights import WEIGHTS_FORMAT, Library, load_model, save_weights
 from fastmask.parallel import ddp
 from fastmask.util.files import jsonable
 from fastmask.util.memory import PeakMemory
@@ -83,6 +85,8 @@ def debias(
     progress: bool = True,
     selection: Plan | None = DEFAULT_PLAN,
     threshold: float = 0.5,
+    overwrite: bool = False,
+    mask: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Debias ``model`` (with ``weights``) on shards and write weights, mask, reports and plots to ``out``.
 
@@ -105,28 +109,35 @@ def debias(
             candidates, each a change of ``config`` (:mod:`fastmask.methods.selection`); None runs ``config``
             itself on all of D_e (then ``resume``, ``stop_after_epochs`` and ``epoch_eval`` apply).
         threshold: without selection, the decision threshold the debiased model is evaluated and saved with.
+        overwrite: replace a finished run in ``out`` (its outputs and any saved run state); without it (and without
+            ``resume``) an ``out`` holding ``report.json`` is refused with :class:`FileExistsError`.
+        mask: reuse this saved mask (the ``mask.safetensors`` of an earlier run of ``method`` on this model) instead
+            of computing it: no importance pass. Every parameter must have a mask of its shape, soft (float) for
+            SWiFT and hard (bool) for BMFT.
 
     Returns:
         The content of ``report.json``; its ``selection`` entry says what was chosen, and is ``chosen: null`` when
         no candidate met the budgets (the model is then written unchanged, with threshold 0.5).
 
     Raises:
-        ValueError / FileNotFoundError: bad inputs; the message names the file, column, attribute value, group or
-            option at fault. :class:`RunStopped`: see ``stop_after_epochs``.
+        ValueError / FileNotFoundError: bad inputs (:class:`~fastmask.app.errors.UsageError`: options that
+            contradict each other); the message names the file, column, attribute value, group or
+            option at fault. FileExistsError: ``out`` holds a finished run or a run state (see ``overwrite``,
+            ``resume``). :class:`RunStopped`: see ``stop_after_epochs``.
     """
     if method not in ("swift", "bmft") or not isinstance(config, SwiftConfig if method == "swift" else BmftConfig):
         raise ValueError(f"method {method!r} needs a {'SwiftConfig' if method == 'swift' else 'BmftConfig'}")
     if stop_after_epochs is not None and stop_after_epochs < 1:
-        raise ValueError(f"stop_after_epochs must be >= 1, got {stop_after_epochs}")
+        raise UsageError(f"stop_after_epochs must be >= 1, got {stop_after_epochs}")
     if not isinstance(config.bias, BiasSpec):
         raise ValueError("debias records its configuration: config.bias must be a BiasSpec")
     if selection is not None and (resume or stop_after_epochs is not None):
-        raise ValueError("--resume and --stop-after-epochs continue one fixed configuration (--select none); a "
+        raise UsageError("--resume and --stop-after-epochs continue one fixed configuration (--select none); a "
                          "selection of the configuration starts afresh")
     run = _DebiasRun(model=model, weights=weights, data=data, out=Path(out), method=method, config=config,
                      trust_pickle=trust_pickle, library=library, device=device, resume=resume,
                      stop_after_epochs=stop_after_epochs, epoch_eval=epoch_eval and selection is None,
-                     progress=progress, plan=selection, threshold=threshold)
+                     progress=progress, plan=selection, threshold=threshold, overwrite=overwrite, mask=mask)
     report = run.execute()
     if run.writer and not keep_checkpoint and run.state_path.exists():
         run.state_path.unlink()
@@ -142,41 +153,47 @@ class _DebiasRun:
     def __init__(self, *, model: str, weights: str | os.PathLike, data: DataSpec, out: Path, method: str,
                  config: SwiftConfig | BmftConfig, trust_pickle: bool, library: Library, device: str | None,
                  resume: bool, stop_after_epochs: int | None, epoch_eval: bool, progress: bool,
-                 plan: Plan | None, threshold: float) -> None:
+                 plan: Plan | None, threshold: float, overwrite: bool, mask: str | os.PathLike | None) -> None:
         self.started = time.perf_counter()
         self.threshold = threshold
         self.model_spec, self.weights, self.data, self.out = model, weights, data, out
         self.method, self.config, self.plan = method, config, plan
         self.stop_after_epochs, self.epoch_eval, self.progress = stop_after_epochs, epoch_eval, progress
-        out.mkdir(parents=True, exist_ok=True)
+        self.writer = ddp.is_writer()
         self.state_path = out / CHECKPOINT
+        _claim_out(out, resume=resume, overwrite=overwrite, writer=self.writer)
+        out.mkdir(parents=True, exist_ok=True)
         self.saved = SavedRun.load(self.state_path) if self.state_path.is_file() else None
         if self.saved is not None and not resume:
             run = self.saved.run
             raise FileExistsError(f"{self.state_path} holds the state of a run (after {run['step']} epoch "
-                                  f"{run['epoch']}); pass --resume to continue it, or delete {self.state_path.parent} "
-                                  "to start over")
+                                  f"{run['epoch']}); pass --resume to continue it, or --overwrite to start over")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = load_model(model, weights, trust_pickle=trust_pickle, library=library).to(self.device)
+        self.mask_path = mask
+        self.given_masks = None if mask is None else _read_mask(mask, self.net, method)
         self.head_name = config.head or find_head_name(self.net)
         _, self.head_params, self.feat_params = split_head(self.net, self.head_name)
-        self.sets = read_sets(data)
+        self.sets = read_sets(data, self.net, self.device, progress)
         run_parts = parts(self.sets, data, hold_out=plan is not None)
         self.fit, self.val, self.balanced = run_parts.fit, run_parts.val, run_parts.balanced
         self.mask_loader, self.train_loader = run_parts.mask, run_parts.train
         self.loader_log: list[dict[str, Any]] = []
-        self.eval_loader = Tracked(run_parts.evaluation, "evaluation", self.loader_log)
+        limit = data.max_skip_fraction
+        self.eval_loader = Tracked(run_parts.evaluation, "evaluation", self.loader_log, limit)
         self.val_loader = None if run_parts.validation is None else Tracked(run_parts.validation, "validation",
-                                                                             self.loader_log)
-        self.writer = ddp.is_writer()
+                                                                             self.loader_log, limit)
         # What the run depends on: the shard paths may change between invocations, their content (the index) may
         # not.
         self.spec = jsonable({
             "method": method, "config": asdict(config), "model": model,
-            "data": {k: v for k, v in asdict(data).items() if k not in ("shards", "eval_shards")},
+            "data": {k: v for k, v in asdict(data).items()
+                     if k not in ("shards", "eval_shards", "max_skip_fraction")},
             "weights_sha256": file_sha256(weights), "shards_index": index_digest(self.sets.index),
             "eval_index": index_digest(self.sets.eval_index), "epoch_eval": epoch_eval,
             "selection": None if plan is None else asdict(plan),
+            # only when given, so that the run states of runs without --mask stay resumable
+            **({"mask_sha256": file_sha256(mask)} if mask is not None else {}),
         })
         self.epochs_run = 0
         # Memory account: one stretch for the mask generation (importance pass + mask), one per epoch of each step;
@@ -187,7 +204,7 @@ class _DebiasRun:
     def evaluate(self, desc: str, threshold: float = 0.5) -> dict[str, Any]:
         """Overall and per-group scores of the model on the evaluation set at the decision ``threshold``."""
         y, p, a, _ = score(self.net, self.eval_loader, self.device, progress=self.progress, desc=desc)
-        return evaluation_scores(y, p, a, self.data.attr_map, threshold)
+        return evaluation_scores(y, p, a, self.sets.attr_map, threshold)
 
     def _resume_state(self) -> RunState | None:
         if self.saved is None:
@@ -241,18 +258,21 @@ class _DebiasRun:
         """Run the method (or resume it) or select its configuration, evaluate, write the outputs; the content of
         ``report.json``."""
         resume = self._resume_state()
-        mask_loader = Tracked(self.mask_loader, "mask", self.loader_log)
-        train_loader = Tracked(self.train_loader, "train", self.loader_log)
+        mask_loader = Tracked(self.mask_loader, "mask", self.loader_log, self.data.max_skip_fraction)
+        train_loader = Tracked(self.train_loader, "train", self.loader_log, self.data.max_skip_fraction)
         self.meter.start()
         selection = None
         try:
             if self.plan is None:
+                # a resumed run has its masks in its state
+                given = {"masks": self.given_masks} if resume is None and self.given_masks is not None else {}
                 result = METHODS[self.method].run(self.net, mask_loader, train_loader, config=self.config,
-                                                  progress=self.progress, on_epoch=self.on_epoch, resume=resume)
+                                                  progress=self.progress, on_epoch=self.on_epoch, resume=resume,
+                                                  **given)
             else:
                 selection = select(self.net, self.method, mask_loader, train_loader, self.val_loader,
                                    config=self.config, candidates=self.plan.candidates, rule=self.plan.rule,
-                                   progress=self.progress)
+                                   progress=self.progress, masks=self.given_masks)
                 result = selection.result or Result(self.method, self.config, selection.masks)
         finally:
             lap = self.meter.stop()
@@ -263,7 +283,7 @@ class _DebiasRun:
         report = self._report(result, after, selection)
         if self.writer:
             save_weights(self.net, self.out / OUTPUTS["weights"],
-                         metadata={"format": "fastmask-weights", "method": self.method, "threshold": repr(threshold)})
+                         metadata={"format": WEIGHTS_FORMAT, "method": self.method, "threshold": repr(threshold)})
             save_masks(result.masks, self.out / OUTPUTS["mask"])
             plot_mask_layers(report["mask"]["layers"], self.out / PLOTS["mask"], hard=report["mask"]["kind"] == "hard")
             if report["outputs"]["plots"]["epochs"]:
@@ -278,6 +298,7 @@ class _DebiasRun:
     def _report(self, result: Result, after: dict[str, Any], selection: Selection | None) -> dict[str, Any]:
         hard = all(m.dtype == torch.bool for m in result.masks.values())
         mask: dict[str, Any] = {"kind": "hard" if hard else "soft",
+                                "source": None if self.mask_path is None else os.fspath(self.mask_path),
                                 "layers": mask_layer_stats(result.masks, self.head_params)}
         if hard:
             mask["fraction_selected"] = mask_fraction(result.masks, self.feat_params)
@@ -286,6 +307,11 @@ class _DebiasRun:
             mask["mean_head"] = mask_fraction(result.masks, self.head_params)
         sets, before = self.sets, self.before
         bal_groups = self.balanced.assign(a=self.balanced["a"].astype(int))
+        loader = loader_summary(self.loader_log)
+        # What each set really had in the last epoch over it (the external set: the fitting and validation parts).
+        reads = {"external": ("mask", "validation"), "balanced": ("train",), "validation": ("validation",),
+                 "test": ("evaluation",)}
+        counts = {name: read_counts(loader["splits"], splits) for name, splits in reads.items()}
         return {
             "fastmask": fastmask.__version__,
             "method": self.method,
@@ -296,17 +322,18 @@ class _DebiasRun:
                       "head_parameters": list(self.head_params)},
             "config": result.config_dict(),
             "data": {**asdict(self.data), "sets": {
-                "external": set_summary(sets.external, sets.descriptions["external"]),
+                "external": {**set_summary(sets.external, sets.descriptions["external"]), **counts["external"]},
                 "balanced": {**set_summary(bal_groups, "group-balanced from the external set (docs/algorithm.md §1)"),
-                             "with_replacement": self.balanced.attrs.get("replace")},
-                "validation": None if self.val is None else set_summary(
+                             "with_replacement": self.balanced.attrs.get("replace"), **counts["balanced"]},
+                "validation": None if self.val is None else {**set_summary(
                     self.val, f"held out of the external set ({self.data.val_fraction:.0%}, stratified by group and "
-                    "label) to choose the configuration"),
-                "test": set_summary(sets.test, sets.descriptions["test"]),
+                    "label) to choose the configuration"), **counts["validation"]},
+                "test": {**set_summary(sets.test, sets.descriptions["test"]), **counts["test"]},
             }},
             "selection": None if selection is None else selection.to_dict(),
+            "attribute_reduction": sets.reduction,
             "threshold": after["overall"]["threshold"],
-            "loader": loader_summary(self.loader_log),
+            "loader": loader,
             "before": before,
             "after": after,
             "change": {k: _diff(after["overall"][k], before["overall"][k]) for k in before["overall"]},
@@ -322,6 +349,35 @@ class _DebiasRun:
                                              "epochs": PLOTS["epochs"] if len(self.epochs) > 1 else None,
                                              "selection": PLOTS["selection"] if selection is not None else None}},
         }
+
+
+def _read_mask(path: str | os.PathLike, net: nn.Module, method: str) -> dict[str, torch.Tensor]:
+    """The mask saved in ``path``, checked against ``net`` (every parameter, by name and shape) and ``method`` (SWiFT
+    fine-tunes with a soft mask, BMFT with a hard one); errors name the file and the parameter."""
+    try:
+        masks = load_masks(path, net)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"--mask {path} cannot be read as a saved mask (a mask.safetensors of fastmask debias): "
+                         f"{err}") from None
+    want_hard = method == "bmft"
+    wrong = next((n for n, m in masks.items() if (m.dtype == torch.bool) != want_hard), None)
+    if wrong is not None:
+        raise ValueError(f"--mask {path}: mask {wrong!r} is {masks[wrong].dtype}; {method.upper()} fine-tunes with "
+                         f"a {'hard (bool)' if want_hard else 'soft (floating-point)'} mask, as its own runs save")
+    return masks
+
+
+def _claim_out(out: Path, *, resume: bool, overwrite: bool, writer: bool) -> None:
+    """Refuse an ``out`` that holds a finished run (its report.json) unless ``overwrite`` or ``resume``; with
+    ``overwrite`` (and no ``resume``) remove the old run's outputs and run state first, so that no file of the old
+    run (a plot this run does not draw) passes for one of the new."""
+    finished = out / OUTPUTS["report_json"]
+    if finished.is_file() and not (overwrite or resume):
+        raise FileExistsError(f"--out {out} holds a finished run ({finished.name}); pass --overwrite to replace it, "
+                              "or choose another --out")
+    if overwrite and not resume and writer:
+        for name in (*OUTPUTS.values(), *PLOTS.values(), CHECKPOINT):
+            (out / name).unlink(missing_ok=True)
 
 
 def _memory_account(net: nn.Module, laps: Mapping[str, Any]) -> dict[str, Any]:

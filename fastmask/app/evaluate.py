@@ -15,6 +15,7 @@ import fastmask
 from fastmask.app.report import group_rows, write_evaluation
 from fastmask.app.sets import fold_keys, load_index
 from fastmask.data.loader import make_loader
+from fastmask.data.stats import MAX_SKIP_FRACTION
 from fastmask.fairness.metrics import acc, auc, auc_gap, eodds, eopp, group_table, spd, worst_group_auc
 from fastmask.model.scoring import score
 from fastmask.model.weights import Library, load_model, saved_threshold
@@ -39,6 +40,7 @@ def evaluate(
     strict: bool = False,
     progress: bool = True,
     threshold: float | None = None,
+    max_skip_fraction: float = MAX_SKIP_FRACTION,
 ) -> dict[str, Any]:
     """Per-group metrics of ``model`` on shards (all, or one ``fold``) for each attribute in ``attrs`` (default:
     all of the shards' attributes), written as ``metrics.md``, ``groups.csv`` and ``metrics.json`` in ``out``.
@@ -47,7 +49,8 @@ def evaluate(
     worst-group AUC and AUC gap over the groups holding both classes, and for a two-valued attribute the gaps SPD,
     EOpp and EOdds (mean, max, code) between its two values. Hard predictions are ŷ = 1[p > ``threshold``]; None
     takes the threshold ``fastmask debias`` saved with the weights, else 0.5. Returns the content of
-    ``metrics.json``.
+    ``metrics.json``, whose ``data`` says how many samples were planned, read and skipped as damaged; more than
+    ``max_skip_fraction`` of them skipped raises :class:`fastmask.data.stats.DataLossError`.
     """
     if threshold is None:
         saved = saved_threshold(weights) if weights is not None else None
@@ -73,6 +76,9 @@ def evaluate(
                          keys=keys, attr=names[0], attr_map={v: i for i, v in enumerate(values)},
                          center_crop=center_crop, strict=strict, return_keys=True)
     y, p, _, got = score(net, loader, dev, progress=progress, desc="evaluate")
+    stats = loader.stats
+    stats.check_loss(max_skip_fraction, f"the evaluation set ({description})",
+                     "; --max-skip-fraction raises the limit, --strict stops at the first damage")
     n_pos = int(y.sum())
     if n_pos in (0, len(y)):
         raise ValueError(f"single-class data: the {len(y)} readable samples of {description} all have label "
@@ -88,7 +94,8 @@ def evaluate(
         "overall": {"n": len(y), "positives": n_pos, "auc": auc(y, p), "acc": acc(y, p, threshold=threshold),
                     "positive_rate": float((p > threshold).mean()), "label_positive_rate": float(y.mean())},
         "attributes": {},
-        "loader": loader.stats.to_dict(),
+        "data": {"samples": len(keys), "read": stats.samples, "skipped": stats.skipped},
+        "loader": stats.to_dict(),
     }
     for attr in names:
         raw = np.array([index.samples[k]["attrs"][attr] for k in got], dtype=object)

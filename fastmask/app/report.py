@@ -67,6 +67,15 @@ def _group_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
                                      *(r[c] for c in GROUP_COLUMNS)] for r in rows))
 
 
+def read_text(counts: Mapping[str, Any]) -> str:
+    """How many samples a set really had: "600 samples" when all were read, else "200 of 600 samples read (400
+    skipped as damaged)"; ``counts`` holds ``samples`` (planned) and the ``read`` / ``skipped`` of the last epoch."""
+    planned, read = counts["samples"], counts.get("read")
+    if read is None or (read == planned and not counts.get("skipped")):
+        return f"{planned} samples"
+    return f"{read} of {planned} samples read ({counts['skipped']} skipped as damaged)"
+
+
 def verdict(report: Mapping[str, Any]) -> str:
     """What happened, in one sentence."""
     selection = report.get("selection")
@@ -135,6 +144,18 @@ def _selection_md(selection: Mapping[str, Any], plot: str | None) -> list[str]:
     return out
 
 
+def _reduction_md(report: Mapping[str, Any]) -> str:
+    """What SWiFT's multi-attribute reduction kept, as the end of the attribute's line (empty without it)."""
+    r = report.get("attribute_reduction")
+    if not r:
+        return ""
+    aucs = ", ".join(f"{v} {a:.4f}" for v, a in r["auc_by_value"].items())
+    left = [v for v in r["values"] if v not in (r["g_max"], r["g_min"])]
+    return (f", reduced to its extreme values by the original model's AUC on the external set (AUC {aucs}): group 0 "
+            f"= {r['g_max']!r} (the highest), group 1 = {r['g_min']!r} (the lowest); the samples of "
+            f"{left or 'no other value'} are left out of every set")
+
+
 def render_debias_markdown(report: Mapping[str, Any]) -> str:
     """``report.md`` from the ``report.json`` content written by :func:`fastmask.app.debias.debias`."""
     data, model = report["data"], report["model"]
@@ -145,8 +166,8 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
         f"- model: `{model['spec']}`, weights `{model['weights']}` ({model['parameters']:,} parameters, head "
         f"`{model['head']}`)",
         f"- shards: `{data['shards']}`; attribute `{data['attr']}`"
-        + (f" (groups {data['attr_map']})" if data.get("attr_map") else ""),
-        f"- evaluation set: {data['sets']['test']['description']}, {data['sets']['test']['samples']} samples",
+        + (f" (groups {data['attr_map']})" if data.get("attr_map") else "") + _reduction_md(report),
+        f"- evaluation set: {data['sets']['test']['description']}, {read_text(data['sets']['test'])}",
         f"- run time: {report['seconds']:.1f} s",
         "",
         f"**{verdict(report)}** On the evaluation set: {headline(before['overall'], after['overall'])}.",
@@ -191,8 +212,10 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
     else:
         out.append(f"Soft mask: mean {mask['mean_features']:.4f} over the feature extractor, "
                    f"{mask['mean_head']:.4f} over the head.")
-    out += [f"Head re-initialisation set {report['head_reset_fraction']:.1%} of the head's elements to 0; the "
-            f"importance pass read {report['n_importance_batches']} batches.", ""]
+    source = (f"the mask was read from `{mask['source']}` (no importance pass)" if mask.get("source") else
+              f"the importance pass read {report['n_importance_batches']} batches")
+    out += [f"Head re-initialisation set {report['head_reset_fraction']:.1%} of the head's elements to 0; "
+            f"{source}.", ""]
     out += ["## Training", "",
             markdown_table(["step", "epoch", "loss", "positive share"],
                            ([h["step"], h["epoch"], h["loss"], h["positive_share"]] for h in report["history"])),
@@ -203,8 +226,11 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
             ""]
     sets = data["sets"]
     out += ["## Data", "",
-            markdown_table(["set", "samples", "description"],
-                           ([name, s["samples"], s["description"]] for name, s in sets.items() if s is not None)), ""]
+            markdown_table(["set", "samples", "read (last epoch)", "skipped (last epoch)", "description"],
+                           ([name, s["samples"], s.get("read"), s.get("skipped"), s["description"]]
+                            for name, s in sets.items() if s is not None)), "",
+            "Read and skipped: the sample reads of the last epoch over each set, delivered and lost to damage (a "
+            "training epoch may read its set more than once, to fill its batches).", ""]
     loader = report["loader"]
     if loader["skipped"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(loader["by_reason"].items()))
@@ -238,7 +264,8 @@ def render_evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
         "# fastmask evaluate",
         "",
         f"- model: `{evaluation['model']}`, weights `{evaluation['weights']}`",
-        f"- data: {evaluation['description']}, {overall['n']} samples ({overall['positives']} positive)",
+        f"- data: {evaluation['description']}, {read_text(evaluation['data'])} ({overall['positives']} of the "
+        f"{overall['n']} read positive)",
         f"- decision threshold: ŷ = 1[p > {evaluation['threshold']:.4f}]",
         "",
         "## Overall",

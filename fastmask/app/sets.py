@@ -11,12 +11,23 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pandas as pd
+import torch
+from torch import nn
 
-from fastmask.data.balance import group_balance
+from fastmask.app.errors import UsageError
+from fastmask.data.balance import extreme_groups, group_balance
 from fastmask.data.batch import attr_code
 from fastmask.data.loader import ShardLoader, make_loader
 from fastmask.data.shards import ShardIndex
 from fastmask.data.splits import stratified_split
+from fastmask.data.stats import MAX_SKIP_FRACTION
+from fastmask.fairness.metrics import auc_by_group
+from fastmask.model.scoring import score
+from fastmask.parallel import ddp
+
+#: What each tracked loader reads, as error messages and reports name it.
+SPLITS = {"evaluation": "evaluation set", "mask": "external set (importance pass)",
+          "train": "group-balanced set (fine-tuning)", "validation": "validation part"}
 
 
 @dataclass(frozen=True)
@@ -36,8 +47,15 @@ class DataSpec:
         balance_replace: ``group_balance``'s ``replace``: ``"auto"`` (docs/algorithm.md §8.4), True (the authors'
             code), False.
         strict: raise on a damaged sample instead of skipping and counting it.
+        max_skip_fraction: the largest share of a pass's sample reads that may be skipped as damaged (``--max-skip-
+            fraction``); a pass that loses more fails (:meth:`fastmask.data.stats.LoaderStats.check_loss`). It
+            changes no result, only whether a run may go on, so a resumed run may raise it.
         val_fraction: the share of D_e held out, stratified by (group, label), to choose the configuration on
             (:func:`fastmask.data.splits.stratified_split`); used only when a configuration is selected.
+        attr_groups: ``"binary"``: the attribute's values are groups 0 and 1 (or ``attr_map`` makes them so);
+            ``"extremes"``: SWiFT's multi-attribute reduction (docs/algorithm.md §1): the two values whose AUC of
+            the original model on D_e is the highest (group 0) and the lowest (group 1) are kept, the samples of
+            the other values are left out of every set (:func:`read_sets` needs the model for it).
     """
 
     shards: str
@@ -54,17 +72,31 @@ class DataSpec:
     balance_replace: Literal["auto"] | bool = "auto"
     strict: bool = False
     val_fraction: float = 0.25
+    max_skip_fraction: float = MAX_SKIP_FRACTION
+    attr_groups: Literal["binary", "extremes"] = "binary"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+        if self.attr_groups not in ("binary", "extremes"):
+            raise ValueError(f"attr_groups must be 'binary' or 'extremes', got {self.attr_groups!r}")
+        if self.attr_groups == "extremes" and self.attr_map:
+            raise UsageError("--attr-groups extremes chooses the two groups from the model's AUC; it takes no "
+                             "--attr-map")
 
 
 @dataclass
 class Sets:
-    """The shard indexes and the samples of the external set D_e and of the evaluation set, with descriptions."""
+    """The shard indexes and the samples of the external set D_e and of the evaluation set, with descriptions, the
+    attribute map in effect (the reduction's, with ``attr_groups="extremes"``) and what the reduction found."""
 
     index: ShardIndex
     eval_index: ShardIndex
     external: pd.DataFrame  # index: key; columns y, a (group 0 / 1)
     test: pd.DataFrame
     descriptions: dict[str, str]
+    attr_map: dict[str, int] | None = None
+    reduction: dict[str, Any] | None = None
 
 
 def load_index(path: str, flag: str) -> ShardIndex:
@@ -125,7 +157,10 @@ def _check_set(frame: pd.DataFrame, name: str, description: str, attr: str,
                              f"({description}); both groups are needed")
 
 
-def read_sets(data: DataSpec) -> Sets:
+def read_sets(data: DataSpec, model: nn.Module | None = None, device: torch.device | None = None,
+              progress: bool = False) -> Sets:
+    """The external and evaluation sets of ``data``; with ``attr_groups="extremes"`` reduced to the attribute's two
+    extreme values by ``model``'s AUC on the external set (:func:`extreme_values`)."""
     index = load_index(data.shards, "--shards")
     eval_index = load_index(data.eval_shards, "--eval-shards") if data.eval_shards else index
     for idx, flag in ((index, "--shards"), (eval_index, "--eval-shards")):
@@ -151,13 +186,39 @@ def read_sets(data: DataSpec) -> Sets:
         ext_keys &= set().union(*(fold_keys(index, f, "--external-fold") for f in data.external_folds))
         ext_desc = f"folds {list(data.external_folds)} of {index.root}{without}"
     # In index (write) order, so the data do not depend on set iteration order.
-    external = _groups(index, [k for k in index.samples if k in ext_keys], data.attr, data.attr_map,
-                       "external set")
-    test = _groups(eval_index, [k for k in eval_index.samples if k in test_keys], data.attr, data.attr_map,
-                   "evaluation set")
-    _check_set(external, "external set", ext_desc, data.attr, data.attr_map)
-    _check_set(test, "evaluation set", test_desc, data.attr, data.attr_map)
-    return Sets(index, eval_index, external, test, {"external": ext_desc, "test": test_desc})
+    ext_list = [k for k in index.samples if k in ext_keys]
+    test_list = [k for k in eval_index.samples if k in test_keys]
+    attr_map, reduction = data.attr_map, None
+    if data.attr_groups == "extremes":
+        if model is None:
+            raise ValueError("attr_groups='extremes' needs the model: read_sets(data, model)")
+        reduction = extreme_values(index, ext_list, data, model, device, progress)
+        attr_map = {reduction["g_max"]: 0, reduction["g_min"]: 1}
+        ext_list, test_list = ([k for k in keys if str(idx.samples[k]["attrs"][data.attr]) in attr_map]
+                               for idx, keys in ((index, ext_list), (eval_index, test_list)))
+    external = _groups(index, ext_list, data.attr, attr_map, "external set")
+    test = _groups(eval_index, test_list, data.attr, attr_map, "evaluation set")
+    _check_set(external, "external set", ext_desc, data.attr, attr_map)
+    _check_set(test, "evaluation set", test_desc, data.attr, attr_map)
+    return Sets(index, eval_index, external, test, {"external": ext_desc, "test": test_desc}, attr_map, reduction)
+
+
+def extreme_values(index: ShardIndex, keys: Sequence[str], data: DataSpec, model: nn.Module,
+                   device: torch.device | None, progress: bool) -> dict[str, Any]:
+    """SWiFT's multi-attribute reduction (docs/algorithm.md §1): the AUC of ``model`` on the samples ``keys`` (D_e)
+    for every value of ``data.attr`` that holds both classes; ``g_max`` / ``g_min`` are the values (as text) of the
+    highest and the lowest (:func:`fastmask.data.balance.extreme_groups`, ties by the smallest value)."""
+    values = sorted({str(index.samples[k]["attrs"][data.attr]) for k in keys})
+    loader = make_loader(index, batch_size=data.batch_size, train=False, image_size=data.image_size,
+                         workers=data.workers, keys=keys, attr=data.attr, attr_map={v: i for i, v in enumerate(values)},
+                         center_crop=data.center_crop, strict=data.strict, rank=0, world_size=1)
+    y, p, a, _ = score(model, loader, device, progress=progress, desc="attribute reduction")
+    loader.stats.check_loss(data.max_skip_fraction, "the external set (attribute reduction)",
+                            "; --max-skip-fraction raises the limit, --strict stops at the first damage")
+    aucs = {values[g]: v for g, v in auc_by_group(y, p, a).items()}
+    kept = extreme_groups(pd.DataFrame({"value": [values[g] for g in a]}), "value", aucs).attrs
+    return {"auc_by_value": aucs, "g_max": kept["g_max"], "g_min": kept["g_min"],
+            "values": values, "samples": len(y)}
 
 
 def set_summary(frame: pd.DataFrame, description: str) -> dict[str, Any]:
@@ -196,7 +257,7 @@ def parts(sets: Sets, data: DataSpec, *, hold_out: bool) -> Parts:
         fit, val = ext.iloc[fit_i], ext.iloc[val_i]
     balanced = group_balance(fit, "a", "y", seed=data.seed, replace=data.balance_replace)
     common = {"batch_size": data.batch_size, "image_size": data.image_size, "workers": data.workers,
-              "seed": data.seed, "attr": data.attr, "attr_map": data.attr_map, "center_crop": data.center_crop,
+              "seed": data.seed, "attr": data.attr, "attr_map": sets.attr_map, "center_crop": data.center_crop,
               "strict": data.strict}
     whole = {"rank": 0, "world_size": 1, **common}
     return Parts(
@@ -210,10 +271,13 @@ def parts(sets: Sets, data: DataSpec, *, hold_out: bool) -> Parts:
 
 
 class Tracked:
-    """A loader that logs its :class:`~fastmask.data.stats.LoaderStats` after every complete pass (for the report)."""
+    """A loader that logs its :class:`~fastmask.data.stats.LoaderStats` after every complete pass (for the report)
+    and fails a pass that skipped more than ``max_skip_fraction`` of its sample reads (``name`` is a key of
+    :data:`SPLITS`)."""
 
-    def __init__(self, loader: ShardLoader, name: str, log: list[dict[str, Any]]) -> None:
-        self.loader, self.name, self.log = loader, name, log
+    def __init__(self, loader: ShardLoader, name: str, log: list[dict[str, Any]],
+                 max_skip_fraction: float = MAX_SKIP_FRACTION) -> None:
+        self.loader, self.name, self.log, self.max_skip_fraction = loader, name, log, max_skip_fraction
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -228,12 +292,41 @@ class Tracked:
 
     def __iter__(self):
         yield from self.loader
-        self.log.append({"loader": self.name, **self.loader.stats.to_dict()})
+        stats = self.loader.stats
+        self.log.append({"loader": self.name, **stats.to_dict()})
+        totals = None
+        if self.loader.world_size > 1:  # the ranks read disjoint shares: judge the split as a whole, on every rank
+            skipped, samples = ddp.all_reduce_counts([stats.skipped, stats.samples], ddp.local_device())
+            totals = (int(skipped), int(samples))
+        stats.check_loss(self.max_skip_fraction, f"the {SPLITS[self.name]}",
+                         "; --max-skip-fraction raises the limit, --strict stops at the first damage", totals=totals)
+
+
+def split_counts(log: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per tracked loader, what its last complete epoch really had: ``read`` (samples delivered), ``skipped``
+    (sample reads lost to damage) and ``epochs`` (complete epochs so far). An evaluation epoch is one pass over its
+    set, and every pass meets the same damage, so the last epoch is the one the reported figures were computed on;
+    a training epoch may pass over its set more than once (the resampling that fills its batches, :mod:`fastmask.
+    data.loader`), so its ``read`` counts sample reads, not distinct samples."""
+    counts: dict[str, dict[str, int]] = {}
+    for entry in log:
+        epochs = counts.get(entry["loader"], {}).get("epochs", 0) + 1
+        counts[entry["loader"]] = {"read": entry["samples"], "skipped": entry["skipped"], "epochs": epochs}
+    return counts
+
+
+def read_counts(splits: Mapping[str, Mapping[str, int]], names: Sequence[str]) -> dict[str, int | None]:
+    """``read`` and ``skipped`` of a set read by the loaders ``names`` (summed over those that finished an epoch;
+    None when none did), from :func:`split_counts`."""
+    ran = [splits[n] for n in names if n in splits]
+    if not ran:
+        return {"read": None, "skipped": None}
+    return {"read": sum(c["read"] for c in ran), "skipped": sum(c["skipped"] for c in ran)}
 
 
 def loader_summary(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What :class:`Tracked` loaders logged, summed: ``skipped`` (damaged sample reads), by reason, by loader, and
-    one entry per damaged sample."""
+    one entry per damaged sample; and each split's last epoch (:func:`split_counts`)."""
     by_loader: dict[str, dict[str, int]] = {}
     by_reason: dict[str, int] = {}
     damaged: dict[tuple, dict[str, Any]] = {}
@@ -252,4 +345,4 @@ def loader_summary(log: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 damaged[where] = {"loader": entry["loader"], "shard": r["shard"], "key": r["key"],
                                   "reason": r["reason"], "samples": r["samples"], "detail": r["detail"]}
     return {"skipped": sum(by_reason.values()), "by_reason": by_reason, "by_loader": by_loader,
-            "damaged": list(damaged.values())}
+            "splits": split_counts(log), "damaged": list(damaged.values())}

@@ -150,7 +150,8 @@ class PassStream(torch.utils.data.IterableDataset):
         try:
             img = self.transform.image(sample[ext], rng)
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) on bad bytes
-            self._skip(events, SkipRecord("decode", name, key, f"{type(err).__name__}: {err}"))
+            # The member's name, so that a --strict failure points into the tar file.
+            self._skip(events, SkipRecord("decode", name, key, f"member {key}.{ext}: {type(err).__name__}: {err}"))
             return None
         return img, float(label), a
 

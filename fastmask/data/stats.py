@@ -1,5 +1,6 @@
 """What a loader delivered and what it skipped: :class:`LoaderStats` (``loader.stats``), one :class:`SkipRecord` per
-kind of damage at one place, and :class:`ShardReadError` (``strict=True``)."""
+kind of damage at one place, :class:`ShardReadError` (``strict=True``) and :class:`DataLossError` (a pass that lost
+more than the allowed share of its samples, :meth:`LoaderStats.check_loss`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The default largest share of a pass's sample reads that may be lost to damage (``--max-skip-fraction``).
+MAX_SKIP_FRACTION = 0.01
+
 
 class ShardReadError(RuntimeError):
     """A damaged shard or sample under ``strict=True``; the message names the shard and the key."""
+
+
+class DataLossError(ShardReadError):
+    """A pass that skipped more than the allowed share of its sample reads (:meth:`LoaderStats.check_loss`); the
+    message names the split, the counts and the first damage."""
 
 
 @dataclass
@@ -50,6 +59,27 @@ class LoaderStats:
     def skipped(self) -> int:
         """Planned sample occurrences that were not delivered because of damage."""
         return sum(r.samples for r in self.records)
+
+    def check_loss(self, limit: float, split: str, hint: str = "", *,
+                   totals: tuple[int, int] | None = None) -> None:
+        """Raise :class:`DataLossError` when more than ``limit`` (a fraction in [0, 1]) of the sample reads of
+        ``split`` (its name in the message; ``hint`` ends it) were skipped: metrics computed on what is left would
+        stand for a data set that was not there. ``totals``: (skipped, delivered) summed over the ranks that share
+        the split, so that every rank reaches the same verdict (one rank stopping alone would leave the others
+        waiting in a collective)."""
+        if not 0 <= limit <= 1:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {limit}")
+        skipped, samples = totals if totals is not None else (self.skipped, self.samples)
+        attempted = skipped + samples
+        if not attempted or skipped / attempted <= limit:
+            return
+        first = ""
+        if self.records:
+            r = self.records[0]
+            first = f"; first: {r.shard} key {r.key}" if r.key else f"; first: {r.shard}"
+            first += f": {r.reason}: {r.detail}"
+        raise DataLossError(f"{split}: {skipped} of {attempted} sample reads skipped as damaged "
+                            f"({skipped / attempted:.1%}, more than the allowed {limit:.1%}){first}{hint}")
 
     def by_reason(self) -> dict[str, int]:
         out: Counter[str] = Counter()

@@ -46,15 +46,15 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fastmask.fairness.metrics import THRESHOLD_RULES, auc_standard_error, choose_threshold, evaluate
-from fastmask.methods.engine import seed_everything
+from fastmask.methods.engine import checked_masks, seed_everything
 from fastmask.methods.grids import Candidate
 from fastmask.methods.registry import METHODS, Method
 from fastmask.methods.state import Result, RunState
@@ -355,6 +355,7 @@ def select(
     rule: SelectionRule | None = None,
     progress: bool = False,
     cache_bytes: int = 2 << 30,
+    masks: Mapping[str, Tensor] | None = None,
 ) -> Selection:
     """Debias ``model`` in place with the configuration of ``candidates`` (default: the method's grid) that the
     ``rule`` chooses on ``val_loader`` (module docstring), or leave it unchanged when none is admissible.
@@ -373,6 +374,8 @@ def select(
         progress: progress bars.
         cache_bytes: the validation batches are read once and kept in memory up to this size (they are scored
             after every epoch); a larger validation part is streamed every time.
+        masks: for a method that builds masks (SWiFT, BMFT), use these (a saved mask, reused) instead of computing
+            them; keyed by parameter name, every parameter present.
 
     Every candidate sees its data as if it ran alone: loaders that count their epochs (``epoch`` /
     ``set_epoch``, as :class:`fastmask.data.loader.ShardLoader`) are rewound to where they stood after the mask
@@ -403,7 +406,10 @@ def select(
     n_batches = 0
     if m.masks is not None:  # the mask once; candidates sharing a first step branch off it
         seed_everything(config.seed)  # as a run seeds before its importance pass
-        selection.masks, n_batches = m.masks(model, mask_loader, config, progress)
+        if masks is None:
+            selection.masks, n_batches = m.masks(model, mask_loader, config, progress)
+        else:
+            selection.masks = dict(checked_masks(masks, model))
     start = _positions(loaders)
     branches: dict[tuple, list[int]] = {}
     for i, c in enumerate(candidates):

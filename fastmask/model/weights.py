@@ -18,6 +18,7 @@ prefix on every key is removed. Keys and shapes must match the model exactly; th
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -25,7 +26,7 @@ import os
 import re
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,11 +38,13 @@ from torch import Tensor, nn
 
 from fastmask.util.files import atomic_write_bytes
 
-__all__ = ["build_model", "read_state_dict", "load_weights", "load_model", "save_weights", "Library"]
+__all__ = ["build_model", "read_state_dict", "load_weights", "load_model", "save_weights", "Library", "WEIGHTS_FORMAT"]
 
 log = logging.getLogger(__name__)
 
 Library = Literal["auto", "torchvision", "timm"]
+#: The ``format`` metadata of the weights ``fastmask debias`` writes (with their decision threshold).
+WEIGHTS_FORMAT = "fastmask-weights"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _PREFIXES = ("module.", "_orig_mod.")
 _LIST_LIMIT = 8
@@ -56,19 +59,34 @@ def _import_module(name: str) -> Any:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-    # A console script's sys.path holds its bin/ directory, not the current one; users expect `mymodels:Net` to be
-    # found where they run the command.
+    with _cwd_importable():
+        try:
+            return importlib.import_module(name)
+        except ImportError as err:
+            raise ImportError(f"model {name!r}: cannot import module {name!r}: {err}") from err
+
+
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The current directory on sys.path: a console script's sys.path holds its bin/ directory, not the current
+    one, and users expect `mymodels:Net` to be found where they run the command."""
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
         sys.path.insert(0, cwd)
     try:
-        return importlib.import_module(name)
-    except ImportError as err:
-        raise ImportError(f"model {name!r}: cannot import module {name!r}: {err}") from err
+        yield
     finally:
         if added:
             sys.path.remove(cwd)
+
+
+def _is_module(name: str) -> bool:
+    with _cwd_importable():
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
 
 
 def _from_callable(spec: str) -> nn.Module:
@@ -109,8 +127,9 @@ def _from_architecture(name: str, library: Library) -> nn.Module:
                 return timm.create_model(name, pretrained=False, num_classes=1)
             problems.append(f"timm has no architecture {name!r}")
     raise ValueError(
-        f"model {name!r}: {'; '.join(problems)}. Install torchvision or timm built for torch {torch.__version__}, "
-        "or name the model as 'module:callable'"
+        f"model {name!r} is neither 'module:callable' (e.g. 'mypkg.models:make_net') nor an architecture name "
+        f"torchvision or timm can build here: {'; '.join(problems)}. Install torchvision or timm built for torch "
+        f"{torch.__version__}, or name the model as 'module:callable'"
     )
 
 
@@ -121,6 +140,15 @@ def build_model(spec: str, *, library: Library = "auto") -> nn.Module:
     """
     if ":" in spec:
         return _from_callable(spec)
+    # A module path without its callable (a file, or a dotted name whose first part is a module; timm's names may
+    # have a dot, "resnet50.a1_in1k", but never start with a module): say what is expected rather than which
+    # libraries could not find an architecture of that name.
+    module, _, attr = spec.rpartition(".")
+    if spec.endswith(".py") or "/" in spec or (module and _is_module(spec.partition(".")[0])):
+        hint = "" if spec.endswith(".py") or "/" in spec else f"; did you mean '{module}:{attr}'?"
+        raise ValueError(f"model {spec!r}: expected 'module:callable' (e.g. 'mypkg.models:make_net' or "
+                         f"'path/to/file.py:make_net') or a torchvision / timm architecture name (e.g. 'resnet50')"
+                         f"{hint}")
     return _from_architecture(spec, library)
 
 
@@ -130,18 +158,23 @@ def saved_threshold(path: str | os.PathLike) -> float | None:
     path = Path(path)
     if not path.is_file() or not _is_safetensors(path):
         return None
-    try:
-        with safe_open(os.fspath(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError):
-        return None
-    if meta.get("format") != "fastmask-weights" or "threshold" not in meta:
+    meta = _metadata(path)
+    if meta.get("format") != WEIGHTS_FORMAT or "threshold" not in meta:
         return None
     try:
         return float(meta["threshold"])
     except ValueError:
         raise ValueError(f"weights file {path}: its saved decision threshold {meta['threshold']!r} is not a "
                          "number") from None
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file's header ({} when it has none or cannot be read)."""
+    try:
+        with safe_open(os.fspath(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return {}
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -212,6 +245,11 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if _is_safetensors(path):
+        kind = _metadata(path).get("format", "")
+        if kind.startswith("fastmask-") and kind != WEIGHTS_FORMAT:
+            # A mask file holds one tensor per parameter, so a model without buffers would load it silently.
+            raise ValueError(f"weights file {path} is a {kind} file written by fastmask (a mask.safetensors is a "
+                             "run's mask), not a model's weights; give the run's weights.safetensors")
         try:
             return load_file(os.fspath(path))
         except (SafetensorError, OSError, ValueError) as err:
@@ -227,7 +265,7 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
             raise ValueError(
                 f"weights file {path} is a pickled checkpoint that can only be loaded with "
                 f"torch.load(weights_only=False){_refused_global(err)}, which runs code stored in the file. "
-                "Pass --trust-pickle (trust_pickle=True) only if you trust its source, or re-save its state_dict() "
+                "Pass trust_pickle=True only if you trust its source, or re-save its state_dict() "
                 "with safetensors or torch.save"
             ) from None
         log.warning("%s: loading a pickled checkpoint with weights_only=False (--trust-pickle)", path)
@@ -260,8 +298,24 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, trust_pickle: boo
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes)}")
         raise ValueError(f"weights file {path} does not match the model {type(model).__name__}: " + "; ".join(parts))
+    _check_finite(state, {name for name, _ in model.named_parameters()}, path)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _check_finite(state: Mapping[str, Tensor], params: set[str], path: str | os.PathLike) -> None:
+    """Refuse NaN in any floating tensor and ±Inf in a parameter, naming the first such entry: a model with them
+    predicts NaN, which every later step reports as something else (a probability out of [0, 1], a loss of NaN).
+    Buffers may hold ±Inf on purpose (an attention mask filled with -inf), so only their NaN is refused."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() and not tensor.is_complex():
+            continue
+        bad = torch.isnan(tensor) if name not in params else ~torch.isfinite(tensor)
+        if bad.any():
+            kinds = [k for k, m in (("NaN", torch.isnan(tensor)), ("Inf", torch.isinf(tensor))) if m.any()]
+            what = "parameter" if name in params else "buffer"
+            raise ValueError(f"weights file {path}: {what} {name!r} holds {' and '.join(kinds)} "
+                             f"({int(bad.sum())} of {tensor.numel()} values); the model cannot predict with it")
 
 
 def load_model(spec: str, weights: str | os.PathLike | None, *, trust_pickle: bool = False,
