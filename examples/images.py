@@ -55,7 +55,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fastmask.app.cli import EXIT_THRESHOLD_ONLY, EXIT_UNCHANGED
+from fastmask.app.errors import EXIT_THRESHOLD_ONLY, EXIT_UNCHANGED
 from fastmask.data.loader import make_loader
 from fastmask.data.shards import ShardIndex
 from fastmask.fairness.losses import wbce

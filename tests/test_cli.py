@@ -141,7 +141,8 @@ def test_shards_maxsize_accepts_units(data, tmp_path):
 
 
 def test_help_shows_every_default_and_the_methods_epochs():
-    from fastmask.app.cli import EXIT_STATUSES, build_parser
+    from fastmask.app.cli import build_parser
+    from fastmask.app.errors import EXIT_STATUSES
     from fastmask.methods.configs import SwiftConfig
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastmask.app import cli, compare
+from fastmask.app import cli, compare, errors
 from fastmask.methods import registry
 from fastmask.methods.baselines.finetune import FullFTConfig
 from fastmask.methods.configs import StepConfig
@@ -274,7 +274,7 @@ def test_argument_errors_name_the_culprit(tmp_path, capsys):
             (["--shards", str(tmp_path)], "--shards needs --model, --weights, --attr"),
             (["--select", "none", "--gap", "spd"], "--gap sets how a configuration is selected"),
             (["--select", "none", "--threshold", "rate"], "--threshold rate is chosen on the validation part")):
-        assert cli.main(["compare", *argv, "--out", str(tmp_path)]) == cli.EXIT_USAGE
+        assert cli.main(["compare", *argv, "--out", str(tmp_path)]) == errors.EXIT_USAGE
         err = capsys.readouterr().err
         assert err.startswith(f"fastmask compare: error: {message}") and err.count("\n") == 1, err
 

@@ -7,14 +7,14 @@ the handler that receives the parsed arguments and returns the exit code. The wo
 :mod:`fastmask.app.compare`, :mod:`fastmask.app.demo`); heavy modules are imported inside the handlers so that
 ``fastmask --help`` stays fast.
 
-Every error ends the same way (:func:`main`, the one error path): one line on stderr, ``fastmask <command>: error:
-<message>``, naming the flag, file, column, shard or key at fault (Python names in messages from below are mapped to
-the flags here, :func:`_flag_names`), and an exit status per kind of failure (:data:`EXIT_STATUSES`, printed by
-every ``--help``); ``--debug`` adds the traceback. Ctrl-C ends with status 130 and, for ``debias``, the exact
-``--resume`` command that continues from the state saved after the last finished epoch.
+Every error ends the same way (:func:`main`): one line on stderr, ``fastmask <command>: error: <message>``, naming
+the flag, file, column, shard or key at fault, and an exit status per kind of failure; ``--debug`` adds the
+traceback. The statuses and the translation of an exception into that line are :mod:`fastmask.app.errors`. Ctrl-C
+ends with status 130 and, for ``debias``, the exact ``--resume`` command that continues from the state saved after
+the last finished epoch.
 
-One module over 400 lines on purpose: every subcommand's options, the options debias and compare share and the one
-error path, in one place, so that the command line reads as one reference (docs/cli.md is generated from it).
+One module over 400 lines on purpose: every subcommand's options and handler and the options debias and compare
+share, in one place, so that the command line reads as one reference (docs/cli.md is generated from it).
 """
 
 from __future__ import annotations
@@ -29,49 +29,23 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastmask.app.errors import DeviceError, UsageError
+from fastmask.app.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_STOPPED,
+    EXIT_THRESHOLD_ONLY,
+    EXIT_UNCHANGED,
+    DeviceError,
+    UsageError,
+    exit_epilog,
+    flag_names,
+    one_line,
+    status_of,
+)
 from fastmask.data.stats import MAX_SKIP_FRACTION
 
-__all__ = ["build_parser", "main", "EXIT_STATUSES", "EXIT_INPUT", "EXIT_USAGE",
-           "EXIT_UNCHANGED", "EXIT_THRESHOLD_ONLY", "EXIT_DAMAGED", "EXIT_DEVICE", "EXIT_EXISTS", "EXIT_INTERNAL",
-           "EXIT_STOPPED", "EXIT_INTERRUPTED"]
+__all__ = ["build_parser", "main", "METHOD_NAMES", "COMPARE_DEFAULTS"]
 
-#: Bad input: a file, table column, sample key or value, or the weights.
-EXIT_INPUT = 1
-#: Bad command line: an unknown or conflicting option, or an option value out of range (argparse's own status).
-EXIT_USAGE = 2
-#: Exit status of a debias run whose selection found no candidate within the budgets (the model is unchanged).
-EXIT_UNCHANGED = 3
-#: Exit status of a debias run in which no candidate did better than moving the decision threshold alone (the weights
-#: are written unchanged, with the new threshold).
-EXIT_THRESHOLD_ONLY = 4
-#: Damaged data: a split lost more than --max-skip-fraction of its samples, or --strict met a damaged one.
-EXIT_DAMAGED = 5
-#: The --device asked for is not available here.
-EXIT_DEVICE = 6
-#: --out already holds a finished run or a shard set, and --overwrite was not given.
-EXIT_EXISTS = 7
-#: An error that is not the input's: a bug in fastmask (sysexits.h EX_SOFTWARE).
-EXIT_INTERNAL = 70
-#: Exit status of a debias run stopped by --stop-after-epochs (sysexits.h EX_TEMPFAIL).
-EXIT_STOPPED = 75
-#: Interrupted by Ctrl-C (128 + SIGINT, as a shell reports it).
-EXIT_INTERRUPTED = 130
-#: (status, the subcommands that can end with it (empty: all), meaning): the table every --help prints.
-EXIT_STATUSES = (
-    (0, (), "done"),
-    (EXIT_INPUT, (), "bad input: a file, table column, sample key or value, or the weights"),
-    (EXIT_USAGE, (), "bad command line: an unknown or conflicting option, or an option value out of range"),
-    (EXIT_UNCHANGED, ("debias",), "no candidate within the budgets: the model written unchanged"),
-    (EXIT_THRESHOLD_ONLY, ("debias",), "threshold only: the weights written unchanged, with the new threshold"),
-    (EXIT_DAMAGED, ("debias", "evaluate", "compare"),
-     "damaged data: a split lost more than --max-skip-fraction of its samples, or --strict met a damaged one"),
-    (EXIT_DEVICE, ("debias", "evaluate", "compare"), "the --device asked for is not available"),
-    (EXIT_EXISTS, ("shards", "debias"), "--out holds a finished run or shard set: pass --overwrite to replace it"),
-    (EXIT_INTERNAL, (), "internal error (a bug): --debug shows the traceback for a report"),
-    (EXIT_STOPPED, ("debias",), "stopped by --stop-after-epochs: continue with --resume"),
-    (EXIT_INTERRUPTED, (), "interrupted (Ctrl-C); debias prints the --resume command that continues the run"),
-)
 # The method names --help lists, written out so that `fastmask --help` needs no torch import (tests/test_compare.py
 # checks them against fastmask.methods.registry.METHODS); COMPARE_DEFAULTS is fastmask.app.compare.DEFAULT_METHODS.
 METHOD_NAMES = ("baseline", "threshold", "swift", "bmft", "fullft-rw", "fullft-reg", "fullft-fdr", "llft", "diffgda",
@@ -79,18 +53,6 @@ METHOD_NAMES = ("baseline", "threshold", "swift", "bmft", "fullft-rw", "fullft-r
                 "manual-bn", "manual-top")
 COMPARE_DEFAULTS = ("baseline", "threshold", "swift", "bmft", "fullft-fdr", "llft", "diffgda", "random-mask",
                     "hard-0.5")
-# The errors that a user's input causes (a bad file, column, key or value): one line, exit status 1.
-_USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
-
-
-def _exit_epilog(command: str | None) -> str:
-    """The exit statuses of ``command`` (None: of every command) as the --help epilog, one line each."""
-    lines = ["exit status:"]
-    for status, commands, meaning in EXIT_STATUSES:
-        if command is None or not commands or command in commands:
-            only = f" ({', '.join(commands)})" if command is None and commands else ""
-            lines.append(f"{status:>5}  {meaning}{only}")
-    return "\n".join(lines)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -351,7 +313,7 @@ def _rule(args: argparse.Namespace) -> Any:
         rule["patience"] = None
     try:
         return SelectionRule(**rule)
-    except ValueError as err:  # a value out of range; _flag_names maps the field to its flag
+    except ValueError as err:  # a value out of range; flag_names maps the field to its flag
         raise UsageError(str(err)) from None
 
 
@@ -387,7 +349,7 @@ def _config(args: argparse.Namespace) -> Any:
         *_ONLY[args.method])}
     try:
         return method_config(args.method, seed=args.seed, **options)
-    except ValueError as err:  # a value out of range; _flag_names maps the field to its flag
+    except ValueError as err:  # a value out of range; flag_names maps the field to its flag
         raise UsageError(str(err)) from None
 
 
@@ -704,63 +666,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
-    parser.formatter_class, parser.epilog = _HelpFormatter, _exit_epilog(None)
+    parser.formatter_class, parser.epilog = _HelpFormatter, exit_epilog(None)
     for name, p in sub.choices.items():
         p.add_argument("--debug", action="store_true",
                        help="on an error, show the Python traceback too (for a bug report)")
-        p.formatter_class, p.epilog = _HelpFormatter, _exit_epilog(name)
+        p.formatter_class, p.epilog = _HelpFormatter, exit_epilog(name)
         p.set_defaults(flags={a.dest: next(o for o in a.option_strings if o.startswith("--"))
                               for a in p._actions if any(o.startswith("--") for o in a.option_strings)})
     return parser
-
-
-# Python names that messages from below the command line use, and the flags they stand for; names of the
-# subcommand's own options (``rate must be``, ``mask_mode='grad'``) are mapped from its parser in _flag_names.
-_PYTHON_NAMES = (
-    (r"\bStepConfig\.epochs\b", "--epochs1 / --epochs2"),
-    (r"\bStepConfig\.lr\b", "--lr1 / --lr2"),
-    (r"\bStepConfig\.optimizer\b", "--optimizer"),
-    (r"\b(?:Swift|Bmft)Config\(faithful=True\)", "--faithful"),
-    (r"\bSet faithful=False\b", "Leave out --faithful"),
-    (r"\battr_cols\[\d+\]=", "--attr "),
-    (r"\bimage_root\b", "--image-root"),
-    (r"^model (?=')", "--model "),
-    (r"\breplace=True or 'auto'", "--balance-replace true or auto"),
-)
-
-
-def _flag_names(message: str, flags: dict[str, str]) -> str:
-    """``message`` with the Python names of options replaced by the subcommand's flags (``flags``: dest -> flag):
-    the one place where the layers below, which know nothing of the command line, are translated to it."""
-    for pattern, flag in _PYTHON_NAMES:
-        message = re.sub(pattern, flag, message)
-    names = "|".join(re.escape(d) for d in sorted(flags, key=len, reverse=True))
-    if names:
-        # `overwrite=True` -> `--overwrite`; `mask_mode='grad'` -> `--mask-mode 'grad'`; `rate must` -> `--rate must`
-        message = re.sub(rf"(?<![\w.-])({names})=True\b", lambda m: flags[m.group(1)], message)
-        message = re.sub(rf"(?<![\w.-])({names})(=| must be\b)",
-                         lambda m: flags[m.group(1)] + (" " if m.group(2) == "=" else m.group(2)), message)
-    return message
-
-
-def _one_line(err: BaseException) -> str:
-    """The error's message on one line. An error raised in a DataLoader worker comes back with the worker's traceback
-    in its message: its last line is the original message."""
-    text = str(err)
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = re.sub(r"^[\w.]+(Error|Exception): ", "", last)
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def _status(err: Exception) -> int:
-    from fastmask.data.stats import ShardReadError
-
-    for kind, status in ((ShardReadError, EXIT_DAMAGED), (DeviceError, EXIT_DEVICE), (FileExistsError, EXIT_EXISTS),
-                         (UsageError, EXIT_USAGE), (_USER_ERRORS, EXIT_INPUT)):
-        if isinstance(err, kind):
-            return status
-    return EXIT_INTERNAL
 
 
 def _resume_command(argv: Sequence[str]) -> str:
@@ -802,10 +715,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastmask {args.command}: {_interrupted(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # the one error path: every failure ends as one line and an exit status
-        status = _status(err)
+        status = status_of(err)
         if args.debug:
             traceback.print_exc()
-        message = _flag_names(_one_line(err), args.flags)
+        message = flag_names(one_line(err), args.flags)
         if status == EXIT_INTERNAL:
             message = (f"internal error ({type(err).__name__}: {message}); this is a bug in fastmask: please report "
                        "it with the traceback that --debug shows")
