@@ -43,7 +43,12 @@ def implementation(op: str, name: str) -> Callable:
 
 
 def _resolved(op: str, device: torch.device, backend: str | None) -> Callable:
-    return implementation(op, _backend.resolve(op, device, backend))
+    name = _backend.resolve(op, device, backend)
+    if name == "triton" and torch.compiler.is_compiling() and hasattr(torch.ops, fakes.TRITON_NAMESPACE):
+        # Dynamo cannot trace a launch through pointer tables: the compiled graph calls the launcher as an opaque
+        # op with the op's schema and fake (fastmask/ops/fakes.py), at run time on the real tensors.
+        return getattr(getattr(torch.ops, fakes.TRITON_NAMESPACE), op)
+    return implementation(op, name)
 
 
 def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -305,4 +310,4 @@ def _mask_update(mask_mode: str) -> bool:
     return mask_mode == "update"
 
 
-fakes.register()
+fakes.register(lambda op: implementation(op, "triton"))
