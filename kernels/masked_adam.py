@@ -120,7 +120,7 @@ def _bias_corrections(state_steps: Sequence[Tensor], lr: float, beta1: float, be
         steps = [float(s) for s in state_steps]
         rows = [(lr / (1 - beta1**s), (1 - beta2**s) ** 0.5) for s in steps]
         return torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)
-    steps = torch.stack([s.reshape(()).to(device=device, dtype=torch.float64) for s in state_steps])
+    steps = torch.stack([s.reshape(()).to(device) for s in state_steps]).to(torch.float64)
     return torch.stack([lr / (1 - torch.pow(beta1, steps)), (1 - torch.pow(beta2, steps)).pow(0.5)], dim=1)
 
 
@@ -147,10 +147,9 @@ def masked_adam_(
 ) -> None:
     """One masked Adam / AdamW step over a group of same-device, same-dtype tensors, in place (formula above)."""
     op = "masked_adam_"
-    buffers = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "state_steps": state_steps}
-    if amsgrad:
-        buffers["max_exp_avg_sqs"] = max_exp_avg_sqs
-    mt.check_group(op, params, {k: v for k, v in buffers.items() if k != "state_steps"}, masks)
+    columns = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+               "max_exp_avg_sqs": max_exp_avg_sqs if amsgrad else None}
+    launches = mt.plan_optimizer(op, columns, masks)
     if len(state_steps) != len(params):
         raise ValueError(f"{op}: list lengths differ: params {len(params)}, state_steps {len(state_steps)}")
     if not params:
@@ -163,12 +162,9 @@ def masked_adam_(
     lerp_small = bool(w.abs() < 0.5)
     lerp_coeff = float(w if lerp_small else w - 1)
     # Rounded to opmath in the kernel, as torch rounds a Python scalar operand.
-    hyper = torch.tensor(
-        [beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, lerp_coeff], dtype=torch.float64
-    ).to(device, non_blocking=True)
+    hyper = mt.device_constants([beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, lerp_coeff], device)
     mt.launch_optimizer(
-        _masked_adam_kernel, op, params, [grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None], masks,
-        [coefs], hyper, grad_scale, found_inf, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-        L2=weight_decay != 0 and not decoupled_weight_decay, DECOUPLED=weight_decay != 0 and decoupled_weight_decay,
-        MASK_UPDATE=mask_update, LERP_SMALL=lerp_small,
+        _masked_adam_kernel, op, launches, params, [coefs], hyper, grad_scale, found_inf, AMSGRAD=amsgrad,
+        MAXIMIZE=maximize, L2=weight_decay != 0 and not decoupled_weight_decay,
+        DECOUPLED=weight_decay != 0 and decoupled_weight_decay, MASK_UPDATE=mask_update, LERP_SMALL=lerp_small,
     )

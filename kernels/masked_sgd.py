@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -107,17 +106,13 @@ def masked_sgd_(
     """One masked SGD step over a group of same-device, same-dtype tensors, in place (formula above).
     ``momentum_buffers`` is empty when momentum == 0; ``first_step`` says the buffers are uninitialised."""
     op = "masked_sgd_"
-    buffers = {"grads": grads}
-    if momentum != 0:
-        buffers["momentum_buffers"] = momentum_buffers
-    mt.check_group(op, params, buffers, masks)
+    columns = {"params": params, "grads": grads, "momentum_buffers": momentum_buffers if momentum != 0 else None}
+    launches = mt.plan_optimizer(op, columns, masks)
     if not params:
         return
-    hyper = torch.tensor([lr, weight_decay, momentum, 1.0 - dampening], dtype=torch.float64)
-    hyper = hyper.to(params[0].device, non_blocking=True)
+    hyper = mt.device_constants([lr, weight_decay, momentum, 1.0 - dampening], params[0].device)
     mode = _NO_MOMENTUM if momentum == 0 else _FIRST_STEP if first_step else _RUNNING
     mt.launch_optimizer(
-        _masked_sgd_kernel, op, params, [grads, momentum_buffers if momentum != 0 else None], masks, [], hyper,
-        grad_scale, found_inf, MOMENTUM=mode, NESTEROV=nesterov, MAXIMIZE=maximize, L2=weight_decay != 0,
-        MASK_UPDATE=mask_update,
+        _masked_sgd_kernel, op, launches, params, [], hyper, grad_scale, found_inf, MOMENTUM=mode,
+        NESTEROV=nesterov, MAXIMIZE=maximize, L2=weight_decay != 0, MASK_UPDATE=mask_update,
     )
