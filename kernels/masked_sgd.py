@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -92,7 +93,7 @@ def masked_sgd_(
     momentum_buffers: Sequence[Tensor],
     masks: Sequence[Tensor | None],
     *,
-    lr: float,
+    lr: float | Tensor,
     weight_decay: float,
     momentum: float,
     dampening: float,
@@ -104,13 +105,18 @@ def masked_sgd_(
     found_inf: Tensor | None = None,
 ) -> None:
     """One masked SGD step over a group of same-device, same-dtype tensors, in place (formula above).
-    ``momentum_buffers`` is empty when momentum == 0; ``first_step`` says the buffers are uninitialised."""
+    ``momentum_buffers`` is empty when momentum == 0; ``first_step`` says the buffers are uninitialised. ``lr`` may
+    be a one-element tensor on the device, used there (capturable)."""
     op = "masked_sgd_"
     columns = {"params": params, "grads": grads, "momentum_buffers": momentum_buffers if momentum != 0 else None}
     launches = mt.plan_optimizer(op, columns, masks)
     if not params:
         return
-    hyper = mt.device_constants([lr, weight_decay, momentum, 1.0 - dampening], params[0].device)
+    device = params[0].device
+    hyper = mt.device_constants([0.0 if isinstance(lr, Tensor) else lr, weight_decay, momentum, 1.0 - dampening],
+                                device)
+    if isinstance(lr, Tensor):  # spliced in on the device, not cached
+        hyper = torch.cat([lr.reshape(1).to(device, torch.float64), hyper[1:]])
     mode = _NO_MOMENTUM if momentum == 0 else _FIRST_STEP if first_step else _RUNNING
     mt.launch_optimizer(
         _masked_sgd_kernel, op, launches, params, [], hyper, grad_scale, found_inf, MOMENTUM=mode,

@@ -8,6 +8,8 @@
 - Results: parameters and every state buffer after several compiled steps (AOT autograd: the ops' fakes and
   functionalisation) equal, bit for bit, the same steps taken eagerly, with and without masks, on every backend.
 - The Triton launcher's opaque op ``fastmask_triton::<op>`` passes ``torch.library.opcheck``.
+- capturable with a scheduler's tensor lr: the Python implementations take the lr as a device tensor and step
+  exactly as with the same float.
 """
 
 from __future__ import annotations
@@ -223,3 +225,30 @@ def test_triton_launcher_op_passes_opcheck(op):
         kwargs = dict(lr=1e-2, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
                       first_step=False, mask_update=True)
     torch.library.opcheck(getattr(torch.ops.fastmask_triton, op).default, args, kwargs)
+
+
+@pytest.mark.parametrize("op", ["masked_adam_", "masked_sgd_"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpp"])
+def test_a_tensor_lr_steps_as_the_same_float(backend, op):
+    """ops passes a device tensor lr (capturable) to the reference and Triton implementations as a float64 tensor,
+    used without reading it on the host: the step equals the one with the float, bit for bit (device-resident
+    steps, AdamW decay, Nesterov momentum)."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(3, 4), (33,)]
+    lr = 0.0123
+    masks = [torch.rand(shapes[0], generator=g), None]
+    start = [[torch.rand(s, generator=g) for s in shapes] for _ in range(4)]
+    results = []
+    for lr_arg in (lr, torch.tensor(lr, dtype=torch.float64)):
+        params, grads, first, second = ([t.clone() for t in ts] for ts in start)
+        fn = ops.implementation(op, backend)
+        if op == "masked_adam_":
+            fn(params, grads, first, second, [], [torch.tensor(3.0) for _ in shapes], masks, lr=lr_arg, beta1=0.9,
+               beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False, decoupled_weight_decay=True,
+               mask_update=False)
+        else:
+            fn(params, grads, first, masks, lr=lr_arg, weight_decay=0.1, momentum=0.9, dampening=0.0, nesterov=True,
+               maximize=False, first_step=False, mask_update=False)
+        results.append([*params, *first, *second])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -257,7 +257,7 @@ def masked_adam_(
     state_steps: Sequence[Tensor],
     masks: Sequence[Tensor | None],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
@@ -283,7 +283,7 @@ def masked_adam_(
 
     A ``found_inf`` that is non-zero skips the whole step (the caller restores the step counters), as torch's fused
     Adam does with GradScaler. Steps and found_inf on a device (capturable, fused) or under torch.compile are used
-    as tensors, as torch's capturable Adam uses them: no host synchronisation.
+    as tensors, as torch's capturable Adam uses them: no host synchronisation; so is a float64 tensor ``lr``.
     """
     skip = _skip_step(found_inf)
     if skip is True:
@@ -333,7 +333,7 @@ def masked_sgd_(
     momentum_buffers: Sequence[Tensor],
     masks: Sequence[Tensor | None],
     *,
-    lr: float,
+    lr: float | Tensor,
     weight_decay: float,
     momentum: float,
     dampening: float,
