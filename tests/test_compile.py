@@ -8,6 +8,8 @@
 - Results: parameters and every state buffer after several compiled steps (AOT autograd: the ops' fakes and
   functionalisation) equal, bit for bit, the same steps taken eagerly, with and without masks, on every backend.
 - The Triton launcher's opaque op ``fastmask_triton::<op>`` passes ``torch.library.opcheck``.
+- The launch tables a Triton step reads are built once per group and rebuilt exactly when a tensor's storage or a
+  mask changes (so a steady-state step copies no table to the device and can be captured in a CUDA graph).
 - capturable with a scheduler's tensor lr: the Python implementations take the lr as a device tensor and step
   exactly as with the same float.
 """
@@ -252,3 +254,44 @@ def test_a_tensor_lr_steps_as_the_same_float(backend, op):
         results.append([*params, *first, *second])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton")
+def test_launch_tables_are_rebuilt_only_when_storage_or_masks_change(monkeypatch):
+    """Steady-state steps (gradients kept in place, as ``zero_grad(set_to_none=False)`` keeps them) reuse the
+    group's tables: no build, so no copy to the device; new masks, a parameter's new storage (``p.data = ...``) or
+    new state buffers (a loaded state dict) rebuild them, and every step stays equal to the reference backend's."""
+    from fastmask.kernels import multi_tensor as mt
+
+    builds = []
+    build = mt.address_table
+    monkeypatch.setattr(mt, "address_table", lambda *args: builds.append(1) or build(*args))
+    mt.clear_tables()
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 4), (33,), (1,)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    masks = [torch.rand(s, generator=g) for s in shapes]
+    opts = {b: MaskedAdamW([p.clone().requires_grad_() for p in start], lr=1e-2, masks=masks, backend=b)
+            for b in ("triton", "reference")}
+    expected_builds = []
+    for t in range(7):
+        if t == 3:
+            for opt in opts.values():
+                opt.set_masks([m > 0.5 for m in masks])
+        if t == 4:
+            for opt in opts.values():
+                p = opt.param_groups[0]["params"][1]
+                p.data = p.data.clone()
+        if t == 5:
+            for opt in opts.values():
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for opt in opts.values():
+            for p in opt.param_groups[0]["params"]:
+                grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(t))
+                p.grad = grad if p.grad is None else p.grad.copy_(grad)
+            opt.step()
+        expected_builds.append(1 if t in (0, 3, 4, 5) else 0)
+        assert len(builds) == sum(expected_builds), t
+        for a, b in zip(opts["triton"].param_groups[0]["params"], opts["reference"].param_groups[0]["params"],
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
