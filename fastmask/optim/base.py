@@ -100,10 +100,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
             mask = torch.empty_like(p, dtype=mask.dtype).copy_(mask)
         return mask
 
-    def _index(self, group: dict[str, Any]) -> int:
-        """The index of ``group`` in ``param_groups`` (by identity: dicts of tensors do not compare)."""
-        return next(gi for gi, g in enumerate(self.param_groups) if g is group)
-
     def _positions(self) -> list[tuple[int, int]]:
         return [(gi, j) for gi, group in enumerate(self.param_groups) for j in range(len(group["params"]))]
 
@@ -193,6 +189,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     # ---- step -------------------------------------------------------------------------------------------------
 
+    def _index(self, group: dict[str, Any]) -> int:
+        """The index of ``group`` in ``param_groups`` (by identity: dicts of tensors do not compare)."""
+        return next(gi for gi, g in enumerate(self.param_groups) if g is group)
+
     # torch's own decorator rather than torch.no_grad(): besides disabling grad it places the two graph breaks
     # torch.optim's step has under torch.compile, so a compiled training step splits into the same graphs.
     @_use_grad_for_differentiable
@@ -222,7 +222,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         skips under torch.compile, where Dynamo sets capturable=True in its traced copy of the groups."""
         if group.get("differentiable", False):
             self._check_group(self._index(group))
-        if group.get("capturable", False) and not torch.compiler.is_compiling():
+        if state_steps and group.get("capturable", False) and not torch.compiler.is_compiling():
             supported = torch_optimizer._get_capturable_supported_devices()
             for p, step in zip(params, state_steps, strict=True):
                 if not (p.device.type == step.device.type and p.device.type in supported):
