@@ -106,21 +106,22 @@ def _masked_adam_kernel(
             tl.store(vmax_ptr + offs, mt.to_storage(v_hat, DTYPE), mask=lane)
 
 
-def _bias_corrections(state_steps: Sequence[Tensor], lr: float, beta1: float, beta2: float,
+def _bias_corrections(state_steps: Sequence[Tensor], lr: float | Tensor, beta1: float, beta2: float,
                       device: torch.device) -> Tensor:
     """float64 [T, 2]: lr / (1 − β1^t) and (1 − β2^t)^0.5 per tensor, from the (already incremented) steps.
 
-    Host-resident steps (torch.optim's default) are read and computed with Python floats exactly as torch.optim.Adam
-    does; device-resident steps are computed on the device, without a synchronisation.
+    Host-resident steps (torch.optim's default) with a float lr are read and computed with Python floats exactly as
+    torch.optim.Adam does; device-resident steps or a tensor lr (capturable) are computed on the device, without a
+    synchronisation.
     """
     for i, s in enumerate(state_steps):
         if s.numel() != 1:
             raise ValueError(f"masked_adam_: state_steps[{i}] must have one element, got shape {tuple(s.shape)}")
-    if all(s.device.type == "cpu" for s in state_steps):
+    if not isinstance(lr, Tensor) and all(s.device.type == "cpu" for s in state_steps):
         steps = [float(s) for s in state_steps]
         rows = [(lr / (1 - beta1**s), (1 - beta2**s) ** 0.5) for s in steps]
         return torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)
-    steps = torch.stack([s.reshape(()).to(device=device, dtype=torch.float64) for s in state_steps])
+    steps = torch.stack([s.reshape(()).to(device) for s in state_steps]).to(torch.float64)
     return torch.stack([lr / (1 - torch.pow(beta1, steps)), (1 - torch.pow(beta2, steps)).pow(0.5)], dim=1)
 
 
@@ -133,7 +134,7 @@ def masked_adam_(
     state_steps: Sequence[Tensor],
     masks: Sequence[Tensor | None],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
@@ -145,17 +146,19 @@ def masked_adam_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    """One masked Adam / AdamW step over a group of same-device, same-dtype tensors, in place (formula above)."""
+    """One masked Adam / AdamW step over a group of same-device, same-dtype tensors, in place (formula above).
+    ``lr`` may be a one-element tensor on the device, used there (capturable)."""
     op = "masked_adam_"
-    buffers = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "state_steps": state_steps}
-    if amsgrad:
-        buffers["max_exp_avg_sqs"] = max_exp_avg_sqs
-    mt.check_group(op, params, {k: v for k, v in buffers.items() if k != "state_steps"}, masks)
+    columns = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+               "max_exp_avg_sqs": max_exp_avg_sqs if amsgrad else None}
+    launches = mt.plan_optimizer(op, columns, masks)
     if len(state_steps) != len(params):
         raise ValueError(f"{op}: list lengths differ: params {len(params)}, state_steps {len(state_steps)}")
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
+    if isinstance(lr, Tensor):
+        lr = lr.reshape(()).to(device, torch.float64)
     coefs = _bias_corrections(state_steps, lr, beta1, beta2, device)
     # torch's lerp(m, g, w) with w = 1 − β1 rounded to opmath: fma(w, g − m, m) if |w| < 0.5, else
     # fma(w − 1, g − m, g) with w − 1 computed in opmath.
@@ -163,12 +166,13 @@ def masked_adam_(
     lerp_small = bool(w.abs() < 0.5)
     lerp_coeff = float(w if lerp_small else w - 1)
     # Rounded to opmath in the kernel, as torch rounds a Python scalar operand.
-    hyper = torch.tensor(
-        [beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, lerp_coeff], dtype=torch.float64
-    ).to(device, non_blocking=True)
+    decay_factor = 1.0 - lr * weight_decay  # a device tensor when lr is one: spliced in, not cached
+    constants = [beta2, 1.0 - beta2, eps, weight_decay, 0.0 if isinstance(lr, Tensor) else decay_factor, lerp_coeff]
+    hyper = mt.device_constants(constants, device)
+    if isinstance(decay_factor, Tensor):
+        hyper = torch.cat([hyper[:4], decay_factor.reshape(1), hyper[5:]])
     mt.launch_optimizer(
-        _masked_adam_kernel, op, params, [grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None], masks,
-        [coefs], hyper, grad_scale, found_inf, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-        L2=weight_decay != 0 and not decoupled_weight_decay, DECOUPLED=weight_decay != 0 and decoupled_weight_decay,
-        MASK_UPDATE=mask_update, LERP_SMALL=lerp_small,
+        _masked_adam_kernel, op, launches, params, [coefs], hyper, grad_scale, found_inf, AMSGRAD=amsgrad,
+        MAXIMIZE=maximize, L2=weight_decay != 0 and not decoupled_weight_decay,
+        DECOUPLED=weight_decay != 0 and decoupled_weight_decay, MASK_UPDATE=mask_update, LERP_SMALL=lerp_small,
     )

@@ -93,7 +93,7 @@ def masked_sgd_(
     momentum_buffers: Sequence[Tensor],
     masks: Sequence[Tensor | None],
     *,
-    lr: float,
+    lr: float | Tensor,
     weight_decay: float,
     momentum: float,
     dampening: float,
@@ -105,19 +105,20 @@ def masked_sgd_(
     found_inf: Tensor | None = None,
 ) -> None:
     """One masked SGD step over a group of same-device, same-dtype tensors, in place (formula above).
-    ``momentum_buffers`` is empty when momentum == 0; ``first_step`` says the buffers are uninitialised."""
+    ``momentum_buffers`` is empty when momentum == 0; ``first_step`` says the buffers are uninitialised. ``lr`` may
+    be a one-element tensor on the device, used there (capturable)."""
     op = "masked_sgd_"
-    buffers = {"grads": grads}
-    if momentum != 0:
-        buffers["momentum_buffers"] = momentum_buffers
-    mt.check_group(op, params, buffers, masks)
+    columns = {"params": params, "grads": grads, "momentum_buffers": momentum_buffers if momentum != 0 else None}
+    launches = mt.plan_optimizer(op, columns, masks)
     if not params:
         return
-    hyper = torch.tensor([lr, weight_decay, momentum, 1.0 - dampening], dtype=torch.float64)
-    hyper = hyper.to(params[0].device, non_blocking=True)
+    device = params[0].device
+    hyper = mt.device_constants([0.0 if isinstance(lr, Tensor) else lr, weight_decay, momentum, 1.0 - dampening],
+                                device)
+    if isinstance(lr, Tensor):  # spliced in on the device, not cached
+        hyper = torch.cat([lr.reshape(1).to(device, torch.float64), hyper[1:]])
     mode = _NO_MOMENTUM if momentum == 0 else _FIRST_STEP if first_step else _RUNNING
     mt.launch_optimizer(
-        _masked_sgd_kernel, op, params, [grads, momentum_buffers if momentum != 0 else None], masks, [], hyper,
-        grad_scale, found_inf, MOMENTUM=mode, NESTEROV=nesterov, MAXIMIZE=maximize, L2=weight_decay != 0,
-        MASK_UPDATE=mask_update,
+        _masked_sgd_kernel, op, launches, params, [], hyper, grad_scale, found_inf, MOMENTUM=mode,
+        NESTEROV=nesterov, MAXIMIZE=maximize, L2=weight_decay != 0, MASK_UPDATE=mask_update,
     )

@@ -22,13 +22,23 @@ Two table layouts serve two kinds of kernel:
 A mask's dtype is a compile-time constant of the optimizer kernels (MASK_KIND), so a group whose masks have several
 dtypes is launched once per mask dtype; tensors without a mask join any launch with a zero address (a run-time flag
 in the kernel). In practice a group has one mask dtype and therefore one launch.
+
+Tables are cached (:func:`cached`): an optimizer step's tables (:func:`plan_optimizer`) and a launch table are built,
+checked and copied to the device once for a given list of tensors, and again only when a tensor's storage
+(``data_ptr``), element count or mask (its storage or dtype) changes, i.e. when the key, those values, changes.
+A steady-state step then makes no host-to-device copy of tables, so it can be captured in a CUDA graph, and its host
+work is the key's lookup instead of the tables' construction (``bench/bench_step_host.py``). What a key does not see
+is an in-place change of a tensor's metadata that keeps its pointer and element count (``t_()``, ``as_strided_()``
+on a parameter); the optimizers never make one.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import triton
@@ -49,6 +59,33 @@ _TL_MASK_DTYPES = {**TL_DTYPES, torch.uint8: tl.uint8, torch.bool: tl.uint8}
 MASK_NONE, MASK_FLOAT, MASK_UINT8, MASK_BOOL = 0, 1, 2, 3
 MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.bool)
 PARAM_DTYPES = tuple(TL_DTYPES)
+
+# Tables kept for the most recently used keys: a few per optimizer param group and (device, dtype) group, plus the
+# launch tables of the importance ops; far more than a training run uses at once.
+TABLE_CACHE_SIZE = 64
+_tables: OrderedDict[Hashable, object] = OrderedDict()
+T = TypeVar("T")
+
+
+def cached(key: Hashable, build: Callable[[], T]) -> T:
+    """``build()``, made once per ``key`` and kept while the key is among the TABLE_CACHE_SIZE most recently used."""
+    if key in _tables:
+        _tables.move_to_end(key)
+        return _tables[key]  # type: ignore[return-value]
+    value = _tables[key] = build()
+    if len(_tables) > TABLE_CACHE_SIZE:
+        _tables.popitem(last=False)
+    return value
+
+
+def clear_tables() -> None:
+    """Forget every cached table (the next launch of every list of tensors builds and copies its tables again)."""
+    _tables.clear()
+
+
+def pointers(tensors: Sequence[Tensor | None]) -> tuple[int, ...]:
+    """data_ptr of each tensor, 0 for a missing one: what a table holds of it, and so part of the table's key."""
+    return tuple(0 if t is None else t.data_ptr() for t in tensors)
 
 
 def interpreting() -> bool:
@@ -137,7 +174,14 @@ class LaunchTable:
 
 def launch_table(pointer_columns: Sequence[Sequence[Tensor]], block: int, device: torch.device) -> LaunchTable:
     """The table for tensors whose data pointers are ``pointer_columns[k][t]`` (all columns of one length, the
-    tensors of one row having equal numel). Built on the host and copied to ``device`` in one transfer."""
+    tensors of one row having equal numel). Built on the host and copied to ``device`` in one transfer, once per
+    (pointers, numels, block, device): :func:`cached`."""
+    key = ("launch_table", device, block, tuple(t.numel() for t in pointer_columns[0]),
+           *(pointers(col) for col in pointer_columns))
+    return cached(key, lambda: _launch_table(pointer_columns, block, device))
+
+
+def _launch_table(pointer_columns: Sequence[Sequence[Tensor]], block: int, device: torch.device) -> LaunchTable:
     first = pointer_columns[0]
     numels = torch.tensor([t.numel() for t in first], dtype=torch.int64)
     block_tensor, block_start = _blocks(numels, block)
@@ -231,53 +275,102 @@ def block_table(numels: Sequence[int], block: int, rows: int, device: torch.devi
 
 def scalar_pointer(op: str, name: str, t: Tensor | None, device: torch.device) -> Tensor:
     """A one-element float32 tensor on ``device`` for an optional scalar (grad_scale / found_inf); read by the
-    kernel, so a device-resident value never has to be synchronised to the host."""
+    kernel, so a device-resident value never has to be synchronised to the host. A missing one is a cached zero."""
     if t is None:
-        return torch.zeros(1, dtype=torch.float32, device=device)
+        return cached(("zero", device), lambda: torch.zeros(1, dtype=torch.float32, device=device))
     if t.numel() != 1:
         raise ValueError(f"{op}: {name} must have one element, got shape {tuple(t.shape)}")
     return t.reshape(1).to(device=device, dtype=torch.float32)
 
 
+def device_constants(values: Sequence[float], device: torch.device) -> Tensor:
+    """float64 ``values`` on ``device``, copied there once per distinct values (a kernel's hyperparameters)."""
+    key = ("constants", device, tuple(values))
+    return cached(key, lambda: torch.tensor(list(values), dtype=torch.float64).to(device, non_blocking=True))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch of an optimizer kernel, its tables on the device: MASK_KIND and mask dtype, the address table
+    ``ptrs`` [T, R], ``numels`` [T], the block table (``block_tensor``, ``block_start``) and its number of
+    ``programs``, and ``index``, the launch's rows of the group (None: all of them, in order)."""
+
+    kind: int
+    mask_dtype: torch.dtype
+    ptrs: Tensor
+    numels: Tensor
+    block_tensor: Tensor
+    block_start: Tensor
+    programs: int
+    index: Tensor | None
+
+
+def plan_optimizer(op: str, columns: dict[str, Sequence[Tensor] | None],
+                   masks: Sequence[Tensor | None]) -> list[Launch]:
+    """The launches of an optimizer step over the group whose address-table columns are ``columns`` (``"params"``
+    first; None for a buffer list the step does not use, whose column is 0) and ``masks`` (the last column), one per
+    mask dtype (:func:`split_by_mask_dtype`), without empty ones.
+
+    Checked (:func:`check_group`) and built once per key (:func:`cached`): the op, the device, the tile, every
+    tensor's pointer, the parameters' element counts and the masks' dtypes."""
+    params = columns["params"]
+    if not params:
+        check_group(op, params, {k: v for k, v in columns.items() if k != "params" and v is not None}, masks)
+        return []
+    rows, block = tile()
+    device = params[0].device
+    key = (op, device, rows, block, tuple(p.numel() for p in params), tuple(m is None or m.dtype for m in masks),
+           *(None if col is None else pointers(col) for col in columns.values()), pointers(masks))
+
+    def build() -> list[Launch]:
+        check_group(op, params, {k: v for k, v in columns.items() if k != "params" and v is not None}, masks)
+        launches = []
+        for kind, idx in split_by_mask_dtype(masks):
+            sub_masks = [masks[i] for i in idx]
+            ptrs = address_table(
+                [*([None] * len(idx) if col is None else [col[i] for i in idx] for col in columns.values()),
+                 sub_masks], device)
+            numels = [params[i].numel() for i in idx]
+            block_tensor, block_start, programs = block_table(numels, block, rows, device)
+            if programs == 0:
+                continue
+            mask_dtype = next((m.dtype for m in sub_masks if m is not None), torch.float32)
+            index = None if idx == list(range(len(params))) else torch.tensor(idx).to(device, non_blocking=True)
+            launches.append(Launch(kind, mask_dtype, ptrs, torch.tensor(numels).to(device, non_blocking=True),
+                                   block_tensor, block_start, programs, index))
+        return launches
+
+    return cached(key, build)
+
+
 def launch_optimizer(
     kernel,
     op: str,
+    launches: Sequence[Launch],
     params: Sequence[Tensor],
-    buffers: Sequence[Sequence[Tensor] | None],
-    masks: Sequence[Tensor | None],
     per_tensor: Sequence[Tensor],
     hyper: Tensor,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     **constexprs,
 ) -> None:
-    """Launch an optimizer-step ``kernel`` over a checked, non-empty group of same-device, same-dtype ``params``,
-    once per mask dtype (:func:`split_by_mask_dtype`).
+    """Launch an optimizer-step ``kernel`` once per planned launch (:func:`plan_optimizer`) of the group ``params``.
 
-    The kernel's arguments are, in order: the address table (columns params, each of ``buffers`` — None for an
-    absent buffer list, whose column is 0 — then masks), the numels, each ``per_tensor[k][idx]`` (per-tensor rows
-    for the launch's tensors), ``hyper``, the block table (tensor, start), the grad_scale and found_inf pointers;
-    then the constexprs DTYPE, ACC, FP64, MASK_KIND, MASK_TL, HAS_SCALE, HAS_FOUND_INF, ROWS, BLOCK and the
-    kernel's own ``constexprs``.
+    The kernel's arguments are, in order: the address table, the numels, each ``per_tensor[k]`` (per-tensor rows, of
+    the launch's tensors), ``hyper``, the block table (tensor, start), the grad_scale and found_inf pointers
+    (:func:`scalar_pointer`); then the constexprs DTYPE, ACC, FP64, MASK_KIND, MASK_TL, HAS_SCALE, HAS_FOUND_INF,
+    ROWS, BLOCK and the kernel's own ``constexprs``.
     """
     device, dtype = params[0].device, params[0].dtype
     scale = scalar_pointer(op, "grad_scale", grad_scale, device)
     inf = scalar_pointer(op, "found_inf", found_inf, device)
     rows, block = tile()
-    for kind, idx in split_by_mask_dtype(masks):
-        sub_masks = [masks[i] for i in idx]
-        columns = [[params[i] for i in idx], *([None if b is None else b[i] for i in idx] for b in buffers)]
-        ptrs = address_table([*columns, sub_masks], device)
-        numels = [params[i].numel() for i in idx]
-        block_tensor, block_start, programs = block_table(numels, block, rows, device)
-        if programs == 0:
-            continue
-        mask_dtype = next((m.dtype for m in sub_masks if m is not None), torch.float32)
-        kernel[(programs,)](
-            ptrs, torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True),
-            *(t[idx].contiguous() for t in per_tensor), hyper, block_tensor, block_start, scale, inf,
-            DTYPE=tl_dtype(dtype), ACC=opmath(dtype), FP64=dtype == torch.float64, MASK_KIND=kind,
-            MASK_TL=tl_dtype(mask_dtype), HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+    for launch in launches:
+        rows_of = (t if launch.index is None else t.index_select(0, launch.index) for t in per_tensor)
+        kernel[(launch.programs,)](
+            launch.ptrs, launch.numels, *rows_of, hyper, launch.block_tensor, launch.block_start, scale, inf,
+            DTYPE=tl_dtype(dtype), ACC=opmath(dtype), FP64=dtype == torch.float64, MASK_KIND=launch.kind,
+            MASK_TL=tl_dtype(launch.mask_dtype), HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             ROWS=rows, BLOCK=block, num_warps=4, enable_fp_fusion=False, **constexprs,
         )
 

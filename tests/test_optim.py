@@ -751,13 +751,10 @@ def test_defaults_and_param_groups_equal_torchs(ours, theirs, args, kwargs):
 @pytest.mark.parametrize("cls", [MaskedAdam, MaskedAdamW, MaskedSGD])
 def test_unsupported_options_raise_naming_the_option(cls):
     p = [torch.zeros(3, requires_grad=True)]
-    if cls is not MaskedSGD:
-        with pytest.raises(ValueError, match=r"capturable=True \(param_groups\[0\]\)"):
-            cls(p, capturable=True)
-        with pytest.raises(ValueError, match=r"capturable=True \(param_groups\[1\]\)"):
-            cls([{"params": p}, {"params": [torch.zeros(1, requires_grad=True)], "capturable": True}])
-    with pytest.raises(ValueError, match=r"differentiable=True"):
+    with pytest.raises(ValueError, match=r"does not support differentiable=True \(param_groups\[0\]\)"):
         cls(p, differentiable=True)
+    with pytest.raises(ValueError, match=r"does not support differentiable=True \(param_groups\[1\]\)"):
+        cls([{"params": p}, {"params": [torch.zeros(1, requires_grad=True)], "differentiable": True}])
     with pytest.raises(ValueError, match=r"complex parameters: parameter param_groups\[0\]\['params'\]\[1\]"):
         cls([p[0], torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
     with pytest.raises(ValueError, match=r"mask_mode must be one of \('grad', 'update'\), got 'both'"):
@@ -773,14 +770,72 @@ def test_unsupported_options_raise_naming_the_option(cls):
     assert opt.param_groups[1]["lr"] == 0.5
 
 
-def test_a_loaded_state_dict_with_capturable_is_rejected_at_step():
+def test_a_loaded_state_dict_with_differentiable_is_rejected_at_step():
     p = torch.zeros(3, requires_grad=True)
-    opt = MaskedAdam([p], backend="reference")
-    state = torch.optim.Adam([torch.zeros(3, requires_grad=True)], capturable=True).state_dict()
+    opt = MaskedSGD([p], backend="reference")
+    state = torch.optim.SGD([torch.zeros(3, requires_grad=True)], differentiable=True).state_dict()
     opt.load_state_dict(state)
     p.grad = torch.ones(3)
-    with pytest.raises(ValueError, match=r"MaskedAdam does not support capturable=True"):
+    with pytest.raises(ValueError, match=r"^MaskedSGD does not support differentiable=True \(param_groups\[0\]\)$"):
         opt.step()
+    assert torch.equal(p, torch.zeros(3))
+
+
+ADAMS = [(MaskedAdam, torch.optim.Adam), (MaskedAdamW, torch.optim.AdamW)]
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["argument", "loaded-state-dict"])
+@pytest.mark.parametrize("ours_cls, torch_cls", ADAMS)
+@pytest.mark.parametrize("backend", ADAM_BACKENDS)
+def test_capturable_on_cpu_raises_torchs_error_at_step(backend, ours_cls, torch_cls, loaded):
+    """capturable=True is accepted, and on CPU parameters the step raises what torch.optim's raises (its device
+    check), before any tensor changes; from a loaded state dict too."""
+
+    def make(cls, **kw):
+        p = torch.zeros(3, requires_grad=True)
+        if loaded:
+            opt = cls([p], **kw)
+            opt.load_state_dict(torch_cls([torch.zeros(3, requires_grad=True)], capturable=True).state_dict())
+        else:
+            opt = cls([p], capturable=True, **kw)
+        p.grad = torch.ones(3)
+        return p, opt
+
+    expected = raised(lambda: make(torch_cls)[1].step())
+    p, opt = make(ours_cls, backend=backend)
+    assert opt.param_groups[0]["capturable"]
+    with pytest.raises(type(expected)) as info:
+        opt.step()
+    assert str(info.value) == str(expected)
+    assert torch.equal(p, torch.zeros(3))
+
+
+@pytest.mark.parametrize("when", ["at-construction", "before-first-step", "after-two-steps"])
+@pytest.mark.parametrize("config", ["adam", "adam-amsgrad-wd-maximize", "adamw"])
+@pytest.mark.parametrize("backend", ADAM_BACKENDS)
+def test_capturable_steps_as_torchs_on_a_capture_device(backend, config, when, monkeypatch):
+    """capturable=True where torch allows it, simulated by letting torch.optim's device check accept CPU tensors (no
+    GPU here): ours and torch's capturable Adam take the same steps, `step` kept on the parameter's device as
+    torch keeps it. "before-first-step" is what Dynamo does to a group whose parameters are all on the GPU when it
+    compiles the step; "after-two-steps" sets it on a group whose `step` is already on the host."""
+    for module in ("torch.optim.optimizer", "torch.optim.adam"):  # adam.py holds its own reference to it
+        monkeypatch.setattr(sys.modules[module], "_get_capturable_supported_devices",
+                            lambda supports_xla=True: ["cuda", "cpu"])
+    ours_cls, torch_cls, kw = CONFIGS[config]
+    shapes = MIXED
+    params = make_params(shapes)
+    grads = make_grads(shapes, 5)
+    flag = dict(capturable=True) if when == "at-construction" else {}
+    ours = ours_cls(clone_params(params), **kw, **flag, backend=backend)
+    theirs = torch_cls(clone_params(params), **kw, **flag)
+    for t, step_grads in enumerate(grads):
+        if (when, t) in (("before-first-step", 0), ("after-two-steps", 2)):
+            ours.param_groups[0]["capturable"] = theirs.param_groups[0]["capturable"] = True
+        for opt in (ours, theirs):
+            for p, g in zip(opt.param_groups[0]["params"], step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    assert_matches_torch(ours, theirs, FP32_TOL, f"{config} {when}")
 
 
 @pytest.mark.parametrize("cls", [MaskedAdam, MaskedSGD])

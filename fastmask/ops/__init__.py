@@ -43,7 +43,12 @@ def implementation(op: str, name: str) -> Callable:
 
 
 def _resolved(op: str, device: torch.device, backend: str | None) -> Callable:
-    return implementation(op, _backend.resolve(op, device, backend))
+    name = _backend.resolve(op, device, backend)
+    if name == "triton" and torch.compiler.is_compiling() and hasattr(torch.ops, fakes.TRITON_NAMESPACE):
+        # Dynamo cannot trace a launch through pointer tables: the compiled graph calls the launcher as an opaque
+        # op with the op's schema and fake (fastmask/ops/fakes.py), at run time on the real tensors.
+        return getattr(getattr(torch.ops, fakes.TRITON_NAMESPACE), op)
+    return implementation(op, name)
 
 
 def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -147,6 +152,16 @@ def _scalar(x: float | Tensor, name: str) -> float:
     return float(x)
 
 
+def _lr(lr: float | Tensor, fn: Callable) -> float | Tensor:
+    """``lr`` as implementation ``fn`` takes it. A tensor on a device (capturable with a scheduler's tensor lr) stays
+    a float64 tensor there for the Python implementations (reference, Triton), which use it without reading it on
+    the host; the C++ ops' schema (and so a compiled graph) takes a float, and a CPU tensor is read as one."""
+    on_device = isinstance(lr, Tensor) and lr.numel() == 1 and lr.device.type != "cpu"
+    if on_device and not isinstance(fn, torch._ops.OpOverloadPacket):
+        return lr.reshape(()).to(torch.float64)
+    return _scalar(lr, "lr")
+
+
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
     return None if t is None else t.to(device, non_blocking=True)
 
@@ -182,8 +197,8 @@ def masked_adam_(
     if not amsgrad:
         max_exp_avg_sqs = [torch.empty(0)] * len(params)
     hyper = dict(
-        lr=_scalar(lr, "lr"), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
-        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, mask_update=mask_update,
+        beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay, mask_update=mask_update,
     )
     with phase(_op("masked_adam_").profile_range):
         torch._foreach_add_(list(state_steps), 1)
@@ -192,7 +207,7 @@ def masked_adam_(
             inf = _on(found_inf, device)
             fn(
                 _pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
-                _pick(max_exp_avg_sqs, idx), _pick(state_steps, idx), _pick(masks, idx), **hyper,
+                _pick(max_exp_avg_sqs, idx), _pick(state_steps, idx), _pick(masks, idx), lr=_lr(lr, fn), **hyper,
                 grad_scale=_on(grad_scale, device), found_inf=inf,
             )
         if found_inf is not None:
@@ -225,13 +240,14 @@ def masked_sgd_(
     """
     mask_update = _mask_update(mask_mode)
     hyper = dict(
-        lr=_scalar(lr, "lr"), weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
-        maximize=maximize, mask_update=mask_update,
+        weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
+        mask_update=mask_update,
     )
     buffers = list(momentum_buffers)
     with phase(_op("masked_sgd_").profile_range):
         for (device, _), idx in _groups(params).items():
             fn = _resolved("masked_sgd_", device, backend)
+            hyper["lr"] = _lr(lr, fn)
             scale, inf = _on(grad_scale, device), _on(found_inf, device)
             if momentum == 0:
                 fn(_pick(params, idx), _pick(grads, idx), [], _pick(masks, idx), **hyper, first_step=False,
@@ -307,4 +323,4 @@ def _mask_update(mask_mode: str) -> bool:
     return mask_mode == "update"
 
 
-fakes.register()
+fakes.register(lambda op: implementation(op, "triton"))

@@ -90,6 +90,9 @@ def _warn_fallback_once(op: str, device_type: str, wanted: str, reason: str) -> 
     log.warning("fastmask: %s on %s tensors falls back to the reference backend: %s", op, device_type, reason)
 
 
+# Under torch.compile the choice is made once, while tracing, and the compiled graph keeps it: a host decision with
+# nothing to trace (and a cached import check inside that Dynamo would otherwise warn about).
+@torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, requested: str | None = None) -> str:
     """The backend that runs ``op`` on ``device`` tensors."""
     choice = requested or os.environ.get(ENV_VAR) or "auto"

@@ -1,17 +1,27 @@
 """Fake (meta) kernels of every op declared in csrc/ops.cpp, for FakeTensor tracing (torch.compile, torch.export,
 ``torch.library.opcheck``): each gives the output's metadata without computing it. The in-place ops return nothing,
 so their fakes only check that the lists line up. Registered once ``fastmask._C`` is loaded; which ops have a schema
-is the op table's ``schema`` column (a test checks that every one has a fake)."""
+is the op table's ``schema`` column (a test checks that every one has a fake).
+
+The same schemas and fakes also declare ``fastmask_triton::<name>`` for every op with a Triton kernel: the Triton
+launcher as an opaque op. Dynamo cannot trace a launch through pointer tables (``data_ptr()`` of fake tensors), so
+under torch.compile :mod:`fastmask.ops` calls the launcher through that op, and the compiled graph keeps it as one
+node, as it keeps the C++ op.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch._library.simple_registry import singleton as fake_registry
 
 from fastmask.ops.backend import _extension_error
 from fastmask.ops.reference import check_bounds
+from fastmask.ops.table import OPS
+
+TRITON_NAMESPACE = "fastmask_triton"
 
 
 def _same_lengths(op: str, **lists: Sequence) -> None:
@@ -20,11 +30,27 @@ def _same_lengths(op: str, **lists: Sequence) -> None:
         raise ValueError(f"{op}: list lengths differ: {lengths}")
 
 
-def register() -> None:
-    """Register the fakes (once, when the extension is built)."""
+def register(triton_kernel: Callable[[str], Callable]) -> None:
+    """Register the fakes, then declare the ``fastmask_triton`` ops with them, whose kernel for op ``name`` is
+    ``triton_kernel(name)`` (once, when the extension is built)."""
     if _extension_error() is not None or getattr(register, "done", False):
         return
     register.done = True  # type: ignore[attr-defined]
+    _register_fakes()
+    library = torch.library.Library(TRITON_NAMESPACE, "DEF")
+    register.library = library  # type: ignore[attr-defined]  (a Library drops its ops when it is collected)
+    for op in OPS.values():
+        if not (op.schema and "triton" in op.backends):
+            continue
+        library.define(str(getattr(torch.ops.fastmask, op.name).default._schema).removeprefix("fastmask::"))
+        # The Triton module is imported at the first call, not when fastmask.ops is.
+        library.impl(op.name, lambda *args, _name=op.name, **kwargs: triton_kernel(_name)(*args, **kwargs),
+                     "CompositeExplicitAutograd")
+        fake = fake_registry.find(f"fastmask::{op.name}").fake_impl.kernel.func
+        torch.library.register_fake(f"{TRITON_NAMESPACE}::{op.name}", fake, lib=library)
+
+
+def _register_fakes() -> None:
 
     @torch.library.register_fake("fastmask::fisher_accumulate_")
     def _(imp_bias: list[Tensor], imp_loss: list[Tensor], grad_bias: list[Tensor], grad_loss: list[Tensor]) -> None:

@@ -225,8 +225,28 @@ def _unscaled_grad(grad: Tensor, grad_scale: Tensor | None, maximize: bool) -> T
     return -g if maximize else g
 
 
-def _skip_step(found_inf: Tensor | None) -> bool:
-    return found_inf is not None and bool(found_inf.item() != 0)
+def _on_host(t: Tensor) -> bool:
+    """True when reading ``t``'s value in Python costs no device synchronisation and no graph break: a CPU tensor
+    outside torch.compile. Otherwise the steps keep such values as tensors (torch.optim's capturable path)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _skip_step(found_inf: Tensor | None) -> bool | Tensor:
+    """Whether GradScaler's ``found_inf`` skips the step: a bool, or a bool tensor when it is not read on the host."""
+    if found_inf is None:
+        return False
+    if _on_host(found_inf):
+        return bool(found_inf.item() != 0)
+    return found_inf.reshape(()) != 0
+
+
+def _kept(mask: Tensor | None, mask_update: bool, skip: bool | Tensor) -> Tensor | None:
+    """Where parameter and state keep their values: M == 0 in "update" mode, everywhere on a skipped step whose
+    found_inf stayed a tensor; None if nowhere."""
+    keep = mask == 0 if mask is not None and mask_update else None
+    if isinstance(skip, Tensor):
+        keep = skip if keep is None else keep | skip
+    return keep
 
 
 def masked_adam_(
@@ -238,7 +258,7 @@ def masked_adam_(
     state_steps: Sequence[Tensor],
     masks: Sequence[Tensor | None],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
@@ -263,12 +283,14 @@ def masked_adam_(
             so an entry with M = 0 keeps its parameter and state bit for bit.
 
     A ``found_inf`` that is non-zero skips the whole step (the caller restores the step counters), as torch's fused
-    Adam does with GradScaler.
+    Adam does with GradScaler. Steps and found_inf on a device (capturable, fused) or under torch.compile are used
+    as tensors, as torch's capturable Adam uses them: no host synchronisation; so is a float64 tensor ``lr``.
     """
-    if _skip_step(found_inf):
+    skip = _skip_step(found_inf)
+    if skip is True:
         return
     for i, p in enumerate(params):
-        step = float(state_steps[i].item())
+        step = float(state_steps[i].item()) if _on_host(state_steps[i]) else state_steps[i].double()
         mask = mask_as_float(masks[i])
         g = _unscaled_grad(grads[i], grad_scale, maximize)
         if mask is not None and not mask_update:
@@ -291,8 +313,10 @@ def masked_adam_(
             denom = v.sqrt() / bias_correction2_sqrt + eps
         new_theta = decayed - (lr / bias_correction1) * m / denom
         if mask is not None and mask_update:
-            keep = mask == 0
-            new_theta = torch.where(keep, theta, theta + mask * (new_theta - theta))
+            new_theta = theta + mask * (new_theta - theta)
+        keep = _kept(mask, mask_update, skip)
+        if keep is not None:
+            new_theta = torch.where(keep, theta, new_theta)
             m = torch.where(keep, _opmath(exp_avgs[i]), m)
             v = torch.where(keep, _opmath(exp_avg_sqs[i]), v)
             if amsgrad:
@@ -310,7 +334,7 @@ def masked_sgd_(
     momentum_buffers: Sequence[Tensor],
     masks: Sequence[Tensor | None],
     *,
-    lr: float,
+    lr: float | Tensor,
     weight_decay: float,
     momentum: float,
     dampening: float,
@@ -329,9 +353,11 @@ def masked_sgd_(
         mask_update=True ("update" mode): θ ← θ − lr · M ⊙ d and b is written only where M ≠ 0 (0 on a first step),
             so weight decay and momentum no longer move masked-out entries.
 
-    ``momentum_buffers`` is empty when momentum == 0. ``first_step`` says the buffers are uninitialised.
+    ``momentum_buffers`` is empty when momentum == 0. ``first_step`` says the buffers are uninitialised. found_inf
+    on a device or under torch.compile is used as a tensor, as in :func:`masked_adam_`.
     """
-    if _skip_step(found_inf):
+    skip = _skip_step(found_inf)
+    if skip is True:
         return
     for i, p in enumerate(params):
         mask = mask_as_float(masks[i])
@@ -339,16 +365,19 @@ def masked_sgd_(
         if mask is not None and not mask_update:
             g = g * mask
         theta = _opmath(p)
+        keep = _kept(mask, mask_update, skip)
         d = g + weight_decay * theta if weight_decay != 0 else g
         if momentum != 0:
             old = _opmath(momentum_buffers[i])
             buf = d.clone() if first_step else old * momentum + (1 - dampening) * d
-            if mask is not None and mask_update:
-                buf = torch.where(mask == 0, torch.zeros_like(buf) if first_step else old, buf)
+            if keep is not None:
+                buf = torch.where(keep, torch.zeros_like(buf) if first_step else old, buf)
             momentum_buffers[i].copy_(buf)
             d = d + momentum * buf if nesterov else buf
         if mask is not None and mask_update:
-            new_theta = torch.where(mask == 0, theta, theta - lr * (mask * d))
+            new_theta = theta - lr * (mask * d)
         else:
             new_theta = theta - lr * d
+        if keep is not None:
+            new_theta = torch.where(keep, theta, new_theta)
         p.copy_(new_theta)

@@ -60,7 +60,9 @@ class MaskedAdam(MaskedOptimizer, torch.optim.Adam):
         foreach (bool, optional): accepted for compatibility; the step is always one fused launch per
             (device, dtype) group.
         maximize (bool, optional): maximise the objective (default: False).
-        capturable (bool, optional): must be False (CUDA-graph capture is not supported).
+        capturable (bool, optional): keep ``step`` on the parameter's device and take the step without host
+            synchronisation, so it can be captured in a CUDA graph; as in torch, params must be on a device torch
+            supports for capture (CUDA), except under torch.compile (default: False).
         differentiable (bool, optional): must be False.
         fused (bool, optional): accepted; as in torch, it keeps ``step`` as a float32 tensor on the parameter's
             device and requires a device torch's fused Adam supports.
@@ -96,7 +98,7 @@ class MaskedAdam(MaskedOptimizer, torch.optim.Adam):
         )
         self._finish_init(masks)
 
-    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any]) -> None:
         params: list[Tensor] = []
         grads: list[Tensor] = []
         exp_avgs: list[Tensor] = []
@@ -106,6 +108,7 @@ class MaskedAdam(MaskedOptimizer, torch.optim.Adam):
         # torch's own gathering: lazy state creation exactly as torch.optim.Adam, its sparse-gradient error and
         # its fused device check.
         self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        self._check_step(group, params, state_steps)
         if not params:
             return
         beta1, beta2 = group["betas"]
@@ -212,13 +215,16 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
         )
         self._finish_init(masks)
 
-    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any]) -> None:
         params: list[Tensor] = []
         grads: list[Tensor] = []
         momentum_buffers: list[Tensor | None] = []
         if self._init_group(group, params, grads, momentum_buffers):
             sparse = next(j for j, p in enumerate(group["params"]) if p.grad is not None and p.grad.is_sparse)
-            raise RuntimeError(f"MaskedSGD does not support sparse gradients ({self._describe(gi, sparse)})")
+            raise RuntimeError(
+                f"MaskedSGD does not support sparse gradients ({self._describe(self._index(group), sparse)})"
+            )
+        self._check_step(group, params)
         if not params:
             return
         momentum_buffers = ops.masked_sgd_(

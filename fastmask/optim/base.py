@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as torch_optimizer
+from torch.optim.optimizer import _use_grad_for_differentiable
 
 from fastmask import ops
 from fastmask.ops.table import BACKENDS
@@ -57,12 +59,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return f"parameter {where}"
 
     def _check_group(self, gi: int, params: bool = False) -> None:
-        """Reject the torch options these optimizers do not implement (also after ``load_state_dict``)."""
+        """Reject the torch option these optimizers do not implement, differentiable=True (also after
+        ``load_state_dict``)."""
         group = self.param_groups[gi]
         name = type(self).__name__
-        for option in ("capturable", "differentiable"):
-            if group.get(option, False):
-                raise ValueError(f"{name} does not support {option}=True (param_groups[{gi}])")
+        if group.get("differentiable", False):
+            raise ValueError(f"{name} does not support differentiable=True (param_groups[{gi}])")
         if params:
             for j, p in enumerate(group["params"]):
                 if torch.is_complex(p):
@@ -233,7 +235,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     # ---- step -------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    def _index(self, group: dict[str, Any]) -> int:
+        """The index of ``group`` in ``param_groups`` (by identity: dicts of tensors do not compare)."""
+        return next(gi for gi, g in enumerate(self.param_groups) if g is group)
+
+    # torch's own decorator rather than torch.no_grad(): besides disabling grad it places the two graph breaks
+    # torch.optim's step has under torch.compile, so a compiled training step splits into the same graphs.
+    @_use_grad_for_differentiable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform a single optimization step.
 
@@ -244,14 +252,29 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            self._check_group(gi)
-            self._step_group(gi, group)
+        # Iterated as torch.optim does (not enumerate()), so that Dynamo sees each group as an item of
+        # ``param_groups`` and runs ``_init_group`` outside the trace, as it does for torch's optimizers.
+        for group in self.param_groups:
+            self._step_group(group)
         return loss
 
-    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
-        """Gather param group ``gi``'s tensors with torch's own ``_init_group`` and take its masked step."""
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """Gather ``group``'s tensors with torch's own ``_init_group`` and take its masked step."""
         raise NotImplementedError
+
+    def _check_step(self, group: dict[str, Any], params: Sequence[Tensor], state_steps: Sequence[Tensor] = ()) -> None:
+        """The per-step checks, before any tensor changes: differentiable=True (a loaded state dict may set it) and,
+        with capturable=True, torch.optim.Adam's own device check (the same AssertionError and message), which torch
+        skips under torch.compile, where Dynamo sets capturable=True in its traced copy of the groups."""
+        if group.get("differentiable", False):
+            self._check_group(self._index(group))
+        if state_steps and group.get("capturable", False) and not torch.compiler.is_compiling():
+            supported = torch_optimizer._get_capturable_supported_devices()
+            for p, step in zip(params, state_steps, strict=True):
+                if not (p.device.type == step.device.type and p.device.type in supported):
+                    raise AssertionError(
+                        f"If capturable=True, params and state_steps must be on supported devices: {supported}."
+                    )
 
     def _masks_of(self, params: Sequence[Tensor]) -> list[Tensor | None]:
         return [self._masks.get(p) for p in params]

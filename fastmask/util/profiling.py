@@ -21,7 +21,11 @@ T = TypeVar("T")
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """An NVTX range and a profiler record_function range, both called ``name``."""
+    """An NVTX range and a profiler record_function range, both called ``name``. Under torch.compile neither: nvtx
+    is a Cython call Dynamo cannot trace (a graph break), and Dynamo ignores record_function anyway."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     with nvtx.annotate(name, domain=DOMAIN), torch.profiler.record_function(name):
         yield
 
