@@ -46,7 +46,7 @@ Exit status: 0 when no check failed, 1 when one did, 2 for bad arguments. The JS
 Budget (one H100, under 5 minutes; chosen, not measured — no GPU has run this yet): the largest set is 23.5M
 elements, about 0.1 GB per fp32 buffer, so every GPU kernel call is well under 10 ms at HBM speed; the correctness
 checks make about a hundred fused calls on it and the speed section 4-6 timed calls per provider. The time is then
-the host's: the reference's numpy parts (percentile, radix histograms and packed masks of 23.5M values, about a
+the host's: the reference's numpy parts (percentile, radix histograms and packed-bit masks of 23.5M values, about a
 second per call on one core: some 40 calls), Triton's first compilation of each kernel (seconds each), the two
 processes' start-up, and the CUDA build when it is needed (minutes, once). Measured on this project's 2-core CPU
 machine while other jobs kept its load average near 10: ``--quick`` 43 s (13 s of CPU time), without it 3.6 minutes
@@ -91,6 +91,7 @@ from torch import Tensor  # noqa: E402
 from fastmask import ops  # noqa: E402
 from fastmask.ops import backend as ops_backend  # noqa: E402
 from fastmask.ops import radix  # noqa: E402
+from fastmask.ops.reference import HARD_MASK_LAYOUTS  # noqa: E402
 from fastmask.ops.table import OPS  # noqa: E402
 from fastmask.optim import MaskedAdam, MaskedAdamW, MaskedSGD  # noqa: E402
 from fastmask.parallel import ddp  # noqa: E402
@@ -250,7 +251,7 @@ def run_op(name: str, backend: str, shapes: Sequence[harness.Shape], dtype: torc
         top = first[0].topk(2).indices.tolist()  # the two fullest bins, as a selection's second pass would take
         return [first, ops.radix_histogram(scores, sorted(top), digit, digit, backend=backend).cpu()]
     if name == "hard_mask":
-        return [m.cpu() for layout in ("bool", "packed")
+        return [m.cpu() for layout in HARD_MASK_LAYOUTS
                 for m in ops.hard_mask(scores, bench_hard_mask.ALPHA, layout=layout, backend=backend)]
     if name == "percentile":
         return [torch.tensor(ops.percentile(scores, q, method, backend=backend), dtype=torch.float64)

@@ -148,8 +148,9 @@ def test_cpp_schema_matches_its_mutations():
 
 
 def test_fake_checks_the_bounds_shape():
-    import fastmask._C  # noqa: F401
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fastmask._C  # noqa: F401
 
     with FakeTensorMode():
         ib, il = [torch.empty(3), torch.empty(2, 5)], [torch.empty(3), torch.empty(2, 5)]
