@@ -216,9 +216,13 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
         params: list[Tensor] = []
         grads: list[Tensor] = []
         momentum_buffers: list[Tensor | None] = []
-        if self._init_group(group, params, grads, momentum_buffers):
-            sparse = next(j for j, p in enumerate(group["params"]) if p.grad is not None and p.grad.is_sparse)
-            raise RuntimeError(f"MaskedSGD does not support sparse gradients ({self._describe(gi, sparse)})")
+        if self._init_group(group, params, grads, momentum_buffers) and self.mask_mode == "update":
+            # A sparse gradient takes torch's own sparse SGD, where a mask can scale the gradient's values ("grad"
+            # mode) but has no dense step to scale ("update" mode): see fastmask.ops._sparse_sgd_.
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse and p in self._masks:
+                    raise ValueError(f"MaskedSGD: {self._describe(gi, j)} has a sparse gradient and a mask; a mask "
+                                     "applies to a sparse gradient only in mask_mode='grad'")
         if not params:
             return
         momentum_buffers = ops.masked_sgd_(
