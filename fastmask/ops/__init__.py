@@ -197,13 +197,18 @@ def _by_layout(
     fused: list[int] = []
     other: list[int] = []
     for i in idx:
-        p = params[i]
-        laid_out = dense(p) and all(
-            t.stride() == p.stride() for t in (*(b[i] for b in buffers), masks[i]) if t is not None
-        )
-        (fused if laid_out else other).append(i)
-        if laid_out and grads[i].stride() != p.stride():
-            grads[i] = torch.empty_like(p).copy_(grads[i])
+        p, grad = params[i], grads[i]
+        state = [b[i] for b in buffers]
+        if not all(t.shape == p.shape and t.device == p.device and t.dtype == p.dtype for t in (grad, *state)) or (
+            masks[i] is not None and (masks[i].shape != p.shape or masks[i].device != p.device)
+        ):
+            fused.append(i)  # not a layout matter: the fused kernel's checks name the tensor at fault
+        elif not dense(p) or any(t.stride() != p.stride() for t in (*state, masks[i]) if t is not None):
+            other.append(i)
+        else:
+            if grad.stride() != p.stride():
+                grads[i] = torch.empty_like(p).copy_(grad)
+            fused.append(i)
     runs = ((implementation(op, name), fused), (implementation(op, "reference"), other))
     return [(fn, sub) for fn, sub in runs if sub]
 
