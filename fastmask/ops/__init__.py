@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.sgd import sgd as torch_sgd
 
 from fastmask.ops import backend as _backend
 from fastmask.ops import fakes, radix, reference
@@ -366,13 +367,15 @@ def _sparse_sgd_(
             g = g.coalesce()
             g = g * reference.mask_as_float(masks[i]).to(g.device, g.dtype).sparse_mask(g)
         sparse_grads.append(g)
-    sub_buffers = _pick(buffers, idx)
-    torch.optim.sgd.sgd(
+    # With momentum == 0 ``buffers`` is empty, as torch.optim.SGD gathers it, and no buffer is made.
+    sub_buffers = _pick(buffers, idx) if momentum != 0 else [None] * len(idx)
+    torch_sgd(
         _pick(params, idx), sparse_grads, sub_buffers, has_sparse_grad=True, foreach=False, fused=False, lr=lr,
         weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
     )
-    for i, buf in zip(idx, sub_buffers, strict=True):
-        buffers[i] = buf
+    if momentum != 0:
+        for i, buf in zip(idx, sub_buffers, strict=True):
+            buffers[i] = buf
 
 
 def radix_histogram(tensors: Sequence[Tensor], prefixes: Sequence[int], prefix_bits: int, digit_bits: int, *,
