@@ -813,6 +813,29 @@ def test_a_mask_scales_a_sparse_gradient_in_grad_mode(backend, config):
                                        **FP32_TOL)
 
 
+@pytest.mark.parametrize("backend", SGD_BACKENDS)
+def test_grad_scaler_with_sparse_gradients_matches_torch_sgd(backend):
+    """An embedding with sparse gradients under GradScaler (an inf at step 2): the scaler hands MaskedSGD its scale
+    and found_inf; the step is torch.optim.SGD's on the gradient the scaler would have unscaled."""
+    def loop(opt_cls, **kw):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(6, 3, sparse=True)
+        opt = opt_cls(emb.parameters(), lr=0.1, momentum=0.9, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+        for t in range(5):
+            opt.zero_grad()
+            loss = (emb(torch.tensor([t % 6, 2, 2])) * torch.arange(3.0)).sum() * (float("inf") if t == 2 else 1)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return emb.weight, opt.state[emb.weight]["momentum_buffer"], scaler.get_scale()
+
+    ours, theirs = loop(MaskedSGD, backend=backend), loop(torch.optim.SGD)
+    assert ours[2] == theirs[2]
+    torch.testing.assert_close(ours[0], theirs[0], **FP32_TOL)
+    torch.testing.assert_close(ours[1], theirs[1], **FP32_TOL)
+
+
 def test_sparse_gradient_errors_are_torchs_or_name_the_parameter():
     def param_with_sparse_grad():
         p = torch.zeros(4, 2, requires_grad=True)
