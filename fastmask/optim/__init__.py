@@ -4,7 +4,11 @@ Each is a subclass of its torch.optim counterpart with the same constructor argu
 messages, param groups, state keys and ``state_dict()``, plus a mask per parameter. The class only gathers tensors
 (with torch's own ``_init_group``, so state is created exactly as torch creates it); the step is computed by the
 functional ops ``fastmask.ops.masked_adam_`` / ``masked_sgd_``, one call per param group, which run one fused launch
-per (device, dtype) on the backend fastmask/backend.py chooses. Without a mask they take torch's step.
+per (device, dtype) on the backend fastmask/backend.py chooses. Without a mask they take torch's step, on any
+parameter torch steps: tensors the fused kernels cannot walk (non-dense parameters, state or masks in another
+layout) take the reference implementation, gradients in another layout are copied into the parameter's, complex
+parameters are stepped as their float views (a real mask scaling both parts), and MaskedSGD steps sparse gradients
+with torch.optim.SGD's own algorithm (docs/optim.md, "Any parameter torch steps").
 
 How the mask M enters the step (docs/algorithm.md §5, §8.9-8.10), chosen by ``mask_mode``:
 
@@ -171,7 +175,8 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
         "update" mode: θ ← θ − γ M ⊙ d, and b changes only where M ≠ 0
 
     In "grad" mode weight decay and momentum still move masked-out entries (the papers' behaviour, docs/algorithm.md
-    §8.10); "update" mode freezes them.
+    §8.10); "update" mode freezes them. A sparse gradient takes torch.optim.SGD's own sparse step, its mask (in "grad"
+    mode only) scaling the gradient's stored values.
 
     Args:
         params (iterable): parameters or named parameters (``model.named_parameters()``) or param group dicts.
