@@ -1,17 +1,20 @@
 """MaskedAdam, MaskedAdamW and MaskedSGD driven by torch's own optimizer test database
-(torch.testing._internal.common_optimizers.optim_db), against torch.optim on the same inputs.
+(torch.testing._internal.common_optimizers.optim_db), against torch.optim on the same inputs, on every backend.
 
-- Inputs: every ``optim_inputs_func(device="cpu", dtype)`` entry of Adam, AdamW and SGD, in float32, float64 and
-  bfloat16, on every backend, without a mask and with an all-ones mask ("grad" mode: M ⊙ g = g, so the step must be
+- Inputs: every ``optim_inputs_func(device="cpu", dtype)`` entry of Adam, AdamW and SGD (5, 5 and 9), in float32,
+  float64 and bfloat16, without a mask and with an all-ones mask ("grad" mode: M ⊙ g = g, so the step must be
   torch's), a few steps on a small parameter set with gradients from a fixed generator; the parameters and every
   state tensor are compared. bfloat16's oracle is torch on float32 copies rounded to bfloat16 after every step (the
   arithmetic of our kernels and of torch's fused optimizers; tests/test_optim.py says why not torch on bf16).
-- Error inputs: every ``optim_error_inputs_func(device="cpu", dtype)`` entry must raise (or warn) torch's exception
-  type with torch's message, checked against torch's regex and against torch's own message on the same input.
+- The same inputs with each implementation flag torch sets for CPU (fused, differentiable: 10, 10 and 18): fused
+  against torch's fused optimizer; differentiable=True is refused as documented, naming the option.
+- Error inputs: every ``optim_error_inputs_func(device="cpu", dtype)`` entry (12, 12 and 7) must raise (or warn)
+  torch's exception type with torch's message, checked against torch's regex and against torch's own message.
 
-Nothing is skipped here. torch marks as device-specific only what its functions leave out for device="cpu" already:
-for Adam and AdamW, 5 capturable inputs (CUDA-graph capture) and 2 error inputs of fused CUDA kernels; for the
-Triton interpreter the same inputs run, with fewer steps (it is slow per launch, not per element).
+Nothing is skipped here: what torch runs only on other devices its functions leave out for device="cpu" already
+(for Adam and AdamW, 5 capturable inputs and 2 error inputs of fused CUDA kernels each; no foreach variants, torch
+having no foreach kernels for CPU). The Triton interpreter runs the same inputs with fewer steps (it is slow per
+launch, not per element).
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ import pytest
 import torch
 from conftest import op_backends
 from test_optim import FP32_TOL, HALF_TOL, assert_matches_torch, clone_params, half_shadow, half_shadow_steps
-from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
+from torch.testing._internal.common_optimizers import (
+    OptimizerErrorEnum,
+    _get_optim_inputs_including_global_cliquey_kwargs,
+    optim_db,
+)
 
 from fastmask.optim import MaskedAdam, MaskedAdamW, MaskedSGD
 
@@ -50,6 +57,16 @@ def db_inputs():
                 yield pytest.param(info.optim_cls, oi.kwargs, dtype, id=f"{info.name}-{oi.desc}-{dtype_id}")
 
 
+def db_flagged_inputs():
+    """torch's inputs with one implementation flag set (fused or differentiable; foreach has no CPU kernels, so
+    torch adds no foreach variant for device="cpu"), as torch's own test_optim builds them."""
+    for info in INFOS:
+        for oi in _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info):
+            flags = [flag for flag in ("foreach", "fused", "differentiable") if oi.kwargs.get(flag)]
+            if flags:
+                yield pytest.param(info.optim_cls, oi.kwargs, id=f"{info.name}-{oi.desc}")
+
+
 def db_error_inputs():
     for info in INFOS:
         for ei in info.optim_error_inputs_func(device="cpu", dtype=torch.float32):
@@ -71,6 +88,24 @@ def params_at_start(dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("torch_cls, kwargs, dtype", list(db_inputs()))
 def test_torch_db_input_matches_torch(torch_cls, kwargs, dtype, backend, mask):
+    check_against_torch(torch_cls, kwargs, dtype, backend, mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("torch_cls, kwargs", list(db_flagged_inputs()))
+def test_torch_db_input_with_an_implementation_flag(torch_cls, kwargs, backend):
+    """torch's inputs with the implementation flags it supports on CPU (fused, differentiable): fused=True takes
+    torch's fused optimizer as the oracle (``step`` a float32 tensor); differentiable=True is refused, as
+    documented (docs/optim.md), with the error naming the option."""
+    if kwargs.get("differentiable"):
+        with pytest.raises(ValueError, match=r"does not support differentiable=True \(param_groups\[0\]\)"):
+            OURS[torch_cls](params_at_start(torch.float32), **copy.deepcopy(kwargs), backend=backend)
+    else:
+        check_against_torch(torch_cls, kwargs, torch.float32, backend, "none")
+
+
+def check_against_torch(torch_cls, kwargs, dtype, backend, mask):
+    """A few steps of our optimizer and of torch's on the same parameters and gradients; every tensor compared."""
     params = params_at_start(dtype)
     masks = None if mask == "none" else [torch.ones(s) for s in SHAPES]
     ours = OURS[torch_cls](params, **copy.deepcopy(kwargs), masks=masks, backend=backend)
