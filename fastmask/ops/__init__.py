@@ -195,6 +195,16 @@ def _by_layout(
     name = _backend.resolve(op, device, backend)
     if name == "reference":
         return [(implementation(op, name), idx)]
+    # The common case, every tensor contiguous and laid out like its parameter, is decided by comparing whole lists
+    # of strides: the step runs this for every tensor of the model.
+    group_params, group_masks = _pick(params, idx), _pick(masks, idx)
+    strides = list(map(Tensor.stride, group_params))
+    if (
+        all(map(Tensor.is_contiguous, group_params))
+        and all(list(map(Tensor.stride, _pick(t, idx))) == strides for t in (grads, *buffers))
+        and all(m is None or m.stride() == st for m, st in zip(group_masks, strides, strict=True))
+    ):
+        return [(implementation(op, name), idx)]
     fused: list[int] = []
     other: list[int] = []
     for i in idx:
@@ -248,9 +258,14 @@ def masked_adam_(
         lr=_scalar(lr, "lr"), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, mask_update=mask_update,
     )
-    masks = [_real_mask(m, p) for m, p in zip(masks, params, strict=True)]
-    params, grads, exp_avgs, exp_avg_sqs = ([_real(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs))
-    max_exp_avg_sqs = [_real(t) for t in max_exp_avg_sqs] if amsgrad else [torch.empty(0)] * len(params)
+    if any(p.is_complex() for p in params):
+        masks = [_real_mask(m, p) for m, p in zip(masks, params, strict=True)]
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+            [_real(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        )
+    grads = list(grads)  # _by_layout may replace a gradient by a copy in the parameter's layout
+    if not amsgrad:
+        max_exp_avg_sqs = [torch.empty(0)] * len(params)
     state = [exp_avgs, exp_avg_sqs, *([max_exp_avg_sqs] if amsgrad else [])]
     with phase(_op("masked_adam_").profile_range):
         torch._foreach_add_(list(state_steps), 1)
@@ -311,8 +326,10 @@ def masked_sgd_(
             if not skip_new:
                 buffers[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
         step = {i for i, g in enumerate(grads) if not g.is_sparse and not (skip_new and i in new)}
-        real_masks = [_real_mask(m, p) for m, p in zip(masks, params, strict=True)]
-        real_params, real_grads, real_buffers = ([_real(t) for t in ts] for ts in (params, grads, buffers))
+        real_masks, real_params, real_grads, real_buffers = masks, params, list(grads), buffers
+        if any(p.is_complex() for p in params):
+            real_masks = [_real_mask(m, p) for m, p in zip(masks, params, strict=True)]
+            real_params, real_grads, real_buffers = ([_real(t) for t in ts] for ts in (params, grads, buffers))
         for (device, _), idx in _groups(real_params).items():
             idx = [i for i in idx if i in step]
             scale, inf = _on(grad_scale, device), _on(found_inf, device)
