@@ -691,10 +691,17 @@ def dense_param(seed: int = 0) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(seed)))
 
 
+def transposed_param(seed: int = 0) -> torch.nn.Parameter:
+    """A (3, 4) parameter stored column by column: dense, so fused, but its contiguous gradient is not laid out
+    like it."""
+    return torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(seed)).t())
+
+
 # name: (the (3, 4) parameter, its gradient drawn from a generator), in layouts torch accepts
 LAYOUTS = {
     "grad-transposed": (dense_param, lambda gen: torch.randn(4, 3, generator=gen).t()),
     "grad-expanded": (dense_param, lambda gen: torch.randn(1, 4, generator=gen).expand(3, 4)),
+    "param-transposed": (transposed_param, lambda gen: torch.randn(3, 4, generator=gen)),
     "param-strided": (strided_param, lambda gen: torch.randn(3, 4, generator=gen)),
     "param-strided-grad-transposed": (strided_param, lambda gen: torch.randn(4, 3, generator=gen).t()),
 }

@@ -2,7 +2,9 @@
 
 Each op groups its tensors by (device, dtype), asks :func:`fastmask.ops.backend.resolve` which implementation runs
 that group, and makes one call per group: the fused backends then cover the group in one launch (Triton) or one
-parallel region (C++). Each call sits in an NVTX / profiler range named ``fastmask.<stem>``.
+parallel region (C++). The optimizer steps take any tensor torch's optimizers take: what the fused kernels cannot
+walk (other memory layouts) is routed in one place, :func:`_by_layout`; complex tensors are stepped as their float
+views and sparse SGD gradients by torch's own SGD. Each call sits in an NVTX / profiler range named ``fastmask.<stem>``.
 
 The implementations share one signature per op: :mod:`fastmask.ops.reference` (the oracle),
 ``torch.ops.fastmask.<name>`` (C++ / CUDA) and ``fastmask.kernels.<stem>.<name>`` (Triton); which backend has
