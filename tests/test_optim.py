@@ -261,6 +261,21 @@ def half_shadow_steps(opt, shadow, dtypes, grads):
                         v.copy_(v.to(dt))
 
 
+def assert_matches_half_shadow(ours, params, opt, shadow, tol):
+    """Parameters and every state buffer of ``ours`` (over ``params``) against the float32 shadow run ``opt`` over
+    ``shadow`` (half_shadow_steps): same keys, storage dtypes kept, values within ``tol``, `step` exact."""
+    for i, (p, q) in enumerate(zip(params, shadow, strict=True)):
+        torch.testing.assert_close(p.detach().float(), q.detach(), **tol)
+        assert ours.state[p].keys() == opt.state[q].keys()
+        for key, v in opt.state[q].items():
+            got = ours.state[p][key]
+            if key == "step":
+                assert torch.equal(got, v)
+            else:
+                assert got.dtype == p.dtype
+                torch.testing.assert_close(got.float(), v, **tol, msg=lambda m, i=i, key=key: f"{i} {key}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -275,17 +290,8 @@ def test_half_precision_matches_torch_in_fp32_on_half_storage(backend, config, d
     shadow, opt, dtypes = half_shadow(torch_cls, kw, params)
     run(ours, params, grads)
     half_shadow_steps(opt, shadow, dtypes, grads)
-    tol = HALF_TOL[dtype]
-    for i, (p, q) in enumerate(zip(params, shadow, strict=True)):
-        assert p.dtype == (dtype if i < 3 else torch.float32)
-        torch.testing.assert_close(p.detach().float(), q.detach(), **tol)
-        for key, v in opt.state[q].items():
-            got = ours.state[p][key]
-            if key == "step":
-                assert torch.equal(got, v)
-            else:
-                assert got.dtype == p.dtype
-                torch.testing.assert_close(got.float(), v, **tol, msg=lambda m, i=i, key=key: f"{i} {key}: {m}")
+    assert [p.dtype for p in params] == [dtype] * 3 + [torch.float32]
+    assert_matches_half_shadow(ours, params, opt, shadow, HALF_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -26,7 +26,15 @@ import warnings
 import pytest
 import torch
 from conftest import op_backends
-from test_optim import FP32_TOL, HALF_TOL, assert_matches_torch, clone_params, half_shadow, half_shadow_steps
+from test_optim import (
+    FP32_TOL,
+    HALF_TOL,
+    assert_matches_half_shadow,
+    assert_matches_torch,
+    clone_params,
+    half_shadow,
+    half_shadow_steps,
+)
 from torch.testing._internal.common_optimizers import (
     OptimizerErrorEnum,
     _get_optim_inputs_including_global_cliquey_kwargs,
@@ -117,15 +125,7 @@ def check_against_torch(torch_cls, kwargs, dtype, backend, mask):
     if dtype == torch.bfloat16:
         shadow, theirs, dtypes = half_shadow(torch_cls, copy.deepcopy(kwargs), params_at_start(dtype))
         half_shadow_steps(theirs, shadow, dtypes, grads)
-        for p, q in zip(params, shadow, strict=True):
-            torch.testing.assert_close(p.detach().float(), q.detach(), **TOLS[dtype])
-            assert ours.state[p].keys() == theirs.state[q].keys()
-            for key, v in theirs.state[q].items():
-                got = ours.state[p][key]
-                if key == "step":
-                    assert torch.equal(got, v)
-                else:
-                    torch.testing.assert_close(got.float(), v, **TOLS[dtype], msg=lambda m, key=key: f"{key}: {m}")
+        assert_matches_half_shadow(ours, params, theirs, shadow, TOLS[dtype])
         return
     ref_params = params_at_start(dtype)
     theirs = torch_cls(ref_params, **copy.deepcopy(kwargs))
