@@ -855,8 +855,10 @@ def test_sparse_gradient_errors_are_torchs_or_name_the_parameter():
         p.grad = sparse_grad(torch.Generator().manual_seed(0))
         return p
 
-    # Adam has no sparse algorithm: torch's own error; SGD's weight decay on a sparse gradient: torch's own error.
-    for ours, theirs, kw in [(MaskedAdam, torch.optim.Adam, {}), (MaskedSGD, torch.optim.SGD, dict(weight_decay=0.1))]:
+    # Adam has no sparse algorithm, nor has fused SGD, and SGD's weight decay cannot add a sparse gradient to the
+    # parameter: torch's own errors.
+    for ours, theirs, kw in [(MaskedAdam, torch.optim.Adam, {}), (MaskedSGD, torch.optim.SGD, dict(weight_decay=0.1)),
+                             (MaskedSGD, torch.optim.SGD, dict(fused=True))]:
         expected = raised(lambda theirs=theirs, kw=kw: theirs([param_with_sparse_grad()], **kw).step())
         with pytest.raises(type(expected), match=re.escape(str(expected))):
             ours([param_with_sparse_grad()], **kw, backend="reference").step()

@@ -221,7 +221,10 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
         params: list[Tensor] = []
         grads: list[Tensor] = []
         momentum_buffers: list[Tensor | None] = []
-        if self._init_group(group, params, grads, momentum_buffers) and self.mask_mode == "update":
+        has_sparse_grad = self._init_group(group, params, grads, momentum_buffers)
+        if has_sparse_grad and group["fused"]:
+            raise RuntimeError("`_fused_sgd` does not support sparse gradients")  # torch's fused SGD's own error
+        if has_sparse_grad and self.mask_mode == "update":
             # A sparse gradient takes torch's own sparse SGD, where a mask can scale the gradient's values ("grad"
             # mode) but has no dense step to scale ("update" mode): see fastmask.ops._sparse_sgd_.
             for j, p in enumerate(group["params"]):
