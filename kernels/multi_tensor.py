@@ -45,6 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastmask.util.layout import dense
+
 # torch dtype -> the Triton element type a kernel casts a table pointer to (the float dtypes kernels compute on).
 TL_DTYPES = {
     torch.float32: tl.float32,
@@ -123,21 +125,6 @@ def mask_kind(mask: Tensor | None) -> int:
     if mask.dtype == torch.uint8:
         return MASK_UINT8
     return MASK_FLOAT
-
-
-def dense(t: Tensor) -> bool:
-    """True if ``t``'s elements fill its memory span without gaps or overlaps (contiguous in some dim order): sorted
-    by stride, each dimension's stride is the product of the sizes inside it. Such a tensor can be walked by one
-    flat index alongside buffers with the same strides."""
-    if t.numel() == 0:
-        return True
-    expected = 1
-    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride(), strict=True) if n != 1),
-                               key=lambda d: d[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def same_dense_layout(a: Tensor, b: Tensor) -> bool:

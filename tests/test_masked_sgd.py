@@ -294,6 +294,17 @@ def test_errors_name_the_tensor_at_fault(backend):
         state.step(grads, [None, None], backend, **hyper)
 
 
+def test_a_mask_on_a_sparse_gradient_is_refused_in_update_mode_naming_the_index():
+    p = torch.zeros(4, 2)
+    g = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (4, 2), check_invariants=True)
+    with pytest.raises(ValueError, match=r"masked_sgd_: grads\[1\] is sparse, and a mask \(masks\[1\]\) applies to a "
+                                         r"sparse gradient only in mask_mode='grad'"):
+        ops.masked_sgd_([torch.zeros(3), p], [torch.ones(3), g], [], [None, torch.ones(4, 2)], lr=0.1,
+                        weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False,
+                        mask_mode="update", backend="reference")
+    assert torch.equal(p, torch.zeros(4, 2))
+
+
 # ---- properties --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)

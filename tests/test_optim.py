@@ -30,6 +30,7 @@ from conftest import op_backends
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from torch import Tensor
 
 from fastmask import ops
 from fastmask.ops import reference
@@ -262,6 +263,21 @@ def half_shadow_steps(opt, shadow, dtypes, grads):
                         v.copy_(v.to(dt))
 
 
+def assert_matches_half_shadow(ours, params, opt, shadow, tol):
+    """Parameters and every state buffer of ``ours`` (over ``params``) against the float32 shadow run ``opt`` over
+    ``shadow`` (half_shadow_steps): same keys, storage dtypes kept, values within ``tol``, `step` exact."""
+    for i, (p, q) in enumerate(zip(params, shadow, strict=True)):
+        torch.testing.assert_close(p.detach().float(), q.detach(), **tol)
+        assert ours.state[p].keys() == opt.state[q].keys()
+        for key, v in opt.state[q].items():
+            got = ours.state[p][key]
+            if key == "step":
+                assert torch.equal(got, v)
+            else:
+                assert got.dtype == p.dtype
+                torch.testing.assert_close(got.float(), v, **tol, msg=lambda m, i=i, key=key: f"{i} {key}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -276,17 +292,8 @@ def test_half_precision_matches_torch_in_fp32_on_half_storage(backend, config, d
     shadow, opt, dtypes = half_shadow(torch_cls, kw, params)
     run(ours, params, grads)
     half_shadow_steps(opt, shadow, dtypes, grads)
-    tol = HALF_TOL[dtype]
-    for i, (p, q) in enumerate(zip(params, shadow, strict=True)):
-        assert p.dtype == (dtype if i < 3 else torch.float32)
-        torch.testing.assert_close(p.detach().float(), q.detach(), **tol)
-        for key, v in opt.state[q].items():
-            got = ours.state[p][key]
-            if key == "step":
-                assert torch.equal(got, v)
-            else:
-                assert got.dtype == p.dtype
-                torch.testing.assert_close(got.float(), v, **tol, msg=lambda m, i=i, key=key: f"{i} {key}: {m}")
+    assert [p.dtype for p in params] == [dtype] * 3 + [torch.float32]
+    assert_matches_half_shadow(ours, params, opt, shadow, HALF_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -679,6 +686,192 @@ def test_grad_scaler_sgd_matches_torch(backend, config, unscale_first):
             torch.testing.assert_close(p, q, **FP32_TOL)
 
 
+# ---- any layout, sparse gradients, complex parameters -----------------------------------------------------------
+
+
+def strided_param(seed: int = 0) -> torch.nn.Parameter:
+    """A (3, 4) parameter made of every other column of a (3, 8) tensor: not dense, so no fused kernel walks it."""
+    big = torch.randn(3, 8, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.Parameter(big[:, ::2])
+
+
+def dense_param(seed: int = 0) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(seed)))
+
+
+def transposed_param(seed: int = 0) -> torch.nn.Parameter:
+    """A (3, 4) parameter stored column by column: dense, so fused, but its contiguous gradient is not laid out
+    like it."""
+    return torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(seed)).t())
+
+
+# name: (the (3, 4) parameter, its gradient drawn from a generator), in layouts torch accepts
+LAYOUTS = {
+    "grad-transposed": (dense_param, lambda gen: torch.randn(4, 3, generator=gen).t()),
+    "grad-expanded": (dense_param, lambda gen: torch.randn(1, 4, generator=gen).expand(3, 4)),
+    "param-transposed": (transposed_param, lambda gen: torch.randn(3, 4, generator=gen)),
+    "param-strided": (strided_param, lambda gen: torch.randn(3, 4, generator=gen)),
+    "param-strided-grad-transposed": (strided_param, lambda gen: torch.randn(4, 3, generator=gen).t()),
+}
+MASKED_STEPS = {None: torch_step_masked_grad, "grad": torch_step_masked_grad, "update": torch_step_masked_update}
+
+
+@pytest.mark.parametrize("mask_mode", MASKED_STEPS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", ["adam-amsgrad-wd-maximize", "adamw", "sgd-momentum-dampening-wd"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_layout_torch_accepts_is_stepped_as_torch_steps_it(backend, config, layout, mask_mode):
+    """Gradients whose strides are not the parameter's and non-dense parameters (fastmask.ops._by_layout), beside a
+    dense parameter in the same group, with and without masks (which take the parameter's layout in set_masks)."""
+    ours_cls, torch_cls, kw = CONFIGS[config]
+    make_param, make_grad = LAYOUTS[layout]
+    params, ref_params = ([make_param(), torch.nn.Parameter(torch.randn(5))] for _ in range(2))
+    with torch.no_grad():
+        ref_params[1].copy_(params[1])
+    strides = [p.stride() for p in params]
+    masks = None if mask_mode is None else [soft_mask((3, 4), "float32", seed=2), soft_mask((5,), "bool", seed=3)]
+    ours = ours_cls(params, **kw, masks=masks, mask_mode=mask_mode or "grad", backend=backend)
+    theirs = torch_cls(ref_params, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [make_grad(gen), torch.randn(5, generator=gen)]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g  # as it is: its layout is the case under test
+        ours.step()
+        MASKED_STEPS[mask_mode](theirs, ref_params, grads, masks or [None, None])
+    assert [p.stride() for p in params] == strides
+    assert_matches_torch(ours, theirs, FP32_TOL, layout)
+
+
+@pytest.mark.parametrize("mask", [None, "ones", "grad", "update"])
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_complex_parameters_step_as_torch_steps_them(backend, config, mask):
+    """Complex parameters beside a real one: torch.optim steps their float views (real, imaginary). A real mask
+    scales both parts: the oracle is torch on M ⊙ g ("grad") or torch's step scaled by M ("update")."""
+    ours_cls, torch_cls, kw = CONFIGS[config]
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2,)]
+    params = [torch.randn(s, generator=gen, dtype=dt).requires_grad_()
+              for s, dt in zip(shapes, (torch.complex64, torch.complex64, torch.float32), strict=True)]
+    ref_params = clone_params(params)
+    if mask is None:
+        masks = None
+    elif mask == "ones":
+        masks = [ones_mask(s, "float32") for s in shapes]
+    else:
+        masks = [soft_mask(shapes[0], "float32", seed=1), soft_mask(shapes[1], "uint8", seed=2), None]
+    ours = ours_cls(params, **kw, masks=masks, mask_mode="update" if mask == "update" else "grad", backend=backend)
+    theirs = torch_cls(ref_params, **kw)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        ours.step()
+        MASKED_STEPS["update" if mask == "update" else "grad"](theirs, ref_params, grads, masks or [None] * 3)
+    assert_matches_torch(ours, theirs, FP32_TOL, config)
+
+
+def sparse_grad(gen: torch.Generator) -> Tensor:
+    """An uncoalesced sparse gradient of a (4, 2) parameter (row 0 twice, as an embedding's gradient can be)."""
+    return torch.sparse_coo_tensor([[0, 2, 0]], torch.randn(3, 2, generator=gen), (4, 2), check_invariants=True)
+
+
+SPARSE_SGD = {
+    "plain": dict(lr=0.1),
+    "momentum-dampening": dict(lr=0.1, momentum=0.9, dampening=0.5),
+    "nesterov-maximize": dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True),
+}
+
+
+def sparse_sgd_run(opt, params, masks=None, steps=3):
+    """``steps`` steps of ``opt`` over [a dense (3,) parameter, a (4, 2) parameter with sparse gradients]; with
+    ``masks``, the sparse gradient is replaced by the dense M ⊙ g (torch's oracle for "grad" mode)."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        params[0].grad = torch.randn(3, generator=gen)
+        g = sparse_grad(gen)
+        params[1].grad = g if masks is None else g.to_dense() * mask_values(masks[1])
+        opt.step()
+
+
+@pytest.mark.parametrize("config", SPARSE_SGD)
+@pytest.mark.parametrize("backend", SGD_BACKENDS)
+def test_sparse_gradients_step_as_torch_sgd_steps_them(backend, config):
+    kw = SPARSE_SGD[config]
+    params, ref_params = ([torch.zeros(3, requires_grad=True), torch.ones(4, 2, requires_grad=True)]
+                          for _ in range(2))
+    ours, theirs = MaskedSGD(params, **kw, backend=backend), torch.optim.SGD(ref_params, **kw)
+    sparse_sgd_run(ours, params)
+    sparse_sgd_run(theirs, ref_params)
+    assert_matches_torch(ours, theirs, FP32_TOL, config)
+    if "momentum" in kw:
+        assert ours.state[params[1]]["momentum_buffer"].is_sparse
+
+
+@pytest.mark.parametrize("config", SPARSE_SGD)
+@pytest.mark.parametrize("backend", SGD_BACKENDS)
+def test_a_mask_scales_a_sparse_gradient_in_grad_mode(backend, config):
+    """M ⊙ g on the sparse gradient's values, then torch's sparse SGD: equal to torch's SGD on the dense M ⊙ g."""
+    kw = SPARSE_SGD[config]
+    params, ref_params = ([torch.zeros(3, requires_grad=True), torch.ones(4, 2, requires_grad=True)]
+                          for _ in range(2))
+    masks = [None, soft_mask((4, 2), "float32", seed=4)]
+    ours = MaskedSGD(params, **kw, masks=masks, backend=backend)
+    theirs = torch.optim.SGD(ref_params, **kw)
+    sparse_sgd_run(ours, params)
+    sparse_sgd_run(theirs, ref_params, masks)
+    for p, q in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), **FP32_TOL)
+        if "momentum" in kw:
+            torch.testing.assert_close(ours.state[p]["momentum_buffer"].to_dense(), theirs.state[q]["momentum_buffer"],
+                                       **FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", SGD_BACKENDS)
+def test_grad_scaler_with_sparse_gradients_matches_torch_sgd(backend):
+    """An embedding with sparse gradients under GradScaler (an inf at step 2): the scaler hands MaskedSGD its scale
+    and found_inf; the step is torch.optim.SGD's on the gradient the scaler would have unscaled."""
+    def loop(opt_cls, **kw):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(6, 3, sparse=True)
+        opt = opt_cls(emb.parameters(), lr=0.1, momentum=0.9, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+        for t in range(5):
+            opt.zero_grad()
+            loss = (emb(torch.tensor([t % 6, 2, 2])) * torch.arange(3.0)).sum() * (float("inf") if t == 2 else 1)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return emb.weight, opt.state[emb.weight]["momentum_buffer"], scaler.get_scale()
+
+    ours, theirs = loop(MaskedSGD, backend=backend), loop(torch.optim.SGD)
+    assert ours[2] == theirs[2]
+    torch.testing.assert_close(ours[0], theirs[0], **FP32_TOL)
+    torch.testing.assert_close(ours[1], theirs[1], **FP32_TOL)
+
+
+def test_sparse_gradient_errors_are_torchs_or_name_the_parameter():
+    def param_with_sparse_grad():
+        p = torch.zeros(4, 2, requires_grad=True)
+        p.grad = sparse_grad(torch.Generator().manual_seed(0))
+        return p
+
+    # Adam has no sparse algorithm, nor has fused SGD, and SGD's weight decay cannot add a sparse gradient to the
+    # parameter: torch's own errors.
+    for ours, theirs, kw in [(MaskedAdam, torch.optim.Adam, {}), (MaskedSGD, torch.optim.SGD, dict(weight_decay=0.1)),
+                             (MaskedSGD, torch.optim.SGD, dict(fused=True))]:
+        expected = raised(lambda theirs=theirs, kw=kw: theirs([param_with_sparse_grad()], **kw).step())
+        with pytest.raises(type(expected), match=re.escape(str(expected))):
+            ours([param_with_sparse_grad()], **kw, backend="reference").step()
+    p = param_with_sparse_grad()
+    opt = MaskedSGD([torch.zeros(1, requires_grad=True), p], masks={p: torch.ones(4, 2)}, mask_mode="update")
+    with pytest.raises(ValueError, match=r"MaskedSGD: parameter param_groups\[0\]\['params'\]\[1\] has a sparse "
+                                         r"gradient and a mask; a mask applies to a sparse gradient only in "
+                                         r"mask_mode='grad'"):
+        opt.step()
+
+
 # ---- construction, options and errors ----------------------------------------------------------------------------
 
 
@@ -755,16 +948,14 @@ def test_unsupported_options_raise_naming_the_option(cls):
         cls(p, differentiable=True)
     with pytest.raises(ValueError, match=r"does not support differentiable=True \(param_groups\[1\]\)"):
         cls([{"params": p}, {"params": [torch.zeros(1, requires_grad=True)], "differentiable": True}])
-    with pytest.raises(ValueError, match=r"complex parameters: parameter param_groups\[0\]\['params'\]\[1\]"):
-        cls([p[0], torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
     with pytest.raises(ValueError, match=r"mask_mode must be one of \('grad', 'update'\), got 'both'"):
         cls(p, mask_mode="both")
     with pytest.raises(ValueError, match=r"backend must be None or one of"):
         cls(p, backend="gpu")
 
     opt = cls(p, backend="reference")
-    with pytest.raises(ValueError, match=r"complex parameters: parameter param_groups\[1\]\['params'\]\[0\]"):
-        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.complex64, requires_grad=True)]})
+    with pytest.raises(ValueError, match=r"differentiable=True \(param_groups\[1\]\)"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "differentiable": True})
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": 0.5})
     assert opt.param_groups[1]["lr"] == 0.5
@@ -844,21 +1035,6 @@ def test_fused_on_an_unsupported_device_raises_torchs_error(cls):
     p.grad = torch.zeros(3, device="meta")
     with pytest.raises(RuntimeError, match=r"`fused=True` requires all the params"):
         cls([p], fused=True, backend="reference").step()
-
-
-def sparse_param():
-    p = torch.zeros(4, 2, requires_grad=True)
-    p.grad = torch.sparse_coo_tensor([[0]], torch.ones(1, 2), (4, 2), check_invariants=True)
-    return p
-
-
-def test_sparse_gradients_raise():
-    expected = raised(lambda: torch.optim.Adam([sparse_param()]).step())
-    with pytest.raises(type(expected), match=re.escape(str(expected))):
-        MaskedAdam([sparse_param()], backend="reference").step()
-    with pytest.raises(RuntimeError, match=r"MaskedSGD does not support sparse gradients \(parameter param_groups"
-                                           r"\[0\]\['params'\]\[1\]\)"):
-        MaskedSGD([torch.zeros(1, requires_grad=True), sparse_param()], backend="reference").step()
 
 
 def test_an_unavailable_backend_raises_at_step():

@@ -4,7 +4,11 @@ Each is a subclass of its torch.optim counterpart with the same constructor argu
 messages, param groups, state keys and ``state_dict()``, plus a mask per parameter. The class only gathers tensors
 (with torch's own ``_init_group``, so state is created exactly as torch creates it); the step is computed by the
 functional ops ``fastmask.ops.masked_adam_`` / ``masked_sgd_``, one call per param group, which run one fused launch
-per (device, dtype) on the backend fastmask/backend.py chooses. Without a mask they take torch's step.
+per (device, dtype) on the backend fastmask/backend.py chooses. Without a mask they take torch's step, on any
+parameter torch steps: tensors the fused kernels cannot walk (non-dense parameters, state or masks in another
+layout) take the reference implementation, gradients in another layout are copied into the parameter's, complex
+parameters are stepped as their float views (a real mask scaling both parts), and MaskedSGD steps sparse gradients
+with torch.optim.SGD's own algorithm (docs/optim.md, "Any parameter torch steps").
 
 How the mask M enters the step (docs/algorithm.md §5, §8.9-8.10), chosen by ``mask_mode``:
 
@@ -174,7 +178,8 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
         "update" mode: θ ← θ − γ M ⊙ d, and b changes only where M ≠ 0
 
     In "grad" mode weight decay and momentum still move masked-out entries (the papers' behaviour, docs/algorithm.md
-    §8.10); "update" mode freezes them.
+    §8.10); "update" mode freezes them. A sparse gradient takes torch.optim.SGD's own sparse step, its mask (in "grad"
+    mode only) scaling the gradient's stored values.
 
     Args:
         params (iterable): parameters or named parameters (``model.named_parameters()``) or param group dicts.
@@ -219,12 +224,17 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
         params: list[Tensor] = []
         grads: list[Tensor] = []
         momentum_buffers: list[Tensor | None] = []
-        if self._init_group(group, params, grads, momentum_buffers):
-            sparse = next(j for j, p in enumerate(group["params"]) if p.grad is not None and p.grad.is_sparse)
-            raise RuntimeError(
-                f"MaskedSGD does not support sparse gradients ({self._describe(self._index(group), sparse)})"
-            )
+        has_sparse_grad = self._init_group(group, params, grads, momentum_buffers)
         self._check_step(group, params)
+        if has_sparse_grad and group["fused"]:
+            raise RuntimeError("`_fused_sgd` does not support sparse gradients")  # torch's fused SGD's own error
+        if has_sparse_grad and self.mask_mode == "update":
+            # A sparse gradient takes torch's own sparse SGD, where a mask can scale the gradient's values ("grad"
+            # mode) but has no dense step to scale ("update" mode): see fastmask.ops._sparse_sgd_.
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse and p in self._masks:
+                    raise ValueError(f"MaskedSGD: {self._describe(self._index(group), j)} has a sparse gradient and "
+                                     "a mask; a mask applies to a sparse gradient only in mask_mode='grad'")
         if not params:
             return
         momentum_buffers = ops.masked_sgd_(

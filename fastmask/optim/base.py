@@ -45,7 +45,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def _finish_init(self, masks: Masks | None) -> None:
         for gi in range(len(self.param_groups)):
-            self._check_group(gi, params=True)
+            self._check_group(gi)
         self._constructed = True
         self.set_masks(masks)
 
@@ -58,26 +58,20 @@ class MaskedOptimizer(torch.optim.Optimizer):
             return f"parameter {group['param_names'][j]!r} ({where})"
         return f"parameter {where}"
 
-    def _check_group(self, gi: int, params: bool = False) -> None:
+    def _check_group(self, gi: int) -> None:
         """Reject the torch option these optimizers do not implement, differentiable=True (also after
         ``load_state_dict``)."""
         group = self.param_groups[gi]
         name = type(self).__name__
         if group.get("differentiable", False):
             raise ValueError(f"{name} does not support differentiable=True (param_groups[{gi}])")
-        if params:
-            for j, p in enumerate(group["params"]):
-                if torch.is_complex(p):
-                    raise ValueError(
-                        f"{name} does not support complex parameters: {self._describe(gi, j)} is {p.dtype}"
-                    )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         # During construction torch's own checks run first; the constructor checks every group afterwards.
         if getattr(self, "_constructed", False):
             try:
-                self._check_group(len(self.param_groups) - 1, params=True)
+                self._check_group(len(self.param_groups) - 1)
             except ValueError:
                 self.param_groups.pop()
                 raise
