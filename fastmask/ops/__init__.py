@@ -210,8 +210,9 @@ def _by_layout(
       whole-tensor torch ops take any layout.
     """
     name = _backend.resolve(op, device, backend)
+    fn = _resolved(op, device, backend)  # under torch.compile, Triton's launcher as an opaque op
     if name == "reference":
-        return [(implementation(op, name), idx)]
+        return [(fn, idx)]
     # The common case, every tensor contiguous and laid out like its parameter, is decided by comparing whole lists
     # of strides: the step runs this for every tensor of the model.
     group_params, group_masks = _pick(params, idx), _pick(masks, idx)
@@ -221,7 +222,7 @@ def _by_layout(
         and all(list(map(Tensor.stride, _pick(t, idx))) == strides for t in (grads, *buffers))
         and all(m is None or m.stride() == st for m, st in zip(group_masks, strides, strict=True))
     ):
-        return [(implementation(op, name), idx)]
+        return [(fn, idx)]
     fused: list[int] = []
     other: list[int] = []
     for i in idx:
@@ -237,7 +238,7 @@ def _by_layout(
             if grad.stride() != p.stride():
                 grads[i] = torch.empty_like(p).copy_(grad)
             fused.append(i)
-    runs = ((implementation(op, name), fused), (implementation(op, "reference"), other))
+    runs = ((fn, fused), (implementation(op, "reference"), other))
     return [(fn, sub) for fn, sub in runs if sub]
 
 
