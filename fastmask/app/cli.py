@@ -152,12 +152,11 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _common_loader(p: argparse.ArgumentParser, g: argparse._ArgumentGroup) -> None:
+def _common_loader(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, training: bool = False) -> None:
+    """The loader options of ``debias``, ``evaluate`` and ``compare`` (``training``: the commands that fine-tune,
+    which also take --augment)."""
     g.add_argument("--batch-size", type=_at_least(1), default=64, help="samples per batch (default 64)")
-    g.add_argument("--image-size", type=_at_least(1), default=256,
-                   help="images are resized to this square (default 256)")
-    g.add_argument("--center-crop", type=_at_least(1), metavar="PIXELS",
-                   help="centre crop of the original image first (default: no crop)")
+    _preprocess_options(p, training)
     g.add_argument("--workers", type=_at_least(0), default=0, help="loader worker processes (default 0)")
     g.add_argument("--strict", action="store_true",
                    help="fail on the first damaged sample, naming its shard and member (default: skip and count it)")
@@ -165,6 +164,62 @@ def _common_loader(p: argparse.ArgumentParser, g: argparse._ArgumentGroup) -> No
                    help="largest share of a split's samples that may be skipped as damaged before the run fails "
                    f"(default {MAX_SKIP_FRACTION:g}; 1 accepts any loss, which the reports then state)")
     _progress_option(p)
+
+
+def _preprocess_options(p: argparse.ArgumentParser, training: bool) -> None:
+    """The preprocessing options of ``debias``, ``evaluate`` and ``compare`` (:mod:`fastmask.app.preprocessing`);
+    what is left unset comes from the model's own configuration (timm's pretrained_cfg), else the default."""
+    g = p.add_argument_group(
+        "preprocessing", "Unset options come from the model's own configuration where it has one (timm's "
+        "pretrained_cfg, or a pretrained_cfg / default_cfg attribute of a module:callable model), else the default; "
+        "report.json and metrics.json record each setting and where it came from.")
+    g.add_argument("--image-size", type=_at_least(1), metavar="N",
+                   help="images are resized to this square (default: the model configuration's input size, resized to "
+                   "size / crop_pct and centre-cropped to size when it has a crop_pct; else 256, no crop)")
+    g.add_argument("--crop", type=_at_least(1), metavar="N",
+                   help="then keep the central N x N of the resized image, what the model sees (resize-then-crop, as "
+                   "timm and torchvision evaluate; default: no crop)")
+    g.add_argument("--center-crop", type=_at_least(1), metavar="PIXELS",
+                   help="centre crop of the original image before the resize (the CXR recipe; default: no crop)")
+    g.add_argument("--normalize", choices=("imagenet", "none"),
+                   help="x = (u8 / 255 - mean) / std with ImageNet's mean and std, or none: x = u8 / 255 (default: the "
+                   "model configuration's mean and std, else imagenet)")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="per-channel mean of the normalisation, with --std (default: see --normalize)")
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="per-channel standard deviation of the normalisation, with --mean (default: see --normalize)")
+    if training:
+        g.add_argument("--augment", nargs="+", type=_augment, metavar="A",
+                       help="the training augmentations, each with probability 0.5: any of hflip vflip transpose, or "
+                       "none (default: hflip vflip transpose, the papers')")
+
+
+def _preprocessing(args: argparse.Namespace) -> dict[str, Any]:
+    """The preprocessing options given (None where unset), as :func:`fastmask.app.preprocessing.
+    resolve_preprocessing` takes them; --normalize becomes its mean and std."""
+    from fastmask.data.transforms import NORMALIZATIONS
+
+    if args.normalize is not None and (args.mean is not None or args.std is not None):
+        raise UsageError("--normalize and --mean / --std both set the normalisation: give one of them")
+    if (args.mean is None) != (args.std is None):
+        raise UsageError(f"{'--mean' if args.std is None else '--std'} needs "
+                         f"{'--std' if args.std is None else '--mean'}: give both")
+    mean, std = NORMALIZATIONS[args.normalize] if args.normalize else (args.mean, args.std)
+    given = {"image_size": args.image_size, "crop": args.crop, "center_crop": args.center_crop,
+             "mean": None if mean is None else tuple(mean), "std": None if std is None else tuple(std)}
+    if getattr(args, "augment", None) is not None:
+        if "none" in args.augment and len(args.augment) > 1:
+            raise UsageError(f"--augment {' '.join(args.augment)}: none turns every augmentation off; give it alone")
+        given["augment"] = () if args.augment == ["none"] else tuple(args.augment)
+    return given
+
+
+def _augment(text: str) -> str:
+    from fastmask.data.transforms import AUGMENTATIONS
+
+    if text not in (*AUGMENTATIONS, "none"):
+        raise argparse.ArgumentTypeError(f"expected {', '.join(AUGMENTATIONS)} or none, got {text!r}")
+    return text
 
 
 def _progress_option(p: argparse.ArgumentParser) -> None:
@@ -244,7 +299,7 @@ def _external_data(p: argparse.ArgumentParser, required: bool = True, title: str
     g.add_argument("--balance-replace", choices=("auto", "true", "false"), default="auto",
                    help="group balancing draws with replacement: auto (only where needed, default), true (the "
                    "the authors' code), false")
-    _common_loader(p, g)
+    _common_loader(p, g, training=True)
 
 
 def _data_spec(args: argparse.Namespace, seed: int) -> Any:
@@ -255,7 +310,7 @@ def _data_spec(args: argparse.Namespace, seed: int) -> Any:
     return DataSpec(shards=args.shards, attr=args.attr, attr_map=dict(args.attr_map) if args.attr_map else None,
                     test_fold=args.test_fold, eval_shards=args.eval_shards,
                     external_folds=tuple(args.external_fold or ()), batch_size=args.batch_size,
-                    image_size=args.image_size, center_crop=args.center_crop, workers=args.workers, seed=seed,
+                    **_preprocessing(args), workers=args.workers, seed=seed,
                     balance_replace=replace, strict=args.strict, max_skip_fraction=args.max_skip_fraction,
                     attr_groups=args.attr_groups,
                     **({"val_fraction": args.val_fraction} if args.val_fraction is not None else {}))
@@ -396,6 +451,8 @@ def _print_summary(args: argparse.Namespace, report: dict) -> None:
     print(f"on {test['description']}, {read_text(test)}: {headline(b, a)}")
     if report["loader"]["skipped"]:
         print(f"skipped {report['loader']['skipped']} damaged sample reads (see report.md)")
+    for w in report["warnings"]:
+        print(f"WARNING: {w}")
     for w in report["guard_warnings"]:
         print(f"WARNING: {w['message']}")
     print(f"wrote {args.out}/report.md, report.json, weights.safetensors, mask.safetensors and the plots")
@@ -538,10 +595,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from fastmask.app.report import read_text
 
     res = evaluate(model=args.model, weights=args.weights, shards=args.shards, out=args.out, attrs=args.attr,
-                   fold=args.fold, batch_size=args.batch_size, image_size=args.image_size,
-                   center_crop=args.center_crop, workers=args.workers, trust_pickle=args.trust_pickle,
-                   library=args.arch_library, device=_device(args.device), strict=args.strict,
-                   progress=_progress(args), threshold=args.threshold, max_skip_fraction=args.max_skip_fraction)
+                   fold=args.fold, batch_size=args.batch_size, **_preprocessing(args), workers=args.workers,
+                   trust_pickle=args.trust_pickle, library=args.arch_library, device=_device(args.device),
+                   strict=args.strict, progress=_progress(args), threshold=args.threshold,
+                   max_skip_fraction=args.max_skip_fraction)
     o = res["overall"]
     print(f"AUC {o['auc']:.4f}, ACC {o['acc']:.4f}, positive share {o['positive_rate']:.3f} (labels "
           f"{o['label_positive_rate']:.3f}) at decision threshold {res['threshold']:.4f} on {read_text(res['data'])}")
@@ -550,6 +607,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             g = r["gaps"]
             print(f"{attr}: EOdds mean {g['eodds_mean']:.4f}, max {g['eodds_max']:.4f}, code (signed sum) "
                   f"{g['eodds']:.4f}")
+    for w in res["warnings"]:
+        print(f"WARNING: {w}")
     print("wrote " + ", ".join(f"{args.out}/{name}" for name in res["outputs"].values()))
     return 0
 

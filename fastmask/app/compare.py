@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from fastmask.app.cli import COMPARE_DEFAULTS
 from fastmask.app.plots import plot_compare
+from fastmask.app.report import preprocessing_text
 from fastmask.app.sets import SPLITS, DataSpec, Tracked, loader_summary, parts, read_sets, split_counts
 from fastmask.app.tables import HEADLINE, METRIC_NAMES, markdown_table
 from fastmask.fairness.metrics import evaluate
@@ -89,10 +90,11 @@ class DataSource(Protocol):
     """Where the folds come from: ``fold(seed)`` and, per method, the configuration to start from (None: the
     method's defaults); ``skipped()`` counts the damaged sample reads its loaders skipped so far, ``reads()`` what
     the last epoch over each split read and skipped (:func:`fastmask.app.sets.split_counts`; empty when nothing is
-    read from shards)."""
+    read from shards); ``preprocessing`` the record of the images' preprocessing (None when not from shards)."""
 
     name: str
     description: str
+    preprocessing: dict[str, Any] | None
 
     def fold(self, seed: int, *, progress: bool = False) -> Fold: ...
 
@@ -110,6 +112,7 @@ class DemoSource:
 
     name = "demo"
     description = "tinted digits (label: digit >= 5; attribute: tint; fastmask demo)"
+    preprocessing = None
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.25) -> None:
         from fastmask.app import demo  # imported here: the demo pulls in scikit-learn's dataset loader
@@ -144,10 +147,11 @@ class ShardSource:
 
     def __init__(self, *, model: str, weights: str | os.PathLike, data: DataSpec, trust_pickle: bool = False,
                  library: Library = "auto", device: str | None = None) -> None:
-        self.data = data
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_model(model, weights, trust_pickle=trust_pickle, library=library).to(self.device)
-        self.sets = read_sets(data, self.model, self.device)
+        self.data, resolved = data.resolve(self.model)
+        self.preprocessing = resolved.record()
+        self.sets = read_sets(self.data, self.model, self.device)
         self.description = (f"{model} on {data.shards} (attribute {data.attr!r}; test: "
                             f"{self.sets.descriptions['test']})")
         self.loader_log: list[dict[str, Any]] = []
@@ -317,6 +321,10 @@ def main(source: DataSource, methods: Sequence[str] | None = None, seeds: Sequen
              "seeds where no candidate met the budgets; collapse = collapse-guard firings / runs; s = mean seconds")
     table = format_table(summary, title)
     skipped, reads = source.skipped(), source.reads()
+    if source.preprocessing is not None:
+        table += f"\n\nPreprocessing: {preprocessing_text(source.preprocessing)}."
+        for w in source.preprocessing["warnings"]:
+            table += f"\n\n**Warning:** {w}."
     if reads:
         table += ("\n\nSamples read in the last epoch over each split: " + "; ".join(
             f"{SPLITS[name]} {c['read']} ({c['skipped']} skipped as damaged)" for name, c in reads.items()) + ".")
@@ -334,6 +342,7 @@ def main(source: DataSource, methods: Sequence[str] | None = None, seeds: Sequen
     print(f"{wall:.1f} s")
     report = {"data": source.name, "description": source.description, "seeds": list(seeds), "methods": chosen,
               "rule": None if rule is None else asdict(rule), "seconds": wall, "skipped": skipped, "reads": reads,
+              "preprocessing": source.preprocessing,
               "rows": rows,
               "summary": json.loads(summary.to_json(orient="records")),
               "outputs": {k: str(v) for k, v in outputs.items()}}

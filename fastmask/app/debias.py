@@ -31,7 +31,7 @@ from torch import nn
 import fastmask
 from fastmask.app.errors import UsageError
 from fastmask.app.plots import plot_epochs, plot_mask_layers, plot_selection
-from fastmask.app.report import evaluation_scores, mask_layer_stats, write_debias_report
+from fastmask.app.report import evaluation_scores, mask_layer_stats, one_class_warning, write_debias_report
 from fastmask.app.run_state import CHECKPOINT, SavedRun, file_sha256, index_digest
 from fastmask.app.sets import DataSpec, Tracked, loader_summary, parts, read_counts, read_sets, set_summary
 from fastmask.fairness.losses import BiasSpec
@@ -170,6 +170,9 @@ class _DebiasRun:
                                   f"{run['epoch']}); pass --resume to continue it, or --overwrite to start over")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = load_model(model, weights, trust_pickle=trust_pickle, library=library).to(self.device)
+        # Every preprocessing setting decided now (flag, model config, default): the run state records them.
+        data, self.preprocessing = data.resolve(self.net)
+        self.data = data
         self.mask_path = mask
         self.given_masks = None if mask is None else _read_mask(mask, self.net, method)
         self.head_name = config.head or find_head_name(self.net)
@@ -330,6 +333,10 @@ class _DebiasRun:
                     "label) to choose the configuration"), **counts["validation"]},
                 "test": {**set_summary(sets.test, sets.descriptions["test"]), **counts["test"]},
             }},
+            "preprocessing": self.preprocessing.record(),
+            "warnings": [*self.preprocessing.warnings,
+                         *one_class_warning(before["overall"], "before debiasing, on the evaluation set"),
+                         *one_class_warning(after["overall"], "after debiasing, on the evaluation set")],
             "selection": None if selection is None else selection.to_dict(),
             "attribute_reduction": sets.reduction,
             "threshold": after["overall"]["threshold"],

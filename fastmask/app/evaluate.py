@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 import fastmask
-from fastmask.app.report import group_rows, write_evaluation
+from fastmask.app.preprocessing import resolve_preprocessing
+from fastmask.app.report import group_rows, one_class_warning, write_evaluation
 from fastmask.app.sets import fold_keys, load_index
 from fastmask.data.loader import make_loader
 from fastmask.data.stats import MAX_SKIP_FRACTION
@@ -31,8 +32,11 @@ def evaluate(
     attrs: Sequence[str] | None = None,
     fold: str | None = None,
     batch_size: int = 64,
-    image_size: int = 256,
+    image_size: int | None = None,
     center_crop: int | None = None,
+    crop: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     workers: int = 0,
     trust_pickle: bool = False,
     library: Library = "auto",
@@ -51,6 +55,11 @@ def evaluate(
     takes the threshold ``fastmask debias`` saved with the weights, else 0.5. Returns the content of
     ``metrics.json``, whose ``data`` says how many samples were planned, read and skipped as damaged; more than
     ``max_skip_fraction`` of them skipped raises :class:`fastmask.data.stats.DataLossError`.
+
+    The preprocessing (``image_size``, ``crop``, ``center_crop``, ``mean``, ``std``; None: the model's configuration,
+    else the default) is decided by :func:`fastmask.app.preprocessing.resolve_preprocessing` and recorded in
+    ``preprocessing``; ``warnings`` holds its warnings and one when the model predicts one class for nearly everyone
+    (its gaps are then near 0 whatever its fairness).
     """
     if threshold is None:
         saved = saved_threshold(weights) if weights is not None else None
@@ -70,11 +79,14 @@ def evaluate(
                          "AUC needs both classes")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_model(model, weights, trust_pickle=trust_pickle, library=library).to(dev)
+    resolved = resolve_preprocessing(net, image_size=image_size, crop=crop, center_crop=center_crop, mean=mean,
+                                     std=std)
+    prep = resolved.preprocessing
     # The loader's `a` is not used (groups come from the raw values below); any value must still map to an int.
     values = sorted({str(index.samples[k]["attrs"][names[0]]) for k in keys})
-    loader = make_loader(index, batch_size=batch_size, train=False, image_size=image_size, workers=workers,
+    loader = make_loader(index, batch_size=batch_size, train=False, image_size=prep.image_size, workers=workers,
                          keys=keys, attr=names[0], attr_map={v: i for i, v in enumerate(values)},
-                         center_crop=center_crop, strict=strict, return_keys=True)
+                         transform=prep.transform(train=False), strict=strict, return_keys=True)
     y, p, _, got = score(net, loader, dev, progress=progress, desc="evaluate")
     stats = loader.stats
     stats.check_loss(max_skip_fraction, f"the evaluation set ({description})",
@@ -94,9 +106,11 @@ def evaluate(
         "overall": {"n": len(y), "positives": n_pos, "auc": auc(y, p), "acc": acc(y, p, threshold=threshold),
                     "positive_rate": float((p > threshold).mean()), "label_positive_rate": float(y.mean())},
         "attributes": {},
+        "preprocessing": resolved.record(),
         "data": {"samples": len(keys), "read": stats.samples, "skipped": stats.skipped},
         "loader": stats.to_dict(),
     }
+    evaluation["warnings"] = [*resolved.warnings, *one_class_warning(evaluation["overall"], "the model")]
     for attr in names:
         raw = np.array([index.samples[k]["attrs"][attr] for k in got], dtype=object)
         try:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fastmask.app.tables import GROUP_COLUMNS, METRIC_NAMES, group_rows, headline, markdown_table
 from fastmask.fairness.metrics import evaluate, group_table
+from fastmask.methods.engine import one_class_warnings
 from fastmask.methods.grids import Candidate
 from fastmask.util.files import jsonable, write_json, write_text
 
@@ -34,6 +35,15 @@ def evaluation_scores(y: np.ndarray, p: np.ndarray, a: np.ndarray, attr_map: Map
     labels = {g: ", ".join(v for v, c in attr_map.items() if c == g) for g in (0, 1)} if attr_map else None
     return {"overall": evaluate(y, p, a, threshold=threshold),
             "groups": group_rows(group_table(y, p, a, threshold=threshold), labels)}
+
+
+def one_class_warning(overall: Mapping[str, Any], what: str) -> list[str]:
+    """A warning when the model predicted one class for nearly everyone in ``overall`` (the guard's collapse
+    threshold, :data:`fastmask.methods.engine.COLLAPSE_THRESHOLD`): its gaps are then near 0 and say nothing of
+    fairness."""
+    return [f"{what}: {m}, so its fairness gaps (EOdds, SPD) are meaningless; check the preprocessing (--image-size, "
+            "--normalize) and the threshold"
+            for m in one_class_warnings(overall["positive_rate"], overall["label_positive_rate"])]
 
 
 def mask_layer_stats(masks: Mapping[str, Tensor], head: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -74,6 +84,17 @@ def read_text(counts: Mapping[str, Any]) -> str:
     if read is None or (read == planned and not counts.get("skipped")):
         return f"{planned} samples"
     return f"{read} of {planned} samples read ({counts['skipped']} skipped as damaged)"
+
+
+def preprocessing_text(record: Mapping[str, Any]) -> str:
+    """The preprocessing of a report's ``preprocessing`` record in one line, each setting with its source."""
+    src = record["sources"]
+    crop = f", centre crop {record['crop']} ({src['crop']})" if record["crop"] is not None else ""
+    first = f"centre crop {record['center_crop']} of the original, then " if record["center_crop"] else ""
+    flips = ", ".join(record["augment"]) or "none"
+    return (f"{first}resize to {record['image_size']} px ({src['image_size']}){crop}; mean {list(record['mean'])} "
+            f"({src['mean']}), std {list(record['std'])} ({src['std']}); training augmentations: {flips} "
+            f"({src['augment']})")
 
 
 def verdict(report: Mapping[str, Any]) -> str:
@@ -168,6 +189,7 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
         f"- shards: `{data['shards']}`; attribute `{data['attr']}`"
         + (f" (groups {data['attr_map']})" if data.get("attr_map") else "") + _reduction_md(report),
         f"- evaluation set: {data['sets']['test']['description']}, {read_text(data['sets']['test'])}",
+        f"- preprocessing: {preprocessing_text(report['preprocessing'])}",
         f"- run time: {report['seconds']:.1f} s",
         "",
         f"**{verdict(report)}** On the evaluation set: {headline(before['overall'], after['overall'])}.",
@@ -191,6 +213,8 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
         _group_table_md(after["groups"]),
         "",
     ]
+    if report["warnings"]:
+        out += ["## Warnings", ""] + [f"- **warning**: {w}" for w in report["warnings"]] + [""]
     if report["guard_warnings"]:
         out += ["## Guard", ""] + [f"- **warning**: {w['message']}" for w in report["guard_warnings"]]
         out.append("")
@@ -267,7 +291,9 @@ def render_evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
         f"- data: {evaluation['description']}, {read_text(evaluation['data'])} ({overall['positives']} of the "
         f"{overall['n']} read positive)",
         f"- decision threshold: ŷ = 1[p > {evaluation['threshold']:.4f}]",
+        f"- preprocessing: {preprocessing_text(evaluation['preprocessing'])}",
         "",
+        *(f"**Warning:** {w}.\n" for w in evaluation["warnings"]),
         "## Overall",
         "",
         markdown_table(["AUC", "ACC", "positive share", "label rate"],

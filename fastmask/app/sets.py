@@ -7,7 +7,7 @@ the command-line flag, the sample and the value at fault."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import pandas as pd
@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from fastmask.app.errors import UsageError
+from fastmask.app.preprocessing import Resolved, resolve_preprocessing
 from fastmask.data.balance import extreme_groups, group_balance
 from fastmask.data.batch import attr_code
 from fastmask.data.loader import ShardLoader, make_loader
 from fastmask.data.shards import ShardIndex
 from fastmask.data.splits import stratified_split
 from fastmask.data.stats import MAX_SKIP_FRACTION
+from fastmask.data.transforms import Preprocessing
 from fastmask.fairness.metrics import auc_by_group
 from fastmask.model.scoring import score
 from fastmask.parallel import ddp
@@ -42,7 +44,10 @@ class DataSpec:
             ``shards`` they are left out of D_e.
         eval_shards: evaluate on these shards instead (all of them, or their ``test_fold``).
         external_folds: draw D_e from these folds only (default: every sample of ``shards`` not evaluated on).
-        batch_size, image_size, center_crop, workers: loader settings (the papers: batch 64, 256 px skin, 224 CXR).
+        batch_size, workers: loader settings (the papers: batch 64).
+        image_size, crop, center_crop, mean, std, augment: the preprocessing
+            (:class:`~fastmask.data.transforms.Preprocessing`); None where the model's configuration or the
+            default decides (:meth:`resolve`).
         seed: seed of the group balancing, the shuffling and the augmentation draws.
         balance_replace: ``group_balance``'s ``replace``: ``"auto"`` (docs/algorithm.md §8.4), True (the authors'
             code), False.
@@ -65,8 +70,12 @@ class DataSpec:
     eval_shards: str | None = None
     external_folds: tuple[str, ...] = ()
     batch_size: int = 64
-    image_size: int = 256
+    image_size: int | None = None
     center_crop: int | None = None
+    crop: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    augment: tuple[str, ...] | None = None
     workers: int = 0
     seed: int = 42
     balance_replace: Literal["auto"] | bool = "auto"
@@ -83,6 +92,18 @@ class DataSpec:
         if self.attr_groups == "extremes" and self.attr_map:
             raise UsageError("--attr-groups extremes chooses the two groups from the model's AUC; it takes no "
                              "--attr-map")
+
+    def resolve(self, model: nn.Module) -> tuple[DataSpec, Resolved]:
+        """This spec with every preprocessing setting decided for ``model`` (:func:`~fastmask.app.preprocessing.
+        resolve_preprocessing`; the run state records them, so a resumed run must preprocess alike), and the
+        record of where each came from."""
+        resolved = resolve_preprocessing(model, **{f.name: getattr(self, f.name) for f in fields(Preprocessing)})
+        prep = resolved.preprocessing
+        return replace(self, **{f.name: getattr(prep, f.name) for f in fields(Preprocessing)}), resolved
+
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing of a resolved spec (:meth:`resolve`)."""
+        return Preprocessing(**{f.name: getattr(self, f.name) for f in fields(Preprocessing)})
 
 
 @dataclass
@@ -211,7 +232,8 @@ def extreme_values(index: ShardIndex, keys: Sequence[str], data: DataSpec, model
     values = sorted({str(index.samples[k]["attrs"][data.attr]) for k in keys})
     loader = make_loader(index, batch_size=data.batch_size, train=False, image_size=data.image_size,
                          workers=data.workers, keys=keys, attr=data.attr, attr_map={v: i for i, v in enumerate(values)},
-                         center_crop=data.center_crop, strict=data.strict, rank=0, world_size=1)
+                         transform=data.preprocessing().transform(train=False), strict=data.strict, rank=0,
+                         world_size=1)
     y, p, a, _ = score(model, loader, device, progress=progress, desc="attribute reduction")
     loader.stats.check_loss(data.max_skip_fraction, "the external set (attribute reduction)",
                             "; --max-skip-fraction raises the limit, --strict stops at the first damage")
@@ -256,14 +278,16 @@ def parts(sets: Sets, data: DataSpec, *, hold_out: bool) -> Parts:
         fit_i, val_i = stratified_split(ext["y"].to_numpy(), ext["a"].to_numpy(), data.val_fraction, data.seed)
         fit, val = ext.iloc[fit_i], ext.iloc[val_i]
     balanced = group_balance(fit, "a", "y", seed=data.seed, replace=data.balance_replace)
+    prep = data.preprocessing()
+    test = prep.transform(train=False)
     common = {"batch_size": data.batch_size, "image_size": data.image_size, "workers": data.workers,
-              "seed": data.seed, "attr": data.attr, "attr_map": sets.attr_map, "center_crop": data.center_crop,
-              "strict": data.strict}
-    whole = {"rank": 0, "world_size": 1, **common}
+              "seed": data.seed, "attr": data.attr, "attr_map": sets.attr_map, "strict": data.strict}
+    whole = {"rank": 0, "world_size": 1, "transform": test, **common}
     return Parts(
         fit=fit, val=val, balanced=balanced,
-        mask=make_loader(sets.index, train=False, shuffle=True, keys=list(fit.index), **common),
-        train=make_loader(sets.index, train=True, keys=balanced["source_index"], **common),
+        mask=make_loader(sets.index, train=False, shuffle=True, keys=list(fit.index), transform=test, **common),
+        train=make_loader(sets.index, train=True, keys=balanced["source_index"], transform=prep.transform(train=True),
+                          **common),
         validation=None if val is None else make_loader(sets.index, train=False, shuffle=False,
                                                         keys=list(val.index), **whole),
         evaluation=make_loader(sets.eval_index, train=False, keys=list(sets.test.index), return_keys=True, **whole),

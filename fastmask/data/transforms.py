@@ -7,6 +7,9 @@ The authors' code uses albumentations; this module reproduces the same operation
   first, then resizes)
 
 ``Normalize`` is albumentations' default: x = (u8 / 255 - mean) / std with the ImageNet mean and std, per channel.
+Each step is a setting of :class:`Preprocessing` (the command line's preprocessing options): the size, a centre
+crop of the original (``center_crop``) or of the resized image (``crop``: resize-then-crop, as timm and torchvision
+evaluate), the mean and std (:data:`NORMALIZATIONS`), and which of the three augmentations run.
 
 Decoding yields uint8 HWC arrays; flips and the transpose are numpy views; a whole batch is stacked and
 normalised at once (one float pass over the batch instead of one per image).
@@ -23,19 +26,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "augment", "decode_image", "normalize_batch"]
+__all__ = ["AUGMENTATIONS", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "ImageTransform", "Preprocessing",
+           "augment", "decode_image", "normalize_batch"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The normalisations by name: ``none`` leaves the pixels in [0, 1] (x = u8 / 255).
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
+#: The training augmentations, in the order they are applied; the papers run all three, each with probability 0.5.
+AUGMENTATIONS = ("hflip", "vflip", "transpose")
 
 
-def decode_image(src: bytes | str | os.PathLike, image_size: int, center_crop: int | None = None) -> np.ndarray:
-    """Decode an image (bytes or a file path) to RGB uint8 [image_size, image_size, 3].
+def decode_image(src: bytes | str | os.PathLike, image_size: int, center_crop: int | None = None,
+                 crop: int | None = None) -> np.ndarray:
+    """Decode an image (bytes or a file path) to RGB uint8 [S, S, 3], S = ``crop`` if given, else ``image_size``.
 
     Optional centre crop of ``center_crop`` pixels (clipped to the image) on the original image, then a bilinear
-    resize to ``image_size`` x ``image_size`` (albumentations' Resize default is bilinear). Grey images are
-    replicated to three channels. JPEGs are decoded at the smallest DCT scale that is still at least the target
-    size (PIL ``draft``), which is where most of the decode time of large photographs goes.
+    resize to ``image_size`` x ``image_size`` (albumentations' Resize default is bilinear), then an optional centre
+    crop of ``crop`` pixels of the resized image. Grey images are replicated to three channels. JPEGs are decoded at
+    the smallest DCT scale that is still at least the target size (PIL ``draft``), which is where most of the
+    decode time of large photographs goes.
     """
     with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src) as img:
         if center_crop is None:
@@ -49,6 +59,9 @@ def decode_image(src: bytes | str | os.PathLike, image_size: int, center_crop: i
         rgb = rgb.crop((left, top, left + cw, top + ch))
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
+    if crop is not None and crop < image_size:
+        left = (image_size - crop) // 2
+        rgb = rgb.crop((left, left, left + crop, left + crop))
     return np.asarray(rgb)
 
 
@@ -100,9 +113,11 @@ class ImageTransform:
     flips and transpose; :meth:`batch` stacks and normalises.
 
     Args:
-        image_size: output height and width (square, as in the papers: 256 for skin, 224 for CXR).
+        image_size: height and width of the resize (square, as in the papers: 256 for skin, 224 for CXR).
         train: apply the random augmentations.
         center_crop: crop this many pixels around the centre of the original image before resizing.
+        crop: crop this many pixels around the centre of the resized image (the output size; at most
+            ``image_size``).
         hflip, vflip, transpose: probabilities of each augmentation (0.5 in the papers).
         mean, std: per-channel normalisation (ImageNet by default).
     """
@@ -110,6 +125,7 @@ class ImageTransform:
     image_size: int
     train: bool = False
     center_crop: int | None = None
+    crop: int | None = None
     hflip: float = 0.5
     vflip: float = 0.5
     transpose: float = 0.5
@@ -121,6 +137,9 @@ class ImageTransform:
             raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
         if self.center_crop is not None and self.center_crop < 1:
             raise ValueError(f"center_crop must be a positive int or None, got {self.center_crop!r}")
+        if self.crop is not None and not 1 <= self.crop <= self.image_size:
+            raise ValueError(f"crop must be a positive int at most the resize, {self.image_size} px (the centre crop "
+                             f"is taken from the resized image), got {self.crop!r}")
         for name in ("hflip", "vflip", "transpose"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
@@ -128,7 +147,7 @@ class ImageTransform:
 
     def image(self, src: bytes | str | os.PathLike, rng: np.random.Generator | None = None) -> np.ndarray:
         """One image as uint8 HWC after decode, crop, resize and (when training) augmentation."""
-        img = decode_image(src, self.image_size, self.center_crop)
+        img = decode_image(src, self.image_size, self.center_crop, self.crop)
         if self.train:
             if rng is None:
                 raise ValueError("a training transform needs rng (a numpy Generator) for its random flips")
@@ -142,3 +161,46 @@ class ImageTransform:
     def __call__(self, src: bytes | str | os.PathLike, rng: np.random.Generator | None = None) -> torch.Tensor:
         """One image as a normalised float32 [3, H, W] tensor."""
         return self.batch([self.image(src, rng)])[0]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The preprocessing of a run, every setting decided: what :class:`ImageTransform` each loader gets.
+
+    Args:
+        image_size: the square the images are resized to (the papers: 256 skin, 224 CXR).
+        crop: the centre crop of the resized image, the size the model sees (None: the whole resized image).
+        center_crop: the centre crop of the original image before the resize (the CXR recipe).
+        mean, std: the per-channel normalisation x = (u8 / 255 - mean) / std (:data:`NORMALIZATIONS`).
+        augment: the training augmentations that run, each with probability 0.5 (a subset of
+            :data:`AUGMENTATIONS`; the papers': all three).
+    """
+
+    image_size: int = 256
+    crop: int | None = None
+    center_crop: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    augment: tuple[str, ...] = AUGMENTATIONS
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.augment if a not in AUGMENTATIONS]
+        if unknown:
+            raise ValueError(f"augment {unknown[0]!r} is not one of {AUGMENTATIONS}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"{name} needs 3 values (R G B), got {getattr(self, name)!r}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std!r}")
+        self.transform(train=False)  # the size settings checked once, here
+
+    @property
+    def input_size(self) -> int:
+        """The height and width of what the model sees."""
+        return self.crop if self.crop is not None else self.image_size
+
+    def transform(self, train: bool) -> ImageTransform:
+        """The transform of a loader: with the chosen augmentations when ``train``."""
+        flips = {name: 0.5 if name in self.augment else 0.0 for name in AUGMENTATIONS}
+        return ImageTransform(self.image_size, train=train, center_crop=self.center_crop, crop=self.crop,
+                              mean=self.mean, std=self.std, **flips)

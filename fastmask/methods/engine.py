@@ -45,6 +45,20 @@ from fastmask.util.profiling import ranged
 log = logging.getLogger(__name__)
 
 
+#: The guard's collapse: one class takes at least this share of the predictions (while less of the labels are in
+#: it); ``fastmask evaluate`` warns on the same.
+COLLAPSE_THRESHOLD = 0.95
+
+
+def one_class_warnings(share: float, label_rate: float, threshold: float = COLLAPSE_THRESHOLD) -> list[str]:
+    """The collapse to one class: a message for each class that takes at least ``threshold`` of the predictions
+    (``share`` of them positive) while less than that of the labels (``label_rate`` positive) are in it."""
+    return [f"{pred:.1%} of the predictions are {cls} while {lab:.1%} of the labels are; the model may have "
+            "collapsed to one class"
+            for cls, pred, lab in (("positive", share, label_rate), ("negative", 1 - share, 1 - label_rate))
+            if pred >= threshold and lab < threshold]
+
+
 @dataclass(kw_only=True)
 class GuardConfig:
     """The guard's tolerances, a part of every configuration of a method that fine-tunes.
@@ -56,7 +70,7 @@ class GuardConfig:
         max_acc_drop: the largest allowed fall of accuracy below the original model's on the same data.
     """
 
-    collapse_threshold: float = 0.95
+    collapse_threshold: float = COLLAPSE_THRESHOLD
     share_tolerance: float = 0.10
     max_acc_drop: float = 0.02
 
@@ -161,11 +175,7 @@ def guard_check(result: Result, step: str, data: str, model: nn.Module, loader: 
     if not head_kept:
         return
     share, label_rate, acc = now["positive_share"], now["label_positive_rate"], now["acc"]
-    found = []
-    for cls, pred, lab in (("positive", share, label_rate), ("negative", 1 - share, 1 - label_rate)):
-        if pred >= guard.collapse_threshold and lab < guard.collapse_threshold:
-            found.append(("collapse", f"{pred:.1%} of the predictions are {cls} while {lab:.1%} of the labels are; "
-                                      "the model may have collapsed to one class"))
+    found = [("collapse", m) for m in one_class_warnings(share, label_rate, guard.collapse_threshold)]
     if last and not found and abs(share - label_rate) > guard.share_tolerance:
         found.append(("share", f"{share:.1%} of the predictions are positive while {label_rate:.1%} of the labels "
                                f"are (more than {guard.share_tolerance:.0%} apart)"))

@@ -14,6 +14,10 @@ Weights are a state dict in a safetensors file (recognised by its header) or a `
 ``trust_pickle=True`` (``--trust-pickle``). A checkpoint dict that wraps the state dict under ``state_dict`` /
 ``model_state_dict`` / ``model`` / ``net`` is unwrapped, and a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile)
 prefix on every key is removed. Keys and shapes must match the model exactly; the error lists what differs.
+
+A model may state the preprocessing it expects (:func:`input_config`): timm models carry ``pretrained_cfg`` (input
+size, mean, std, crop_pct, interpolation), and a ``module:callable`` model may expose the same as ``pretrained_cfg``
+or ``default_cfg``. It is read from the model object only, never downloaded.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from torch import Tensor, nn
 
 from fastmask.util.files import atomic_write_bytes
 
-__all__ = ["build_model", "read_state_dict", "load_weights", "load_model", "save_weights", "Library", "WEIGHTS_FORMAT"]
+__all__ = ["build_model", "read_state_dict", "load_weights", "load_model", "save_weights", "input_config", "Library",
+           "WEIGHTS_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -336,3 +341,50 @@ def save_weights(model: nn.Module | Mapping[str, Tensor], path: str | os.PathLik
     state = model.state_dict() if isinstance(model, nn.Module) else model
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=dict(metadata or {})))
+
+
+#: The attributes a model's own preprocessing configuration is read from, in this order (timm's, then its older
+#: name).
+CONFIG_ATTRIBUTES = ("pretrained_cfg", "default_cfg")
+
+
+def input_config(model: nn.Module) -> dict[str, Any] | None:
+    """The preprocessing ``model``'s own configuration states, or None when it states none.
+
+    Read from the first of :data:`CONFIG_ATTRIBUTES` that is a mapping holding ``input_size``, ``mean`` or ``std``;
+    returns those of ``input_size`` (C, H, W), ``size`` (its height and width when square), ``mean``, ``std``,
+    ``crop_pct`` and ``interpolation`` that it holds, and ``attribute``, where they were found. A value of the
+    wrong form is an error naming the attribute and the key: a configuration that is there but unreadable would
+    otherwise be ignored in silence.
+    """
+    for attr in CONFIG_ATTRIBUTES:
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, Mapping) and any(k in cfg for k in ("input_size", "mean", "std")):
+            break
+    else:
+        return None
+    where = f"the model's {attr}"
+    out: dict[str, Any] = {"attribute": attr}
+    if cfg.get("input_size") is not None:
+        size = cfg["input_size"]
+        if not (isinstance(size, (tuple, list)) and len(size) == 3 and all(isinstance(v, int) and v > 0
+                                                                            for v in size)):
+            raise ValueError(f"{where}['input_size'] is {size!r}, not (channels, height, width)")
+        out["input_size"] = tuple(size)
+        if size[1] == size[2]:  # fastmask resizes to a square: another shape gives no size to take
+            out["size"] = size[1]
+    for key in ("mean", "std"):
+        if cfg.get(key) is not None:
+            value = cfg[key]
+            if not (isinstance(value, (tuple, list)) and len(value) == 3
+                    and all(isinstance(v, (int, float)) for v in value)):
+                raise ValueError(f"{where}['{key}'] is {value!r}, not 3 numbers (R, G, B)")
+            out[key] = tuple(float(v) for v in value)
+    if cfg.get("crop_pct") is not None:
+        pct = cfg["crop_pct"]
+        if not (isinstance(pct, (int, float)) and 0 < pct <= 1):
+            raise ValueError(f"{where}['crop_pct'] is {pct!r}, not a fraction in (0, 1]")
+        out["crop_pct"] = float(pct)
+    if cfg.get("interpolation") is not None:
+        out["interpolation"] = str(cfg["interpolation"])
+    return out
