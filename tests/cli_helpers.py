@@ -58,3 +58,14 @@ def make_dataset(root: Path, n: int = 64, n_test: int = 24, size: int = 12, seed
     table = pd.DataFrame(rows)
     table.to_csv(root / "meta.csv", index=False)
     return table
+
+
+#: The preprocessing ``configured_cnn`` states: 12 px seen, cropped from a 16 px resize (crop_pct 0.75), its mean / std.
+CONFIG = {"input_size": (3, 12, 12), "crop_pct": 0.75, "mean": (0.4, 0.5, 0.6), "std": (0.3, 0.2, 0.25)}
+
+
+def configured_cnn() -> TinyCNN:
+    """A TinyCNN that states its preprocessing as timm's models do (``pretrained_cfg``)."""
+    model = TinyCNN()
+    model.pretrained_cfg = dict(CONFIG)
+    return model

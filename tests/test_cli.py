@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from cli_helpers import TinyCNN, make_dataset, tiny_weights
+from cli_helpers import CONFIG, TinyCNN, make_dataset, tiny_weights
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
@@ -84,14 +84,22 @@ def runs(data, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def oracle_probs(weights: Path, data: Data, rows: pd.DataFrame) -> np.ndarray:
-    """σ(f(x)) for the rows' PNGs, decoded and normalised here (12 px images at --image-size 12: no resize)."""
+def oracle_probs(weights: Path, data: Data, rows: pd.DataFrame, resize: int | None = None, crop: int | None = None,
+                 mean: np.ndarray = MEAN, std: np.ndarray = STD) -> np.ndarray:
+    """σ(f(x)) for the rows' PNGs, decoded and normalised here (12 px images at --image-size 12: no resize; else a
+    bilinear ``resize``, then the central ``crop`` x ``crop``)."""
     model = TinyCNN()
     state = load_file(weights) if weights.suffix == ".safetensors" else torch.load(weights, weights_only=True)
     model.load_state_dict(state)
     model.eval()
-    images = [(np.asarray(Image.open(data.root / "images" / f).convert("RGB"), dtype=np.float32) / 255 - MEAN) / STD
-              for f in rows["filepath"]]
+
+    def pixels(name: str) -> np.ndarray:
+        img = Image.open(data.root / "images" / name).convert("RGB")
+        arr = np.asarray(img.resize((resize, resize), Image.BILINEAR) if resize else img, dtype=np.float32) / 255
+        lo = (len(arr) - crop) // 2 if crop else 0
+        return arr[lo:lo + crop, lo:lo + crop] if crop else arr
+
+    images = [(pixels(f) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32) for f in rows["filepath"]]
     x = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         return torch.sigmoid(model(x).reshape(-1)).numpy().astype(np.float64)
@@ -246,6 +254,83 @@ def test_evaluate_tables_match_sklearn(data, runs, tmp_path):
                 row["n"]
     sex = (test["sex"] == "M").to_numpy().astype(int)
     assert res["attributes"]["sex"]["gaps"]["eodds"] == pytest.approx(spec_metrics(y, p, sex)["eodds"], abs=1e-9)
+
+
+# ---- preprocessing ------------------------------------------------------------------------------------------------
+
+
+def evaluate_argv(model: str, weights: Path, data: Data, out: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--model", model, "--weights", str(weights), "--shards", str(data.shards), "--fold", "test",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def test_evaluate_takes_the_model_configuration_records_it_and_warns_on_another_size(data, tmp_path, capsys):
+    assert main(evaluate_argv("cli_helpers:configured_cnn", data.weights, data, tmp_path / "cfg")) == 0
+    res = json.loads((tmp_path / "cfg" / "metrics.json").read_text())
+    prep = res["preprocessing"]
+    # pretrained_cfg: 12 px seen, crop_pct 0.75 -> resize to floor(12 / 0.75) = 16, centre crop 12
+    assert (prep["image_size"], prep["crop"], prep["mean"], prep["std"]) == (16, 12, list(CONFIG["mean"]),
+                                                                             list(CONFIG["std"]))
+    assert prep["sources"] == {"image_size": "model config", "crop": "model config", "center_crop": "default",
+                               "mean": "model config", "std": "model config", "augment": "default"}
+    test = data.table[data.table["fold"] == "test"]
+    p = oracle_probs(data.weights, data, test, resize=16, crop=12, mean=CONFIG["mean"], std=CONFIG["std"])
+    assert res["overall"]["auc"] == pytest.approx(roc_auc_score(test["target"], p), abs=1e-6)
+    md = (tmp_path / "cfg" / "metrics.md").read_text()
+    assert "resize to 16 px (model config), centre crop 12 (model config)" in md
+    capsys.readouterr()
+    assert main(evaluate_argv("cli_helpers:configured_cnn", data.weights, data, tmp_path / "other", "--image-size",
+                              "24", "--normalize", "imagenet")) == 0
+    warning = ("--image-size 24: the model sees 24 px images, but its configuration (pretrained_cfg input_size) "
+               "expects 12 px")
+    assert f"WARNING: {warning}" in capsys.readouterr().out
+    res = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert warning in res["warnings"] and res["preprocessing"]["sources"]["mean"] == "flag"
+    p = oracle_probs(data.weights, data, test, resize=24)
+    assert res["overall"]["auc"] == pytest.approx(roc_auc_score(test["target"], p), abs=1e-6)
+
+
+def test_evaluate_warns_when_the_model_predicts_one_class_for_nearly_everyone(data, tmp_path, capsys):
+    state = torch.load(data.weights, weights_only=True)
+    state["head.1.bias"] = torch.tensor([50.0])  # every logit far above 0: everyone positive
+    torch.save(state, tmp_path / "collapsed.pt")
+    assert main(evaluate_argv("cli_helpers:TinyCNN", tmp_path / "collapsed.pt", data, tmp_path / "out",
+                              "--image-size", "12")) == 0
+    warning = ("the model: 100.0% of the predictions are positive while 50.0% of the labels are; the model may have "
+               "collapsed to one class, so its fairness gaps (EOdds, SPD) are meaningless")
+    printed = capsys.readouterr().out
+    assert "EOdds mean 0.0000" in printed and f"WARNING: {warning}" in printed
+    res = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert len(res["warnings"]) == 1 and res["warnings"][0].startswith(warning)
+    assert f"**Warning:** {warning}" in (tmp_path / "out" / "metrics.md").read_text()
+
+
+def test_report_records_the_preprocessing_and_a_resume_with_other_preprocessing_is_refused(data, runs, tmp_path,
+                                                                                           capsys):
+    report = json.loads((runs["swift"] / "report.json").read_text())
+    prep = report["preprocessing"]
+    assert (prep["image_size"], prep["crop"], prep["mean"], prep["std"], prep["augment"]) == (
+        12, None, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], ["hflip", "vflip", "transpose"])
+    assert prep["sources"] == {"image_size": "flag", "crop": "default", "center_crop": "default", "mean": "default",
+                               "std": "default", "augment": "default"}
+    assert prep["model_config"] is None
+    assert "resize to 12 px (flag)" in (runs["swift"] / "report.md").read_text()
+    # The seeded tiny model predicts negative for everyone before debiasing: the summary says so.
+    assert report["warnings"] == ["before debiasing, on the evaluation set: 100.0% of the predictions are negative "
+                                  "while 50.0% of the labels are; the model may have collapsed to one class, so its "
+                                  "fairness gaps (EOdds, SPD) are meaningless; check the preprocessing (--image-size, "
+                                  "--normalize) and the threshold"]
+    out = tmp_path / "run"
+    argv = debias_argv(data, out, "swift", "--normalize", "none", "--augment", "vflip")
+    assert main([*argv, "--stop-after-epochs", "1"]) == EXIT_STOPPED
+    capsys.readouterr()
+    assert main([*debias_argv(data, out, "swift", "--augment", "vflip"), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "other inputs or options" in err and "data.mean: [0.0, 0.0, 0.0] in the checkpoint" in err
+    assert main([*argv, "--resume"]) == 0
+    prep = json.loads((out / "report.json").read_text())["preprocessing"]
+    assert (prep["mean"], prep["std"], prep["augment"]) == ([0.0] * 3, [1.0] * 3, ["vflip"])
+    assert prep["sources"]["mean"] == prep["sources"]["augment"] == "flag"
 
 
 # ---- resume -------------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def epochs_of(loader, n: int = 2) -> list[dict[str, torch.Tensor]]:
     for _ in range(n):
         images: dict[str, torch.Tensor] = {}
         for x, _, _, keys in loader:
-            images.update(zip(keys, x))
+            images.update(zip(keys, x, strict=True))
         out.append(images)
     return out
 
