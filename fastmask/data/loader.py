@@ -1,7 +1,8 @@
 """The streaming loader over fastmask shards.
 
-Every batch is the project's contract ``(x, y, a)``: x float32 [B, 3, H, W] normalised with the ImageNet mean and
-std, y float32 [B] in {0, 1}, a int64 [B] (the chosen attribute); ``(x, y, a, keys)`` with ``return_keys=True``.
+Every batch is the project's contract ``(x, y, a)``: x float32 [B, 3, H, W] normalised by the transform's mean and std
+(ImageNet's by default), y float32 [B] in {0, 1}, a int64 [B] (the chosen attribute); ``(x, y, a, keys)`` with
+``return_keys=True``.
 
 How an epoch is planned (all from the shard index, identically on every rank, without communication):
 
