@@ -48,6 +48,7 @@ class TinySource:
 
     name = "tiny"
     description = "tiny synthetic data"
+    preprocessing = None
 
     def __init__(self):
         self.loader_calls = 0
