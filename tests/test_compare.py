@@ -272,6 +272,7 @@ def test_argument_errors_name_the_culprit(tmp_path, capsys):
     for argv, message in (
             (["--methods", "nope"], "unknown method 'nope'"),
             (["--model", "m:f"], "--model goes with --shards"),
+            (["--normalize", "none"], "--normalize goes with --shards"),
             (["--shards", str(tmp_path)], "--shards needs --model, --weights, --attr"),
             (["--select", "none", "--gap", "spd"], "--gap sets how a configuration is selected"),
             (["--select", "none", "--threshold", "rate"], "--threshold rate is chosen on the validation part")):

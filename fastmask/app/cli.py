@@ -194,6 +194,10 @@ def _preprocess_options(p: argparse.ArgumentParser, training: bool) -> None:
                        "none (default: hflip vflip transpose, the papers')")
 
 
+#: The preprocessing options' argparse names (every one defaults to None: unset).
+_PREPROCESS_DESTS = ("image_size", "crop", "center_crop", "normalize", "mean", "std", "augment")
+
+
 def _preprocessing(args: argparse.Namespace) -> dict[str, Any]:
     """The preprocessing options given (None where unset), as :func:`fastmask.app.preprocessing.
     resolve_preprocessing` takes them; --normalize becomes its mean and std."""
@@ -669,7 +673,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     rule = _rule(args)
     if args.shards is None:
-        for name in ("model", "weights", "attr"):
+        # the demo benchmark brings its own model and preprocessing: an option for the user's data would do nothing
+        for name in ("model", "weights", "attr", *_PREPROCESS_DESTS):
             if getattr(args, name) is not None:
                 raise UsageError(f"{_flag(name)} goes with --shards (the user's data); without --shards compare runs "
                                  "on the demo benchmark, which brings its own model")
