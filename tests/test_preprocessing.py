@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from fastmask.app.sets import DataSpec
 from fastmask.data.loader import make_loader
 from fastmask.data.shards import write_shards
 from fastmask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, decode_image
-from fastmask.model.weights import input_config
+from fastmask.model.weights import build_model, input_config
 
 SIZE = 8
 
@@ -126,6 +128,35 @@ def test_a_size_other_than_the_configuration_warns_naming_both(caplog):
                           "input_size) expects 12 px"]
     assert [rec.getMessage() for rec in caplog.records] == r.warnings
     assert resolve_preprocessing(Configured(CFG), image_size=14, crop=12).warnings == []
+
+
+class FakeWeights:
+    """torchvision's weights enum member, as far as fastmask reads it: its name and its transforms preset."""
+
+    def __str__(self) -> str:
+        return "ResNet50_Weights.IMAGENET1K_V2"
+
+    def transforms(self) -> types.SimpleNamespace:
+        return types.SimpleNamespace(crop_size=[224], resize_size=[232], mean=[0.485, 0.456, 0.406],
+                                     std=[0.229, 0.224, 0.225], interpolation=types.SimpleNamespace(value="bilinear"))
+
+
+def test_a_torchvision_architecture_takes_its_default_weights_transforms(monkeypatch):
+    def get_model_weights(name):
+        if name != "resnet50":
+            raise ValueError(f"no weights for {name}")
+        return types.SimpleNamespace(DEFAULT=FakeWeights())
+
+    models = types.SimpleNamespace(list_models=lambda: ["resnet50", "nope"], get_model_weights=get_model_weights,
+                                   get_model=lambda name, **kwargs: torch.nn.Linear(3, 1))
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=models))
+    monkeypatch.setitem(sys.modules, "torchvision.models", models)
+    r = resolve_preprocessing(build_model("resnet50"))
+    # torchvision evaluates ResNet-50 V2 at resize 232, centre crop 224
+    assert (r.preprocessing.image_size, r.preprocessing.crop, r.preprocessing.mean) == (232, 224, IMAGENET_MEAN)
+    assert r.sources["image_size"] == r.sources["crop"] == r.sources["mean"] == "model config"
+    assert r.model_config["from"] == "torchvision ResNet50_Weights.IMAGENET1K_V2 transforms"
+    assert input_config(build_model("nope")) is None  # an architecture without weights states nothing
 
 
 def test_an_unreadable_configuration_is_an_error_naming_it():

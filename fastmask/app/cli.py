@@ -171,8 +171,9 @@ def _preprocess_options(p: argparse.ArgumentParser, training: bool) -> None:
     what is left unset comes from the model's own configuration (timm's pretrained_cfg), else the default."""
     g = p.add_argument_group(
         "preprocessing", "Unset options come from the model's own configuration where it has one (timm's "
-        "pretrained_cfg, or a pretrained_cfg / default_cfg attribute of a module:callable model), else the default; "
-        "report.json and metrics.json record each setting and where it came from.")
+        "pretrained_cfg, a torchvision architecture's default weights' transforms, or a pretrained_cfg / default_cfg "
+        "attribute of a module:callable model), else the default; report.json and metrics.json record each setting "
+        "and where it came from.")
     g.add_argument("--image-size", type=_at_least(1), metavar="N",
                    help="images are resized to this square (default: the model configuration's input size, resized to "
                    "size / crop_pct and centre-cropped to size when it has a crop_pct; else 256, no crop)")

@@ -69,7 +69,8 @@ def resolve_preprocessing(model: nn.Module, *, image_size: int | None = None, cr
                "mean": "flag", "std": "flag", "augment": "flag" if augment is not None else "default"}
     if image_size is None and crop is None and "size" in cfg:
         pct = cfg.get("crop_pct", 1.0)
-        image_size, crop = (math.floor(cfg["size"] / pct), cfg["size"]) if pct < 1 else (cfg["size"], None)
+        # floor, as timm; the 1e-6 keeps an exact ratio (torchvision's 224 / 232) from falling one pixel short
+        image_size, crop = (math.floor(cfg["size"] / pct + 1e-6), cfg["size"]) if pct < 1 else (cfg["size"], None)
         sources["image_size"] = "model config"
         sources["crop"] = "model config" if crop is not None else "default"
     else:

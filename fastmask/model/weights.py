@@ -16,8 +16,9 @@ Weights are a state dict in a safetensors file (recognised by its header) or a `
 prefix on every key is removed. Keys and shapes must match the model exactly; the error lists what differs.
 
 A model may state the preprocessing it expects (:func:`input_config`): timm models carry ``pretrained_cfg`` (input
-size, mean, std, crop_pct, interpolation), and a ``module:callable`` model may expose the same as ``pretrained_cfg``
-or ``default_cfg``. It is read from the model object only, never downloaded.
+size, mean, std, crop_pct, interpolation), a torchvision architecture gets the same from its default weights'
+transforms preset, and a ``module:callable`` model may expose it as ``pretrained_cfg`` or ``default_cfg``. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -120,7 +121,11 @@ def _from_architecture(name: str, library: Library) -> nn.Module:
             problems.append(f"torchvision cannot be imported ({type(err).__name__}: {err})")
         else:
             if name in tvm.list_models():
-                return tvm.get_model(name, weights=None, num_classes=1)
+                model = tvm.get_model(name, weights=None, num_classes=1)
+                config = _torchvision_config(tvm, name)
+                if config is not None:
+                    model.pretrained_cfg = config
+                return model
             problems.append(f"torchvision has no architecture {name!r}")
     if library in ("auto", "timm"):
         try:
@@ -136,6 +141,22 @@ def _from_architecture(name: str, library: Library) -> nn.Module:
         f"torchvision or timm can build here: {'; '.join(problems)}. Install torchvision or timm built for torch "
         f"{torch.__version__}, or name the model as 'module:callable'"
     )
+
+
+def _torchvision_config(tvm: Any, name: str) -> dict[str, Any] | None:
+    """The preprocessing of torchvision's default weights of ``name`` (their transforms preset: a resize, a centre
+    crop, the mean and std; building it downloads nothing), in the form of timm's ``pretrained_cfg``, so that
+    :func:`input_config` reads both alike; None when the architecture has no weights with such a preset."""
+    try:
+        weights = tvm.get_model_weights(name).DEFAULT
+        preset = weights.transforms()
+        crop, resize = preset.crop_size[0], preset.resize_size[0]
+        mean, std = tuple(preset.mean), tuple(preset.std)
+    except (AttributeError, KeyError, ValueError, TypeError, IndexError):  # no weights, or another kind of preset
+        return None
+    return {"input_size": (3, crop, crop), "crop_pct": crop / resize, "mean": mean, "std": std,
+            "interpolation": str(getattr(preset.interpolation, "value", preset.interpolation)),
+            "from": f"torchvision {weights} transforms"}
 
 
 def build_model(spec: str, *, library: Library = "auto") -> nn.Module:
@@ -353,7 +374,8 @@ def input_config(model: nn.Module) -> dict[str, Any] | None:
 
     Read from the first of :data:`CONFIG_ATTRIBUTES` that is a mapping holding ``input_size``, ``mean`` or ``std``;
     returns those of ``input_size`` (C, H, W), ``size`` (its height and width when square), ``mean``, ``std``,
-    ``crop_pct`` and ``interpolation`` that it holds, and ``attribute``, where they were found. A value of the
+    ``crop_pct``, ``interpolation`` and ``from`` (what stated them, for a torchvision architecture) that it holds,
+    and ``attribute``, where they were found. A value of the
     wrong form is an error naming the attribute and the key: a configuration that is there but unreadable would
     otherwise be ignored in silence.
     """
@@ -385,6 +407,7 @@ def input_config(model: nn.Module) -> dict[str, Any] | None:
         if not (isinstance(pct, (int, float)) and 0 < pct <= 1):
             raise ValueError(f"{where}['crop_pct'] is {pct!r}, not a fraction in (0, 1]")
         out["crop_pct"] = float(pct)
-    if cfg.get("interpolation") is not None:
-        out["interpolation"] = str(cfg["interpolation"])
+    for key in ("interpolation", "from"):
+        if cfg.get(key) is not None:
+            out[key] = str(cfg[key])
     return out
