@@ -21,8 +21,9 @@ class ImageTableDataset(torch.utils.data.Dataset):
     """Map-style dataset over a metadata table, one image file read per item, returning the same triple
     ``(x [3, H, W], y, a)`` as the streaming loader's batches (``default_collate`` stacks them).
 
-    For users without shards, and the benchmark's peer. Augmentation draws are seeded per item by
-    (seed, epoch, position), so they do not depend on the worker that loads the item; ``set_epoch`` changes them.
+    For users without shards, and the loader benchmark's reference provider (the papers' one-file-per-image
+    loader). Augmentation draws are seeded per item by (seed, epoch, position), so they do not depend on the worker
+    that loads the item; ``set_epoch`` changes them.
 
     Args:
         table: DataFrame (or CSV / parquet path) with image path, label and attribute columns.
