@@ -16,8 +16,8 @@ missing from their shard) is recorded per key and per shard, and every cached pa
 pass that met it again would (:class:`fastmask.data.stats.LoaderStats`): a cached split's counts are those of the
 pass that filled the cache.
 
-The cache's size is known before it is filled (N x H x W x 3 bytes); the caller decides against a memory budget
-whether a split is cached (``fastmask debias --cache-mib``) and streams it otherwise.
+The cache's size is known before it is filled (N x H x W x 3 bytes, :mod:`fastmask.data.budget`); the caller decides
+against a memory budget whether a split is cached (``fastmask debias --cache-mib``) and streams it otherwise.
 """
 
 from __future__ import annotations
@@ -28,20 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from fastmask.data.budget import cache_bytes
 from fastmask.data.pass_stream import PassStream, Plan, ShardRead
 from fastmask.data.shards import ShardIndex
 from fastmask.data.stats import SkipRecord
 from fastmask.data.transforms import ImageTransform, augment
 
-__all__ = ["CACHE_MIB", "DecodedCache", "CachedPassStream", "cache_bytes"]
-
-#: The default memory budget of the decoded caches of one run, in MiB (``--cache-mib``; 0 turns caching off).
-CACHE_MIB = 2048
-
-
-def cache_bytes(samples: int, image_size: int) -> int:
-    """The bytes of ``samples`` decoded images of ``image_size`` squared pixels, uint8 RGB."""
-    return samples * image_size * image_size * 3
+__all__ = ["DecodedCache", "CachedPassStream"]
 
 
 class DecodedCache:

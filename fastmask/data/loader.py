@@ -208,6 +208,10 @@ class ShardLoader:
         if self.cache is not None:
             # No decoding left to spread over processes: the workers' shares are replayed here, in their order.
             self.cache.fill()
+            if nworkers:
+                # A streamed pass's DataLoader draws its base seed from torch's global RNG; the same draw here keeps
+                # the run's random stream (dropout, head re-initialisation) the same with and without the cache.
+                torch.empty((), dtype=torch.int64).random_()
             yield from self.cache.stream(plan, transform=self.transform, batch_size=self.batch_size,
                                          shuffle_buffer=self.shuffle_buffer, seed=seed).interleaved(nworkers)
             return
