@@ -36,6 +36,10 @@ opened or ends early, or keys of the index missing from their shard are skipped 
 (with reason, shard and key) and summarised in the log (logger ``fastmask.data``) at the end of each epoch; with
 ``strict=True`` the first one raises :class:`ShardReadError` naming the shard and key.
 
+Decoding once: given a :class:`~fastmask.data.cache.DecodedCache` (``cache=``), the passes read the images from it
+instead of the shards; the plan, the order, the augmentation draws and the damage counted are the same, so are the
+batches (:mod:`fastmask.data.cache`).
+
 One module over 400 lines because it is one thing: the plan of an epoch, the passes that fill it and the
 re-batching that cuts their chunks are the loader's single contract (the worker side is in
 :mod:`fastmask.data.pass_stream`).
