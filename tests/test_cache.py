@@ -56,7 +56,7 @@ def assert_same(a: list[tuple], b: list[tuple]) -> None:
 
 
 # Balanced-set style counts (keys repeated, some left out), training with augmentation and a shuffle buffer,
-# multi-pass epochs, two simulated workers, an evaluation pass.
+# multi-pass epochs, two simulated workers, one rank of three, an evaluation pass.
 CASES = {
     "eval": dict(train=False),
     "importance": dict(train=False, shuffle=True),
@@ -65,6 +65,7 @@ CASES = {
     "train-epoch-length": dict(train=True, epoch_length=7),
     "train-workers": dict(train=True, workers=2),
     "eval-workers": dict(train=False, workers=2),
+    "train-rank1-of-3": dict(train=True, rank=1, world_size=3),
 }
 
 
