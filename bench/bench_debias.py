@@ -21,19 +21,23 @@ Providers, same data, same mask, same epochs, one process, no loader workers:
   ``--select none``, its defaults otherwise: the decoded cache (each set decoded once), the fused importance pass and
   masked optimizer, the per-epoch evaluation, the guard, the run state saved after every epoch, the reports and
   plots.
+- ``streamed``: the same with ``--cache-mib 0``, every pass streamed and decoded from the shards: what the cache
+  buys (its mask is checked bit-equal to ``fastmask``'s).
 
 Phases (seconds): ``importance`` (the importance pass and the mask), ``step1``, ``step2`` (with the head
-re-initialisation), ``evaluation`` (every scoring pass: before, after each epoch, after; for fastmask also the guard's
-pass over D_r after each step) and ``other`` (the rest of the wall time: loading the model and the index, filling
-no cache — the fill is inside the first pass that reads a set —, writing the outputs). fastmask's phases are read
-from its own profiling ranges (``fastmask.util.profiling.phase``, timed here), each loading time counted in the phase
-it feeds. Each loader's decoding is inside its phase for both providers. The masks are compared after every run
-(``mask_max_abs_diff``: the largest difference between the two providers' soft masks over every parameter).
+re-initialisation), ``evaluation`` (every evaluation: before, after each epoch and after the run, each a scoring pass
+and the per-group metrics fastmask reports; for fastmask also the guard's pass over D_r after each step) and
+``other``: the rest of the wall time (loading the model and the index, the run state saved after every epoch, the
+reports and plots). A set's decoded cache is filled inside the first pass that reads it (the evaluation before the
+run, the importance pass). fastmask's phases are read from its own profiling ranges
+(``fastmask.util.profiling.phase``, timed here), each loader's time counted in the phase it feeds, as the
+reference's. The masks are compared after every run (``mask_max_abs_diff``: the largest difference between the two
+providers' soft masks over every parameter).
 
 All figures are CPU figures on a shared, loaded machine (2 cores, other jobs running): the load average at the start
 is printed and written to the JSON. Each provider runs ``--reps`` times, interleaved; its best run is reported.
 
-    python bench/bench_debias.py [--quick] [--json PATH] [--reps R] [--threads T]
+    python bench/bench_debias.py [--quick] [--json PATH] [--reps R] [--threads T] [--case NAME]
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import harness
@@ -56,8 +60,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from fastmask.app import debias as debias_module
 from fastmask.app.debias import debias
+from fastmask.app.report import evaluation_scores
 from fastmask.app.sets import DataSpec, parts, read_sets
+from fastmask.data.budget import CACHE_MIB
 from fastmask.data.image_table import ImageTableDataset
 from fastmask.data.loader import make_loader
 from fastmask.data.shards import write_shards
@@ -167,17 +174,23 @@ def timed_ranges(clock: Clock) -> Iterator[None]:
             else:
                 yield
 
-    # score() took its range when it was decorated, before this patch: its callers' name for it is wrapped instead.
-    scored = scoring.score
+    # score() took its range when it was decorated, before this patch: its callers' name for it is wrapped instead;
+    # and the run's evaluation (scoring and the per-group metrics) as a whole.
+    scored, evaluated = scoring.score, debias_module._DebiasRun.evaluate
 
     def score(*args, **kwargs):
         with clock.phase("evaluation"):
             return scored(*args, **kwargs)
 
+    def evaluate(*args, **kwargs):
+        with clock.phase("evaluation"):
+            return evaluated(*args, **kwargs)
+
     patched = [(m, "phase", original, phase) for m in list(sys.modules.values())
                if getattr(m, "phase", None) is original]
     patched += [(m, "score", scored, score) for m in list(sys.modules.values())
                 if getattr(m, "score", None) is scored]
+    patched.append((debias_module._DebiasRun, "evaluate", evaluated, evaluate))
     for m, name, _, new in patched:
         setattr(m, name, new)
     try:
@@ -221,12 +234,15 @@ def prepare(case: Case, root: Path, n_ext: int, n_test: int, epochs: int) -> Set
                  list(run.balanced["source_index"]), list(sets.test.index), mask_batches)
 
 
-def run_fastmask(s: Setup, out: Path) -> tuple[Clock, float, dict[str, torch.Tensor]]:
+def run_fastmask(s: Setup, out: Path, cache_mib: int = CACHE_MIB) -> tuple[Clock, float, dict[str, torch.Tensor]]:
+    """``fastmask debias`` on the case, its sets decoded once (the default) or streamed every pass
+    (``cache_mib=0``)."""
     clock = Clock()
     with timed_ranges(clock):
         t0 = time.perf_counter()
-        debias(model=f"{Path(__file__).stem}:{s.case.model}", weights=s.weights, data=s.data, out=out, method="swift",
-               config=s.config, selection=None, progress=False, overwrite=True)
+        debias(model=f"{Path(__file__).stem}:{s.case.model}", weights=s.weights,
+               data=replace(s.data, cache_mib=cache_mib), out=out, method="swift", config=s.config, selection=None,
+               progress=False, overwrite=True)
         total = time.perf_counter() - t0
     clock.phase("other").__enter__()  # close the last stretch
     return clock, total, load_file(out / "mask.safetensors")
@@ -255,8 +271,8 @@ def run_reference(s: Setup) -> tuple[Clock, float, dict[str, torch.Tensor]]:
     test_loader = torch.utils.data.DataLoader(files(s.test_keys, False), batch_size=BATCH)
 
     def evaluate() -> None:
-        with clock.phase("evaluation"):
-            score(model, test_loader)
+        with clock.phase("evaluation"):  # the scores fastmask reports after every epoch, computed the same way
+            evaluation_scores(*score(model, test_loader)[:3], None, 0.5)
 
     evaluate()
     with clock.phase("importance"):
@@ -300,21 +316,25 @@ def run_reference(s: Setup) -> tuple[Clock, float, dict[str, torch.Tensor]]:
 
 
 def bench(args: argparse.Namespace) -> list[dict]:
-    n_ext, n_test, epochs = (96, 64, 1) if args.quick else (600, 600, 10)
+    n_ext, n_test, epochs = (128, 32, 1) if args.quick else (600, 600, 10)
     print(f"load average at the start: {os.getloadavg()[0]:.2f} (1 min); {n_ext} external and {n_test} evaluation "
           f"images, {epochs} + {epochs} epochs, batch {BATCH}; torchvision not imported: the 64 px case is a larger "
           "CNN, not ResNet-18", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_debias_") as tmp:
-        for case in CASES:
+        for case in (c for c in CASES if args.case in (None, c.name)):
             s = prepare(case, Path(tmp) / case.name, n_ext, n_test, epochs)
-            runs: dict[str, list[tuple[Clock, float]]] = {"reference": [], "fastmask": []}
+            providers = {"reference": lambda s=s: run_reference(s),
+                         "fastmask": lambda s=s: run_fastmask(s, s.root / "out"),
+                         "streamed": lambda s=s: run_fastmask(s, s.root / "out-streamed", cache_mib=0)}
+            runs: dict[str, list[tuple[Clock, float]]] = {p: [] for p in providers}
             masks: dict[str, dict[str, torch.Tensor]] = {}
             for _ in range(args.reps):
-                clock, total, masks["reference"] = run_reference(s)
-                runs["reference"].append((clock, total))
-                clock, total, masks["fastmask"] = run_fastmask(s, Path(tmp) / case.name / "out")
-                runs["fastmask"].append((clock, total))
+                for provider, run in providers.items():
+                    clock, total, masks[provider] = run()
+                    runs[provider].append((clock, total))
+            streamed = masks.pop("streamed")
+            assert all(torch.equal(streamed[n], masks["fastmask"][n]) for n in streamed), "cache changed the mask"
             diff = max(float((masks["reference"][n] - masks["fastmask"][n]).abs().max()) for n in masks["fastmask"])
             equal = all(torch.equal(masks["reference"][n], masks["fastmask"][n]) for n in masks["fastmask"])
             print(f"{case.name}: masks {'bit-equal' if equal else 'equal within'} "
@@ -328,6 +348,10 @@ def bench(args: argparse.Namespace) -> list[dict]:
                              "mask_max_abs_diff": diff, "masks_bit_equal": equal, "images": n_ext + n_test,
                              "epochs": 2 * epochs, "image_size": case.image_size})
     return rows
+
+
+def options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--case", choices=[c.name for c in CASES], help="run this case only (default: both)")
 
 
 def notes(rows: list[dict], args: argparse.Namespace) -> dict:
@@ -344,4 +368,4 @@ COLUMNS: list[harness.Column] = [("s", "s", ".2f"), *((f"{p} s", f"{p}_s", ".2f"
                                  ("eval share", "evaluation_share", ".1%")]
 
 if __name__ == "__main__":
-    sys.exit(harness.main(__doc__, bench, reps=(1, 1), notes=notes, columns=COLUMNS, threads=1))
+    sys.exit(harness.main(__doc__, bench, reps=(1, 1), options=options, notes=notes, columns=COLUMNS, threads=1))
