@@ -19,6 +19,7 @@ from fastmask.data.cache import DecodedCache
 from fastmask.data.loader import make_loader
 from fastmask.data.shards import ShardIndex, write_shards
 from fastmask.data.stats import ShardReadError
+from fastmask.data.transforms import ImageTransform
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def shards(tmp_path: Path) -> Path:
 
 def cache_of(out: Path, keys=None, *, strict: bool = False) -> DecodedCache:
     index = ShardIndex.load(out)
-    return DecodedCache(index, list(keys or index.samples), image_size=SIZE, center_crop=None, attr="sex",
+    return DecodedCache(index, list(keys or index.samples), transform=ImageTransform(SIZE, train=True), attr="sex",
                         attr_map=None, strict=strict)
 
 
@@ -134,7 +135,8 @@ def test_cache_refuses_a_loader_it_does_not_fit(shards):
     half = cache_of(shards, [f"{i:08d}" for i in range(12)])
     with pytest.raises(ValueError, match="key.* not in it"):
         make_loader(shards, batch_size=5, image_size=SIZE, attr="sex", train=False, cache=half)
-    with pytest.raises(ValueError, match="resized to 8 px"):
+    with pytest.raises(ValueError, match="decoded with {'image_size': 8, 'center_crop': None}; the loader decodes "
+                                         "with {'image_size': 9"):
         make_loader(shards, batch_size=5, image_size=SIZE + 1, attr="sex", train=False, cache=cache_of(shards))
     with pytest.raises(ValueError, match="attribute 'sex'"):
         make_loader(shards, batch_size=5, image_size=SIZE, attr="site", train=False, cache=cache_of(shards))

@@ -25,6 +25,7 @@ from fastmask.data.loader import ShardLoader, make_loader
 from fastmask.data.shards import ShardIndex
 from fastmask.data.splits import stratified_split
 from fastmask.data.stats import MAX_SKIP_FRACTION
+from fastmask.data.transforms import ImageTransform
 from fastmask.fairness.metrics import auc_by_group
 from fastmask.model.scoring import score
 from fastmask.parallel import ddp
@@ -277,9 +278,9 @@ def decoded_caches(sets: Sets, data: DataSpec) -> Caches:
         needs[name] = cache_bytes(len(frame), data.image_size)
         caches[name] = None
         if needs[name] <= left and budget:
-            caches[name] = DecodedCache(index, list(frame.index), image_size=data.image_size,
-                                        center_crop=data.center_crop, attr=data.attr, attr_map=sets.attr_map,
-                                        strict=data.strict)
+            caches[name] = DecodedCache(index, list(frame.index),
+                                        transform=ImageTransform(data.image_size, center_crop=data.center_crop),
+                                        attr=data.attr, attr_map=sets.attr_map, strict=data.strict)
             left -= needs[name]
     out = Caches(caches["external"], caches["evaluation"], budget, needs)
     log.info("%s", out.describe())

@@ -23,7 +23,7 @@ against a memory budget whether a split is cached (``fastmask debias --cache-mib
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import numpy as np
@@ -43,8 +43,8 @@ class DecodedCache:
     Args:
         index: the shard index the samples are in.
         keys: the distinct keys to hold (a loader over the cache may read any of them, any number of times).
-        image_size, center_crop: the deterministic part of the transform (:func:`~fastmask.data.transforms.
-            decode_image`); a loader must resize the same way to use the cache.
+        transform: the loaders' transform; its deterministic part (every field but the augmentation and the
+            normalisation: decode, crops, resize) makes the cached images, and a loader must share that part.
         attr, attr_map: how the attribute becomes the group ``a`` (as the loader's).
         strict: raise at the first damaged sample or shard, as a strict loader would.
 
@@ -55,8 +55,8 @@ class DecodedCache:
         shards: shard name -> what the filling pass read from it (:class:`~fastmask.data.pass_stream.ShardRead`).
     """
 
-    def __init__(self, index: ShardIndex, keys: Sequence[str], *, image_size: int, center_crop: int | None,
-                 attr: str, attr_map: Mapping[Any, int] | None, strict: bool = False) -> None:
+    def __init__(self, index: ShardIndex, keys: Sequence[str], *, transform: ImageTransform, attr: str,
+                 attr_map: Mapping[Any, int] | None, strict: bool = False) -> None:
         self.index = index
         wanted = set(keys)
         unknown = [k for k in wanted if k not in index.samples]
@@ -64,7 +64,8 @@ class DecodedCache:
             raise KeyError(f"{len(unknown)} key(s) to cache are not in the shard index under {index.root}: "
                            f"{sorted(unknown)[:5]}")
         self.keys = [k for k in index.samples if k in wanted]  # index (tar) order
-        self.image_size, self.center_crop, self.attr, self.attr_map = image_size, center_crop, attr, attr_map
+        self.transform = replace(transform, train=False)
+        self.attr, self.attr_map = attr, attr_map
         self.strict = strict
         self.images: np.ndarray | None = None
         self.labels = np.zeros(0, dtype=np.float32)
@@ -75,7 +76,7 @@ class DecodedCache:
     @property
     def nbytes(self) -> int:
         """The bytes the filled images take (planned before :meth:`fill`: every key readable)."""
-        return cache_bytes(len(self.keys), self.image_size)
+        return cache_bytes(len(self.keys), self.transform.image_size)
 
     @property
     def filled(self) -> bool:
@@ -92,10 +93,9 @@ class DecodedCache:
         """Raise ValueError unless a loader over ``keys`` of ``index`` with ``transform`` may read this cache."""
         if index.root.resolve() != self.index.root.resolve():
             raise ValueError(f"cache: it holds samples of {self.index.root}, not of {index.root}")
-        if (transform.image_size, transform.center_crop) != (self.image_size, self.center_crop):
-            raise ValueError(f"cache: it holds images resized to {self.image_size} px (centre crop "
-                             f"{self.center_crop}); the loader resizes to {transform.image_size} px (centre crop "
-                             f"{transform.center_crop})")
+        if _decoding(transform) != _decoding(self.transform):
+            raise ValueError(f"cache: it holds images decoded with {_decoding(self.transform)}; the loader decodes "
+                             f"with {_decoding(transform)}")
         if (attr, dict(attr_map or {})) != (self.attr, dict(self.attr_map or {})):
             raise ValueError(f"cache: it holds the groups of attribute {self.attr!r} ({self.attr_map}); the loader "
                              f"reads {attr!r} ({attr_map})")
@@ -112,9 +112,10 @@ class DecodedCache:
         for key in self.keys:
             by_shard.setdefault(self.index.samples[key]["shard"], {})[key] = 1
         reader = PassStream([], {s.name: str(self.index.root / s.name) for s in self.index.shards},
-                            transform=ImageTransform(self.image_size, center_crop=self.center_crop), attr=self.attr,
+                            transform=self.transform, attr=self.attr,
                             attr_map=self.attr_map, batch_size=1, shuffle_buffer=0, seed=(0,), strict=self.strict)
-        images = np.empty((len(self.keys), self.image_size, self.image_size, 3), dtype=np.uint8)
+        size = self.transform.image_size
+        images = np.empty((len(self.keys), size, size, 3), dtype=np.uint8)
         labels = np.empty(len(self.keys), dtype=np.float32)
         groups = np.empty(len(self.keys), dtype=np.int64)
         n = 0
@@ -134,6 +135,17 @@ class DecodedCache:
         # Unreadable samples leave their rows unused; the copy keeps only the readable ones.
         self.images = images if n == len(self.keys) else images[:n].copy()
         self.labels, self.groups = labels[:n], groups[:n]
+
+
+#: The fields of an ImageTransform applied to the cached images every epoch rather than cached.
+_PER_EPOCH = {"train", "hflip", "vflip", "transpose", "mean", "std"}
+
+
+def _decoding(transform: ImageTransform) -> dict[str, Any]:
+    """The fields of ``transform`` that make the cached image (all but the per-epoch augmentation and the
+    normalisation, which are applied to the cached images)."""
+    return {f.name: getattr(transform, f.name) for f in fields(transform) if f.name not in _PER_EPOCH}
+
 
 
 class CachedPassStream(PassStream):
