@@ -15,7 +15,7 @@ import shutil
 import sys
 import tarfile
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +404,49 @@ def test_a_saved_mask_is_reused_without_an_importance_pass(data, runs, tmp_path)
     assert report["n_importance_batches"] == 0 and report["mask"]["source"] == str(mask)
     assert "mask" not in report["loader"]["splits"]  # the external set was never read
     assert f"the mask was read from `{mask}`" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["swift", "bmft"])
+def test_the_decoded_cache_changes_no_result(data, runs, tmp_path, method):
+    """The runs of the fixture decode each set once into memory (the default budget); streamed instead
+    (--cache-mib 0), the same run gives the same mask bit for bit, the same weights and the same counts."""
+    out = tmp_path / "streamed"
+    assert main(debias_argv(data, out, method, "--cache-mib", "0")) == 0
+    for name in ("mask.safetensors", "weights.safetensors"):
+        a, b = load_file(runs[method] / name), load_file(out / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            if name == "mask.safetensors":
+                assert torch.equal(a[k], b[k]), k
+            else:
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    cached, streamed = (json.loads((d / "report.json").read_text()) for d in (runs[method], out))
+    assert cached["loader"]["splits"] == streamed["loader"]["splits"]
+    assert cached["after"] == streamed["after"] and cached["epochs"] == streamed["epochs"]
+    assert {k: v["cached"] for k, v in cached["data"]["cache"]["sets"].items()} == {"external": True,
+                                                                                    "evaluation": True}
+    assert not any(v["cached"] for v in streamed["data"]["cache"]["sets"].values())
+    assert "Decoding: external set decoded once" in (runs[method] / "report.md").read_text()
+    assert "streamed every pass (caching off (--cache-mib 0))" in (out / "report.md").read_text()
+
+
+def test_a_set_over_the_cache_budget_is_streamed(data):
+    """At 110 px the external set (40 images, 1.38 MiB decoded) exceeds a 1 MiB budget and is streamed; the
+    evaluation set (24 images, 0.83 MiB) fits and is cached. The budget is shared: 2 MiB holds only the first."""
+    from fastmask.app.sets import DataSpec, decoded_caches, parts, read_sets
+
+    spec = DataSpec(shards=str(data.shards), attr="tint", test_fold="test", image_size=110, cache_mib=1)
+    sets = read_sets(spec)
+    caches = decoded_caches(sets, spec)
+    run = parts(sets, spec, hold_out=True, caches=caches)
+    assert run.mask.cache is run.train.cache is run.validation.cache is None
+    assert run.evaluation.cache is caches.evaluation is not None and len(caches.evaluation.keys) == 24
+    assert caches.evaluation.nbytes == 24 * 110 * 110 * 3
+    assert "evaluation set decoded once" in caches.describe() and "external set streamed" in caches.describe()
+    two = decoded_caches(sets, replace(spec, cache_mib=2))
+    assert two.external is not None and two.evaluation is None
+    off = decoded_caches(sets, replace(spec, cache_mib=0))
+    assert off.external is off.evaluation is None and "--cache-mib 0" in off.describe()
 
 
 def test_eval_shards_external_folds_and_attribute_map(data, tmp_path):

@@ -42,6 +42,7 @@ from fastmask.app.errors import (
     one_line,
     status_of,
 )
+from fastmask.data.budget import CACHE_MIB
 from fastmask.data.stats import MAX_SKIP_FRACTION
 
 __all__ = ["build_parser", "main", "METHOD_NAMES", "COMPARE_DEFAULTS"]
@@ -304,6 +305,10 @@ def _external_data(p: argparse.ArgumentParser, required: bool = True, title: str
     g.add_argument("--balance-replace", choices=("auto", "true", "false"), default="auto",
                    help="group balancing draws with replacement: auto (only where needed, default), true (the "
                    "the authors' code), false")
+    g.add_argument("--cache-mib", type=_at_least(0), default=CACHE_MIB, metavar="MIB",
+                   help="memory budget for decoding the external set, then the evaluation set, once into uint8 images "
+                   "kept in memory instead of decoding them on every pass (only the random augmentation is applied "
+                   f"per epoch); a set that does not fit is streamed (default {CACHE_MIB}; 0: stream every set)")
     _common_loader(p, g, training=True)
 
 
@@ -317,7 +322,7 @@ def _data_spec(args: argparse.Namespace, seed: int) -> Any:
                     external_folds=tuple(args.external_fold or ()), batch_size=args.batch_size,
                     **_preprocessing(args), workers=args.workers, seed=seed,
                     balance_replace=replace, strict=args.strict, max_skip_fraction=args.max_skip_fraction,
-                    attr_groups=args.attr_groups,
+                    attr_groups=args.attr_groups, cache_mib=args.cache_mib,
                     **({"val_fraction": args.val_fraction} if args.val_fraction is not None else {}))
 
 
@@ -454,6 +459,7 @@ def _print_summary(args: argparse.Namespace, report: dict) -> None:
         print(f"WARNING: {caveat}")
     test = report["data"]["sets"]["test"]
     print(f"on {test['description']}, {read_text(test)}: {headline(b, a)}")
+    print(f"data: {report['data']['cache']['describe']}")
     if report["loader"]["skipped"]:
         print(f"skipped {report['loader']['skipped']} damaged sample reads (see report.md)")
     for w in report["warnings"]:

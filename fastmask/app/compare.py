@@ -46,7 +46,16 @@ from tqdm import tqdm
 from fastmask.app.cli import COMPARE_DEFAULTS
 from fastmask.app.plots import plot_compare
 from fastmask.app.report import preprocessing_text
-from fastmask.app.sets import SPLITS, DataSpec, Tracked, loader_summary, parts, read_sets, split_counts
+from fastmask.app.sets import (
+    SPLITS,
+    DataSpec,
+    Tracked,
+    decoded_caches,
+    loader_summary,
+    parts,
+    read_sets,
+    split_counts,
+)
 from fastmask.app.tables import HEADLINE, METRIC_NAMES, markdown_table
 from fastmask.fairness.metrics import evaluate
 from fastmask.methods.registry import METHODS
@@ -152,6 +161,8 @@ class ShardSource:
         self.data, resolved = data.resolve(self.model)
         self.preprocessing = resolved.record()
         self.sets = read_sets(self.data, self.model, self.device)
+        # Every method and seed reads the same images: decoded once for the whole comparison.
+        self.caches = decoded_caches(self.sets, self.data)
         self.description = (f"{model} on {data.shards} (attribute {data.attr!r}; test: "
                             f"{self.sets.descriptions['test']})")
         self.loader_log: list[dict[str, Any]] = []
@@ -160,14 +171,14 @@ class ShardSource:
         data = replace(self.data, seed=seed)
 
         def loaders(hold_out: bool) -> tuple[Iterable, Iterable, Iterable | None]:
-            p = parts(self.sets, data, hold_out=hold_out)
+            p = parts(self.sets, data, hold_out=hold_out, caches=self.caches)
             limit = data.max_skip_fraction
             val = None if p.validation is None else Tracked(p.validation, "validation", self.loader_log, limit)
             return (Tracked(p.mask, "mask", self.loader_log, limit), Tracked(p.train, "train", self.loader_log, limit),
                     val)
 
-        test = Tracked(parts(self.sets, data, hold_out=False).evaluation, "evaluation", self.loader_log,
-                       data.max_skip_fraction)
+        test = Tracked(parts(self.sets, data, hold_out=False, caches=self.caches).evaluation, "evaluation",
+                       self.loader_log, data.max_skip_fraction)
         return Fold(self.model, loaders, {"test": test})
 
     def config(self, method: str) -> Any | None:

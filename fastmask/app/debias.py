@@ -33,7 +33,16 @@ from fastmask.app.errors import UsageError
 from fastmask.app.plots import plot_epochs, plot_mask_layers, plot_selection
 from fastmask.app.report import evaluation_scores, mask_layer_stats, one_class_warning, write_debias_report
 from fastmask.app.run_state import CHECKPOINT, SavedRun, file_sha256, index_digest
-from fastmask.app.sets import DataSpec, Tracked, loader_summary, parts, read_counts, read_sets, set_summary
+from fastmask.app.sets import (
+    DataSpec,
+    Tracked,
+    decoded_caches,
+    loader_summary,
+    parts,
+    read_counts,
+    read_sets,
+    set_summary,
+)
 from fastmask.fairness.losses import BiasSpec
 from fastmask.masking.masks import load_masks, mask_fraction, save_masks
 from fastmask.methods.configs import BmftConfig, SwiftConfig
@@ -178,7 +187,8 @@ class _DebiasRun:
         self.head_name = config.head or find_head_name(self.net)
         _, self.head_params, self.feat_params = split_head(self.net, self.head_name)
         self.sets = read_sets(data, self.net, self.device, progress)
-        run_parts = parts(self.sets, data, hold_out=plan is not None)
+        self.caches = decoded_caches(self.sets, data)
+        run_parts = parts(self.sets, data, hold_out=plan is not None, caches=self.caches)
         self.fit, self.val, self.balanced = run_parts.fit, run_parts.val, run_parts.balanced
         self.mask_loader, self.train_loader = run_parts.mask, run_parts.train
         self.loader_log: list[dict[str, Any]] = []
@@ -191,7 +201,7 @@ class _DebiasRun:
         self.spec = jsonable({
             "method": method, "config": asdict(config), "model": model,
             "data": {k: v for k, v in asdict(data).items()
-                     if k not in ("shards", "eval_shards", "max_skip_fraction")},
+                     if k not in ("shards", "eval_shards", "max_skip_fraction", "cache_mib")},
             "weights_sha256": file_sha256(weights), "shards_index": index_digest(self.sets.index),
             "eval_index": index_digest(self.sets.eval_index), "epoch_eval": epoch_eval,
             "selection": None if plan is None else asdict(plan),
@@ -332,7 +342,7 @@ class _DebiasRun:
                     self.val, f"held out of the external set ({self.data.val_fraction:.0%}, stratified by group and "
                     "label) to choose the configuration"), **counts["validation"]},
                 "test": {**set_summary(sets.test, sets.descriptions["test"]), **counts["test"]},
-            }},
+            }, "cache": self.caches.to_dict()},
             "preprocessing": self.preprocessing.record(),
             "warnings": [*self.preprocessing.warnings,
                          *one_class_warning(before["overall"], "before debiasing, on the evaluation set"),

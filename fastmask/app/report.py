@@ -254,7 +254,8 @@ def render_debias_markdown(report: Mapping[str, Any]) -> str:
                            ([name, s["samples"], s.get("read"), s.get("skipped"), s["description"]]
                             for name, s in sets.items() if s is not None)), "",
             "Read and skipped: the sample reads of the last epoch over each set, delivered and lost to damage (a "
-            "training epoch may read its set more than once, to fill its batches).", ""]
+            "training epoch may read its set more than once, to fill its batches).", "",
+            f"Decoding: {data['cache']['describe']}.", ""]
     loader = report["loader"]
     if loader["skipped"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(loader["by_reason"].items()))

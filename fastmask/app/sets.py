@@ -1,11 +1,13 @@
 """Which samples play which part in ``fastmask debias`` and ``fastmask compare``: the evaluation set (a fold of the
 shards, or other shards) and the external set D_e (the rest), read from the shard index with the sensitive attribute
-coded 0 / 1 (:func:`read_sets`); and the loaders of one run over them (:func:`parts`): D_e split into a fitting and
-a validation part when a configuration is selected, the group-balanced D_r drawn from the fitting part. Errors name
+coded 0 / 1 (:func:`read_sets`); the decoded caches of the two sets that fit the run's memory budget
+(:func:`decoded_caches`); and the loaders of one run over them (:func:`parts`): D_e split into a fitting and a
+validation part when a configuration is selected, the group-balanced D_r drawn from the fitting part. Errors name
 the command-line flag, the sample and the value at fault."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
@@ -18,6 +20,8 @@ from fastmask.app.errors import UsageError
 from fastmask.app.preprocessing import Resolved, resolve_preprocessing
 from fastmask.data.balance import extreme_groups, group_balance
 from fastmask.data.batch import attr_code
+from fastmask.data.budget import CACHE_MIB, cache_bytes
+from fastmask.data.cache import DecodedCache
 from fastmask.data.loader import ShardLoader, make_loader
 from fastmask.data.shards import ShardIndex
 from fastmask.data.splits import stratified_split
@@ -26,6 +30,8 @@ from fastmask.data.transforms import Preprocessing
 from fastmask.fairness.metrics import auc_by_group
 from fastmask.model.scoring import score
 from fastmask.parallel import ddp
+
+log = logging.getLogger(__name__)
 
 #: What each tracked loader reads, as error messages and reports name it.
 SPLITS = {"evaluation": "evaluation set", "mask": "external set (importance pass)",
@@ -57,6 +63,10 @@ class DataSpec:
             changes no result, only whether a run may go on, so a resumed run may raise it.
         val_fraction: the share of D_e held out, stratified by (group, label), to choose the configuration on
             (:func:`fastmask.data.splits.stratified_split`); used only when a configuration is selected.
+        cache_mib: the memory budget, in MiB, of the decoded caches (:mod:`fastmask.data.cache`): the external set
+            and then the evaluation set are each decoded once and kept as uint8 images when they fit in what is left
+            of it (read every epoch, they would otherwise be decoded every epoch); a set that does not fit is
+            streamed. 0: every set is streamed. It changes no result (the batches are the same either way).
         attr_groups: ``"binary"``: the attribute's values are groups 0 and 1 (or ``attr_map`` makes them so);
             ``"extremes"``: SWiFT's multi-attribute reduction (docs/algorithm.md §1): the two values whose AUC of
             the original model on D_e is the highest (group 0) and the lowest (group 1) are kept, the samples of
@@ -83,8 +93,11 @@ class DataSpec:
     val_fraction: float = 0.25
     max_skip_fraction: float = MAX_SKIP_FRACTION
     attr_groups: Literal["binary", "extremes"] = "binary"
+    cache_mib: int = CACHE_MIB
 
     def __post_init__(self) -> None:
+        if self.cache_mib < 0:
+            raise ValueError(f"cache_mib must be >= 0, got {self.cache_mib}")
         if not 0 <= self.max_skip_fraction <= 1:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         if self.attr_groups not in ("binary", "extremes"):
@@ -250,6 +263,53 @@ def set_summary(frame: pd.DataFrame, description: str) -> dict[str, Any]:
 
 
 @dataclass
+class Caches:
+    """The decoded caches of a run's two sets (None: that set is streamed), and what each would take."""
+
+    external: DecodedCache | None
+    evaluation: DecodedCache | None
+    budget_bytes: int
+    needs: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """For report.json: the budget and, per set, whether it is cached and its decoded size."""
+        return {"budget_mib": self.budget_bytes / 2**20, "describe": self.describe(), "sets": {
+            name: {"cached": getattr(self, name) is not None, "mib": need / 2**20}
+            for name, need in self.needs.items()}}
+
+    def describe(self) -> str:
+        """One line: which sets are decoded once and which are streamed, and why."""
+        cached = [n for n in self.needs if getattr(self, n) is not None]
+        streamed = [n for n in self.needs if getattr(self, n) is None]
+        said = [f"{n} set decoded once into memory ({self.needs[n] / 2**20:.1f} MiB)" for n in cached]
+        if streamed:
+            why = "caching off (--cache-mib 0)" if not self.budget_bytes else \
+                f"over the --cache-mib budget of {self.budget_bytes / 2**20:.0f} MiB"
+            said.append(f"{' and '.join(streamed)} set streamed every pass ({why})")
+        return "; ".join(said)
+
+
+def decoded_caches(sets: Sets, data: DataSpec) -> Caches:
+    """The caches of the external set and of the evaluation set, in that order (the external set is read the most:
+    the importance pass, every fine-tuning epoch, the validation part), each when it fits in what is left of
+    ``data.cache_mib``. They are filled at their first pass."""
+    budget = left = data.cache_mib * 2**20
+    prep = data.preprocessing()
+    needs, caches = {}, {}
+    for name, index, frame in (("external", sets.index, sets.external), ("evaluation", sets.eval_index, sets.test)):
+        needs[name] = cache_bytes(len(frame), prep.input_size)
+        caches[name] = None
+        if needs[name] <= left and budget:
+            caches[name] = DecodedCache(index, list(frame.index),
+                                        transform=prep.transform(train=False),
+                                        attr=data.attr, attr_map=sets.attr_map, strict=data.strict)
+            left -= needs[name]
+    out = Caches(caches["external"], caches["evaluation"], budget, needs)
+    log.info("%s", out.describe())
+    return out
+
+
+@dataclass
 class Parts:
     """The parts of one run: the samples (``fit``, the validation part ``val`` or None, ``balanced`` D_r, each
     indexed by key) and the loaders over them."""
@@ -263,8 +323,9 @@ class Parts:
     evaluation: ShardLoader
 
 
-def parts(sets: Sets, data: DataSpec, *, hold_out: bool) -> Parts:
-    """The loaders of a run over ``sets`` with the settings of ``data`` (its seed included).
+def parts(sets: Sets, data: DataSpec, *, hold_out: bool, caches: Caches | None = None) -> Parts:
+    """The loaders of a run over ``sets`` with the settings of ``data`` (its seed included), reading the sets that
+    ``caches`` holds from there (:func:`decoded_caches`; None: every set streamed).
 
     With ``hold_out`` a validation part of D_e (``data.val_fraction``, stratified by group and label) is set aside
     to choose a configuration on; the mask and the steps see the rest. As in the authors' code (docs/algorithm.md
@@ -283,14 +344,18 @@ def parts(sets: Sets, data: DataSpec, *, hold_out: bool) -> Parts:
     common = {"batch_size": data.batch_size, "image_size": data.image_size, "workers": data.workers,
               "seed": data.seed, "attr": data.attr, "attr_map": sets.attr_map, "strict": data.strict}
     whole = {"rank": 0, "world_size": 1, "transform": test, **common}
+    ext_cache = {"cache": None if caches is None else caches.external}
+    test_cache = {"cache": None if caches is None else caches.evaluation}
     return Parts(
         fit=fit, val=val, balanced=balanced,
-        mask=make_loader(sets.index, train=False, shuffle=True, keys=list(fit.index), transform=test, **common),
+        mask=make_loader(sets.index, train=False, shuffle=True, keys=list(fit.index), transform=test, **common,
+                         **ext_cache),
         train=make_loader(sets.index, train=True, keys=balanced["source_index"], transform=prep.transform(train=True),
-                          **common),
+                          **common, **ext_cache),
         validation=None if val is None else make_loader(sets.index, train=False, shuffle=False,
-                                                        keys=list(val.index), **whole),
-        evaluation=make_loader(sets.eval_index, train=False, keys=list(sets.test.index), return_keys=True, **whole),
+                                                        keys=list(val.index), **whole, **ext_cache),
+        evaluation=make_loader(sets.eval_index, train=False, keys=list(sets.test.index), return_keys=True, **whole,
+                               **test_cache),
     )
 
 

@@ -37,6 +37,10 @@ opened or ends early, or keys of the index missing from their shard are skipped 
 (with reason, shard and key) and summarised in the log (logger ``fastmask.data``) at the end of each epoch; with
 ``strict=True`` the first one raises :class:`ShardReadError` naming the shard and key.
 
+Decoding once: given a :class:`~fastmask.data.cache.DecodedCache` (``cache=``), the passes read the images from it
+instead of the shards; the plan, the order, the augmentation draws and the damage counted are the same, so are the
+batches (:mod:`fastmask.data.cache`).
+
 One module over 400 lines because it is one thing: the plan of an epoch, the passes that fill it and the
 re-batching that cuts their chunks are the loader's single contract (the worker side is in
 :mod:`fastmask.data.pass_stream`).
@@ -57,6 +61,7 @@ import pandas as pd
 import torch
 
 from fastmask.data.batch import attr_code
+from fastmask.data.cache import DecodedCache
 from fastmask.data.pass_stream import PassStream, Plan, identity
 from fastmask.data.shards import ShardIndex
 from fastmask.data.stats import LoaderStats, ShardReadError, SkipRecord
@@ -134,8 +139,10 @@ class ShardLoader:
         world_size: int,
         strict: bool,
         return_keys: bool,
+        cache: DecodedCache | None = None,
     ) -> None:
         self.index = index
+        self.cache = cache
         self.batch_size = batch_size
         self.transform = transform
         self.attr = attr
@@ -201,6 +208,18 @@ class ShardLoader:
 
     def _pass(self, epoch: int, pass_: int) -> Iterator[tuple]:
         plan = self.plan(epoch, pass_)
+        nworkers = min(self.workers, sum(c for _, keys in plan for c in keys.values()))
+        seed = (self.seed, epoch, pass_, self.rank)
+        if self.cache is not None:
+            # No decoding left to spread over processes: the workers' shares are replayed here, in their order.
+            self.cache.fill()
+            if nworkers:
+                # A streamed pass's DataLoader draws its base seed from torch's global RNG; the same draw here keeps
+                # the run's random stream (dropout, head re-initialisation) the same with and without the cache.
+                torch.empty((), dtype=torch.int64).random_()
+            yield from self.cache.stream(plan, transform=self.transform, batch_size=self.batch_size,
+                                         shuffle_buffer=self.shuffle_buffer, seed=seed).interleaved(nworkers)
+            return
         dataset = PassStream(
             plan,
             self._urls,
@@ -209,10 +228,9 @@ class ShardLoader:
             attr_map=self.attr_map,
             batch_size=self.batch_size,
             shuffle_buffer=self.shuffle_buffer,
-            seed=(self.seed, epoch, pass_, self.rank),
+            seed=seed,
             strict=self.strict,
         )
-        nworkers = min(self.workers, sum(c for _, keys in plan for c in keys.values()))
         if nworkers == 0:
             yield from dataset
             return
@@ -365,6 +383,7 @@ def make_loader(
     transform: ImageTransform | None = None,
     strict: bool = False,
     return_keys: bool = False,
+    cache: DecodedCache | None = None,
 ) -> ShardLoader:
     """A streaming loader of ``(x, y, a)`` batches over shards written by :func:`write_shards`.
 
@@ -395,6 +414,9 @@ def make_loader(
             ``center_crop``).
         strict: raise :class:`ShardReadError` on the first damaged sample or shard instead of skipping it.
         return_keys: yield ``(x, y, a, keys)``.
+        cache: read the images from this :class:`~fastmask.data.cache.DecodedCache` (filled at the first pass;
+            it must hold every selected key, resized as ``transform``) instead of decoding them every pass; the
+            batches and the counts are those of the streamed loader (:mod:`fastmask.data.cache`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -414,6 +436,8 @@ def make_loader(
     if sum(counts.get(k, 0) for k in index.samples) == 0:
         raise ValueError(f"no samples selected from the shards under {index.root} (keys selects none)")
     transform = transform or ImageTransform(image_size, train=train, center_crop=center_crop)
+    if cache is not None:
+        cache.check(index, transform, attr, attr_map, [k for k, c in counts.items() if c > 0])
     return ShardLoader(
         index,
         counts,
@@ -432,6 +456,7 @@ def make_loader(
         world_size=world_size,
         strict=strict,
         return_keys=return_keys,
+        cache=cache,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,14 @@ from fastmask.data.transforms import ImageTransform
 log = logging.getLogger("fastmask.data")
 
 Plan = list[tuple[str, dict[str, int]]]  # (shard name, key -> occurrences) in read order
+
+
+@dataclass
+class ShardRead:
+    """What reading one shard delivered: the complete keys in tar order and, when damage stopped it, the error."""
+
+    keys: list[str] = field(default_factory=list)
+    error: str | None = None
 
 
 def worker_share(plan: Plan, wid: int, nworkers: int) -> Plan:
@@ -83,14 +92,23 @@ class PassStream(torch.utils.data.IterableDataset):
         events.append(record)
 
     def _read_shard(self, name: str, wanted: dict[str, int], events: list[SkipRecord]) -> Iterator[tuple]:
-        """Yield (shard, key, sample) once per wanted occurrence, in tar order; record what could not be read.
+        """Yield (shard, key, sample) once per wanted occurrence, in tar order; record what could not be read."""
+        read = ShardRead()
+        for key, sample in self.read_members(name, wanted, read):
+            for _ in range(wanted[key]):
+                yield name, key, sample
+        self.shard_damage(name, wanted, read, events)
+
+    def read_members(self, name: str, wanted: Mapping[str, int], read: ShardRead) -> Iterator[tuple[str, dict]]:
+        """Yield (key, members) for every complete wanted key of shard ``name`` in tar order, noting in ``read`` each
+        key yielded and the error that stopped the shard, if one did.
 
         Members of one key are consecutive in a shard (webdataset's grouping rule); a key is complete when the
-        next key starts. Damage stops the shard: the keys not read yet are counted, the first of them named.
+        next key starts. Damage stops the shard.
         """
-        seen: set[str] = set()
         error: Exception | None = None
         key, sample = None, {}
+        done: set[str] = set()
         try:
             stream = gopen(self.urls[name], "rb", bufsize=1 << 20)
         except Exception as err:  # gopen raises what the opener raises (OSError, ValueError for bad URLs, ...)
@@ -108,21 +126,27 @@ class PassStream(torch.utils.data.IterableDataset):
                         break
                     base, ext = base_plus_ext(member)
                     if base != key:
-                        if key is not None and key not in seen:
-                            seen.add(key)
-                            for _ in range(wanted[key]):
-                                yield name, key, sample
+                        if key is not None and key not in done:
+                            done.add(key)
+                            read.keys.append(key)
+                            yield key, sample
                         key, sample = base, {}
                     sample[ext.lower()] = data
         # After damage, the last key counts only if it has both of its members (image and JSON).
         complete = error is None or ("json" in sample and any(e in sample for e in IMAGE_EXTENSIONS))
-        if key is not None and complete and key not in seen:
-            seen.add(key)
-            for _ in range(wanted[key]):
-                yield name, key, sample
-        lost = [k for k in wanted if k not in seen]
+        if key is not None and complete and key not in done:
+            read.keys.append(key)
+            yield key, sample
         if error is not None:
-            detail = f"{type(error).__name__}: {error}" + (f"; {len(lost)} keys not read" if lost else "")
+            read.error = f"{type(error).__name__}: {error}"
+
+    def shard_damage(self, name: str, wanted: Mapping[str, int], read: ShardRead, events: list[SkipRecord]) -> None:
+        """Record the wanted keys of shard ``name`` that ``read`` did not deliver: lost to the shard's damage or
+        absent from it; the first of them named, every lost occurrence counted."""
+        seen = set(read.keys)
+        lost = [k for k in wanted if k not in seen]
+        if read.error is not None:
+            detail = read.error + (f"; {len(lost)} keys not read" if lost else "")
             self._skip(events, SkipRecord("shard", name, lost[0] if lost else None, detail, self._count(wanted, lost)))
         elif lost:
             detail = f"{len(lost)} keys of the index are not in the shard"
@@ -132,7 +156,9 @@ class PassStream(torch.utils.data.IterableDataset):
     def _count(wanted: dict[str, int], keys: list[str]) -> int:
         return sum(wanted[k] for k in keys)
 
-    def _decode(self, name: str, key: str, sample: dict, rng: np.random.Generator, events: list[SkipRecord]):
+    def decode(self, name: str, key: str, sample: dict, rng: np.random.Generator | None,
+               events: list[SkipRecord]) -> tuple | None:
+        """One sample's (image uint8 HWC after the transform, label, group), or None with its damage recorded."""
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None or "json" not in sample:
             have = sorted(k for k in sample if not k.startswith("__"))
@@ -157,7 +183,10 @@ class PassStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[tuple]:
         info = torch.utils.data.get_worker_info()
-        wid, nworkers = (0, 1) if info is None else (info.id, info.num_workers)
+        yield from self.chunks(*((0, 1) if info is None else (info.id, info.num_workers)))
+
+    def chunks(self, wid: int, nworkers: int) -> Iterator[tuple]:
+        """The chunks of worker ``wid`` of ``nworkers`` (what that DataLoader worker yields)."""
         share = worker_share(self.plan, wid, nworkers)
         rng = np.random.default_rng([*self.seed, wid])
         events: list[SkipRecord] = []
@@ -170,7 +199,7 @@ class PassStream(torch.utils.data.IterableDataset):
         As: list[int] = []
         keys: list[str] = []
         for name, key, sample in stream:
-            out = self._decode(name, key, sample, rng, events)
+            out = self.decode(name, key, sample, rng, events)
             if out is None:
                 continue
             imgs.append(out[0])

@@ -145,6 +145,11 @@ class ImageTransform:
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} probability must be in [0, 1], got {p}")
 
+    @property
+    def output_size(self) -> int:
+        """The height and width of the images this transform makes (the crop, else the resize)."""
+        return self.crop if self.crop is not None else self.image_size
+
     def image(self, src: bytes | str | os.PathLike, rng: np.random.Generator | None = None) -> np.ndarray:
         """One image as uint8 HWC after decode, crop, resize and (when training) augmentation."""
         img = decode_image(src, self.image_size, self.center_crop, self.crop)
