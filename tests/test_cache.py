@@ -135,8 +135,8 @@ def test_cache_refuses_a_loader_it_does_not_fit(shards):
     half = cache_of(shards, [f"{i:08d}" for i in range(12)])
     with pytest.raises(ValueError, match="key.* not in it"):
         make_loader(shards, batch_size=5, image_size=SIZE, attr="sex", train=False, cache=half)
-    with pytest.raises(ValueError, match="decoded with {'image_size': 8, 'center_crop': None}; the loader decodes "
-                                         "with {'image_size': 9"):
+    with pytest.raises(ValueError, match="decoded with {'image_size': 8, 'center_crop': None, 'crop': None}; "
+                                         "the loader decodes with {'image_size': 9"):
         make_loader(shards, batch_size=5, image_size=SIZE + 1, attr="sex", train=False, cache=cache_of(shards))
     with pytest.raises(ValueError, match="attribute 'sex'"):
         make_loader(shards, batch_size=5, image_size=SIZE, attr="site", train=False, cache=cache_of(shards))

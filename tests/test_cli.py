@@ -435,7 +435,8 @@ def test_a_set_over_the_cache_budget_is_streamed(data):
     evaluation set (24 images, 0.83 MiB) fits and is cached. The budget is shared: 2 MiB holds only the first."""
     from fastmask.app.sets import DataSpec, decoded_caches, parts, read_sets
 
-    spec = DataSpec(shards=str(data.shards), attr="tint", test_fold="test", image_size=110, cache_mib=1)
+    spec, _ = DataSpec(shards=str(data.shards), attr="tint", test_fold="test", image_size=110,
+                       cache_mib=1).resolve(torch.nn.Identity())  # a model without a configuration: the defaults
     sets = read_sets(spec)
     caches = decoded_caches(sets, spec)
     run = parts(sets, spec, hold_out=True, caches=caches)
