@@ -224,8 +224,9 @@ def prepare(case: Case, root: Path, n_ext: int, n_test: int, epochs: int) -> Set
     write_shards(table, root / "images", root / "shards", attr_cols=["tint"], fold_col="fold", maxcount=1000)
     torch.manual_seed(SEED)
     torch.save(globals()[case.model]().state_dict(), root / "weights.pt")
-    data = DataSpec(shards=str(root / "shards"), attr="tint", test_fold="test", batch_size=BATCH,
-                    image_size=case.image_size, seed=SEED)
+    # resolved as debias resolves it: the case's models carry no configuration, so the defaults
+    data, _ = DataSpec(shards=str(root / "shards"), attr="tint", test_fold="test", batch_size=BATCH,
+                       image_size=case.image_size, seed=SEED).resolve(globals()[case.model]())
     sets = read_sets(data)
     run = parts(sets, data, hold_out=False)
     # The importance pass's batches, as debias's mask loader (parts(): shuffled, test transforms) gives them.
