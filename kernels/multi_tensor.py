@@ -30,6 +30,9 @@ A steady-state step then makes no host-to-device copy of tables, so it can be ca
 work is the key's lookup instead of the tables' construction (``bench/bench_step_host.py``). What a key does not see
 is an in-place change of a tensor's metadata that keeps its pointer and element count (``t_()``, ``as_strided_()``
 on a parameter); the optimizers never make one.
+
+One module over 400 lines on purpose: the host tables, their cache and the device helpers are one contract
+between the launchers and the kernels, and change together.
 """
 
 from __future__ import annotations

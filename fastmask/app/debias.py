@@ -12,6 +12,9 @@
    uninterrupted run.
 4. The outputs, each written atomically: ``weights.safetensors``, ``mask.safetensors``, ``report.json``,
    ``report.md``, ``mask_layers.png`` and ``epochs.png`` (:mod:`fastmask.app.report`).
+
+One module over 400 lines on purpose: one debias run, from the sets to the report, whose phases share the run's
+state (resume, selection, per-epoch evaluation) and read best in order.
 """
 
 from __future__ import annotations

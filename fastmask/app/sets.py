@@ -3,7 +3,11 @@ shards, or other shards) and the external set D_e (the rest), read from the shar
 coded 0 / 1 (:func:`read_sets`); the decoded caches of the two sets that fit the run's memory budget
 (:func:`decoded_caches`); and the loaders of one run over them (:func:`parts`): D_e split into a fitting and a
 validation part when a configuration is selected, the group-balanced D_r drawn from the fitting part. Errors name
-the command-line flag, the sample and the value at fault."""
+the command-line flag, the sample and the value at fault.
+
+One module over 400 lines on purpose: everything between the command line's data options and the loaders of a
+run (the spec, the sets, their splits, caches and accounting), which every subcommand that reads shards shares.
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ The implementations share one signature per op: :mod:`fastmask.ops.reference` (t
 ``torch.ops.fastmask.<name>`` (C++ / CUDA) and ``fastmask.kernels.<stem>.<name>`` (Triton); which backend has
 which op, and the files of each, is the op table :mod:`fastmask.ops.table`. This package imports only the
 kernels, the extension and :mod:`fastmask.util`.
+
+One module over 400 lines on purpose: the public signature of every op, each a short dispatcher, plus the one
+layout router of the optimizer steps; splitting them would give each op two homes.
 """
 
 from __future__ import annotations
