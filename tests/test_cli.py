@@ -341,7 +341,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(data, runs, tmp_
     out = tmp_path / "resumed"
     argv = debias_argv(data, out, method, "--stop-after-epochs", "1")
     assert main(argv) == EXIT_STOPPED
-    assert capsys.readouterr().out.rstrip().endswith(shlex.join(["fastmask", *argv, "--resume"]))
+    # the printed command continues the run to its end: --resume, without --stop-after-epochs
+    assert capsys.readouterr().out.rstrip().endswith(shlex.join(["fastmask", *argv[:-2], "--resume"]))
     assert (out / "checkpoint" / "state.pt").is_file() and not (out / "weights.safetensors").exists()
     # Two more epochs: the last of step 1 and the first of step 2, across the head re-initialisation.
     assert main(debias_argv(data, out, method, "--resume", "--stop-after-epochs", "2")) == EXIT_STOPPED
@@ -798,3 +799,16 @@ def test_compare_on_shards_selects_every_method_and_scores_it_right(data, tmp_pa
     assert {k: saved["reads"]["evaluation"][k] for k in ("read", "skipped")} == {"read": len(test), "skipped": 0}
     assert saved["reads"]["mask"]["read"] + saved["reads"]["validation"]["read"] == len(ext)
     assert f"evaluation set {len(test)} (0 skipped as damaged)" in (out / "table.md").read_text()
+
+
+def test_the_verdict_of_a_collapsed_fixed_run_says_so_before_any_figure():
+    """A fixed run that collapses the model has gaps of 0: the first line of the summary says the model collapsed."""
+    from fastmask.app.report import verdict
+
+    report = {"method": "swift", "selection": None,
+              "after": {"overall": {"positive_rate": 1.0, "label_positive_rate": 0.5}}}
+    assert verdict(report) == ("SWIFT with one fixed configuration. The debiased model may have collapsed (100.0% of "
+                               "the predictions are positive while 50.0% of the labels are): its fairness gaps mean "
+                               "nothing.")
+    report["after"]["overall"]["positive_rate"] = 0.55
+    assert verdict(report) == "SWIFT with one fixed configuration."

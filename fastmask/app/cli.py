@@ -153,6 +153,17 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _open_fraction(text: str) -> float:
+    """A share strictly between 0 and 1 (a part held out: neither nothing nor everything)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
+
+
 def _common_loader(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, training: bool = False) -> None:
     """The loader options of ``debias``, ``evaluate`` and ``compare`` (``training``: the commands that fine-tune,
     which also take --augment)."""
@@ -335,7 +346,7 @@ def _selection_options(p: argparse.ArgumentParser, what: str) -> argparse._Argum
     g.add_argument("--select", choices=("grid", "none"), default="grid",
                    help="grid: choose the configuration on held-out data (default); none: run one fixed "
                    "configuration (the method's defaults and the options given) on all of the external set")
-    g.add_argument("--val-fraction", type=float, metavar="F",
+    g.add_argument("--val-fraction", type=_open_fraction, metavar="F",
                    help="share of the external set held out, stratified by group and label (default 0.25)")
     g.add_argument("--gap", choices=("eodds_mean", "eodds_max", "eopp", "spd"),
                    help="the fairness gap to minimise (default eodds_mean, ½(|ΔTPR| + |ΔFPR|))")
@@ -748,8 +759,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues this debias run (this one, with --resume)."""
-    return shlex.join(["fastmask", *argv, *([] if "--resume" in argv else ["--resume"])])
+    """The command line that continues this debias run to its end: this one with --resume, without
+    --stop-after-epochs (pasted as printed, it must not stop again after N epochs)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--stop-after-epochs":
+            skip = True
+        elif not arg.startswith("--stop-after-epochs="):
+            kept.append(arg)
+    return shlex.join(["fastmask", *kept, *([] if "--resume" in kept else ["--resume"])])
 
 
 def _interrupted(args: argparse.Namespace) -> str:

@@ -101,7 +101,12 @@ def verdict(report: Mapping[str, Any]) -> str:
     """What happened, in one sentence."""
     selection = report.get("selection")
     if selection is None:
-        return f"{report['method'].upper()} with one fixed configuration."
+        # A collapsed model's gaps are 0: the verdict says so before any figure does.
+        collapsed = one_class_warnings(report["after"]["overall"]["positive_rate"],
+                                       report["after"]["overall"]["label_positive_rate"])
+        damage = (f" The debiased model may have collapsed ({collapsed[0].split(';')[0]}): its fairness gaps "
+                  "mean nothing." if collapsed else "")
+        return f"{report['method'].upper()} with one fixed configuration.{damage}"
     if selection["chosen"] is None:
         return (f"No candidate of {report['method'].upper()} met the budgets on the validation part: the model is "
                 "unchanged.")
