@@ -143,25 +143,21 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
-    return value
+def _fraction_in(closed: bool) -> Callable[[str], float]:
+    """An argparse type for a share: in [0, 1] (``closed``), or strictly between 0 and 1 (a part held out: neither
+    nothing nor everything)."""
+    interval = "[0, 1]" if closed else "(0, 1)"
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (0 <= value <= 1 if closed else 0 < value < 1):
+            raise argparse.ArgumentTypeError(f"expected a fraction in {interval}, got {text!r}")
+        return value
 
-def _open_fraction(text: str) -> float:
-    """A share strictly between 0 and 1 (a part held out: neither nothing nor everything)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
-    return value
+    return parse
 
 
 def _common_loader(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, training: bool = False) -> None:
@@ -172,7 +168,7 @@ def _common_loader(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, train
     g.add_argument("--workers", type=_at_least(0), default=0, help="loader worker processes (default 0)")
     g.add_argument("--strict", action="store_true",
                    help="fail on the first damaged sample, naming its shard and member (default: skip and count it)")
-    g.add_argument("--max-skip-fraction", type=_fraction, default=MAX_SKIP_FRACTION, metavar="F",
+    g.add_argument("--max-skip-fraction", type=_fraction_in(closed=True), default=MAX_SKIP_FRACTION, metavar="F",
                    help="largest share of a split's samples that may be skipped as damaged before the run fails "
                    f"(default {MAX_SKIP_FRACTION:g}; 1 accepts any loss, which the reports then state)")
     _progress_option(p)
@@ -346,7 +342,7 @@ def _selection_options(p: argparse.ArgumentParser, what: str) -> argparse._Argum
     g.add_argument("--select", choices=("grid", "none"), default="grid",
                    help="grid: choose the configuration on held-out data (default); none: run one fixed "
                    "configuration (the method's defaults and the options given) on all of the external set")
-    g.add_argument("--val-fraction", type=_open_fraction, metavar="F",
+    g.add_argument("--val-fraction", type=_fraction_in(closed=False), metavar="F",
                    help="share of the external set held out, stratified by group and label (default 0.25)")
     g.add_argument("--gap", choices=("eodds_mean", "eodds_max", "eopp", "spd"),
                    help="the fairness gap to minimise (default eodds_mean, ½(|ΔTPR| + |ΔFPR|))")
